@@ -1,0 +1,105 @@
+//! Connection to sigil-server's admin API (gRPC over a Unix socket) and the errors it reports.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// `--admin-socket`, taken by every command that talks to the server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminSocket {
+    /// Path of the server's admin API socket.
+    #[arg(id = "admin_socket", long = "admin-socket", value_name = "PATH", env = "SIGIL_ADMIN_SOCKET",
+          default_value = sigil_server::config::DEFAULT_ADMIN_SOCKET)]
+    pub path: PathBuf,
+}
+
+impl AdminSocket {
+    /// Connects to the socket.
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        connect(&self.path).await
+    }
+}
+
+/// Opens a gRPC channel over the Unix socket at `socket`, failing at once if nothing listens there.
+pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    let path = socket.to_path_buf();
+    // The URI only satisfies tonic's builder: the connector below dials the socket whatever it says.
+    let endpoint = Endpoint::from_static("http://[::]:50051");
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the admin socket {}: {} (is the server running? start it with `sigil server run`)",
+                socket.display(),
+                root_cause(&e)
+            )
+        })
+}
+
+/// The innermost error: tonic's own layers only say "transport error".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// A gRPC call that the server refused, shown as its message followed by its code.
+#[derive(Debug)]
+pub struct RpcError(pub tonic::Status);
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = self.0.code();
+        if self.0.message().is_empty() {
+            write!(f, "{code:?}")
+        } else {
+            write!(f, "{} ({code:?})", self.0.message())
+        }
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+/// Unwraps a gRPC response, turning a refusal into an [`RpcError`].
+pub fn reply<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| RpcError(s).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_failure_names_the_socket_and_the_fix() {
+        let path = std::env::temp_dir().join(format!("sigil-cli-test-{}.sock", std::process::id()));
+        let err = connect(&path)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("sigil server run"), "{err}");
+        assert!(err.contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn rpc_error_shows_message_and_code() {
+        let e = RpcError(tonic::Status::invalid_argument(
+            "spiffe_id: invalid value \"x\"",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "spiffe_id: invalid value \"x\" (InvalidArgument)"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! `sigil`: runs sigil-server and administers it over its admin API (a gRPC Unix socket).
+
+mod client;
+mod cmd;
+mod output;
+mod parse;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The `sigil` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigil",
+    version,
+    about = "SPIFFE workload identity: server and administration"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run sigil-server or check its health.
+    #[command(subcommand)]
+    Server(cmd::server::ServerCommand),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(cmd::entry::EntryCommand),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(cmd::token::TokenCommand),
+    /// Manage attested agents.
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCommand),
+    /// Show the trust bundle and manage federated bundles.
+    #[command(subcommand)]
+    Bundle(cmd::bundle::BundleCommand),
+    /// Mint X.509-SVIDs.
+    #[command(subcommand)]
+    X509(cmd::svid::X509Command),
+    /// Mint JWT-SVIDs.
+    #[command(subcommand)]
+    Jwt(cmd::svid::JwtCommand),
+    /// Move the server to another trust domain.
+    #[command(subcommand)]
+    TrustDomain(cmd::trust_domain::TrustDomainCommand),
+    /// Start a throwaway server, mint an X.509-SVID and a JWT-SVID from it, and show them.
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let done = ExitCode::SUCCESS;
+    match command {
+        Command::Server(c) => return cmd::server::run(c).await,
+        Command::Entry(c) => cmd::entry::run(c).await?,
+        Command::Token(c) => cmd::token::run(c).await?,
+        Command::Agent(c) => cmd::agent::run(c).await?,
+        Command::Bundle(c) => cmd::bundle::run(c).await?,
+        Command::X509(c) => cmd::svid::run_x509(c).await?,
+        Command::Jwt(c) => cmd::svid::run_jwt(c).await?,
+        Command::TrustDomain(c) => cmd::trust_domain::run(c).await?,
+        Command::Demo(a) => cmd::demo::run(a).await?,
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_selector_flag_is_rejected_naming_flag_and_value() {
+        let err = Cli::try_parse_from([
+            "sigil",
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://td/w",
+            "--parent-id",
+            "spiffe://td/a",
+            "--selector",
+            "unix",
+        ])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("--selector"), "{err}");
+        assert!(err.contains("unix"), "{err}");
+    }
+
+    #[test]
+    fn node_and_parent_id_are_exclusive() {
+        let r = Cli::try_parse_from([
+            "sigil",
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://td/w",
+            "--parent-id",
+            "spiffe://td/a",
+            "--node",
+        ]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn data_excludes_field_flags() {
+        let r = Cli::try_parse_from([
+            "sigil",
+            "entry",
+            "create",
+            "--data",
+            "x.json",
+            "--spiffe-id",
+            "spiffe://td/w",
+        ]);
+        assert!(r.is_err());
+        let r = Cli::try_parse_from(["sigil", "entry", "create", "--data", "x.json"]);
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn negative_ttl_is_rejected() {
+        let r = Cli::try_parse_from([
+            "sigil",
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://td/w",
+            "--node",
+            "--x509-svid-ttl=-5",
+        ]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn server_run_accepts_run_args() {
+        let r = Cli::try_parse_from([
+            "sigil",
+            "server",
+            "run",
+            "--bind",
+            "127.0.0.1:9",
+            "--admin-socket",
+            "/tmp/x.sock",
+        ]);
+        assert!(r.is_ok(), "{:?}", r.err());
+    }
+}

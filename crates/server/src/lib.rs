@@ -1,0 +1,154 @@
+//! sigil-server: the trust-domain authority. It owns the CA, the registration entries and node
+//! attestation, and serves the admin API (Unix socket) and the agent API (TLS 1.3 over TCP).
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod listen;
+pub mod migrate;
+pub mod node;
+pub mod state;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sigil_ca::{Clock, SystemClock};
+use sigil_proto::admin::v1 as admin_pb;
+use sigil_proto::agent::v1 as agent_pb;
+use tokio::sync::watch;
+
+pub use config::{RunArgs, ServerConfig};
+pub use state::State;
+
+/// How often the CA rotation and server-SVID renewal are checked.
+pub const TICK: Duration = Duration::from_secs(5);
+
+/// Largest gRPC message accepted or sent (batches of CSRs, bundle sets).
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+fn init_logging(config: &ServerConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log_level.clone()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+/// Runs `sigil server run` until SIGTERM or SIGINT.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::from_args(&args)?;
+    init_logging(&config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    serve(config, Arc::new(SystemClock), stop_rx).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Serves both APIs with the given clock until `stop` turns true.
+pub async fn serve(
+    config: ServerConfig,
+    clock: Arc<dyn Clock>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let state = tokio::task::spawn_blocking(move || State::open(config, clock))
+        .await
+        .context("start-up worker failed")??;
+    let td = state.trust_domain();
+    let admin_listener = listen::admin_listener(&state.config.admin_socket)?;
+    let tcp = tokio::net::TcpListener::bind(state.config.bind)
+        .await
+        .with_context(|| format!("bind: cannot listen on {}", state.config.bind))?;
+    let bound = tcp.local_addr()?;
+
+    let admin = admin::Admin::new(state.clone());
+    let admin_router = tonic::transport::Server::builder()
+        .add_service(
+            admin_pb::entries_server::EntriesServer::new(admin.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(admin_pb::agents_server::AgentsServer::new(admin.clone()))
+        .add_service(admin_pb::bundles_server::BundlesServer::new(admin.clone()))
+        .add_service(admin_pb::join_tokens_server::JoinTokensServer::new(
+            admin.clone(),
+        ))
+        .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
+        .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin));
+    let node_router = tonic::transport::Server::builder().add_service(
+        agent_pb::node_server::NodeServer::new(node::NodeApi::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    );
+
+    let tls = listen::tls_acceptor(&state)?;
+    let mut stop_admin = stop.clone();
+    let mut stop_node = stop.clone();
+    let admin_task = tokio::spawn(admin_router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+        async move {
+            let _ = stop_admin.wait_for(|s| *s).await;
+        },
+    ));
+    let node_task = tokio::spawn(node_router.serve_with_incoming_shutdown(
+        listen::tls_incoming(tcp, tls),
+        async move {
+            let _ = stop_node.wait_for(|s| *s).await;
+        },
+    ));
+    tracing::info!(
+        trust_domain = %td,
+        agent_api = %bound,
+        admin_socket = %state.config.admin_socket.display(),
+        "sigil-server ready"
+    );
+
+    let tick_state = state.clone();
+    let ticker = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TICK);
+        loop {
+            interval.tick().await;
+            let s = tick_state.clone();
+            match tokio::task::spawn_blocking(move || s.tick()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "rotation tick failed"),
+                Err(e) => tracing::error!(error = %e, "rotation worker failed"),
+            }
+        }
+    });
+
+    let _ = stop.wait_for(|s| *s).await;
+    ticker.abort();
+    let (a, n) = tokio::join!(admin_task, node_task);
+    let _ = std::fs::remove_file(&state.config.admin_socket);
+    a.context("admin API task")?.context("admin API")?;
+    n.context("agent API task")?.context("agent API")?;
+    tracing::info!("sigil-server stopped");
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Listeners: the admin Unix socket in a 0700 directory, and the TLS 1.3 acceptor for the agent API.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures::Stream;
+use sigil_tls::{PeerPolicy, SpiffeClientVerifier};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::node::PeerInfo;
+use crate::state::{State, private_dir};
+
+/// Binds the admin socket: the directory is made 0700, a stale socket file is replaced, the socket is 0600.
+pub fn admin_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .with_context(|| format!("admin_socket: {} has no directory", path.display()))?;
+    private_dir(dir).with_context(|| format!("admin_socket: directory {}", dir.display()))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "admin_socket: {} is in use by a running server",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("admin_socket: cannot remove stale {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("admin_socket: cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("admin_socket: cannot chmod {}", path.display()))?;
+    Ok(l)
+}
+
+/// The TLS acceptor: TLS 1.3, the server's SVID, client SVIDs optional (attestation is anonymous).
+pub fn tls_acceptor(state: &Arc<State>) -> anyhow::Result<TlsAcceptor> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        state.bundles.clone(),
+        PeerPolicy::AnyInBundles,
+        false,
+    ));
+    let cfg = sigil_tls::server_config_with_resolver(state.server_cert.clone(), verifier)?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A TLS connection that tells tonic who the peer is.
+pub struct PeerStream {
+    inner: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently; failed handshakes are logged and dropped.
+pub fn tls_incoming(
+    tcp: TcpListener,
+    tls: TlsAcceptor,
+) -> impl Stream<Item = Result<PeerStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (sock, addr) = match tcp.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let tls = tls.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tls.accept(sock).await {
+                    Ok(stream) => {
+                        let certs = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default();
+                        let info = PeerInfo {
+                            certs: Arc::new(certs),
+                            addr: Some(addr),
+                        };
+                        let _ = tx
+                            .send(Ok(PeerStream {
+                                inner: stream,
+                                info,
+                            }))
+                            .await;
+                    }
+                    Err(e) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,326 @@
+//! The server's shared state: datastore, CA, entry catalog, trust bundles and its own SVID.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sigil_ca::{Ca, CaConfig, Clock, JournalStore};
+use sigil_datastore::{DataStore, EntryFilter, SqliteStore, StoredBundle};
+use sigil_spiffe::bundle::{Bundle, BundleSet};
+use sigil_spiffe::{SpiffeId, TrustDomain};
+use sigil_tls::{RotatingCert, SharedBundles};
+
+use crate::catalog::{Catalog, Change};
+use crate::config::ServerConfig;
+
+/// Datastore meta key holding the trust domain the data belongs to.
+pub const META_TRUST_DOMAIN: &str = "trust_domain";
+/// Datastore meta key holding the trust domain a migration moved away from.
+pub const META_MIGRATED_FROM: &str = "migrated_from";
+
+/// Saves the CA journal of one trust domain in the datastore.
+pub struct DatastoreJournal {
+    ds: Arc<dyn DataStore>,
+    td: TrustDomain,
+}
+
+impl JournalStore for DatastoreJournal {
+    fn load(&self) -> Result<Option<Vec<u8>>, String> {
+        self.ds.load_ca_journal(&self.td).map_err(|e| e.to_string())
+    }
+
+    fn save(&self, data: &[u8]) -> Result<(), String> {
+        self.ds
+            .save_ca_journal(&self.td, data)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Everything the APIs share.
+pub struct State {
+    /// Validated configuration.
+    pub config: ServerConfig,
+    /// The datastore.
+    pub ds: Arc<dyn DataStore>,
+    /// The active trust domain's CA.
+    pub ca: ArcSwap<Ca>,
+    /// CA of the trust domain a migration moved away from, kept so its SVIDs keep validating.
+    pub previous_ca: ArcSwap<Option<Arc<Ca>>>,
+    /// Registration entries in memory.
+    pub catalog: Catalog,
+    /// Own and federated bundles, read by TLS verifiers.
+    pub bundles: SharedBundles,
+    /// The time source (injectable for tests).
+    pub clock: Arc<dyn Clock>,
+    /// The server's own TLS certificate (its X.509-SVID), replaced on renewal.
+    pub server_cert: Arc<RotatingCert>,
+    /// When the server's SVID should be renewed.
+    pub server_svid_renew_at: std::sync::Mutex<SystemTime>,
+    /// Roots trusted for x509pop node attestation.
+    pub x509pop_roots: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn make_private_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("cannot create directory {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates (if needed) a directory with mode 0700.
+pub fn private_dir(path: &Path) -> anyhow::Result<()> {
+    make_private_dir(path)
+}
+
+fn key_dir(data_dir: &Path, td: &TrustDomain) -> PathBuf {
+    data_dir.join("keys").join(td.as_str())
+}
+
+/// Opens the CA of `td` with the configured parameters.
+pub fn open_ca(
+    config: &ServerConfig,
+    ds: &Arc<dyn DataStore>,
+    td: &TrustDomain,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<Ca> {
+    let journal = Arc::new(DatastoreJournal {
+        ds: ds.clone(),
+        td: td.clone(),
+    });
+    let ca = Ca::open(
+        CaConfig {
+            trust_domain: td.clone(),
+            key_type: config.ca_key_type,
+            ca_ttl: config.ca_ttl,
+            default_x509_svid_ttl: config.x509_svid_ttl,
+            default_jwt_svid_ttl: config.jwt_svid_ttl,
+            key_dir: key_dir(&config.data_dir, td),
+            upstream: config.upstream.clone(),
+        },
+        clock.clone(),
+        journal,
+    )
+    .with_context(|| format!("cannot open the CA of trust domain {td}"))?;
+    Ok(ca)
+}
+
+fn load_pem_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("x509pop_ca_bundle: cannot read {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("x509pop_ca_bundle: invalid PEM in {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("x509pop_ca_bundle: {} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+impl State {
+    /// Opens the data directory, the datastore and the CA, and mints the server's SVID.
+    pub fn open(config: ServerConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<State>> {
+        make_private_dir(&config.data_dir)?;
+        let db = config.data_dir.join("datastore.sqlite3");
+        let ds: Arc<dyn DataStore> = Arc::new(
+            SqliteStore::open(&db)
+                .with_context(|| format!("cannot open the datastore {}", db.display()))?,
+        );
+        let td = effective_trust_domain(&config, ds.as_ref())?;
+        let ca = open_ca(&config, &ds, &td, &clock)?;
+        ca.rotate().context("CA rotation at start")?;
+        let previous_ca = match ds.get_meta(META_MIGRATED_FROM)? {
+            Some(old) => {
+                let old_td = TrustDomain::parse(&old)
+                    .with_context(|| format!("datastore meta migrated_from: invalid {old:?}"))?;
+                Some(Arc::new(open_ca(&config, &ds, &old_td, &clock)?))
+            }
+            None => None,
+        };
+        let (entries, _) = ds.list_entries(&EntryFilter::default(), 0, None)?;
+        let server_id = server_id(&td);
+        let x509pop_roots = match &config.x509pop_ca_bundle {
+            Some(p) => Some(load_pem_certs(p)?),
+            None => None,
+        };
+        let (svid, key) = ca
+            .mint_x509_svid_with_key(&server_id, &["localhost".to_string()], None)
+            .context("cannot mint the server's X.509-SVID")?;
+        let renew_at = renew_time(clock.now(), svid.expires_at);
+        let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
+        let state = Arc::new(State {
+            config,
+            ds,
+            ca: ArcSwap::from_pointee(ca),
+            previous_ca: ArcSwap::from_pointee(previous_ca),
+            catalog: Catalog::new(entries, server_id),
+            bundles: Arc::new(ArcSwap::from_pointee(BundleSet::new())),
+            clock,
+            server_cert: Arc::new(RotatingCert::new(certified)),
+            server_svid_renew_at: std::sync::Mutex::new(renew_at),
+            x509pop_roots,
+        });
+        state.refresh_bundles()?;
+        Ok(state)
+    }
+
+    /// The active trust domain.
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.ca.load().trust_domain().clone()
+    }
+
+    /// The server's own SPIFFE ID (parent of node entries).
+    pub fn server_id(&self) -> SpiffeId {
+        server_id(&self.trust_domain())
+    }
+
+    /// Now, in Unix seconds, from the injected clock.
+    pub fn now(&self) -> i64 {
+        unix(self.clock.now())
+    }
+
+    /// The trust domain's own bundle (including the pre-migration domain's authorities when migrating).
+    pub fn own_bundle(&self) -> Bundle {
+        self.ca.load().bundle()
+    }
+
+    /// Federated bundles from the datastore.
+    pub fn federated_bundles(&self) -> anyhow::Result<Vec<Bundle>> {
+        let own = self.trust_domain();
+        let mut out = Vec::new();
+        for sb in self.ds.list_bundles()? {
+            if sb.trust_domain == own {
+                continue;
+            }
+            let b = Bundle::from_json(sb.trust_domain.clone(), sb.json.as_bytes())
+                .with_context(|| format!("stored bundle of {} is invalid", sb.trust_domain))?;
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the bundle set used by TLS, persists the own bundle, and tells agents.
+    pub fn refresh_bundles(&self) -> anyhow::Result<()> {
+        let own = self.own_bundle();
+        let mut set = BundleSet::new();
+        for b in self.federated_bundles()? {
+            set.insert(b);
+        }
+        if let Some(prev) = self.previous_ca.load().as_ref() {
+            set.insert(prev.bundle());
+        }
+        self.ds.set_bundle(&StoredBundle {
+            trust_domain: own.trust_domain.clone(),
+            json: own.to_json(),
+            sequence: own.sequence,
+        })?;
+        set.insert(own);
+        self.bundles.store(Arc::new(set));
+        self.catalog.publish(Change::BundlesChanged);
+        Ok(())
+    }
+
+    /// One rotation tick: CA rotation and renewal of the server's own SVID.
+    pub fn tick(&self) -> anyhow::Result<()> {
+        let outcome = self.ca.load().rotate()?;
+        if let Some(prev) = self.previous_ca.load().as_ref() {
+            prev.rotate()?;
+        }
+        if outcome.bundle_changed() {
+            tracing::info!(
+                prepared = outcome.prepared,
+                activated = outcome.activated,
+                pruned = outcome.pruned,
+                "CA rotation changed the trust bundle"
+            );
+            self.refresh_bundles()?;
+        }
+        let now = self.clock.now();
+        let due = {
+            let at = self
+                .server_svid_renew_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            now >= *at || outcome.activated
+        };
+        if due {
+            self.renew_server_svid()?;
+        }
+        Ok(())
+    }
+
+    /// Mints a fresh server SVID and serves it from now on.
+    pub fn renew_server_svid(&self) -> anyhow::Result<()> {
+        let (svid, key) = self.ca.load().mint_x509_svid_with_key(
+            &self.server_id(),
+            &["localhost".to_string()],
+            None,
+        )?;
+        let renew_at = renew_time(self.clock.now(), svid.expires_at);
+        let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
+        self.server_cert.store(certified);
+        *self
+            .server_svid_renew_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = renew_at;
+        tracing::info!(spiffe_id = %self.server_id(), "server X.509-SVID renewed");
+        Ok(())
+    }
+}
+
+fn renew_time(now: SystemTime, expires: SystemTime) -> SystemTime {
+    let life = expires.duration_since(now).unwrap_or(Duration::ZERO);
+    now + life / 2
+}
+
+/// `spiffe://<td>/sigil/server`.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    // The path is a constant valid path, so the fallback is unreachable.
+    td.id_with_path("/sigil/server").unwrap_or_else(|_| td.id())
+}
+
+fn effective_trust_domain(
+    config: &ServerConfig,
+    ds: &dyn DataStore,
+) -> anyhow::Result<TrustDomain> {
+    let configured = config.trust_domain.clone();
+    match ds.get_meta(META_TRUST_DOMAIN)? {
+        None => {
+            ds.set_meta(META_TRUST_DOMAIN, configured.as_str())?;
+            Ok(configured)
+        }
+        Some(stored) if stored == configured.as_str() => Ok(configured),
+        Some(stored) => {
+            let from = ds.get_meta(META_MIGRATED_FROM)?;
+            if from.as_deref() == Some(configured.as_str()) {
+                tracing::warn!(
+                    configured = %configured,
+                    active = %stored,
+                    "the data directory was migrated to another trust domain; serving that one (update trust_domain in the configuration)"
+                );
+                TrustDomain::parse(&stored)
+                    .with_context(|| format!("datastore meta trust_domain: invalid {stored:?}"))
+            } else {
+                bail!(
+                    "trust_domain: configured {:?} but the data directory {} belongs to {stored:?}; use `sigil trust-domain migrate --to` to move a trust domain",
+                    configured.as_str(),
+                    config.data_dir.display()
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! SPIFFE core: identifiers, SVID and bundle formats and their validation rules, without I/O.
+
+pub mod bundle;
+pub mod id;
+pub mod x509;
+
+pub use bundle::{Bundle, BundleError, BundleSet, JwtAuthority};
+pub use id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use x509::{
+    X509SvidError, check_ca_profile, check_leaf_profile, spiffe_id_of_leaf, verify_x509_svid,
+};

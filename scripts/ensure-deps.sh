@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages sigil's build needs when they are missing (protoc for gRPC code, clang for eBPF).
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v clang >/dev/null 2>&1 || need+=(clang)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+  echo "installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
