@@ -1,2 +1,26 @@
-//! End-to-end tests across sigil processes; see `tests/` beside this file. The library part holds the
-//! minimal in-tree test agent that speaks the agent API over real TLS.
+//! End-to-end tests across sigil processes (see `tests/` beside this file). The library part holds the
+//! minimal in-tree test agent that speaks the agent API over real TLS, as the real agent will.
+
+pub mod test_agent;
+
+use std::path::Path;
+
+use anyhow::Context;
+use tonic::transport::{Channel, Endpoint};
+
+/// A gRPC channel to the admin API on a Unix socket.
+pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .with_context(|| format!("cannot connect to the admin socket {shown}"))
+}

@@ -16,13 +16,13 @@ use rustls_pki_types::CertificateDer;
 use sigil_spiffe::TrustDomain;
 use sigil_spiffe::bundle::JwtAuthority;
 
+use crate::AuthorityStatus;
 use crate::config::KeyType;
 use crate::error::CaError;
 use crate::journal::{AuthorityState, JournalAuthority};
 use crate::keyfile;
 use crate::profile::{self, BACKDATE_SECS};
 use crate::upstream::Upstream;
-use crate::AuthorityStatus;
 
 /// The ES256 key that signs JWT-SVIDs for one authority.
 pub(crate) struct JwtKey {
@@ -152,8 +152,9 @@ impl Authority {
                 if info.issuer_raw != up.info.subject_raw {
                     return Err(CaError::Upstream {
                         path: up.cert_path.clone(),
-                        reason: "its subject name cannot be reproduced byte-for-byte as an issuer name"
-                            .to_string(),
+                        reason:
+                            "its subject name cannot be reproduced byte-for-byte as an issuer name"
+                                .to_string(),
                     });
                 }
                 (cert, up.chain.clone())
@@ -247,7 +248,11 @@ impl Authority {
         })?;
 
         let jwt_key = keyfile::read_key(key_dir, &entry.jwt_key_file)?;
-        let jwt = JwtKey::new(entry.jwt_key_id.clone(), entry.jwt_key_file.clone(), &jwt_key)?;
+        let jwt = JwtKey::new(
+            entry.jwt_key_id.clone(),
+            entry.jwt_key_file.clone(),
+            &jwt_key,
+        )?;
         if STANDARD.encode(&jwt.public_point) != entry.jwt_public_key {
             return Err(CaError::KeyMismatch {
                 path: keyfile::key_path(key_dir, &entry.jwt_key_file)?,
@@ -271,11 +276,17 @@ impl Authority {
 
     /// The journal entry for this authority in `state`.
     pub(crate) fn to_journal(&self, state: AuthorityState) -> JournalAuthority {
-        let expiry = self.latest_expiry().max(self.persisted_expiry.load(Ordering::Acquire));
+        let expiry = self
+            .latest_expiry()
+            .max(self.persisted_expiry.load(Ordering::Acquire));
         JournalAuthority {
             state,
             cert_der: STANDARD.encode(&self.cert),
-            upstream_chain_der: self.upstream_chain.iter().map(|c| STANDARD.encode(c)).collect(),
+            upstream_chain_der: self
+                .upstream_chain
+                .iter()
+                .map(|c| STANDARD.encode(c))
+                .collect(),
             key_file: self.key_file.clone(),
             jwt_key_id: self.jwt.kid.clone(),
             jwt_key_file: self.jwt.file.clone(),

@@ -233,12 +233,11 @@ impl Ca {
         ttl: Option<Duration>,
     ) -> Result<(X509Svid, PrivatePkcs8KeyDer<'static>), CaError> {
         self.check_workload_id(spiffe_id)?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| {
-            CaError::KeyGeneration {
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::KeyGeneration {
                 what: "X.509-SVID EC P-256".to_string(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let svid = self.sign_leaf(spiffe_id, dns_names, ttl, &key)?;
         Ok((svid, PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
@@ -257,10 +256,7 @@ impl Ca {
                 audience: audience.to_vec(),
             });
         }
-        let ttl = ttl_secs(
-            ttl.unwrap_or(self.config.default_jwt_svid_ttl),
-            "JWT-SVID",
-        )?;
+        let ttl = ttl_secs(ttl.unwrap_or(self.config.default_jwt_svid_ttl), "JWT-SVID")?;
         let now = profile::unix_secs(self.clock.now())?;
         let authority = self.active_for_signing(now)?;
         let exp = now.saturating_add(ttl).min(authority.not_after);
@@ -280,12 +276,13 @@ impl Ca {
             exp,
             iat: now,
         };
-        let token = jsonwebtoken::encode(&header, &claims, &authority.jwt.encoding).map_err(
-            |e| CaError::Jwt {
-                id: spiffe_id.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let token =
+            jsonwebtoken::encode(&header, &claims, &authority.jwt.encoding).map_err(|e| {
+                CaError::Jwt {
+                    id: spiffe_id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         self.record_signed(&authority, exp)?;
         Ok(JwtSvid {
             token,
@@ -519,7 +516,12 @@ impl Ca {
             .default_x509_svid_ttl
             .max(self.config.default_jwt_svid_ttl)
             .as_secs();
-        authority.set_persisted_expiry(expiry.saturating_add(ahead).min(authority.not_after).max(expiry));
+        authority.set_persisted_expiry(
+            expiry
+                .saturating_add(ahead)
+                .min(authority.not_after)
+                .max(expiry),
+        );
         let state = self.snapshot();
         if let Err(e) = self.save(&state) {
             authority.set_persisted_expiry(previous);

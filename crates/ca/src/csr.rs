@@ -45,7 +45,10 @@ pub(crate) fn public_key(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, CaEr
         }
     }
     rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| CaError::CsrPublicKey {
-        reason: format!("unsupported key algorithm {}: {e}", spki.algorithm.algorithm),
+        reason: format!(
+            "unsupported key algorithm {}: {e}",
+            spki.algorithm.algorithm
+        ),
     })
 }
 

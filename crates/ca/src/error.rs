@@ -48,7 +48,9 @@ pub enum CaError {
     #[error("CA journal is invalid: {reason}")]
     JournalCorrupt { reason: String },
     /// The journal was written for another trust domain.
-    #[error("CA journal belongs to trust domain {journal}, but the CA is configured for {configured}")]
+    #[error(
+        "CA journal belongs to trust domain {journal}, but the CA is configured for {configured}"
+    )]
     TrustDomainMismatch {
         journal: String,
         configured: TrustDomain,

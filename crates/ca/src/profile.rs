@@ -2,12 +2,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rand::RngCore;
 use rcgen::string::{Ia5String, PrintableString};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rand::RngCore;
 use sigil_spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -66,7 +66,10 @@ fn printable(value: &str, what: &str) -> Result<PrintableString, CaError> {
 
 fn base_subject(what: &str) -> Result<DistinguishedName, CaError> {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, DnValue::PrintableString(printable("US", what)?));
+    dn.push(
+        DnType::CountryName,
+        DnValue::PrintableString(printable("US", what)?),
+    );
     dn.push(DnType::OrganizationName, "sigil");
     Ok(dn)
 }

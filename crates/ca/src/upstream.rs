@@ -51,7 +51,10 @@ impl Upstream {
         }
         let mut infos = Vec::with_capacity(chain.len());
         for (i, der) in chain.iter().enumerate() {
-            infos.push(profile::cert_info(der, &format!("upstream certificate #{}", i + 1))?);
+            infos.push(profile::cert_info(
+                der,
+                &format!("upstream certificate #{}", i + 1),
+            )?);
         }
         for (i, pair) in infos.windows(2).enumerate() {
             if pair[0].issuer_raw != pair[1].subject_raw {
@@ -67,13 +70,23 @@ impl Upstream {
         }
         let info = infos[0].clone();
         if !info.is_ca {
-            return Err(err(path, "the first certificate is not a CA (basicConstraints cA is not true)"));
+            return Err(err(
+                path,
+                "the first certificate is not a CA (basicConstraints cA is not true)",
+            ));
         }
         if info.key_cert_sign == Some(false) {
-            return Err(err(path, "the first certificate's key usage lacks keyCertSign"));
+            return Err(err(
+                path,
+                "the first certificate's key usage lacks keyCertSign",
+            ));
         }
         check_subject_encodable(&chain[0], path)?;
-        let not_after = infos.iter().map(|i| i.not_after).min().unwrap_or(info.not_after);
+        let not_after = infos
+            .iter()
+            .map(|i| i.not_after)
+            .min()
+            .unwrap_or(info.not_after);
         if now >= not_after {
             return Err(err(
                 path,
@@ -83,7 +96,10 @@ impl Upstream {
         if now < info.not_before {
             return Err(err(
                 path,
-                format!("the upstream CA is not valid before unix time {}", info.not_before),
+                format!(
+                    "the upstream CA is not valid before unix time {}",
+                    info.not_before
+                ),
             ));
         }
 

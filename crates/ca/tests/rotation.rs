@@ -36,25 +36,46 @@ fn rotation_follows_the_spire_schedule() {
     clock.set(at(3 * HOUR));
     let out = ca.rotate().unwrap();
     assert!(out.prepared && !out.activated && out.pruned == 0 && out.bundle_changed());
-    assert_eq!(ca.rotate().unwrap(), RotationOutcome::default(), "tick is idempotent");
+    assert_eq!(
+        ca.rotate().unwrap(),
+        RotationOutcome::default(),
+        "tick is idempotent"
+    );
     let status = ca.status();
     let second = status.prepared.clone().expect("prepared");
     assert_eq!(status.active, first);
     let b1 = ca.bundle();
     assert!(b1.sequence > b0.sequence);
     assert_eq!(b1.x509_authorities.len(), 2);
-    let kids: Vec<_> = b1.jwt_authorities.iter().map(|j| j.key_id.clone()).collect();
-    assert_eq!(kids, vec![first.jwt_key_id.clone(), second.jwt_key_id.clone()]);
+    let kids: Vec<_> = b1
+        .jwt_authorities
+        .iter()
+        .map(|j| j.key_id.clone())
+        .collect();
+    assert_eq!(
+        kids,
+        vec![first.jwt_key_id.clone(), second.jwt_key_id.clone()]
+    );
     let serials: Vec<_> = b1.x509_authorities.iter().map(|c| serial_of(c)).collect();
-    assert_eq!(serials, vec![first.serial_hex.clone(), second.serial_hex.clone()]);
+    assert_eq!(
+        serials,
+        vec![first.serial_hex.clone(), second.serial_hex.clone()]
+    );
 
     // Still signed by the first authority until activation.
     clock.set(at(4 * HOUR + 59 * MIN));
     let late = ca
-        .sign_csr(&csr_for(&id("/late")), &id("/late"), &[], Some(Duration::from_secs(HOUR)))
+        .sign_csr(
+            &csr_for(&id("/late")),
+            &id("/late"),
+            &[],
+            Some(Duration::from_secs(HOUR)),
+        )
         .unwrap();
     assert_eq!(chains_to(&late, &b1, at(4 * HOUR + 59 * MIN)), vec![0]);
-    let jwt_late = ca.mint_jwt_svid(&id("/late"), &["aud".into()], None).unwrap();
+    let jwt_late = ca
+        .mint_jwt_svid(&id("/late"), &["aud".into()], None)
+        .unwrap();
     assert!(jwt_late.expires_at < at(5 * HOUR + 59 * MIN));
 
     // Five sixths: the prepared authority signs, the first becomes old but stays published.
@@ -66,11 +87,19 @@ fn rotation_follows_the_spire_schedule() {
     assert_eq!(status.old, vec![first.clone()]);
     assert!(status.prepared.is_none());
     let b2 = ca.bundle();
-    assert_eq!(b2.sequence, b1.sequence, "activation does not change the bundle");
+    assert_eq!(
+        b2.sequence, b1.sequence,
+        "activation does not change the bundle"
+    );
     assert_eq!(b2.x509_authorities.len(), 2);
-    let fresh = ca.sign_csr(&csr_for(&id("/w")), &id("/w"), &[], None).unwrap();
+    let fresh = ca
+        .sign_csr(&csr_for(&id("/w")), &id("/w"), &[], None)
+        .unwrap();
     assert_eq!(chains_to(&fresh, &b2, at(5 * HOUR)), vec![1]);
-    let token = ca.mint_jwt_svid(&id("/w"), &["aud".into()], None).unwrap().token;
+    let token = ca
+        .mint_jwt_svid(&id("/w"), &["aud".into()], None)
+        .unwrap()
+        .token;
     let header = jsonwebtoken::decode_header(&token).unwrap();
     assert_eq!(header.kid.as_deref(), Some(second.jwt_key_id.as_str()));
 
@@ -84,17 +113,30 @@ fn rotation_follows_the_spire_schedule() {
     let out = ca.rotate().unwrap();
     assert_eq!(out.pruned, 1);
     assert!(out.bundle_changed());
+    // The same tick reaches the second authority's own half-life (3h + 3h), so its successor
+    // is prepared: the bundle holds the second and third authorities, never the first again.
+    assert!(out.prepared);
+    let status = ca.status();
+    assert!(status.old.is_empty());
+    assert_eq!(status.active, second);
+    let third = status.prepared.expect("third prepared");
     let b3 = ca.bundle();
     assert!(b3.sequence > b2.sequence);
-    assert_eq!(b3.x509_authorities.len(), 1);
-    assert_eq!(serial_of(&b3.x509_authorities[0]), second.serial_hex);
-    assert_eq!(b3.jwt_authorities.len(), 1);
-    assert_eq!(b3.jwt_authorities[0].key_id, second.jwt_key_id);
-    assert!(ca.status().old.is_empty());
-
-    // The second authority prepared its successor at its own half-life (3h + 3h = 6h).
-    assert!(out.prepared);
-    // Only the live authorities' keys remain: second and its prepared successor.
+    let serials: Vec<_> = b3.x509_authorities.iter().map(|c| serial_of(c)).collect();
+    assert_eq!(
+        serials,
+        vec![second.serial_hex.clone(), third.serial_hex.clone()]
+    );
+    let kids: Vec<_> = b3
+        .jwt_authorities
+        .iter()
+        .map(|j| j.key_id.clone())
+        .collect();
+    assert_eq!(
+        kids,
+        vec![second.jwt_key_id.clone(), third.jwt_key_id.clone()]
+    );
+    // The first authority's key files were deleted; two keys each remain for second and third.
     assert_eq!(files_in(&dir.path().join("keys")).len(), 4);
 }
 
@@ -245,9 +287,14 @@ fn long_downtime_replaces_an_expired_authority_at_open() {
     let ca = open(dir.path(), &clock, &journal);
     let status = ca.status();
     assert_ne!(status.active.serial_hex, first.serial_hex);
-    assert!(status.old.is_empty(), "the expired authority signed nothing");
+    assert!(
+        status.old.is_empty(),
+        "the expired authority signed nothing"
+    );
     assert!(ca.bundle().sequence > seq);
-    let svid = ca.sign_csr(&csr_for(&id("/x")), &id("/x"), &[], None).unwrap();
+    let svid = ca
+        .sign_csr(&csr_for(&id("/x")), &id("/x"), &[], None)
+        .unwrap();
     verify(&svid, &ca.bundle(), at(30 * HOUR)).unwrap();
 }
 
@@ -264,7 +311,8 @@ fn signing_with_an_expired_authority_is_refused_until_rotation() {
     assert!(matches!(err, CaError::CaExpired { .. }), "{err}");
     let out = ca.rotate().unwrap();
     assert!(out.activated && out.prepared);
-    ca.sign_csr(&csr_for(&id("/x")), &id("/x"), &[], None).unwrap();
+    ca.sign_csr(&csr_for(&id("/x")), &id("/x"), &[], None)
+        .unwrap();
 }
 
 #[test]
@@ -291,7 +339,11 @@ fn failed_journal_save_leaves_the_state_unchanged() {
     let err = ca.rotate().unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
     assert_eq!((ca.status(), ca.bundle()), before);
-    assert_eq!(files_in(&dir.path().join("keys")).len(), 2, "new keys removed");
+    assert_eq!(
+        files_in(&dir.path().join("keys")).len(),
+        2,
+        "new keys removed"
+    );
     journal.1.store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(ca.rotate().unwrap().prepared);
 }

@@ -2,10 +2,15 @@
 
 pub mod bundle;
 pub mod id;
+pub mod jwt;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, BundleSet, JwtAuthority};
 pub use id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use jwt::{
+    JwtAlgorithm, JwtHeader, JwtSvidClaims, JwtSvidError, parse_jwt_svid_insecure,
+    validate_jwt_svid,
+};
 pub use x509::{
     X509SvidError, check_ca_profile, check_leaf_profile, spiffe_id_of_leaf, verify_x509_svid,
 };

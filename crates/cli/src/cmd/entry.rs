@@ -47,13 +47,13 @@ pub struct EntryFields {
     #[arg(long)]
     node: bool,
     /// Selector as type:value (repeat for several; all must match).
-    #[arg(long, value_parser = parse::selector)]
+    #[arg(long, value_name = "TYPE:VALUE", value_parser = parse::selector)]
     selector: Vec<Selector>,
     /// X.509-SVID lifetime in seconds (0 = the server default).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(0..))]
     x509_svid_ttl: Option<i32>,
     /// JWT-SVID lifetime in seconds (0 = the server default).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(0..))]
     jwt_svid_ttl: Option<i32>,
     /// DNS name to put in X.509-SVIDs (repeatable).
     #[arg(long)]
@@ -71,7 +71,7 @@ pub struct EntryFields {
     #[arg(long)]
     hint: Option<String>,
     /// Unix time after which the entry no longer applies (0 = never).
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    #[arg(long, value_name = "UNIX", value_parser = clap::value_parser!(i64).range(0..))]
     entry_expiry: Option<i64>,
 }
 
@@ -136,13 +136,13 @@ pub struct CreateArgs {
 #[derive(Debug, clap::Args)]
 pub struct FilterArgs {
     /// Only entries with this SPIFFE ID.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     spiffe_id: Option<String>,
     /// Only entries with this parent ID.
     #[arg(long)]
     parent_id: Option<String>,
     /// Selector as type:value (repeatable), matched as --match says.
-    #[arg(long, value_parser = parse::selector)]
+    #[arg(long, value_name = "TYPE:VALUE", value_parser = parse::selector)]
     selector: Vec<Selector>,
     /// How --selector values are matched against an entry's selectors.
     #[arg(long = "match", value_enum, default_value_t = Match::Superset)]
@@ -339,11 +339,11 @@ pub async fn run(cmd: EntryCommand) -> anyhow::Result<()> {
 }
 
 async fn create(a: CreateArgs) -> anyhow::Result<()> {
-    let channel = a.admin_socket.connect().await?;
-    let batch = match &a.data {
+    // A bad --data file is reported before anything talks to the server.
+    let from_file = match &a.data {
         Some(path) => {
             let text = parse::read_input(path).context("--data")?;
-            parse::entries_json(&text).with_context(|| format!("--data {}", path.display()))?
+            Some(parse::entries_json(&text).with_context(|| format!("--data {}", path.display()))?)
         }
         None => {
             if a.fields.spiffe_id.is_none() {
@@ -352,6 +352,13 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             if a.fields.parent_id.is_none() && !a.fields.node {
                 anyhow::bail!("--parent-id or --node is required");
             }
+            None
+        }
+    };
+    let channel = a.admin_socket.connect().await?;
+    let batch = match from_file {
+        Some(entries) => entries,
+        None => {
             let server = match a.fields.node {
                 true => Some(server_id(channel.clone()).await?),
                 false => None,

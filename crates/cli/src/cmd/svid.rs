@@ -45,7 +45,7 @@ pub struct X509MintArgs {
     #[arg(long)]
     dns: Vec<String>,
     /// Lifetime, e.g. 1h (default: the server's).
-    #[arg(long, value_parser = parse::ttl)]
+    #[arg(long, value_name = "DURATION", value_parser = parse::ttl)]
     ttl: Option<i32>,
     /// Write svid.pem, key.pem and bundle.pem into this directory instead of printing them.
     #[arg(long, value_name = "DIR")]
@@ -66,7 +66,7 @@ pub struct JwtMintArgs {
     #[arg(long, required = true)]
     audience: Vec<String>,
     /// Lifetime, e.g. 5m (default: the server's).
-    #[arg(long, value_parser = parse::ttl)]
+    #[arg(long, value_name = "DURATION", value_parser = parse::ttl)]
     ttl: Option<i32>,
 }
 

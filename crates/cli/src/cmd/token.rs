@@ -24,7 +24,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     spiffe_id: Option<String>,
     /// Token lifetime in seconds.
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(i32).range(1..))]
     ttl: i32,
 }
 

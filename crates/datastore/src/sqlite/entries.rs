@@ -73,24 +73,37 @@ impl<'a> Encoded<'a> {
         })
     }
 
-    /// Named parameters shared by INSERT and UPDATE.
-    fn params<'b>(&'b self, e: &'b Entry) -> Vec<(&'static str, &'b dyn ToSql)> {
+    /// Parameters `?1`..`?12`, shared by `INSERT_ENTRY` and `UPDATE_ENTRY`.
+    fn params<'b>(&'b self, e: &'b Entry) -> Vec<&'b dyn ToSql> {
         vec![
-            (":spiffe_id", &self.spiffe_id),
-            (":parent_id", &self.parent_id),
-            (":selectors_key", &self.key),
-            (":x509_svid_ttl", &e.x509_svid_ttl),
-            (":jwt_svid_ttl", &e.jwt_svid_ttl),
-            (":dns_names", &self.dns_names),
-            (":admin", &e.admin),
-            (":downstream", &e.downstream),
-            (":federates_with", &self.federates_with),
-            (":hint", &e.hint),
-            (":expires_at", &e.expires_at),
-            (":revision", &e.revision),
+            &self.spiffe_id,
+            &self.parent_id,
+            &self.key,
+            &e.x509_svid_ttl,
+            &e.jwt_svid_ttl,
+            &self.dns_names,
+            &e.admin,
+            &e.downstream,
+            &self.federates_with,
+            &e.hint,
+            &e.expires_at,
+            &e.revision,
         ]
     }
 }
+
+const INSERT_ENTRY: &str = "INSERT INTO entries (spiffe_id, parent_id, selectors_key, x509_svid_ttl,
+        jwt_svid_ttl, dns_names, admin, downstream, federates_with, hint, expires_at, revision, id,
+        created_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+const UPDATE_ENTRY: &str = "UPDATE entries SET spiffe_id = ?1, parent_id = ?2, selectors_key = ?3,
+        x509_svid_ttl = ?4, jwt_svid_ttl = ?5, dns_names = ?6, admin = ?7, downstream = ?8,
+        federates_with = ?9, hint = ?10, expires_at = ?11, revision = ?12
+    WHERE seq = ?13";
+
+const INSERT_SELECTOR: &str =
+    "INSERT INTO entry_selectors (entry_seq, kind, value) VALUES (?1, ?2, ?3)";
 
 /// The ID of the entry with this SPIFFE ID, parent and selector set, if there is one.
 fn find_equal(
@@ -107,14 +120,48 @@ fn find_equal(
         .optional()?)
 }
 
-fn insert_selectors(conn: &Connection, seq: i64, selectors: &[Selector]) -> Result<(), DataStoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO entry_selectors (entry_seq, kind, value) VALUES (?1, ?2, ?3)",
-    )?;
+fn insert_selectors(
+    stmt: &mut rusqlite::Statement<'_>,
+    seq: i64,
+    selectors: &[Selector],
+) -> Result<(), DataStoreError> {
     for s in selectors {
         stmt.execute(params![seq, s.kind, s.value])?;
     }
     Ok(())
+}
+
+fn is_unique_violation(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _)
+        if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// Explains a unique-constraint failure on inserting `entry`: which stored entry it clashes with.
+fn explain_conflict(
+    conn: &Connection,
+    index: usize,
+    entry: &Entry,
+    enc: &Encoded<'_>,
+    err: rusqlite::Error,
+) -> DataStoreError {
+    let existing = match find_equal(conn, enc.spiffe_id, enc.parent_id, &enc.key) {
+        Ok(Some(id)) => Some(id),
+        Ok(None) => match seq_of(conn, &entry.id) {
+            Ok(Some(_)) => Some(entry.id.clone()),
+            Ok(None) => None,
+            Err(e) => return e,
+        },
+        Err(e) => return e,
+    };
+    match existing {
+        Some(existing_id) => DataStoreError::AlreadyExists {
+            index,
+            spiffe_id: entry.spiffe_id.clone(),
+            existing_id,
+        },
+        None => err.into(),
+    }
 }
 
 pub(super) fn create(
@@ -125,42 +172,33 @@ pub(super) fn create(
     // Any early return drops `tx`, which rolls the whole batch back.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut created = Vec::with_capacity(entries.len());
-    for (index, mut entry) in entries.into_iter().enumerate() {
-        normalize(&mut entry, index)?;
-        if entry.id.is_empty() {
-            entry.id = uuid::Uuid::new_v4().to_string();
-        } else if seq_of(&tx, &entry.id)?.is_some() {
-            return Err(DataStoreError::AlreadyExists {
-                index,
-                spiffe_id: entry.spiffe_id,
-                existing_id: entry.id,
-            });
+    {
+        let mut insert_entry = tx.prepare_cached(INSERT_ENTRY)?;
+        let mut insert_selector = tx.prepare_cached(INSERT_SELECTOR)?;
+        for (index, mut entry) in entries.into_iter().enumerate() {
+            normalize(&mut entry, index)?;
+            if entry.id.is_empty() {
+                entry.id = uuid::Uuid::new_v4().to_string();
+            }
+            entry.revision = 0;
+            entry.created_at = now;
+            let enc = Encoded::new(&entry)?;
+            let mut params = enc.params(&entry);
+            params.push(&entry.id);
+            params.push(&entry.created_at);
+            // The unique indexes on id and (spiffe_id, parent_id, selectors_key) detect duplicates, among
+            // stored entries and earlier ones of this batch alike; only a failure needs a look-up.
+            let seq = match insert_entry.insert(&params[..]) {
+                Ok(seq) => seq,
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(explain_conflict(&tx, index, &entry, &enc, e));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            insert_selectors(&mut insert_selector, seq, &entry.selectors)?;
+            drop(params);
+            created.push(entry);
         }
-        entry.revision = 0;
-        entry.created_at = now;
-        let enc = Encoded::new(&entry)?;
-        if let Some(existing_id) = find_equal(&tx, enc.spiffe_id, enc.parent_id, &enc.key)? {
-            return Err(DataStoreError::AlreadyExists {
-                index,
-                spiffe_id: entry.spiffe_id.clone(),
-                existing_id,
-            });
-        }
-        let mut params = enc.params(&entry);
-        params.push((":id", &entry.id));
-        params.push((":created_at", &entry.created_at));
-        let seq = tx
-            .prepare_cached(
-                "INSERT INTO entries (id, spiffe_id, parent_id, selectors_key, x509_svid_ttl,
-                     jwt_svid_ttl, dns_names, admin, downstream, federates_with, hint, expires_at,
-                     revision, created_at)
-                 VALUES (:id, :spiffe_id, :parent_id, :selectors_key, :x509_svid_ttl, :jwt_svid_ttl,
-                     :dns_names, :admin, :downstream, :federates_with, :hint, :expires_at, :revision,
-                     :created_at)",
-            )?
-            .insert(&params[..])?;
-        insert_selectors(&tx, seq, &entry.selectors)?;
-        created.push(entry);
     }
     tx.commit()?;
     Ok(created)
@@ -472,19 +510,11 @@ pub(super) fn update(
         });
     }
     let mut params = enc.params(&entry);
-    params.push((":seq", &seq));
-    tx.prepare_cached(
-        "UPDATE entries SET spiffe_id = :spiffe_id, parent_id = :parent_id,
-             selectors_key = :selectors_key, x509_svid_ttl = :x509_svid_ttl,
-             jwt_svid_ttl = :jwt_svid_ttl, dns_names = :dns_names, admin = :admin,
-             downstream = :downstream, federates_with = :federates_with, hint = :hint,
-             expires_at = :expires_at, revision = :revision
-         WHERE seq = :seq",
-    )?
-    .execute(&params[..])?;
+    params.push(&seq);
+    tx.prepare_cached(UPDATE_ENTRY)?.execute(&params[..])?;
     tx.prepare_cached("DELETE FROM entry_selectors WHERE entry_seq = ?1")?
         .execute([seq])?;
-    insert_selectors(&tx, seq, &entry.selectors)?;
+    insert_selectors(&mut tx.prepare_cached(INSERT_SELECTOR)?, seq, &entry.selectors)?;
     drop(params);
     tx.commit()?;
     Ok(entry)
