@@ -258,8 +258,6 @@ impl Ca {
         }
         let ttl = ttl_secs(ttl.unwrap_or(self.config.default_jwt_svid_ttl), "JWT-SVID")?;
         let now = profile::unix_secs(self.clock.now())?;
-        let authority = self.active_for_signing(now)?;
-        let exp = now.saturating_add(ttl).min(authority.not_after);
 
         #[derive(Serialize)]
         struct Claims<'a> {
@@ -268,25 +266,28 @@ impl Ca {
             exp: u64,
             iat: u64,
         }
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(authority.jwt.kid.clone());
-        let claims = Claims {
-            sub: spiffe_id.as_str(),
-            aud: audience,
-            exp,
-            iat: now,
-        };
-        let token =
-            jsonwebtoken::encode(&header, &claims, &authority.jwt.encoding).map_err(|e| {
-                CaError::Jwt {
-                    id: spiffe_id.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        self.record_signed(&authority, exp)?;
-        Ok(JwtSvid {
-            token,
-            expires_at: profile::system_time(exp),
+        self.with_active(now, |authority| {
+            let exp = now.saturating_add(ttl).min(authority.not_after);
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(authority.jwt.kid.clone());
+            let claims = Claims {
+                sub: spiffe_id.as_str(),
+                aud: audience,
+                exp,
+                iat: now,
+            };
+            let token =
+                jsonwebtoken::encode(&header, &claims, &authority.jwt.encoding).map_err(|e| {
+                    CaError::Jwt {
+                        id: spiffe_id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            let svid = JwtSvid {
+                token,
+                expires_at: profile::system_time(exp),
+            };
+            Ok((svid, exp))
         })
     }
 
@@ -317,32 +318,42 @@ impl Ca {
         let mut next = self.snapshot();
         let mut outcome = RotationOutcome::default();
         let mut created: Vec<Arc<Authority>> = Vec::new();
-        let result = self.plan_rotation(&mut next, now, &mut outcome, &mut created);
-        let result = result.and_then(|pruned| {
-            if outcome.prepared || outcome.activated || !pruned.is_empty() {
+        let discard_created = |created: &[Arc<Authority>]| {
+            for authority in created {
+                remove_keys(&self.config.key_dir, authority);
+            }
+        };
+        // Key generation happens here, outside the state lock.
+        if let Err(e) = self.schedule(&mut next, now, &mut outcome, &mut created) {
+            discard_created(&created);
+            return Err(e);
+        }
+        let pruned = {
+            // Signers hold the read lock from choosing an authority until its SVID's expiry is
+            // recorded, so under the write lock every expiry of an issued SVID is visible.
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let pruned = prune(&mut next, now);
+            outcome.pruned = pruned.len();
+            if outcome.prepared || outcome.activated || outcome.pruned > 0 {
                 if outcome.bundle_changed() {
                     next.sequence += 1;
                 }
-                self.save(&next)?;
-            }
-            Ok(pruned)
-        });
-        let pruned = match result {
-            Ok(pruned) => pruned,
-            Err(e) => {
-                for authority in &created {
-                    remove_keys(&self.config.key_dir, authority);
+                if let Err(e) = self.save(&next) {
+                    drop(state);
+                    discard_created(&created);
+                    return Err(e);
                 }
-                return Err(e);
             }
+            *state = next;
+            pruned
         };
-        *self.state.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
         for authority in &pruned {
             remove_keys(&self.config.key_dir, authority);
             tracing::info!(serial = %authority.serial_hex, jwt_key_id = %authority.jwt.kid, "pruned retired CA authority");
         }
         if outcome.activated {
-            tracing::info!(serial = %next.active.serial_hex, not_after = next.active.not_after, "activated CA authority");
+            let active = self.snapshot().active;
+            tracing::info!(serial = %active.serial_hex, not_after = active.not_after, "activated CA authority");
         }
         Ok(outcome)
     }
@@ -357,14 +368,14 @@ impl Ca {
         }
     }
 
-    /// Applies the rotation schedule to `next`; returns the authorities pruned from it.
-    fn plan_rotation(
+    /// Applies the preparation and activation schedule to `next`.
+    fn schedule(
         &self,
         next: &mut State,
         now: u64,
         outcome: &mut RotationOutcome,
         created: &mut Vec<Arc<Authority>>,
-    ) -> Result<Vec<Arc<Authority>>, CaError> {
+    ) -> Result<(), CaError> {
         if let Some(prepared) = next.prepared.take() {
             if self.usable(&prepared, now) {
                 next.prepared = Some(prepared);
@@ -405,17 +416,7 @@ impl Ca {
             outcome.activated = true;
         }
 
-        let mut pruned = Vec::new();
-        next.old.retain(|old| {
-            let latest = old.latest_expiry();
-            let keep = latest != 0 && now < latest;
-            if !keep {
-                pruned.push(old.clone());
-            }
-            keep
-        });
-        outcome.pruned = pruned.len();
-        Ok(pruned)
+        Ok(())
     }
 
     /// True when `authority` can sign now: unexpired and issued under the configured upstream
@@ -454,16 +455,31 @@ impl Ca {
         Ok(())
     }
 
-    /// The active authority, refusing to sign with one that has expired.
-    fn active_for_signing(&self, now: u64) -> Result<Arc<Authority>, CaError> {
-        let active = self.snapshot().active;
-        if now >= active.not_after {
-            return Err(CaError::CaExpired {
-                serial_hex: active.serial_hex.clone(),
-                not_after: active.not_after,
-            });
+    /// Runs `sign` with the active authority (refusing one that has expired) and records the
+    /// expiry it returns. The read lock is held throughout, so rotation cannot prune the authority
+    /// between its choice and the record.
+    fn with_active<T>(
+        &self,
+        now: u64,
+        sign: impl FnOnce(&Arc<Authority>) -> Result<(T, u64), CaError>,
+    ) -> Result<T, CaError> {
+        let (value, authority, expiry, persist) = {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            let active = &state.active;
+            if now >= active.not_after {
+                return Err(CaError::CaExpired {
+                    serial_hex: active.serial_hex.clone(),
+                    not_after: active.not_after,
+                });
+            }
+            let (value, expiry) = sign(active)?;
+            let persist = active.record_expiry(expiry);
+            (value, active.clone(), expiry, persist)
+        };
+        if persist {
+            self.persist_expiry(&authority, expiry)?;
         }
-        Ok(active)
+        Ok(value)
     }
 
     fn sign_leaf(
@@ -478,34 +494,33 @@ impl Ca {
             "X.509-SVID",
         )?;
         let now = profile::unix_secs(self.clock.now())?;
-        let authority = self.active_for_signing(now)?;
-        let not_before = now.saturating_sub(BACKDATE_SECS).max(authority.not_before);
-        let not_after = now.saturating_add(ttl).min(authority.not_after);
-        let serial = profile::random_serial();
-        let params = profile::leaf_params(spiffe_id, dns_names, &serial, not_before, not_after)?;
-        let leaf = params
-            .signed_by(public_key, &authority.issuer)
-            .map_err(|e| CaError::Issue {
-                what: format!("X.509-SVID for {spiffe_id}"),
-                reason: e.to_string(),
-            })?;
-        let mut cert_chain = vec![CertificateDer::from(leaf)];
-        cert_chain.extend(authority.chain_above_leaf());
-        self.record_signed(&authority, not_after)?;
-        Ok(X509Svid {
-            spiffe_id: spiffe_id.clone(),
-            cert_chain,
-            serial_hex: hex::encode(serial),
-            expires_at: profile::system_time(not_after),
+        self.with_active(now, |authority| {
+            let not_before = now.saturating_sub(BACKDATE_SECS).max(authority.not_before);
+            let not_after = now.saturating_add(ttl).min(authority.not_after);
+            let serial = profile::random_serial();
+            let params =
+                profile::leaf_params(spiffe_id, dns_names, &serial, not_before, not_after)?;
+            let leaf = params
+                .signed_by(public_key, &authority.issuer)
+                .map_err(|e| CaError::Issue {
+                    what: format!("X.509-SVID for {spiffe_id}"),
+                    reason: e.to_string(),
+                })?;
+            let mut cert_chain = vec![CertificateDer::from(leaf)];
+            cert_chain.extend(authority.chain_above_leaf());
+            let svid = X509Svid {
+                spiffe_id: spiffe_id.clone(),
+                cert_chain,
+                serial_hex: hex::encode(serial),
+                expires_at: profile::system_time(not_after),
+            };
+            Ok((svid, not_after))
         })
     }
 
-    /// Notes an SVID's expiry on its authority. The journal keeps an upper bound that runs one
-    /// default TTL ahead, so it is rewritten about once per TTL rather than once per SVID.
-    fn record_signed(&self, authority: &Arc<Authority>, expiry: u64) -> Result<(), CaError> {
-        if !authority.record_expiry(expiry) {
-            return Ok(());
-        }
+    /// Writes a new SVID expiry bound to the journal. The bound runs one default TTL ahead of the
+    /// SVID, so the journal is rewritten about once per TTL rather than once per SVID.
+    fn persist_expiry(&self, authority: &Arc<Authority>, expiry: u64) -> Result<(), CaError> {
         let _writer = self.lock_writer();
         let previous = authority.persisted_expiry();
         if expiry <= previous {
@@ -550,6 +565,20 @@ impl Ca {
     fn lock_writer(&self) -> MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Drops retired authorities whose SVIDs have all expired (or that signed none); returns them.
+fn prune(state: &mut State, now: u64) -> Vec<Arc<Authority>> {
+    let mut pruned = Vec::new();
+    state.old.retain(|old| {
+        let latest = old.latest_expiry();
+        let keep = latest != 0 && now < latest;
+        if !keep {
+            pruned.push(old.clone());
+        }
+        keep
+    });
+    pruned
 }
 
 fn remove_keys(dir: &std::path::Path, authority: &Authority) {

@@ -1,5 +1,7 @@
 //! Rotation on a manual clock, journal persistence across restarts, and key files on disk.
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "util/support.rs"]
 mod support;
 
@@ -360,4 +362,42 @@ fn config_values_are_checked() {
     cfg.ca_ttl = Duration::from_secs(1);
     let err = Ca::open(cfg, clock, Arc::new(MemoryJournal::new())).unwrap_err();
     assert!(err.to_string().contains("ca_ttl"), "{err}");
+}
+
+#[test]
+fn svids_signed_during_activation_stay_verifiable() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Ca>();
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(at(0));
+    let journal = Arc::new(MemoryJournal::new());
+    let ca = open(dir.path(), &clock, &journal);
+    clock.set(at(3 * HOUR));
+    ca.rotate().unwrap();
+    // The first authority has signed nothing, so activation may prune it at once: an SVID it
+    // signs in the same instant must still be covered by the bundle.
+    clock.set(at(5 * HOUR));
+    let csr = csr_for(&id("/race"));
+    let svids = std::thread::scope(|s| {
+        let signers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..40)
+                        .map(|_| ca.sign_csr(&csr, &id("/race"), &[], None).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        assert!(ca.rotate().unwrap().activated);
+        signers
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    ca.rotate().unwrap();
+    let bundle = ca.bundle();
+    for svid in &svids {
+        verify(svid, &bundle, at(5 * HOUR)).unwrap();
+    }
 }

@@ -1,6 +1,8 @@
 //! X.509-SVID and JWT-SVID issuance: leaf profile, chain verification (self-signed and through an
 //! upstream CA), TTL rules, CSR checks, JWT verification against the bundle, other key types.
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "util/support.rs"]
 mod support;
 

@@ -135,10 +135,16 @@ mod tests {
         use SelectorError::*;
         type Check = fn(&SelectorError) -> bool;
         let cases: [(&str, Check); 5] = [
-            ("unix", |e| matches!(e, MissingSeparator { input } if input == "unix")),
+            (
+                "unix",
+                |e| matches!(e, MissingSeparator { input } if input == "unix"),
+            ),
             (":x", |e| matches!(e, EmptyKind { input } if input == ":x")),
             ("Unix:x", |e| matches!(e, BadKindChar { found: 'U', .. })),
-            ("unix:", |e| matches!(e, EmptyValue { input } if input == "unix:")),
+            (
+                "unix:",
+                |e| matches!(e, EmptyValue { input } if input == "unix:"),
+            ),
             ("k8s:a\nb", |e| matches!(e, ControlChar { found: '\n', .. })),
         ];
         for (input, check) in cases {

@@ -109,7 +109,9 @@ impl SqliteStore {
 /// process crashes.
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -32768;",
+    )
 }
 
 fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {

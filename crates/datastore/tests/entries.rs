@@ -56,8 +56,17 @@ fn create_get_update_delete() {
     let before = now();
     let created = store.create_entries(vec![given.clone(), plain]).unwrap();
     assert_eq!(created[0].id, "my-entry");
-    assert_eq!(created[1].id.len(), 36, "a UUID was assigned: {}", created[1].id);
-    assert_eq!(created[0].selectors, sels(&["k8s:ns:web", "unix:uid:1000"]), "sorted, deduped");
+    assert_eq!(
+        created[1].id.len(),
+        36,
+        "a UUID was assigned: {}",
+        created[1].id
+    );
+    assert_eq!(
+        created[0].selectors,
+        sels(&["k8s:ns:web", "unix:uid:1000"]),
+        "sorted, deduped"
+    );
     assert_eq!(created[0].revision, 0, "the store sets the revision");
     assert!((before..=now()).contains(&created[0].created_at));
     let expect = Entry {
@@ -68,7 +77,10 @@ fn create_get_update_delete() {
     };
     assert_eq!(created[0], expect, "every field kept");
     assert_eq!(store.get_entry("my-entry").unwrap().unwrap(), expect);
-    assert_eq!(store.get_entry(&created[1].id).unwrap().unwrap(), created[1]);
+    assert_eq!(
+        store.get_entry(&created[1].id).unwrap().unwrap(),
+        created[1]
+    );
     assert_eq!(store.get_entry("nope").unwrap(), None);
 
     let mut change = expect.clone();
@@ -76,7 +88,10 @@ fn create_get_update_delete() {
     change.created_at = 1;
     let updated = store.update_entry(change.clone(), Some(0)).unwrap();
     assert_eq!(updated.revision, 1);
-    assert_eq!(updated.created_at, expect.created_at, "created_at is not updatable");
+    assert_eq!(
+        updated.created_at, expect.created_at,
+        "created_at is not updatable"
+    );
     assert_eq!(store.get_entry("my-entry").unwrap().unwrap(), updated);
 
     let err = store.update_entry(change.clone(), Some(0)).unwrap_err();
@@ -84,19 +99,32 @@ fn create_get_update_delete() {
         matches!(&err, DataStoreError::RevisionMismatch { id, expected: 0, actual: 1 } if id == "my-entry"),
         "{err}"
     );
-    assert_eq!(store.get_entry("my-entry").unwrap().unwrap().revision, 1, "unchanged");
-    assert_eq!(store.update_entry(change.clone(), None).unwrap().revision, 2);
+    assert_eq!(
+        store.get_entry("my-entry").unwrap().unwrap().revision,
+        1,
+        "unchanged"
+    );
+    assert_eq!(
+        store.update_entry(change.clone(), None).unwrap().revision,
+        2
+    );
 
     change.id = "ghost".to_string();
     let err = store.update_entry(change, None).unwrap_err();
-    assert!(matches!(&err, DataStoreError::NotFound { kind: "entry", id } if id == "ghost"), "{err}");
+    assert!(
+        matches!(&err, DataStoreError::NotFound { kind: "entry", id } if id == "ghost"),
+        "{err}"
+    );
 
     let deleted = store.delete_entry("my-entry").unwrap();
     assert_eq!(deleted.revision, 2);
     assert_eq!(deleted.selectors, sels(&["unix:uid:1001"]));
     assert_eq!(store.get_entry("my-entry").unwrap(), None);
     let err = store.delete_entry("my-entry").unwrap_err();
-    assert!(matches!(err, DataStoreError::NotFound { kind: "entry", .. }), "{err}");
+    assert!(
+        matches!(err, DataStoreError::NotFound { kind: "entry", .. }),
+        "{err}"
+    );
     // Its selectors went with it.
     let any = EntryFilter {
         selectors: Some((sels(&["unix:uid:1001"]), SelectorMatch::Any)),
@@ -111,7 +139,11 @@ fn create_get_update_delete() {
 fn duplicates_are_refused_and_batches_are_atomic() {
     let (_dir, store) = open();
     let first = store
-        .create_entries(vec![entry("spiffe://td/a", "spiffe://td/p", &["unix:uid:1", "unix:gid:1"])])
+        .create_entries(vec![entry(
+            "spiffe://td/a",
+            "spiffe://td/p",
+            &["unix:uid:1", "unix:gid:1"],
+        )])
         .unwrap();
     let existing = first[0].id.clone();
 
@@ -119,7 +151,11 @@ fn duplicates_are_refused_and_batches_are_atomic() {
     let batch = vec![
         entry("spiffe://td/b", "spiffe://td/p", &["unix:uid:1"]),
         entry("spiffe://td/c", "spiffe://td/p", &["unix:uid:1"]),
-        entry("spiffe://td/a", "spiffe://td/p", &["unix:gid:1", "unix:uid:1", "unix:gid:1"]),
+        entry(
+            "spiffe://td/a",
+            "spiffe://td/p",
+            &["unix:gid:1", "unix:uid:1", "unix:gid:1"],
+        ),
         entry("spiffe://td/d", "spiffe://td/p", &["unix:uid:1"]),
     ];
     let err = store.create_entries(batch).unwrap_err();
@@ -128,7 +164,11 @@ fn duplicates_are_refused_and_batches_are_atomic() {
             if spiffe_id.as_str() == "spiffe://td/a" && *existing_id == existing),
         "{err}"
     );
-    assert_eq!(store.count_entries(&EntryFilter::default()).unwrap(), 1, "nothing of the batch was written");
+    assert_eq!(
+        store.count_entries(&EntryFilter::default()).unwrap(),
+        1,
+        "nothing of the batch was written"
+    );
 
     // Equal to an earlier entry of the same batch.
     let batch = vec![
@@ -137,15 +177,26 @@ fn duplicates_are_refused_and_batches_are_atomic() {
         entry("spiffe://td/x", "spiffe://td/p", &["unix:uid:9"]),
     ];
     let err = store.create_entries(batch).unwrap_err();
-    assert!(matches!(err, DataStoreError::AlreadyExists { index: 2, .. }), "{err}");
+    assert!(
+        matches!(err, DataStoreError::AlreadyExists { index: 2, .. }),
+        "{err}"
+    );
     assert_eq!(store.count_entries(&EntryFilter::default()).unwrap(), 1);
 
     // Differing in any one of SPIFFE ID, parent or selectors is not a duplicate.
     store
         .create_entries(vec![
-            entry("spiffe://td/a", "spiffe://td/p2", &["unix:uid:1", "unix:gid:1"]),
+            entry(
+                "spiffe://td/a",
+                "spiffe://td/p2",
+                &["unix:uid:1", "unix:gid:1"],
+            ),
             entry("spiffe://td/a", "spiffe://td/p", &["unix:uid:1"]),
-            entry("spiffe://td/a2", "spiffe://td/p", &["unix:uid:1", "unix:gid:1"]),
+            entry(
+                "spiffe://td/a2",
+                "spiffe://td/p",
+                &["unix:uid:1", "unix:gid:1"],
+            ),
         ])
         .unwrap();
 
@@ -159,7 +210,10 @@ fn duplicates_are_refused_and_batches_are_atomic() {
     );
 
     let err = store
-        .create_entries(vec![entry("spiffe://td/ok", "spiffe://td/p", &["unix:uid:7"]), entry("spiffe://td/e", "spiffe://td/p", &[])])
+        .create_entries(vec![
+            entry("spiffe://td/ok", "spiffe://td/p", &["unix:uid:7"]),
+            entry("spiffe://td/e", "spiffe://td/p", &[]),
+        ])
         .unwrap_err();
     assert!(
         matches!(&err, DataStoreError::InvalidEntry { index: 1, spiffe_id, .. } if spiffe_id.as_str() == "spiffe://td/e"),
@@ -185,7 +239,10 @@ fn update_that_would_equal_another_entry_is_refused() {
         matches!(&err, DataStoreError::AlreadyExists { existing_id, .. } if *existing_id == created[0].id),
         "{err}"
     );
-    assert_eq!(store.get_entry(&created[1].id).unwrap().unwrap(), created[1]);
+    assert_eq!(
+        store.get_entry(&created[1].id).unwrap().unwrap(),
+        created[1]
+    );
     // Changing other fields of an entry keeps its identity: not a clash with itself.
     second.selectors = sels(&["unix:uid:2"]);
     second.hint = "h".to_string();
@@ -196,14 +253,30 @@ fn update_that_would_equal_another_entry_is_refused() {
 fn filter_fixture(store: &SqliteStore) -> Vec<Entry> {
     let specs: [(&str, &str, &[&str], &str); 4] = [
         ("spiffe://td/a", "spiffe://td/p1", &["unix:uid:1"], "h1"),
-        ("spiffe://td/b", "spiffe://td/p1", &["unix:uid:1", "unix:gid:2"], ""),
-        ("spiffe://td/c", "spiffe://td/p2", &["unix:uid:1", "unix:gid:2", "k8s:ns:x"], ""),
+        (
+            "spiffe://td/b",
+            "spiffe://td/p1",
+            &["unix:uid:1", "unix:gid:2"],
+            "",
+        ),
+        (
+            "spiffe://td/c",
+            "spiffe://td/p2",
+            &["unix:uid:1", "unix:gid:2", "k8s:ns:x"],
+            "",
+        ),
         ("spiffe://td/a", "spiffe://td/p2", &["k8s:ns:x"], "h1"),
     ];
     let mut wanted = Vec::new();
     for (i, (spiffe, parent, selectors, hint)) in specs.iter().enumerate() {
         let fillers: Vec<Entry> = (0..40)
-            .map(|j| entry(&format!("spiffe://td/filler/{i}/{j}"), "spiffe://td/p9", &["unix:uid:99"]))
+            .map(|j| {
+                entry(
+                    &format!("spiffe://td/filler/{i}/{j}"),
+                    "spiffe://td/p9",
+                    &["unix:uid:99"],
+                )
+            })
             .collect();
         store.create_entries(fillers).unwrap();
         let mut e = entry(spiffe, parent, selectors);
@@ -216,7 +289,11 @@ fn filter_fixture(store: &SqliteStore) -> Vec<Entry> {
 fn list_all(store: &SqliteStore, filter: &EntryFilter) -> Vec<Entry> {
     let (entries, next) = store.list_entries(filter, 0, None).unwrap();
     assert_eq!(next, None);
-    assert_eq!(store.count_entries(filter).unwrap(), entries.len() as u64, "count agrees with list");
+    assert_eq!(
+        store.count_entries(filter).unwrap(),
+        entries.len() as u64,
+        "count agrees with list"
+    );
     entries
 }
 
@@ -231,27 +308,76 @@ fn every_filter_and_selector_match_mode() {
     // Input order and repeats do not matter.
     let two = ["unix:gid:2", "unix:uid:1", "unix:gid:2"];
     let cases = vec![
-        ("exact", by_selectors(&two, SelectorMatch::Exact), vec![&e[1]]),
-        ("subset", by_selectors(&two, SelectorMatch::Subset), vec![&e[0], &e[1]]),
-        ("superset", by_selectors(&two, SelectorMatch::Superset), vec![&e[1], &e[2]]),
-        ("any", by_selectors(&two, SelectorMatch::Any), vec![&e[0], &e[1], &e[2]]),
-        ("any k8s", by_selectors(&["k8s:ns:x"], SelectorMatch::Any), vec![&e[2], &e[3]]),
-        ("subset k8s", by_selectors(&["k8s:ns:x"], SelectorMatch::Subset), vec![&e[3]]),
-        ("exact none", by_selectors(&["unix:uid:1", "k8s:ns:x"], SelectorMatch::Exact), vec![]),
-        ("exact empty", by_selectors(&[], SelectorMatch::Exact), vec![]),
-        ("subset empty", by_selectors(&[], SelectorMatch::Subset), vec![]),
+        (
+            "exact",
+            by_selectors(&two, SelectorMatch::Exact),
+            vec![&e[1]],
+        ),
+        (
+            "subset",
+            by_selectors(&two, SelectorMatch::Subset),
+            vec![&e[0], &e[1]],
+        ),
+        (
+            "superset",
+            by_selectors(&two, SelectorMatch::Superset),
+            vec![&e[1], &e[2]],
+        ),
+        (
+            "any",
+            by_selectors(&two, SelectorMatch::Any),
+            vec![&e[0], &e[1], &e[2]],
+        ),
+        (
+            "any k8s",
+            by_selectors(&["k8s:ns:x"], SelectorMatch::Any),
+            vec![&e[2], &e[3]],
+        ),
+        (
+            "subset k8s",
+            by_selectors(&["k8s:ns:x"], SelectorMatch::Subset),
+            vec![&e[3]],
+        ),
+        (
+            "exact none",
+            by_selectors(&["unix:uid:1", "k8s:ns:x"], SelectorMatch::Exact),
+            vec![],
+        ),
+        (
+            "exact empty",
+            by_selectors(&[], SelectorMatch::Exact),
+            vec![],
+        ),
+        (
+            "subset empty",
+            by_selectors(&[], SelectorMatch::Subset),
+            vec![],
+        ),
         ("any empty", by_selectors(&[], SelectorMatch::Any), vec![]),
         (
             "spiffe_id",
-            EntryFilter { spiffe_id: Some(id("spiffe://td/a")), ..Default::default() },
+            EntryFilter {
+                spiffe_id: Some(id("spiffe://td/a")),
+                ..Default::default()
+            },
             vec![&e[0], &e[3]],
         ),
         (
             "parent_id",
-            EntryFilter { parent_id: Some(id("spiffe://td/p2")), ..Default::default() },
+            EntryFilter {
+                parent_id: Some(id("spiffe://td/p2")),
+                ..Default::default()
+            },
             vec![&e[2], &e[3]],
         ),
-        ("hint", EntryFilter { hint: Some("h1".to_string()), ..Default::default() }, vec![&e[0], &e[3]]),
+        (
+            "hint",
+            EntryFilter {
+                hint: Some("h1".to_string()),
+                ..Default::default()
+            },
+            vec![&e[0], &e[3]],
+        ),
         (
             "spiffe_id and parent_id",
             EntryFilter {
@@ -289,17 +415,25 @@ fn paging_returns_every_entry_exactly_once() {
         let entries: Vec<Entry> = (0..350)
             .map(|i| {
                 let uid = format!("unix:uid:{}", i % 3);
-                entry(&format!("spiffe://td/w/{batch}/{i}"), "spiffe://td/p", &[&uid, "k8s:ns:n"])
+                entry(
+                    &format!("spiffe://td/w/{batch}/{i}"),
+                    "spiffe://td/p",
+                    &[&uid, "k8s:ns:n"],
+                )
             })
             .collect();
         store.create_entries(entries).unwrap();
     }
     // Gaps in the order must not upset paging.
-    let (first, _) = store.list_entries(&EntryFilter::default(), 10, None).unwrap();
+    let (first, _) = store
+        .list_entries(&EntryFilter::default(), 10, None)
+        .unwrap();
     for e in &first[..5] {
         store.delete_entry(&e.id).unwrap();
     }
-    let (all, _) = store.list_entries(&EntryFilter::default(), 0, None).unwrap();
+    let (all, _) = store
+        .list_entries(&EntryFilter::default(), 0, None)
+        .unwrap();
     assert_eq!(all.len(), 1045);
     let uid0 = EntryFilter {
         selectors: Some((sels(&["unix:uid:0"]), SelectorMatch::Superset)),
@@ -314,29 +448,48 @@ fn paging_returns_every_entry_exactly_once() {
             let mut token: Option<String> = None;
             let mut pages = 0;
             loop {
-                let (page, next) = store.list_entries(&filter, page_size, token.as_deref()).unwrap();
+                let (page, next) = store
+                    .list_entries(&filter, page_size, token.as_deref())
+                    .unwrap();
                 pages += 1;
                 assert!(page.len() <= page_size);
-                assert!(!page.is_empty(), "no empty page (size {page_size}, page {pages})");
+                assert!(
+                    !page.is_empty(),
+                    "no empty page (size {page_size}, page {pages})"
+                );
                 seen.extend(page);
                 match next {
                     Some(t) => token = Some(t),
                     None => break,
                 }
             }
-            assert_eq!(&seen, expected, "page size {page_size}: all entries, once, in order with selectors");
-            assert_eq!(pages, expected.len().div_ceil(page_size), "page size {page_size}");
+            assert_eq!(
+                &seen, expected,
+                "page size {page_size}: all entries, once, in order with selectors"
+            );
+            assert_eq!(
+                pages,
+                expected.len().div_ceil(page_size),
+                "page size {page_size}"
+            );
         }
     }
     let ids: HashSet<&str> = all.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), all.len());
 
     // An empty token is the first page.
-    let (page, _) = store.list_entries(&EntryFilter::default(), 3, Some("")).unwrap();
+    let (page, _) = store
+        .list_entries(&EntryFilter::default(), 3, Some(""))
+        .unwrap();
     assert_eq!(page, all[..3]);
     for bad in ["abc", "-1", "1.5", " 3"] {
-        let err = store.list_entries(&EntryFilter::default(), 3, Some(bad)).unwrap_err();
-        assert!(matches!(&err, DataStoreError::BadPageToken { token } if token == bad), "{err}");
+        let err = store
+            .list_entries(&EntryFilter::default(), 3, Some(bad))
+            .unwrap_err();
+        assert!(
+            matches!(&err, DataStoreError::BadPageToken { token } if token == bad),
+            "{err}"
+        );
         assert!(err.to_string().contains(bad));
     }
 }
@@ -346,12 +499,28 @@ fn rewrite_trust_domain_moves_ids_and_bumps_revisions() {
     let (_dir, store) = open();
     let created = store
         .create_entries(vec![
-            entry("spiffe://old.org/web", "spiffe://old.org/agent", &["unix:uid:1"]),
-            entry("spiffe://new.org/db", "spiffe://old.org/spire/agent/x", &["unix:uid:2"]),
+            entry(
+                "spiffe://old.org/web",
+                "spiffe://old.org/agent",
+                &["unix:uid:1"],
+            ),
+            entry(
+                "spiffe://new.org/db",
+                "spiffe://old.org/spire/agent/x",
+                &["unix:uid:2"],
+            ),
             entry("spiffe://old.org/node", "spiffe://old.org", &["unix:uid:3"]),
-            entry("spiffe://other.org/web", "spiffe://other.org/agent", &["unix:uid:4"]),
+            entry(
+                "spiffe://other.org/web",
+                "spiffe://other.org/agent",
+                &["unix:uid:4"],
+            ),
             // Prefix look-alikes stay where they are.
-            entry("spiffe://old.org.evil/web", "spiffe://old.orgx/agent", &["unix:uid:5"]),
+            entry(
+                "spiffe://old.org.evil/web",
+                "spiffe://old.orgx/agent",
+                &["unix:uid:5"],
+            ),
         ])
         .unwrap();
     let from = TrustDomain::parse("old.org").unwrap();
@@ -366,13 +535,20 @@ fn rewrite_trust_domain_moves_ids_and_bumps_revisions() {
     ];
     for (i, spiffe, parent) in moved {
         let e = get(i);
-        assert_eq!((e.spiffe_id.as_str(), e.parent_id.as_str()), (spiffe, parent));
+        assert_eq!(
+            (e.spiffe_id.as_str(), e.parent_id.as_str()),
+            (spiffe, parent)
+        );
         assert_eq!(e.revision, 1);
         assert_eq!(e.selectors, created[i].selectors);
     }
     assert_eq!(get(3), created[3]);
     assert_eq!(get(4), created[4]);
-    assert_eq!(store.rewrite_trust_domain(&from, &to).unwrap(), 0, "nothing left in old.org");
+    assert_eq!(
+        store.rewrite_trust_domain(&from, &to).unwrap(),
+        0,
+        "nothing left in old.org"
+    );
     assert_eq!(store.rewrite_trust_domain(&to, &to).unwrap(), 0);
 }
 
@@ -387,7 +563,10 @@ fn rewrite_trust_domain_is_all_or_nothing() {
         ])
         .unwrap();
     let err = store
-        .rewrite_trust_domain(&TrustDomain::parse("old.org").unwrap(), &TrustDomain::parse("new.org").unwrap())
+        .rewrite_trust_domain(
+            &TrustDomain::parse("old.org").unwrap(),
+            &TrustDomain::parse("new.org").unwrap(),
+        )
         .unwrap_err();
     assert!(
         matches!(&err, DataStoreError::AlreadyExists { existing_id, .. } if *existing_id == created[1].id),
@@ -402,25 +581,38 @@ fn rewrite_trust_domain_is_all_or_nothing() {
 fn many_entries_are_created_and_listed_quickly() {
     let (_dir, store) = open();
     // The full 100 000 in optimized builds; a debug build (SQLite at -O0) checks the same on fewer.
-    let total = if cfg!(debug_assertions) { 20_000 } else { 100_000 };
+    let total = if cfg!(debug_assertions) {
+        20_000
+    } else {
+        100_000
+    };
     let start = std::time::Instant::now();
     for batch in 0..total / 1000 {
         let entries: Vec<Entry> = (0..1000)
             .map(|i| {
                 let uid = format!("unix:uid:{i}");
                 let pod = format!("k8s:pod-name:p{batch}-{i}");
-                entry(&format!("spiffe://td/ns/{batch}/sa/{i}"), "spiffe://td/agent", &[&uid, &pod, "k8s:ns:prod"])
+                entry(
+                    &format!("spiffe://td/ns/{batch}/sa/{i}"),
+                    "spiffe://td/agent",
+                    &[&uid, &pod, "k8s:ns:prod"],
+                )
             })
             .collect();
         store.create_entries(entries).unwrap();
     }
     let created = start.elapsed();
     let start = std::time::Instant::now();
-    let (all, next) = store.list_entries(&EntryFilter::default(), 0, None).unwrap();
+    let (all, next) = store
+        .list_entries(&EntryFilter::default(), 0, None)
+        .unwrap();
     let listed = start.elapsed();
     let start = std::time::Instant::now();
     let subset = EntryFilter {
-        selectors: Some((sels(&["unix:uid:7", "k8s:ns:prod", "k8s:pod-name:p3-7"]), SelectorMatch::Subset)),
+        selectors: Some((
+            sels(&["unix:uid:7", "k8s:ns:prod", "k8s:pod-name:p3-7"]),
+            SelectorMatch::Subset,
+        )),
         ..Default::default()
     };
     let (matched, _) = store.list_entries(&subset, 0, None).unwrap();
@@ -429,11 +621,17 @@ fn many_entries_are_created_and_listed_quickly() {
     assert_eq!(next, None);
     assert_eq!(all.len(), total);
     assert!(all.iter().all(|e| e.selectors.len() == 3));
-    assert_eq!(all.iter().map(|e| &e.id).collect::<HashSet<_>>().len(), total);
+    assert_eq!(
+        all.iter().map(|e| &e.id).collect::<HashSet<_>>().len(),
+        total
+    );
     assert_eq!(matched.len(), 1);
     assert_eq!(matched[0].spiffe_id.as_str(), "spiffe://td/ns/3/sa/7");
     if !cfg!(debug_assertions) {
-        assert!(listed < std::time::Duration::from_secs(1), "listing took {listed:?}");
+        assert!(
+            listed < std::time::Duration::from_secs(1),
+            "listing took {listed:?}"
+        );
     }
 }
 
@@ -447,7 +645,13 @@ fn concurrent_writers_and_readers() {
             std::thread::spawn(move || {
                 for b in 0..20 {
                     let batch = (0..10)
-                        .map(|i| entry(&format!("spiffe://td/{t}/{b}/{i}"), "spiffe://td/p", &["unix:uid:1"]))
+                        .map(|i| {
+                            entry(
+                                &format!("spiffe://td/{t}/{b}/{i}"),
+                                "spiffe://td/p",
+                                &["unix:uid:1"],
+                            )
+                        })
                         .collect();
                     store.create_entries(batch).unwrap();
                     let n = store.count_entries(&EntryFilter::default()).unwrap();
@@ -459,5 +663,8 @@ fn concurrent_writers_and_readers() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(store.count_entries(&EntryFilter::default()).unwrap(), 4 * 20 * 10);
+    assert_eq!(
+        store.count_entries(&EntryFilter::default()).unwrap(),
+        4 * 20 * 10
+    );
 }

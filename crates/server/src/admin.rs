@@ -467,6 +467,7 @@ impl pb::bundles_server::Bundles for Admin {
         let state = self.state.clone();
         blocking(move || {
             state.ds.delete_bundle(&td).map_err(ds_status)?;
+            state.forget_previous_domain(&td).map_err(internal)?;
             state.refresh_bundles().map_err(internal)
         })
         .await?;

@@ -143,7 +143,7 @@ impl State {
         let td = effective_trust_domain(&config, ds.as_ref())?;
         let ca = open_ca(&config, &ds, &td, &clock)?;
         ca.rotate().context("CA rotation at start")?;
-        let previous_ca = match ds.get_meta(META_MIGRATED_FROM)? {
+        let previous_ca = match ds.get_meta(META_MIGRATED_FROM)?.filter(|s| !s.is_empty()) {
             Some(old) => {
                 let old_td = TrustDomain::parse(&old)
                     .with_context(|| format!("datastore meta migrated_from: invalid {old:?}"))?;
@@ -220,9 +220,6 @@ impl State {
         for b in self.federated_bundles()? {
             set.insert(b);
         }
-        if let Some(prev) = self.previous_ca.load().as_ref() {
-            set.insert(prev.bundle());
-        }
         self.ds.set_bundle(&StoredBundle {
             trust_domain: own.trust_domain.clone(),
             json: own.to_json(),
@@ -234,11 +231,35 @@ impl State {
         Ok(())
     }
 
+    /// Ends the transition after a migration: the old domain's CA is no longer kept.
+    pub fn forget_previous_domain(&self, td: &TrustDomain) -> anyhow::Result<()> {
+        let is_prev = self
+            .previous_ca
+            .load()
+            .as_ref()
+            .as_ref()
+            .is_some_and(|p| p.trust_domain() == td);
+        if is_prev {
+            self.previous_ca.store(Arc::new(None));
+            self.ds.set_meta(META_MIGRATED_FROM, "")?;
+        }
+        Ok(())
+    }
+
     /// One rotation tick: CA rotation and renewal of the server's own SVID.
     pub fn tick(&self) -> anyhow::Result<()> {
         let outcome = self.ca.load().rotate()?;
-        if let Some(prev) = self.previous_ca.load().as_ref() {
-            prev.rotate()?;
+        if let Some(prev) = self.previous_ca.load().as_ref()
+            && prev.rotate()?.bundle_changed()
+        {
+            // The pre-migration domain is published as a federated bundle; keep it current.
+            let b = prev.bundle();
+            self.ds.set_bundle(&StoredBundle {
+                trust_domain: b.trust_domain.clone(),
+                json: b.to_json(),
+                sequence: b.sequence,
+            })?;
+            self.refresh_bundles()?;
         }
         if outcome.bundle_changed() {
             tracing::info!(

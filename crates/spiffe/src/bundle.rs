@@ -53,7 +53,9 @@ pub enum BundleError {
     #[error("certificate {index} is not a DER X.509 certificate: {reason}")]
     BadCertificate { index: usize, reason: String },
     /// An `x509-svid` entry's JWK key parameters do not describe its certificate's key.
-    #[error("keys[{index}] (x509-svid): JWK {field} {value:?} does not match the certificate's key")]
+    #[error(
+        "keys[{index}] (x509-svid): JWK {field} {value:?} does not match the certificate's key"
+    )]
     KeyMismatch {
         index: usize,
         field: &'static str,
@@ -177,7 +179,10 @@ impl CertKey {
 pub(crate) fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match x509_parser::parse_x509_certificate(der) {
         Ok(([], cert)) => Ok(cert),
-        Ok((rest, _)) => Err(format!("{} trailing bytes after the certificate", rest.len())),
+        Ok((rest, _)) => Err(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -238,7 +243,11 @@ fn cert_key(cert: &X509Certificate<'_>) -> Result<CertKey, String> {
 }
 
 /// Checks that the JWK members present in `obj` describe `key`; absent members are not required.
-fn check_key_matches(index: usize, obj: &Map<String, Value>, key: &CertKey) -> Result<(), BundleError> {
+fn check_key_matches(
+    index: usize,
+    obj: &Map<String, Value>,
+    key: &CertKey,
+) -> Result<(), BundleError> {
     let mismatch = |field: &'static str, value: &Value| BundleError::KeyMismatch {
         index,
         field,
@@ -260,7 +269,11 @@ fn check_key_matches(index: usize, obj: &Map<String, Value>, key: &CertKey) -> R
         } else {
             decoded
         };
-        if decoded == want { Ok(()) } else { Err(mismatch(field, v)) }
+        if decoded == want {
+            Ok(())
+        } else {
+            Err(mismatch(field, v))
+        }
     };
     let crv_eq = |want: &str| -> Result<(), BundleError> {
         match obj.get("crv") {
@@ -575,7 +588,10 @@ impl<'de> serde::Deserialize<'de> for Members {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object mapping trust domain names to bundles")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
                 let mut members = Vec::new();
                 while let Some(entry) = map.next_entry::<String, Value>()? {
                     members.push(entry);

@@ -100,7 +100,10 @@ fn check_trust_domain(td: &str, whole: &str) -> Result<(), SpiffeIdError> {
         return Err(SpiffeIdError::BadTrustDomainChar { value, found });
     }
     if td.len() > MAX_TRUST_DOMAIN_LEN {
-        return Err(SpiffeIdError::TrustDomainTooLong { value, len: td.len() });
+        return Err(SpiffeIdError::TrustDomainTooLong {
+            value,
+            len: td.len(),
+        });
     }
     Ok(())
 }

@@ -148,7 +148,9 @@ pub enum JwtSvidError {
     #[error("JWT-SVID header has no \"alg\"")]
     MissingAlg,
     /// The `alg` is not one of RS/ES/PS 256/384/512.
-    #[error("JWT-SVID alg {alg:?} is not allowed (RS256/384/512, ES256/384/512, PS256/384/512 only)")]
+    #[error(
+        "JWT-SVID alg {alg:?} is not allowed (RS256/384/512, ES256/384/512, PS256/384/512 only)"
+    )]
     UnsupportedAlg { alg: String },
     /// The header holds a member other than `alg`, `kid` and `typ`.
     #[error("JWT-SVID header member {name:?} is not allowed (only alg, kid, typ)")]
@@ -251,7 +253,10 @@ fn json_object(part: &'static str, b64: &str) -> Result<Map<String, Value>, JwtS
     })
 }
 
-fn header_string(obj: &Map<String, Value>, name: &'static str) -> Result<Option<String>, JwtSvidError> {
+fn header_string(
+    obj: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<String>, JwtSvidError> {
     match obj.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -263,13 +268,19 @@ fn header_string(obj: &Map<String, Value>, name: &'static str) -> Result<Option<
 }
 
 fn parse_header(obj: &Map<String, Value>) -> Result<JwtHeader, JwtSvidError> {
-    if let Some(name) = obj.keys().find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ")) {
+    if let Some(name) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ"))
+    {
         return Err(JwtSvidError::UnexpectedHeader { name: name.clone() });
     }
     let alg = header_string(obj, "alg")?.ok_or(JwtSvidError::MissingAlg)?;
     let alg = JwtAlgorithm::parse(&alg).ok_or(JwtSvidError::UnsupportedAlg { alg })?;
     let typ = header_string(obj, "typ")?;
-    if let Some(typ) = typ.as_ref().filter(|t| !matches!(t.as_str(), "JWT" | "JOSE")) {
+    if let Some(typ) = typ
+        .as_ref()
+        .filter(|t| !matches!(t.as_str(), "JWT" | "JOSE"))
+    {
         return Err(JwtSvidError::BadTyp { typ: typ.clone() });
     }
     let kid = header_string(obj, "kid")?;
@@ -277,7 +288,10 @@ fn parse_header(obj: &Map<String, Value>) -> Result<JwtHeader, JwtSvidError> {
 }
 
 /// A NumericDate: JSON number of seconds; fractions are allowed by RFC 7519 and truncated.
-fn numeric_date(claims: &Map<String, Value>, claim: &'static str) -> Result<Option<u64>, JwtSvidError> {
+fn numeric_date(
+    claims: &Map<String, Value>,
+    claim: &'static str,
+) -> Result<Option<u64>, JwtSvidError> {
     let Some(v) = claims.get(claim) else {
         return Ok(None);
     };
@@ -400,12 +414,19 @@ fn verify_signature(
     match (alg.jsonwebtoken(), &jwk.algorithm) {
         (Some(jwt_alg), _) => {
             let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
-            jsonwebtoken::crypto::verify(signature, message, &key, jwt_alg).map_err(|e| e.to_string())
+            jsonwebtoken::crypto::verify(signature, message, &key, jwt_alg)
+                .map_err(|e| e.to_string())
         }
         (None, AlgorithmParameters::EllipticCurve(p)) => {
-            let x = URL_SAFE_NO_PAD.decode(&p.x).map_err(|e| format!("x: {e}"))?;
-            let y = URL_SAFE_NO_PAD.decode(&p.y).map_err(|e| format!("y: {e}"))?;
-            let sig = URL_SAFE_NO_PAD.decode(signature).map_err(|e| e.to_string())?;
+            let x = URL_SAFE_NO_PAD
+                .decode(&p.x)
+                .map_err(|e| format!("x: {e}"))?;
+            let y = URL_SAFE_NO_PAD
+                .decode(&p.y)
+                .map_err(|e| format!("y: {e}"))?;
+            let sig = URL_SAFE_NO_PAD
+                .decode(signature)
+                .map_err(|e| e.to_string())?;
             let mut point = Vec::with_capacity(1 + x.len() + y.len());
             point.push(4);
             point.extend_from_slice(&x);

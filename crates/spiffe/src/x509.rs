@@ -81,9 +81,14 @@ pub enum X509SvidError {
     },
     /// No bundle is known for the leaf's trust domain.
     #[error("no bundle for trust domain {trust_domain} (of {id})")]
-    NoBundle { id: SpiffeId, trust_domain: TrustDomain },
+    NoBundle {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
     /// An X.509 authority in the bundle cannot be used as a trust anchor.
-    #[error("bundle of {trust_domain}: X.509 authority {index} is not a usable trust anchor: {reason}")]
+    #[error(
+        "bundle of {trust_domain}: X.509 authority {index} is not a usable trust anchor: {reason}"
+    )]
     BadAuthority {
         trust_domain: TrustDomain,
         index: usize,
@@ -161,10 +166,7 @@ fn leaf_profile(cert: &X509Certificate<'_>) -> Result<SpiffeId, X509SvidError> {
     if bc.is_some_and(|bc| bc.value.ca) {
         return Err(X509SvidError::LeafIsCa { id });
     }
-    let Some(ku) = cert
-        .key_usage()
-        .map_err(|e| bad_ext(cert, "keyUsage", e))?
-    else {
+    let Some(ku) = cert.key_usage().map_err(|e| bad_ext(cert, "keyUsage", e))? else {
         return Err(X509SvidError::LeafKeyUsageMissing { id });
     };
     if !ku.critical {
@@ -258,7 +260,10 @@ pub fn verify_x509_svid(
     }
     // Checked here as well as by webpki so that an expired leaf is reported with its SPIFFE ID and dates.
     let validity = leaf.validity();
-    let (not_before, not_after) = (validity.not_before.timestamp(), validity.not_after.timestamp());
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
     let now_secs = now.as_secs();
     let now_i = i64::try_from(now_secs).unwrap_or(i64::MAX);
     if now_i < not_before || now_i > not_after {
@@ -275,10 +280,12 @@ pub fn verify_x509_svid(
     };
     let mut anchors = Vec::with_capacity(bundle.x509_authorities.len());
     for (index, der) in bundle.x509_authorities.iter().enumerate() {
-        let anchor = webpki::anchor_from_trusted_cert(der).map_err(|reason| X509SvidError::BadAuthority {
-            trust_domain: trust_domain.clone(),
-            index,
-            reason,
+        let anchor = webpki::anchor_from_trusted_cert(der).map_err(|reason| {
+            X509SvidError::BadAuthority {
+                trust_domain: trust_domain.clone(),
+                index,
+                reason,
+            }
         })?;
         anchors.push(anchor);
     }

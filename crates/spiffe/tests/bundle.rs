@@ -98,7 +98,10 @@ fn empty_bundle_round_trip() {
     let text = b.to_json();
     let doc: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(doc, json!({"keys": [], "spiffe_sequence": 0}));
-    assert_eq!(Bundle::from_json(td("example.org"), text.as_bytes()).unwrap(), b);
+    assert_eq!(
+        Bundle::from_json(td("example.org"), text.as_bytes()).unwrap(),
+        b
+    );
 }
 
 #[test]
@@ -140,7 +143,13 @@ fn x509_entry_carries_the_certificate_key() {
     assert_eq!(e["kty"], "RSA");
     assert_eq!(e["e"], "AQAB");
     // A 2048-bit modulus with no leading zero byte.
-    assert_eq!(URL_SAFE_NO_PAD.decode(e["n"].as_str().unwrap()).unwrap().len(), 256);
+    assert_eq!(
+        URL_SAFE_NO_PAD
+            .decode(e["n"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        256
+    );
 }
 
 #[test]
@@ -395,7 +404,9 @@ fn rejects_bad_sequence_and_refresh_hint() {
     );
     assert_eq!(
         parse(json!({"keys": [], "spiffe_refresh_hint": 1.5})),
-        Err(BundleError::BadRefreshHint { value: "1.5".into() })
+        Err(BundleError::BadRefreshHint {
+            value: "1.5".into()
+        })
     );
 }
 

@@ -46,14 +46,22 @@ fn rejects_wrong_scheme() {
         "spiffe:/example.org/a",
         "example.org/a",
     ] {
-        assert_eq!(err(s), SpiffeIdError::WrongScheme { value: value(s) }, "{s}");
+        assert_eq!(
+            err(s),
+            SpiffeIdError::WrongScheme { value: value(s) },
+            "{s}"
+        );
     }
 }
 
 #[test]
 fn rejects_missing_trust_domain() {
     for s in ["spiffe://", "spiffe:///path"] {
-        assert_eq!(err(s), SpiffeIdError::MissingTrustDomain { value: value(s) }, "{s}");
+        assert_eq!(
+            err(s),
+            SpiffeIdError::MissingTrustDomain { value: value(s) },
+            "{s}"
+        );
     }
 }
 
@@ -89,21 +97,34 @@ fn rejects_port() {
 
 #[test]
 fn rejects_userinfo() {
-    for s in ["spiffe://user@example.org/a", "spiffe://user:pass@example.org/a"] {
-        assert_eq!(err(s), SpiffeIdError::UserInfoNotAllowed { value: value(s) }, "{s}");
+    for s in [
+        "spiffe://user@example.org/a",
+        "spiffe://user:pass@example.org/a",
+    ] {
+        assert_eq!(
+            err(s),
+            SpiffeIdError::UserInfoNotAllowed { value: value(s) },
+            "{s}"
+        );
     }
 }
 
 #[test]
 fn rejects_percent_encoding_in_trust_domain() {
     let s = "spiffe://ex%61mple.org/a";
-    assert_eq!(err(s), SpiffeIdError::PercentEncodingNotAllowed { value: value(s) });
+    assert_eq!(
+        err(s),
+        SpiffeIdError::PercentEncodingNotAllowed { value: value(s) }
+    );
 }
 
 #[test]
 fn rejects_percent_encoding_in_path() {
     let s = "spiffe://example.org/a%2Fb";
-    assert_eq!(err(s), SpiffeIdError::PercentEncodingNotAllowed { value: value(s) });
+    assert_eq!(
+        err(s),
+        SpiffeIdError::PercentEncodingNotAllowed { value: value(s) }
+    );
 }
 
 #[test]
@@ -150,7 +171,11 @@ fn rejects_dot_segments() {
 #[test]
 fn rejects_trailing_slash() {
     for s in ["spiffe://example.org/", "spiffe://example.org/a/"] {
-        assert_eq!(err(s), SpiffeIdError::TrailingSlash { value: value(s) }, "{s}");
+        assert_eq!(
+            err(s),
+            SpiffeIdError::TrailingSlash { value: value(s) },
+            "{s}"
+        );
     }
 }
 
@@ -181,7 +206,10 @@ fn rejects_query() {
 #[test]
 fn rejects_fragment() {
     let s = "spiffe://example.org/a#frag";
-    assert_eq!(err(s), SpiffeIdError::FragmentNotAllowed { value: value(s) });
+    assert_eq!(
+        err(s),
+        SpiffeIdError::FragmentNotAllowed { value: value(s) }
+    );
 }
 
 /// An ID of exactly `len` bytes made of 100-byte path segments.
@@ -206,7 +234,10 @@ fn id_length_limit() {
 
 #[test]
 fn trust_domain_parse_forms() {
-    assert_eq!(TrustDomain::parse("example.org").unwrap().as_str(), "example.org");
+    assert_eq!(
+        TrustDomain::parse("example.org").unwrap().as_str(),
+        "example.org"
+    );
     assert_eq!(
         TrustDomain::parse("spiffe://example.org").unwrap().as_str(),
         "example.org"
@@ -265,7 +296,8 @@ fn trust_domain_strategy() -> impl Strategy<Value = String> {
 
 fn path_strategy() -> impl Strategy<Value = String> {
     let segment = "[a-zA-Z0-9._-]{1,20}".prop_filter("dot segment", |s| s != "." && s != "..");
-    prop::collection::vec(segment, 0..6).prop_map(|segs| segs.iter().map(|s| format!("/{s}")).collect())
+    prop::collection::vec(segment, 0..6)
+        .prop_map(|segs| segs.iter().map(|s| format!("/{s}")).collect())
 }
 
 proptest! {

@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey};
-use rcgen::KeyPair;
+use rcgen::{KeyPair, PublicKeyData};
 use serde_json::{Value, json};
 use sigil_spiffe::{
     Bundle, BundleSet, JwtAlgorithm, JwtAuthority, JwtSvidError, SpiffeId, SpiffeIdError,
@@ -59,9 +59,11 @@ impl Signer {
             "kty": "EC", "crv": "P-521", "x": b64(&raw[1..67]), "y": b64(&raw[67..]),
         }))
         .unwrap();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&aws_sig::ECDSA_P521_SHA512_FIXED_SIGNING, kp.serialized_der())
-                .unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &aws_sig::ECDSA_P521_SHA512_FIXED_SIGNING,
+            kp.serialized_der(),
+        )
+        .unwrap();
         Signer {
             key: Key::Es512(pair),
             jwk,
@@ -69,13 +71,19 @@ impl Signer {
     }
 
     fn ps256() -> Signer {
-        let kp = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        let kp =
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
         let spki_der = kp.subject_public_key_info();
         let (_, spki) = SubjectPublicKeyInfo::from_der(&spki_der).unwrap();
         let PublicKey::RSA(rsa) = spki.parsed().unwrap() else {
             panic!("not an RSA key")
         };
-        let strip = |b: &[u8]| b.iter().skip_while(|x| **x == 0).copied().collect::<Vec<u8>>();
+        let strip = |b: &[u8]| {
+            b.iter()
+                .skip_while(|x| **x == 0)
+                .copied()
+                .collect::<Vec<u8>>()
+        };
         let jwk = serde_json::from_value(json!({
             "kty": "RSA", "n": b64(&strip(rsa.modulus)), "e": b64(&strip(rsa.exponent)),
         }))
@@ -92,8 +100,13 @@ impl Signer {
             Key::Es512(pair) => b64(pair.sign(&SystemRandom::new(), message).unwrap().as_ref()),
             Key::Ps256(pair) => {
                 let mut sig = vec![0; pair.public_modulus_len()];
-                pair.sign(&aws_sig::RSA_PSS_SHA256, &SystemRandom::new(), message, &mut sig)
-                    .unwrap();
+                pair.sign(
+                    &aws_sig::RSA_PSS_SHA256,
+                    &SystemRandom::new(),
+                    message,
+                    &mut sig,
+                )
+                .unwrap();
                 b64(&sig)
             }
         }
@@ -138,12 +151,21 @@ fn aud(a: &[&str]) -> Vec<String> {
 /// Validates a token made of `header` and `claims` by a fresh ES256 key that the bundle trusts.
 fn validate(header: Value, claims: Value) -> Result<sigil_spiffe::JwtSvidClaims, JwtSvidError> {
     let s = Signer::es256();
-    validate_jwt_svid(&s.token(&header, &claims), &bundles(&s), &aud(&["svc"]), NOW)
+    validate_jwt_svid(
+        &s.token(&header, &claims),
+        &bundles(&s),
+        &aud(&["svc"]),
+        NOW,
+    )
 }
 
 /// A token whose parts are the given raw JSON texts and signature, unsigned.
 fn raw_token(header: &str, claims: &str, sig: &str) -> String {
-    format!("{}.{}.{sig}", b64(header.as_bytes()), b64(claims.as_bytes()))
+    format!(
+        "{}.{}.{sig}",
+        b64(header.as_bytes()),
+        b64(claims.as_bytes())
+    )
 }
 
 #[test]
@@ -160,11 +182,19 @@ fn valid_es256_token() {
 fn valid_variants() {
     // No typ, typ JOSE, a single-string aud, a fractional exp.
     validate(json!({"alg": "ES256", "kid": "k1"}), claims()).unwrap();
-    validate(json!({"alg": "ES256", "kid": "k1", "typ": "JOSE"}), claims()).unwrap();
+    validate(
+        json!({"alg": "ES256", "kid": "k1", "typ": "JOSE"}),
+        claims(),
+    )
+    .unwrap();
     let c = validate(header(), json!({"sub": SUB, "aud": "svc", "exp": NOW + 1})).unwrap();
     assert_eq!(c.audience, aud(&["svc"]));
     assert_eq!(c.issued_at, None);
-    let c = validate(header(), json!({"sub": SUB, "aud": "svc", "exp": (NOW as f64) + 1.5})).unwrap();
+    let c = validate(
+        header(),
+        json!({"sub": SUB, "aud": "svc", "exp": (NOW as f64) + 1.5}),
+    )
+    .unwrap();
     assert_eq!(c.expires_at, NOW + 1);
 }
 
@@ -192,7 +222,10 @@ fn valid_es512_and_ps256_tokens() {
 #[test]
 fn any_expected_audience_is_enough() {
     let s = Signer::es256();
-    let t = s.token(&header(), &json!({"sub": SUB, "aud": ["a", "b"], "exp": NOW + 5}));
+    let t = s.token(
+        &header(),
+        &json!({"sub": SUB, "aud": ["a", "b"], "exp": NOW + 5}),
+    );
     validate_jwt_svid(&t, &bundles(&s), &aud(&["x", "b"]), NOW).unwrap();
 }
 
@@ -241,10 +274,17 @@ fn rejects_bad_base64_and_json() {
     ));
     assert!(matches!(
         parse_jwt_svid_insecure(&raw_token(&header().to_string(), "[1]", "AA")),
-        Err(JwtSvidError::BadJson { part: "payload", .. })
+        Err(JwtSvidError::BadJson {
+            part: "payload",
+            ..
+        })
     ));
     assert!(matches!(
-        parse_jwt_svid_insecure(&raw_token(&header().to_string(), &claims().to_string(), "***")),
+        parse_jwt_svid_insecure(&raw_token(
+            &header().to_string(),
+            &claims().to_string(),
+            "***"
+        )),
         Err(JwtSvidError::BadBase64 {
             part: "signature",
             ..
@@ -292,7 +332,10 @@ fn rejects_missing_alg() {
 #[test]
 fn rejects_extra_header_member() {
     assert_eq!(
-        validate(json!({"alg": "ES256", "kid": "k1", "jku": "https://x"}), claims()),
+        validate(
+            json!({"alg": "ES256", "kid": "k1", "jku": "https://x"}),
+            claims()
+        ),
         Err(JwtSvidError::UnexpectedHeader { name: "jku".into() })
     );
 }
@@ -300,7 +343,10 @@ fn rejects_extra_header_member() {
 #[test]
 fn rejects_bad_typ() {
     assert_eq!(
-        validate(json!({"alg": "ES256", "kid": "k1", "typ": "at+jwt"}), claims()),
+        validate(
+            json!({"alg": "ES256", "kid": "k1", "typ": "at+jwt"}),
+            claims()
+        ),
         Err(JwtSvidError::BadTyp {
             typ: "at+jwt".into()
         })
@@ -454,7 +500,12 @@ fn rejects_tampered_payload() {
     let parts: Vec<&str> = t.split('.').collect();
     let mut c = claims();
     c["sub"] = json!("spiffe://example.org/admin");
-    let forged = format!("{}.{}.{}", parts[0], b64(c.to_string().as_bytes()), parts[2]);
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(c.to_string().as_bytes()),
+        parts[2]
+    );
     assert!(matches!(
         validate_jwt_svid(&forged, &bundles(&s), &aud(&["svc"]), NOW),
         Err(JwtSvidError::BadSignature { .. })

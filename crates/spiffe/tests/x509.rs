@@ -66,7 +66,10 @@ fn valid_chain_with_intermediate() {
     let leaf = mid.sign(&leaf_params(LEAF_ID));
     let bundles = bundles_for(&[("example.org", &root)]);
     let chain = [leaf.clone(), mid.cert.clone()];
-    assert_eq!(verify_x509_svid(&chain, &bundles, now()).unwrap(), id(LEAF_ID));
+    assert_eq!(
+        verify_x509_svid(&chain, &bundles, now()).unwrap(),
+        id(LEAF_ID)
+    );
     // Without the intermediate the leaf cannot reach the root.
     assert!(matches!(
         verify_x509_svid(&[leaf], &bundles, now()),
@@ -162,7 +165,10 @@ fn root_path_leaf_id() {
 fn leaf_is_ca() {
     let mut p = leaf_params(LEAF_ID);
     p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    assert_eq!(verify_leaf(p), Err(X509SvidError::LeafIsCa { id: id(LEAF_ID) }));
+    assert_eq!(
+        verify_leaf(p),
+        Err(X509SvidError::LeafIsCa { id: id(LEAF_ID) })
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Helpers shared by the CA integration tests: a manual clock, configs, CSRs, chain checks.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -69,7 +69,7 @@ impl ServerProcess {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        format!("server log ({}):\n{tail}", self.log.display())
+        format!("last lines of the server log:\n{tail}")
     }
 
     /// Polls the health check until it passes, the server exits, or the deadline passes.

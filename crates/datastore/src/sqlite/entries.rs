@@ -92,7 +92,8 @@ impl<'a> Encoded<'a> {
     }
 }
 
-const INSERT_ENTRY: &str = "INSERT INTO entries (spiffe_id, parent_id, selectors_key, x509_svid_ttl,
+const INSERT_ENTRY: &str =
+    "INSERT INTO entries (spiffe_id, parent_id, selectors_key, x509_svid_ttl,
         jwt_svid_ttl, dns_names, admin, downstream, federates_with, hint, expires_at, revision, id,
         created_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
@@ -266,8 +267,9 @@ fn read_selector(kind: String, value: String, entry: &Entry) -> Result<Selector,
 
 /// One entry by ID, with its selectors.
 fn fetch(conn: &Connection, id: &str) -> Result<Option<(i64, Entry)>, DataStoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.id = ?1"
+    ))?;
     let mut rows = stmt.query([id])?;
     let Some((seq, mut entry)) = rows.next()?.map(read_entry).transpose()? else {
         return Ok(None);
@@ -347,9 +349,9 @@ fn filter_sql(filter: &EntryFilter) -> (String, Vec<Value>) {
                 set.len()
             ));
         }
-        (SelectorMatch::Subset, true) => {
-            sql.push_str(" AND NOT EXISTS (SELECT 1 FROM entry_selectors s WHERE s.entry_seq = e.seq)")
-        }
+        (SelectorMatch::Subset, true) => sql.push_str(
+            " AND NOT EXISTS (SELECT 1 FROM entry_selectors s WHERE s.entry_seq = e.seq)",
+        ),
         (SelectorMatch::Subset, false) => {
             // Candidates share a selector with the filter (found through the (kind, value) index; stored
             // entries are never empty); then none of theirs may fall outside it.
@@ -500,8 +502,8 @@ pub(super) fn update(
     entry.revision = revision + 1;
     entry.created_at = created_at;
     let enc = Encoded::new(&entry)?;
-    if let Some(existing_id) = find_equal(&tx, enc.spiffe_id, enc.parent_id, &enc.key)?
-        .filter(|other| *other != entry.id)
+    if let Some(existing_id) =
+        find_equal(&tx, enc.spiffe_id, enc.parent_id, &enc.key)?.filter(|other| *other != entry.id)
     {
         return Err(DataStoreError::AlreadyExists {
             index: 0,
@@ -514,7 +516,11 @@ pub(super) fn update(
     tx.prepare_cached(UPDATE_ENTRY)?.execute(&params[..])?;
     tx.prepare_cached("DELETE FROM entry_selectors WHERE entry_seq = ?1")?
         .execute([seq])?;
-    insert_selectors(&mut tx.prepare_cached(INSERT_SELECTOR)?, seq, &entry.selectors)?;
+    insert_selectors(
+        &mut *tx.prepare_cached(INSERT_SELECTOR)?,
+        seq,
+        &entry.selectors,
+    )?;
     drop(params);
     tx.commit()?;
     Ok(entry)

@@ -92,7 +92,11 @@ pub(super) fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), 
         // The version lives in the database header, which commits (or not) with the step itself.
         tx.pragma_update(None, "user_version", found + 1)?;
         tx.commit()?;
-        tracing::info!(from = found, to = found + 1, "applied datastore schema migration");
+        tracing::info!(
+            from = found,
+            to = found + 1,
+            "applied datastore schema migration"
+        );
     }
 }
 
@@ -123,7 +127,13 @@ mod tests {
         assert_eq!(rows, 1, "v2 ran exactly once");
         let err = migrate(&mut conn, &[v1]).unwrap_err();
         assert!(
-            matches!(err, DataStoreError::SchemaTooNew { found: 2, supported: 1 }),
+            matches!(
+                err,
+                DataStoreError::SchemaTooNew {
+                    found: 2,
+                    supported: 1
+                }
+            ),
             "{err}"
         );
     }

@@ -15,7 +15,11 @@ fn not_found(kind: &'static str, id: impl ToString) -> DataStoreError {
     }
 }
 
-fn require_changed(changed: usize, kind: &'static str, id: impl ToString) -> Result<(), DataStoreError> {
+fn require_changed(
+    changed: usize,
+    kind: &'static str,
+    id: impl ToString,
+) -> Result<(), DataStoreError> {
     if changed == 0 {
         Err(not_found(kind, id))
     } else {
@@ -60,12 +64,11 @@ fn read_agent(row: &Row<'_>) -> Result<AttestedAgent, DataStoreError> {
         value: id.clone(),
     })?;
     let selectors: String = row.get(5)?;
-    let selectors = serde_json::from_str::<Vec<Selector>>(&selectors).map_err(|_| {
-        DataStoreError::Corrupt {
+    let selectors =
+        serde_json::from_str::<Vec<Selector>>(&selectors).map_err(|_| DataStoreError::Corrupt {
             what: format!("selectors of agent {id}"),
             value: selectors,
-        }
-    })?;
+        })?;
     Ok(AttestedAgent {
         spiffe_id,
         attestation_type: row.get(1)?,
@@ -81,8 +84,9 @@ pub(super) fn get_agent(
     conn: &Connection,
     id: &SpiffeId,
 ) -> Result<Option<AttestedAgent>, DataStoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = ?1"
+    ))?;
     let mut rows = stmt.query([id.as_str()])?;
     rows.next()?.map(read_agent).transpose()
 }
@@ -141,7 +145,10 @@ pub(super) fn delete_agent(conn: &Connection, id: &SpiffeId) -> Result<(), DataS
     require_changed(changed, "agent", id)
 }
 
-pub(super) fn create_join_token(conn: &Connection, token: &JoinToken) -> Result<(), DataStoreError> {
+pub(super) fn create_join_token(
+    conn: &Connection,
+    token: &JoinToken,
+) -> Result<(), DataStoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO join_tokens (token, expires_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
@@ -184,7 +191,10 @@ pub(super) fn consume_join_token(
     Ok(outcome)
 }
 
-pub(super) fn prune_join_tokens(conn: &Connection, expired_before: i64) -> Result<u64, DataStoreError> {
+pub(super) fn prune_join_tokens(
+    conn: &Connection,
+    expired_before: i64,
+) -> Result<u64, DataStoreError> {
     let deleted = conn
         .prepare_cached("DELETE FROM join_tokens WHERE expires_at < ?1")?
         .execute([expired_before])?;
@@ -218,8 +228,9 @@ pub(super) fn get_bundle(
     conn: &Connection,
     td: &TrustDomain,
 ) -> Result<Option<StoredBundle>, DataStoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT trust_domain, json, sequence FROM bundles WHERE trust_domain = ?1")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT trust_domain, json, sequence FROM bundles WHERE trust_domain = ?1",
+    )?;
     let mut rows = stmt.query([td.as_str()])?;
     rows.next()?.map(read_bundle).transpose()
 }

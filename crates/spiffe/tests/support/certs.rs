@@ -58,7 +58,8 @@ pub fn add_uri(p: &mut CertificateParams, s: &str) {
 pub fn non_critical_key_usage(p: &mut CertificateParams) {
     p.key_usages.clear();
     // BIT STRING, 7 unused bits, bit 0 (digitalSignature) set.
-    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
+    let mut ext =
+        rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
     ext.set_criticality(false);
     p.custom_extensions.push(ext);
 }
