@@ -71,10 +71,10 @@ fn random_kid() -> String {
 }
 
 impl JwtKey {
-    fn new(kid: String, file: String, key: &KeyPair) -> Result<JwtKey, CaError> {
+    fn new(kid: String, file: String, key: &KeyPair, key_dir: &Path) -> Result<JwtKey, CaError> {
         let point = key.public_key_raw();
         let bad = |reason: &str| CaError::KeyFile {
-            path: file.clone().into(),
+            path: key_dir.join(&file),
             reason: format!("JWT key {kid}: {reason}"),
         };
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 || point.len() != 65 || point[0] != 4 {
@@ -165,7 +165,7 @@ impl Authority {
         let jwt_key = generate(KeyType::EcP256)?;
         let key_file = keyfile::new_key_name("x509-ca");
         let jwt_file = keyfile::new_key_name("jwt");
-        let jwt = JwtKey::new(random_kid(), jwt_file.clone(), &jwt_key)?;
+        let jwt = JwtKey::new(random_kid(), jwt_file.clone(), &jwt_key, key_dir)?;
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::Issue {
             what: what.clone(),
             reason: format!("cannot use the new certificate as issuer: {e}"),
@@ -252,6 +252,7 @@ impl Authority {
             entry.jwt_key_id.clone(),
             entry.jwt_key_file.clone(),
             &jwt_key,
+            key_dir,
         )?;
         if STANDARD.encode(&jwt.public_point) != entry.jwt_public_key {
             return Err(CaError::KeyMismatch {

@@ -31,7 +31,10 @@ pub fn ds_status(e: DataStoreError) -> Status {
         DataStoreError::NotFound { .. } => Status::not_found(e.to_string()),
         DataStoreError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         DataStoreError::RevisionMismatch { .. } => Status::failed_precondition(e.to_string()),
-        DataStoreError::BadPageToken { .. } => Status::invalid_argument(e.to_string()),
+        DataStoreError::BadPageToken { .. } | DataStoreError::InvalidEntry { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        DataStoreError::JoinTokenExists { .. } => Status::already_exists(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
@@ -520,11 +523,14 @@ impl pb::join_tokens_server::JoinTokens for Admin {
             state.ds.create_join_token(&jt).map_err(ds_status)?;
             match node_id {
                 Some(id) => {
+                    // SPIRE's node alias for a token: selected by the agent's own ID.
+                    let alias = sigil_datastore::Selector::new("spiffe_id", agent_id.as_str())
+                        .map_err(|e| Status::internal(e.to_string()))?;
                     let e = sigil_datastore::Entry {
                         id: String::new(),
                         spiffe_id: id,
                         parent_id: agent_id,
-                        selectors: vec![],
+                        selectors: vec![alias],
                         x509_svid_ttl: 0,
                         jwt_svid_ttl: 0,
                         dns_names: vec![],

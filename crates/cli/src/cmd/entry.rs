@@ -87,12 +87,12 @@ impl EntryFields {
         if !self.selector.is_empty() {
             e.selectors = self.selector;
         }
-        // 0 on the command line means "back to the server default", which the API spells as unset.
+        // An explicit 0 is sent as given: the server refuses it, naming the field (omit the flag for the default).
         if let Some(v) = self.x509_svid_ttl {
-            e.x509_svid_ttl = (v != 0).then_some(v);
+            e.x509_svid_ttl = Some(v);
         }
         if let Some(v) = self.jwt_svid_ttl {
-            e.jwt_svid_ttl = (v != 0).then_some(v);
+            e.jwt_svid_ttl = Some(v);
         }
         if !self.dns.is_empty() {
             e.dns_names = self.dns;
