@@ -24,3 +24,11 @@ pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
         .await
         .with_context(|| format!("cannot connect to the admin socket {shown}"))
 }
+
+/// Now in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -25,6 +25,16 @@ impl AdminSocket {
 
 /// Opens a gRPC channel over the Unix socket at `socket`, failing at once if nothing listens there.
 pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    dial(socket).await.map_err(|cause| {
+        anyhow::anyhow!(
+            "cannot connect to the admin socket {}: {cause} (is the server running? start it with `sigil server run`)",
+            socket.display(),
+        )
+    })
+}
+
+/// Opens a gRPC channel over a Unix socket; the error is the innermost cause, for the caller to word.
+pub async fn dial(socket: &Path) -> Result<Channel, String> {
     let path = socket.to_path_buf();
     // The URI only satisfies tonic's builder: the connector below dials the socket whatever it says.
     let endpoint = Endpoint::from_static("http://[::]:50051");
@@ -34,13 +44,7 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to the admin socket {}: {} (is the server running? start it with `sigil server run`)",
-                socket.display(),
-                root_cause(&e)
-            )
-        })
+        .map_err(|e| root_cause(&e))
 }
 
 /// The innermost error: tonic's own layers only say "transport error".

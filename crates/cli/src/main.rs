@@ -1,9 +1,11 @@
-//! `sigil`: runs sigil-server and administers it over its admin API (a gRPC Unix socket).
+//! `sigil`: runs sigil-server and sigil-agent, administers the server over its admin API (a gRPC Unix
+//! socket), and calls the agent's Workload API as a workload would.
 
 mod client;
 mod cmd;
 mod output;
 mod parse;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -14,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "sigil",
     version,
-    about = "SPIFFE workload identity: server and administration"
+    about = "SPIFFE workload identity: server, agent and administration"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,7 +34,7 @@ enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(cmd::token::TokenCommand),
-    /// Manage attested agents.
+    /// Run sigil-agent, check it, call its Workload API; manage attested agents.
     #[command(subcommand)]
     Agent(cmd::agent::AgentCommand),
     /// Show the trust bundle and manage federated bundles.
@@ -47,7 +49,7 @@ enum Command {
     /// Move the server to another trust domain.
     #[command(subcommand)]
     TrustDomain(cmd::trust_domain::TrustDomainCommand),
-    /// Start a throwaway server, mint an X.509-SVID and a JWT-SVID from it, and show them.
+    /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
     Demo(cmd::demo::DemoArgs),
 }
 
@@ -78,7 +80,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Server(c) => return cmd::server::run(c).await,
         Command::Entry(c) => cmd::entry::run(c).await?,
         Command::Token(c) => cmd::token::run(c).await?,
-        Command::Agent(c) => cmd::agent::run(c).await?,
+        Command::Agent(c) => return cmd::agent::run(c).await,
         Command::Bundle(c) => cmd::bundle::run(c).await?,
         Command::X509(c) => cmd::svid::run_x509(c).await?,
         Command::Jwt(c) => cmd::svid::run_jwt(c).await?,

@@ -240,3 +240,27 @@ impl DataStore for SqliteStore {
         records::set_meta(&self.write(), key, value)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pragma(conn: &Connection, name: &str) -> i64 {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn connections_are_durable_and_the_reader_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ds.sqlite")).unwrap();
+        for conn in [store.write(), store.read()] {
+            assert_eq!(pragma(&conn, "synchronous"), 2, "FULL");
+            assert_eq!(pragma(&conn, "foreign_keys"), 1);
+            assert_eq!(pragma(&conn, "busy_timeout"), 5000);
+        }
+        assert!(store.read().execute("DELETE FROM meta", []).is_err());
+        assert!(store.write().execute("DELETE FROM meta", []).is_ok());
+    }
+}

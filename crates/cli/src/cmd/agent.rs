@@ -1,4 +1,10 @@
-//! `sigil agent list|show|evict|ban`.
+//! `sigil agent run|healthcheck|api` (the node agent and its Workload API) and `sigil agent
+//! list|show|evict|ban` (agents as the server sees them).
+
+pub mod api;
+
+use std::process::ExitCode;
+use std::time::Duration;
 
 use sigil_proto::admin::v1::agents_client::AgentsClient;
 use sigil_proto::admin::v1::{
@@ -7,10 +13,18 @@ use sigil_proto::admin::v1::{
 
 use crate::client::{self, AdminSocket};
 use crate::output::{self, AgentJson, Format, OutputArg};
+use crate::workload::{self, WorkloadSocket};
 
 /// `sigil agent ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum AgentCommand {
+    /// Run sigil-agent (node attestation, SVIDs, Workload API, Delegated Identity API).
+    Run(Box<sigil_agent::AgentRunArgs>),
+    /// Check that the agent answers on its Workload API socket.
+    Healthcheck(HealthcheckArgs),
+    /// Call the Workload API as this process (fetch SVIDs and bundles, validate a JWT-SVID).
+    #[command(subcommand)]
+    Api(api::ApiCommand),
     /// List attested agents.
     List(ListArgs),
     /// Show one attested agent.
@@ -19,6 +33,19 @@ pub enum AgentCommand {
     Evict(AgentArgs),
     /// Ban an agent: its SVID stops working and it cannot attest again with the same identity.
     Ban(AgentArgs),
+}
+
+/// Flags of `sigil agent healthcheck`.
+#[derive(Debug, clap::Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    socket: WorkloadSocket,
+    /// Only check that the socket accepts connections, without calling the API.
+    #[arg(long)]
+    shallow: bool,
+    /// How long to wait for the agent's answer (it may first wait for its initial entry sync).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 /// Flags of `sigil agent list`.
@@ -49,8 +76,23 @@ pub struct AgentArgs {
 }
 
 /// Runs an `agent` subcommand.
-pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AgentCommand::Run(args) => sigil_agent::run(*args).await?,
+        AgentCommand::Healthcheck(a) => {
+            let socket = a.socket.resolve()?;
+            return match workload::health(&socket, a.shallow, a.timeout).await {
+                Ok(()) => {
+                    println!("Agent is healthy.");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("Agent is unhealthy: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            };
+        }
+        AgentCommand::Api(c) => api::run(c).await?,
         AgentCommand::List(a) => {
             let mut agents = AgentsClient::new(a.admin.connect().await?);
             let resp = client::reply(
@@ -118,7 +160,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             done(a.output.output, "banned", &a.spiffe_id)?;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn done(format: Format, what: &str, id: &str) -> anyhow::Result<()> {

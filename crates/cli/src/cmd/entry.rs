@@ -49,14 +49,16 @@ pub struct EntryFields {
     /// Selector as type:value (repeat for several; all must match).
     #[arg(long, value_name = "TYPE:VALUE", value_parser = parse::selector)]
     selector: Vec<Selector>,
-    /// X.509-SVID lifetime in seconds (0 = the server default).
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(0..))]
+    // Numbers are passed on as given, negative ones too, so that the server's refusal names the field
+    // and the value (it owns the rules); clap would otherwise take `-5` for a flag.
+    /// X.509-SVID lifetime in seconds (omit it for the server default).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     x509_svid_ttl: Option<i32>,
-    /// JWT-SVID lifetime in seconds (0 = the server default).
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(0..))]
+    /// JWT-SVID lifetime in seconds (omit it for the server default).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     jwt_svid_ttl: Option<i32>,
     /// DNS name to put in X.509-SVIDs (repeatable).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     dns: Vec<String>,
     /// Trust domain whose bundle the workload also receives (repeatable).
     #[arg(long)]
@@ -71,7 +73,7 @@ pub struct EntryFields {
     #[arg(long)]
     hint: Option<String>,
     /// Unix time after which the entry no longer applies (0 = never).
-    #[arg(long, value_name = "UNIX", value_parser = clap::value_parser!(i64).range(0..))]
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
     entry_expiry: Option<i64>,
 }
 

@@ -150,7 +150,8 @@ pub fn write_files(dir: &Path, m: &MintedX509) -> anyhow::Result<WrittenFiles> {
     Ok(files)
 }
 
-fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+/// Writes `text` to `path` with `mode`, also when the file existed with another mode.
+pub fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     // Created with its final mode so a key is never readable by others, not even briefly.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -166,41 +167,75 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// What a person checks in a certificate.
+#[derive(Debug, serde::Serialize)]
+pub struct CertInfo {
+    /// Subject DN.
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// Serial number, hex bytes separated by ':'.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// RFC 3339 of `not_after`.
+    pub not_after_rfc3339: Option<String>,
+    /// URI SANs (a SPIFFE ID for an SVID).
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns: Vec<String>,
+}
+
+/// Parses one DER certificate; `index` only names it in the error.
+pub fn cert_info(index: usize, der: &[u8]) -> anyhow::Result<CertInfo> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("certificate {index} of the chain does not parse: {e}"))?;
+    let not_after = cert.validity().not_after.timestamp();
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(u) => uris.push(u.to_string()),
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: cert.raw_serial_as_string(),
+        not_after,
+        not_after_rfc3339: output::rfc3339(not_after),
+        uris,
+        dns,
+    })
+}
+
 /// Subject, issuer, serial, not-after and URI SANs of every certificate in a chain.
 pub fn describe_chain(chain: &[Vec<u8>]) -> anyhow::Result<String> {
     let mut s = String::new();
     for (i, der) in chain.iter().enumerate() {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| anyhow::anyhow!("certificate {i} of the chain does not parse: {e}"))?;
-        let not_after = cert.validity().not_after.timestamp();
-        let mut uris = Vec::new();
-        let mut dns = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for name in &san.value.general_names {
-                match name {
-                    GeneralName::URI(u) => uris.push(u.to_string()),
-                    GeneralName::DNSName(d) => dns.push(d.to_string()),
-                    _ => {}
-                }
-            }
-        }
-        let _ = writeln!(s, "  [{i}] Subject   : {}", cert.subject());
-        let _ = writeln!(s, "      Issuer    : {}", cert.issuer());
-        let _ = writeln!(s, "      Serial    : {}", cert.raw_serial_as_string());
+        let c = cert_info(i, der)?;
+        let _ = writeln!(s, "  [{i}] Subject   : {}", c.subject);
+        let _ = writeln!(s, "      Issuer    : {}", c.issuer);
+        let _ = writeln!(s, "      Serial    : {}", c.serial);
         let _ = writeln!(
             s,
             "      Not after : {}",
-            output::rfc3339(not_after).unwrap_or_else(|| not_after.to_string())
+            c.not_after_rfc3339
+                .clone()
+                .unwrap_or_else(|| c.not_after.to_string())
         );
-        let none = || "-".to_string();
-        let uri_text = if uris.is_empty() {
-            none()
+        let uri_text = if c.uris.is_empty() {
+            "-".to_string()
         } else {
-            uris.join(", ")
+            c.uris.join(", ")
         };
         let _ = writeln!(s, "      URI SAN   : {uri_text}");
-        if !dns.is_empty() {
-            let _ = writeln!(s, "      DNS SAN   : {}", dns.join(", "));
+        if !c.dns.is_empty() {
+            let _ = writeln!(s, "      DNS SAN   : {}", c.dns.join(", "));
         }
     }
     Ok(s)

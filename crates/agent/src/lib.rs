@@ -1,0 +1,170 @@
+//! sigil-agent: attests the node to sigil-server, keeps the entries authorized for it, mints and rotates
+//! workload SVIDs (keys made here, only CSRs sent), and serves the SPIFFE Workload API (public socket) and
+//! SPIRE's Delegated Identity API (admin socket).
+
+pub mod cache;
+pub mod config;
+pub mod manager;
+pub mod node;
+pub mod workload;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use sigil_attestor::{UnixAttestor, WorkloadAttestor};
+use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+pub use config::{AgentConfig, AgentRunArgs};
+
+/// Now in Unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn init_logging(config: &AgentConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log_level.clone()));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.log_json {
+        b.json().try_init()
+    } else {
+        b.with_ansi(false).try_init()
+    };
+}
+
+/// Binds a Unix socket after creating its directory with `dir_mode` and replacing a stale socket file.
+pub fn bind_socket(
+    path: &Path,
+    dir_mode: u32,
+    sock_mode: u32,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no directory", path.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(dir_mode)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use by a running agent", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode))?;
+    Ok(l)
+}
+
+/// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
+pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
+    let config = AgentConfig::from_args(&args)?;
+    init_logging(&config);
+    let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
+    serve(config, attestor).await
+}
+
+/// Starts the agent with the given workload attestor and serves until a signal or a fatal condition.
+pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> anyhow::Result<()> {
+    let bundles = Arc::new(arc_swap::ArcSwap::from_pointee(
+        sigil_spiffe::bundle::BundleSet::new(),
+    ));
+    let cache = cache::Cache::new(config.trust_domain.clone(), bundles, config.svid_cache_max);
+    let public = bind_socket(&config.socket_path, 0o755, 0o777).context("socket_path")?;
+    let admin_listener =
+        bind_socket(&config.admin_socket_path, 0o700, 0o600).context("admin_socket_path")?;
+    let manager = manager::Manager::start(config.clone(), cache.clone()).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(manager.clone().run_sync());
+    tasks.spawn(manager.clone().run_minter());
+    tasks.spawn(manager.clone().run_renewal());
+
+    let workload = workload::WorkloadApi::new(manager.clone(), attestor.clone());
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut s1 = stop_rx.clone();
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(workload))
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(sigil_attestor::accept_stream(public), async move {
+                let _ = s1.wait_for(|s| *s).await;
+            })
+            .await
+            .context("Workload API")
+    });
+    let mut s2 = stop_rx.clone();
+    let delegated = delegated::DelegatedApi::new(manager.clone(), attestor.clone());
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(delegated.into_server())
+            .serve_with_incoming_shutdown(
+                sigil_attestor::accept_stream(admin_listener),
+                async move {
+                    let _ = s2.wait_for(|s| *s).await;
+                },
+            )
+            .await
+            .context("admin API")
+    });
+    tracing::info!(
+        socket = %config.socket_path.display(),
+        admin_socket = %config.admin_socket_path.display(),
+        "sigil-agent ready"
+    );
+    let mut fatal = manager.fatal.subscribe();
+    let outcome = tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        r = fatal.wait_for(|f| f.is_some()) => {
+            let msg = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
+            Err(anyhow::anyhow!("sigil-agent stopping: {msg}"))
+        }
+        Some(r) = tasks.join_next() => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("an agent task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("an agent task failed: {e}")),
+        },
+    };
+    let _ = stop_tx.send(true);
+    tasks.abort_all();
+    let _ = std::fs::remove_file(&config.socket_path);
+    let _ = std::fs::remove_file(&config.admin_socket_path);
+    outcome
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}
+
+pub mod delegated;

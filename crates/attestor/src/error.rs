@@ -1,0 +1,50 @@
+//! The crate's one error type; every variant names the process and the operation or file at fault.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why a peer could not be identified or attested.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// `getsockopt(SO_PEERCRED)` failed (e.g. the socket is not a connected Unix socket).
+    #[error("reading the peer credentials (SO_PEERCRED) of a Unix socket: {source}")]
+    PeerCred { source: io::Error },
+    /// The peer has no PID visible in this PID namespace (SO_PEERCRED reported pid 0).
+    #[error("the peer's pid is {pid}: it is not visible in this PID namespace")]
+    PidNotVisible { pid: i32 },
+    /// `getsockopt(SO_PEERPIDFD)` failed for a reason other than the kernel not supporting it.
+    #[error("pid {pid}: getting a pidfd for the socket peer (SO_PEERPIDFD): {source}")]
+    PeerPidfd { pid: i32, source: io::Error },
+    /// `pidfd_open(pid)` failed (for a PID that does not exist: "No such process").
+    #[error("pid {pid}: pidfd_open: {source}")]
+    PidfdOpen { pid: i32, source: io::Error },
+    /// A PID given by a caller is not a positive number.
+    #[error("pid {pid}: not a valid process id (must be > 0)")]
+    InvalidPid { pid: i32 },
+    /// The kernel gave no pidfd for the peer, so its `/proc` entries cannot be tied to it.
+    #[error(
+        "pid {pid}: no pidfd for the process (the kernel lacks pidfd support, Linux >= 5.3), so it cannot be attested without a PID-reuse race"
+    )]
+    NoPidfd { pid: i32 },
+    /// The process exited before attestation finished; its PID may already belong to another process.
+    #[error(
+        "pid {pid}: the process exited before attestation finished (its pid may now belong to another process)"
+    )]
+    ProcessExited { pid: i32 },
+    /// Opening, reading or resolving a file under `/proc/<pid>` failed.
+    #[error("pid {pid}: {op} {}: {source}", path.display())]
+    Proc {
+        pid: i32,
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A `/proc/<pid>` file did not have the expected format.
+    #[error("pid {pid}: {}: cannot parse {field} from {line:?}", path.display())]
+    ProcParse {
+        pid: i32,
+        path: PathBuf,
+        field: &'static str,
+        line: String,
+    },
+}

@@ -1,0 +1,187 @@
+//! `PeerIdentity`: the kernel's account of the process at the other end of a Unix socket, with a pidfd that
+//! keeps referring to that process even after its PID is reused.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::kill;
+use nix::sys::socket::getsockopt;
+use nix::sys::socket::sockopt::{PeerCredentials, PeerPidfd};
+use nix::unistd::Pid;
+
+use crate::AttestError;
+use crate::proc::ProcDir;
+
+/// What the kernel says about the process at the other end of a Unix socket, captured at accept time.
+#[derive(Debug)]
+pub struct PeerIdentity {
+    /// The peer's PID in this PID namespace (as of connect time; the number may since have been reused).
+    pub pid: i32,
+    /// The peer's effective uid when it connected (SO_PEERCRED), or from `/proc` for [`Self::from_pid`].
+    pub uid: u32,
+    /// The peer's effective gid when it connected (SO_PEERCRED), or from `/proc` for [`Self::from_pid`].
+    pub gid: u32,
+    /// A pidfd for the peer process; `None` only on kernels without pidfds (before Linux 5.3).
+    pidfd: Option<OwnedFd>,
+}
+
+impl PeerIdentity {
+    /// Reads the peer's credentials and a pidfd for it from a connected Unix socket.
+    ///
+    /// SO_PEERPIDFD (Linux >= 6.5) yields a pidfd for exactly the process that connected. On older kernels this
+    /// falls back to `pidfd_open(pid)`, which races with PID reuse between `connect` and this call: a small
+    /// window, but one the newer kernel closes.
+    pub fn from_unix_stream(s: &tokio::net::UnixStream) -> Result<Self, AttestError> {
+        let cred = getsockopt(s, PeerCredentials)
+            .map_err(|e| AttestError::PeerCred { source: e.into() })?;
+        let pid = cred.pid();
+        let pidfd = match getsockopt(s, PeerPidfd) {
+            Ok(fd) => Some(fd),
+            // Kernels before 6.5 do not know the option.
+            Err(Errno::ENOPROTOOPT) => {
+                if pid <= 0 {
+                    return Err(AttestError::PidNotVisible { pid });
+                }
+                match pidfd_open(pid) {
+                    Ok(fd) => Some(fd),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        return Err(AttestError::ProcessExited { pid });
+                    }
+                    Err(source) => return Err(AttestError::PidfdOpen { pid, source }),
+                }
+            }
+            Err(Errno::ESRCH) => return Err(AttestError::ProcessExited { pid }),
+            Err(e) => {
+                return Err(AttestError::PeerPidfd {
+                    pid,
+                    source: e.into(),
+                });
+            }
+        };
+        if pid <= 0 {
+            // A peer in another PID namespace has no number here, so its /proc entry cannot be found.
+            return Err(AttestError::PidNotVisible { pid });
+        }
+        Ok(PeerIdentity {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pidfd,
+        })
+    }
+
+    /// Identifies a process by PID (the Delegated Identity API's "by PID"): a pidfd from `pidfd_open`, and the
+    /// effective uid and gid from `/proc/<pid>/status`, read while the pidfd shows the process alive.
+    ///
+    /// Which process the number names is the caller's claim; from here on this identity stays tied to it.
+    pub fn from_pid(pid: i32) -> Result<Self, AttestError> {
+        if pid <= 0 {
+            return Err(AttestError::InvalidPid { pid });
+        }
+        let pidfd = pidfd_open(pid).map_err(|source| AttestError::PidfdOpen { pid, source })?;
+        let identity = PeerIdentity {
+            pid,
+            uid: 0,
+            gid: 0,
+            pidfd: Some(pidfd),
+        };
+        // The same open-then-check-alive order as attestation: see `UnixAttestor::attest`.
+        let status = ProcDir::open(Path::new("/proc"), pid)
+            .and_then(|dir| identity.ensure_alive().map(|()| dir))
+            .and_then(|dir| dir.status());
+        identity.ensure_alive()?;
+        let status = status?;
+        Ok(PeerIdentity {
+            uid: status.uids[1],
+            gid: status.gids[1],
+            ..identity
+        })
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    ///
+    /// With a pidfd this is exact: the pidfd polls readable once the process has exited. Without one (old
+    /// kernels) it is `kill(pid, 0)`, which cannot tell the process from a later one with the same PID.
+    pub fn is_alive(&self) -> bool {
+        let Some(pidfd) = &self.pidfd else {
+            return self.pid > 0 && kill(Pid::from_raw(self.pid), None).is_ok();
+        };
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Ok(0) => return true,
+                // POLLIN: exited; POLLHUP (Linux >= 6.9): reaped; either way gone.
+                Ok(_) => return false,
+                Err(Errno::EINTR) => continue,
+                // Poll on a valid fd does not fail otherwise; if it does, do not vouch for the process.
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// The pidfd for the peer process, if the kernel provided one.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// `Ok` if the process is alive, else [`AttestError::ProcessExited`].
+    pub(crate) fn ensure_alive(&self) -> Result<(), AttestError> {
+        if self.is_alive() {
+            Ok(())
+        } else {
+            Err(AttestError::ProcessExited { pid: self.pid })
+        }
+    }
+}
+
+/// `pidfd_open(2)`, which nix does not wrap.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers by value and returns a new fd or -1; no memory is shared.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw =
+        RawFd::try_from(ret).map_err(|_| io::Error::other(format!("pidfd_open returned {ret}")))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_pid_reads_own_process() {
+        let me = PeerIdentity::from_pid(std::process::id() as i32).unwrap();
+        assert_eq!(me.pid, std::process::id() as i32);
+        assert_eq!(me.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(me.gid, nix::unistd::getegid().as_raw());
+        assert!(me.is_alive());
+        assert!(me.pidfd().is_some());
+    }
+
+    #[test]
+    fn from_pid_rejects_bad_and_unknown_pids() {
+        for pid in [0, -5] {
+            assert!(matches!(
+                PeerIdentity::from_pid(pid),
+                Err(AttestError::InvalidPid { pid: p }) if p == pid
+            ));
+        }
+        // Above the kernel's PID_MAX_LIMIT (4194304), so no process can have it.
+        let err = PeerIdentity::from_pid(i32::MAX).unwrap_err();
+        assert!(
+            matches!(&err, AttestError::PidfdOpen { pid, source } if *pid == i32::MAX && source.raw_os_error() == Some(libc::ESRCH)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&i32::MAX.to_string()), "{err}");
+    }
+}

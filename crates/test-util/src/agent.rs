@@ -1,0 +1,167 @@
+//! Launches the real `sigil agent run` against a test server and waits until its sockets answer.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::process::{ServerProcess, sigil_bin};
+
+/// A running `sigil agent run`; killed (SIGKILL) on drop.
+pub struct AgentProcess {
+    /// The child process.
+    pub child: Option<Child>,
+    /// Temporary root (data dir, sockets, log).
+    pub root: tempfile::TempDir,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// Log file.
+    pub log: PathBuf,
+    /// Flags it runs with (besides the sockets and data dir).
+    pub args: Vec<String>,
+}
+
+impl AgentProcess {
+    /// Writes the server's bundle, makes a join token, and starts an agent with `extra` flags.
+    pub fn start(server: &ServerProcess, extra: &[&str]) -> anyhow::Result<Self> {
+        let root = tempfile::tempdir()?;
+        let bundle = root.path().join("bundle.pem");
+        let out = server.cli(&["bundle", "show"])?;
+        if !out.status.success() {
+            bail!(
+                "bundle show failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(&bundle, &out.stdout)?;
+        let out = server.cli(&["token", "generate"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Token: "))
+            .with_context(|| format!("no token in {text:?}"))?
+            .trim()
+            .to_string();
+        let mut args = vec![
+            "--server-address".to_string(),
+            server.addr(),
+            "--trust-bundle".into(),
+            bundle.display().to_string(),
+            "--join-token".into(),
+            token,
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = AgentProcess {
+            child: None,
+            data_dir: root.path().join("data"),
+            socket: root.path().join("public").join("api.sock"),
+            admin_socket: root.path().join("private").join("admin.sock"),
+            log: root.path().join("agent.log"),
+            args,
+            root,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// The agent's SPIFFE ID (join-token form), read from its flags.
+    pub fn token(&self) -> Option<&str> {
+        let i = self.args.iter().position(|a| a == "--join-token")?;
+        self.args.get(i + 1).map(String::as_str)
+    }
+
+    /// (Re)starts the process with the same data dir and sockets; waits until the Workload API socket accepts.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let offset = self.log_text().len();
+        let child = Command::new(sigil_bin())
+            .args(["agent", "run"])
+            .args(&self.args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .arg("--admin-socket-path")
+            .arg(&self.admin_socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start sigil agent run")?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("agent exited with {status}; log:\n{}", self.log_text());
+            }
+            if self
+                .log_text()
+                .get(offset..)
+                .is_some_and(|t| t.contains("sigil-agent ready"))
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("agent not ready after 30 s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `unix://` endpoint of the Workload API.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// `unix://` endpoint of the admin socket.
+    pub fn admin_endpoint(&self) -> String {
+        format!("unix://{}", self.admin_socket.display())
+    }
+
+    /// Kills with SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit on its own (bounded); returns its log.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                self.child = None;
+                return Ok(status);
+            }
+            if start.elapsed() > limit {
+                bail!("agent still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,424 @@
+//! sigil-agent end to end: real server and agent processes, with clients nobody here wrote — the `spiffe`
+//! crate's WorkloadApiClient and the `spire-api` crate's DelegatedIdentityClient — plus raw gRPC for the
+//! error cases those clients would refuse to send.
+
+use std::time::{Duration, Instant};
+
+use sigil_proto::workload as wpb;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_test_util::{AgentProcess, ServerProcess};
+use spiffe::WorkloadApiClient;
+
+const TD: &str = "identity.example.com";
+
+fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+fn entry(server: &ServerProcess, spiffe: &str, parent: &str, selector: &str, extra: &[&str]) {
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe,
+        "--parent-id",
+        parent,
+        "--selector",
+        selector,
+    ];
+    args.extend_from_slice(extra);
+    let out = server.cli(&args).expect("cli");
+    assert!(
+        out.status.success(),
+        "entry create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn agent_id(agent: &AgentProcess) -> String {
+    format!(
+        "spiffe://{TD}/sigil/agent/join_token/{}",
+        agent.token().expect("token")
+    )
+}
+
+async fn raw_client(
+    agent: &AgentProcess,
+) -> anyhow::Result<SpiffeWorkloadApiClient<tonic::transport::Channel>> {
+    let ch = sigil_e2e::admin_channel(&agent.socket).await?;
+    Ok(SpiffeWorkloadApiClient::new(ch))
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("header"));
+    r
+}
+
+/// Waits until the spiffe client gets an X.509-SVID (the entry has to reach the agent first).
+async fn wait_svid(endpoint: &str) -> anyhow::Result<spiffe::X509Svid> {
+    let start = Instant::now();
+    loop {
+        let client = WorkloadApiClient::connect_to(endpoint).await?;
+        match client.fetch_x509_svid().await {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn spiffe_crate_client_fetches_and_validates() -> anyhow::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let agent = AgentProcess::start(&server, &[])?;
+    let me = format!("unix:uid:{}", uid());
+    let workload = format!("spiffe://{TD}/workload");
+    entry(
+        &server,
+        &workload,
+        &agent_id(&agent),
+        &me,
+        &["--hint", "main"],
+    );
+
+    let svid = wait_svid(&agent.endpoint()).await?;
+    assert_eq!(svid.spiffe_id().to_string(), workload);
+    assert!(!svid.cert_chain().is_empty());
+
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await?;
+    let bundles = client.fetch_x509_bundles().await?;
+    let td = spiffe::TrustDomain::new(TD)?;
+    let b = bundles.get(&td).expect("own bundle");
+    assert!(!b.authorities().is_empty());
+    let ctx = client.fetch_x509_context().await?;
+    assert_eq!(ctx.svids().len(), 1);
+
+    // JWT-SVIDs: fetched, validated by the agent, and checked locally with the JWT bundles.
+    let jwt = client.fetch_jwt_svid(["db"], None).await?;
+    assert_eq!(jwt.spiffe_id().to_string(), workload);
+
+    let validated = client.validate_jwt_token("db", jwt.token()).await?;
+    assert_eq!(validated.spiffe_id().to_string(), workload);
+    let jwt_bundles = client.fetch_jwt_bundles().await?;
+    spiffe::JwtSvid::parse_and_validate(jwt.token(), &jwt_bundles, &["db"])?;
+
+    // Wrong audience, alg none, HS256, unknown key: all rejected by ValidateJWTSVID.
+    assert!(
+        client
+            .validate_jwt_token("other", jwt.token())
+            .await
+            .is_err()
+    );
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let claims = b64(&format!(
+        r#"{{"sub":"{workload}","aud":["db"],"exp":{}}}"#,
+        sigil_e2e::unix_now() + 300
+    ));
+    let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), claims);
+    let hs = format!("{}.{}.c2ln", b64(r#"{"alg":"HS256","typ":"JWT"}"#), claims);
+    let kid = jwt
+        .token()
+        .split('.')
+        .next()
+        .map(|h| h.to_string())
+        .unwrap_or_default();
+    let _ = kid;
+    let unknown = {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let enc = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("not-in-bundle".into());
+        h.typ = Some("JWT".into());
+        let c =
+            serde_json::json!({"sub": workload, "aud": ["db"], "exp": sigil_e2e::unix_now() + 300});
+        jsonwebtoken::encode(&h, &c, &enc)?
+    };
+    let mut raw = raw_client(&agent).await?;
+    for (name, token) in [("alg none", none), ("HS256", hs), ("unknown key", unknown)] {
+        let err = raw
+            .validate_jwtsvid(with_header(wpb::ValidateJwtsvidRequest {
+                audience: "db".into(),
+                svid: token,
+            }))
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
+    }
+
+    // An expired JWT-SVID (1 s TTL, minted by the server) is rejected once past its expiry.
+    let out = server.cli(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        &workload,
+        "--audience",
+        "db",
+        "--ttl",
+        "1s",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let short = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|l| l.split('.').count() == 3)
+        .expect("token line")
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = raw
+        .validate_jwtsvid(with_header(wpb::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: short,
+        }))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("expire"), "{}", err.message());
+    Ok(())
+}
+
+#[tokio::test]
+async fn header_and_registration_are_enforced() -> anyhow::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let agent = AgentProcess::start(&server, &[])?;
+    // Only a uid that is not ours is registered.
+    let other = format!("unix:uid:{}", uid() + 4242);
+    entry(
+        &server,
+        &format!("spiffe://{TD}/someone"),
+        &agent_id(&agent),
+        &other,
+        &[],
+    );
+    let mut raw = raw_client(&agent).await?;
+
+    let err = raw
+        .fetch_x509svid(tonic::Request::new(wpb::X509svidRequest {}))
+        .await
+        .expect_err("no header");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = raw
+        .fetch_jwtsvid(tonic::Request::new(wpb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect_err("no header");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let err = raw
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await
+        .expect_err("unregistered");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = raw
+        .fetch_jwtsvid(with_header(wpb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect_err("unregistered");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = raw
+        .fetch_jwtsvid(with_header(wpb::JwtsvidRequest {
+            audience: vec![],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .expect_err("no audience");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // The public socket is open to everyone; the admin socket's directory is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&agent.socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o777);
+    let dir = agent.admin_socket.parent().expect("dir");
+    assert_eq!(std::fs::metadata(dir)?.permissions().mode() & 0o777, 0o700);
+    Ok(())
+}
+
+#[tokio::test]
+async fn delegated_identity_for_authorized_delegates_only() -> anyhow::Result<()> {
+    use spire_api::DelegatedIdentityClient;
+    use spire_api::agent::delegated_identity::DelegateAttestationRequest;
+    use spire_api::selectors::{Selector, Unix, UnixId};
+
+    let server = ServerProcess::start(&[])?;
+    let delegate = format!("spiffe://{TD}/netd");
+    let good = AgentProcess::start(&server, &["--authorized-delegate", &delegate])?;
+    let bad = AgentProcess::start(
+        &server,
+        &["--authorized-delegate", &format!("spiffe://{TD}/not-me")],
+    )?;
+    let me = format!("unix:uid:{}", uid());
+    let target_uid = uid() + 777;
+    for a in [&good, &bad] {
+        entry(&server, &delegate, &agent_id(a), &me, &[]);
+        entry(
+            &server,
+            &format!("spiffe://{TD}/endpoint"),
+            &agent_id(a),
+            &format!("unix:uid:{target_uid}"),
+            &[],
+        );
+        entry(
+            &server,
+            &format!("spiffe://{TD}/admin-thing"),
+            &agent_id(a),
+            &format!("unix:uid:{target_uid}"),
+            &["--admin"],
+        );
+    }
+    wait_svid(&good.endpoint()).await?;
+    wait_svid(&bad.endpoint()).await?;
+
+    let target = || {
+        DelegateAttestationRequest::for_selectors(vec![Selector::Unix(Unix::Uid(UnixId::new(
+            target_uid,
+        )))])
+        .expect("selectors")
+    };
+    let client = DelegatedIdentityClient::connect_to(good.admin_endpoint()).await?;
+    let svid = client.fetch_x509_svid(target()).await?;
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        format!("spiffe://{TD}/endpoint")
+    );
+    let bundles = client.fetch_x509_bundles().await?;
+    assert!(bundles.get(&spiffe::TrustDomain::new(TD)?).is_some());
+    let jwts = client.fetch_jwt_svids(&["aud"], target()).await?;
+    assert_eq!(jwts.len(), 1, "admin entries are never served");
+    assert_eq!(
+        jwts[0].spiffe_id().to_string(),
+        format!("spiffe://{TD}/endpoint")
+    );
+    client.fetch_jwt_bundles().await?;
+
+    // Selectors and pid together are refused (raw gRPC: the crate would not send it).
+    use sigil_proto::spire::api::agent::delegatedidentity::v1 as dpb;
+    let ch = sigil_e2e::admin_channel(&good.admin_socket).await?;
+    let mut raw = dpb::delegated_identity_client::DelegatedIdentityClient::new(ch);
+    let err = raw
+        .subscribe_to_x509svi_ds(dpb::SubscribeToX509sviDsRequest {
+            selectors: vec![sigil_proto::spire::api::types::Selector {
+                r#type: "unix".into(),
+                value: format!("uid:{target_uid}"),
+            }],
+            pid: std::process::id() as i32,
+        })
+        .await
+        .expect_err("both");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // By PID: this very process.
+    let by_pid = client
+        .fetch_x509_svid(DelegateAttestationRequest::for_pid(std::process::id())?)
+        .await?;
+    assert_eq!(by_pid.spiffe_id().to_string(), delegate);
+
+    // The unauthorized agent refuses the same caller.
+    let client = DelegatedIdentityClient::connect_to(bad.admin_endpoint()).await?;
+    let err = client
+        .fetch_x509_svid(target())
+        .await
+        .expect_err("unauthorized");
+    assert!(format!("{err:?}").contains("PermissionDenied"), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotation_server_outage_and_agent_restart() -> anyhow::Result<()> {
+    let mut server = ServerProcess::start(&["--x509-svid-ttl", "6s"])?;
+    let mut agent = AgentProcess::start(&server, &[])?;
+    let me = format!("unix:uid:{}", uid());
+    entry(
+        &server,
+        &format!("spiffe://{TD}/rot"),
+        &agent_id(&agent),
+        &me,
+        &[],
+    );
+    wait_svid(&agent.endpoint()).await?;
+
+    // One stream, no reconnect: a new SVID arrives before the old one expires.
+    let mut raw = raw_client(&agent).await?;
+    let mut stream = raw
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("first");
+    let first_leaf = leaf_of(&first);
+    let (first_serial, first_expiry) = serial_expiry(&first_leaf);
+    let second = tokio::time::timeout(Duration::from_secs(8), stream.message())
+        .await??
+        .expect("rotated");
+    let (second_serial, _) = serial_expiry(&leaf_of(&second));
+    assert_ne!(first_serial, second_serial);
+    assert!(
+        sigil_e2e::unix_now() < first_expiry,
+        "rotated SVID arrived only after the old one expired"
+    );
+
+    // Server down: cached SVIDs keep flowing to new clients.
+    server.kill9();
+    let svid = wait_svid(&agent.endpoint()).await?;
+    assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/rot"));
+    // Server back: rotation resumes on the same stream, the agent untouched.
+    server.spawn()?;
+    let mut seen = second_serial;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, stream.message())
+            .await??
+            .expect("msg");
+        let (s, _) = serial_expiry(&leaf_of(&msg));
+        if s != seen {
+            seen = s;
+            break;
+        }
+    }
+    let _ = seen;
+
+    // Agent restart: reconnects with its stored SVID; the spent join token is not used again.
+    agent.kill9();
+    agent.spawn()?;
+    assert!(
+        agent.log_text().contains("using the stored agent SVID"),
+        "{}",
+        agent.log_text()
+    );
+    let svid = wait_svid(&agent.endpoint()).await?;
+    assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/rot"));
+    let out = server.cli(&["agent", "list", "--output", "json"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("join_token/").count(), 1, "{text}");
+    Ok(())
+}
+
+fn leaf_of(resp: &wpb::X509svidResponse) -> Vec<u8> {
+    use x509_parser::prelude::*;
+    let der = &resp.svids[0].x509_svid;
+    let (rest, _) = X509Certificate::from_der(der).expect("leaf");
+    der[..der.len() - rest.len()].to_vec()
+}
+
+fn serial_expiry(der: &[u8]) -> (String, i64) {
+    use x509_parser::prelude::*;
+    let (_, c) = X509Certificate::from_der(der).expect("cert");
+    (
+        hex::encode(c.raw_serial()),
+        c.validity().not_after.timestamp(),
+    )
+}
