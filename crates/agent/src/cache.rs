@@ -281,11 +281,7 @@ impl Cache {
             Some(s) => now >= s.svid.renew_at() || s.svid.revision != e.revision,
         };
         for (id, e) in entries.iter() {
-            if interest.contains_key(id) {
-                if due(id, e) {
-                    plan.push(e.clone());
-                }
-            } else if svids.contains_key(id) {
+            if interest.contains_key(id) || svids.contains_key(id) {
                 if due(id, e) {
                     plan.push(e.clone());
                 }

@@ -172,14 +172,13 @@ where
         loop {
             version.mark_unchanged();
             match compute() {
-                Some(Ok(msg)) => {
-                    if last.as_ref() != Some(&msg) {
-                        if tx.send(Ok(msg.clone())).await.is_err() {
-                            return;
-                        }
-                        last = Some(msg);
+                Some(Ok(msg)) if last.as_ref() != Some(&msg) => {
+                    if tx.send(Ok(msg.clone())).await.is_err() {
+                        return;
                     }
+                    last = Some(msg);
                 }
+                Some(Ok(_)) => {}
                 Some(Err(status)) => {
                     let _ = tx.send(Err(status)).await;
                     return;

@@ -6,6 +6,7 @@ fn sigil(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sigil"))
         .args(args)
         .env_remove("SIGIL_ADMIN_SOCKET")
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .output()
         .unwrap_or_else(|e| panic!("cannot run sigil: {e}"))
 }
@@ -49,10 +50,30 @@ fn data_excludes_field_flags() {
 }
 
 #[test]
-fn negative_ttl_is_rejected_by_the_flag_parser() {
-    let o = sigil(&[&CREATE[..], &["--x509-svid-ttl=-5"]].concat());
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("--x509-svid-ttl"), "{}", stderr(&o));
+fn negative_numbers_and_hyphen_names_reach_the_server() {
+    // The flag parser lets them through (exit 1 at the connection, not 2 at parsing), so that the
+    // server's refusal can name the field and the value.
+    for extra in [
+        ["--x509-svid-ttl", "-5"],
+        ["--jwt-svid-ttl", "-1"],
+        ["--entry-expiry", "-10"],
+        ["--dns", "-bad.example"],
+    ] {
+        let o = sigil(
+            &[
+                &CREATE[..],
+                &extra[..],
+                &["--admin-socket", "/nonexistent/api.sock"],
+            ]
+            .concat(),
+        );
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("/nonexistent/api.sock"),
+            "{extra:?}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
@@ -126,5 +147,42 @@ fn admin_socket_comes_from_the_environment_too() {
         stderr(&o).contains("/nonexistent/env.sock"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn agent_healthcheck_fails_with_exit_1_naming_the_socket() {
+    let o = sigil(&["agent", "healthcheck", "--socket-path", "/nonexistent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    let err = stderr(&o);
+    assert!(err.starts_with("Agent is unhealthy: "), "{err}");
+    assert!(err.contains("/nonexistent"), "{err}");
+    assert!(err.contains("sigil agent run"), "{err}");
+}
+
+#[test]
+fn workload_socket_comes_from_spiffe_endpoint_socket() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(["agent", "api", "fetch", "x509"])
+            .env("SPIFFE_ENDPOINT_SOCKET", value)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sigil: {e}"))
+    };
+    let o = run("unix:///nonexistent/env-api.sock");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/env-api.sock"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("tcp://127.0.0.1:8000");
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("Error: SPIFFE_ENDPOINT_SOCKET: ")
+            && err.contains("\"tcp://127.0.0.1:8000\""),
+        "{err}"
     );
 }
