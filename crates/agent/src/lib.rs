@@ -69,10 +69,22 @@ pub fn bind_socket(
     Ok(l)
 }
 
+/// Raises the open-file soft limit to the hard limit: every workload stream holds a socket.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
+}
+
 /// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
 pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::from_args(&args)?;
     init_logging(&config);
+    raise_fd_limit();
     let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
     serve(config, attestor).await
 }

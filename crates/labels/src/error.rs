@@ -41,6 +41,14 @@ pub enum LabelError {
         /// The first offending character.
         ch: char,
     },
+    /// A CIDR prefix length longer than the address.
+    #[error("prefix length {prefix_len} is too long for address {addr}")]
+    InvalidPrefixLength {
+        /// The address.
+        addr: String,
+        /// The rejected prefix length.
+        prefix_len: u8,
+    },
     /// A label list with an empty item, such as `a=b,,c=d`.
     #[error("empty label at position {index} of list {input:?}")]
     EmptyListItem {
