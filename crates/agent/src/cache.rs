@@ -355,3 +355,109 @@ impl Cache {
         self.bump();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, uid: u32) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://td/{id}")).expect("id"),
+            parent_id: SpiffeId::parse("spiffe://td/sigil/agent/x").expect("id"),
+            selectors: vec![Selector::new("unix", format!("uid:{uid}")).expect("sel")],
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            admin: false,
+            downstream: false,
+            federates_with: vec![],
+            hint: String::new(),
+            expires_at: 0,
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
+    fn svid(e: &Entry, life: Duration) -> CachedSvid {
+        let now = SystemTime::now();
+        CachedSvid {
+            entry_id: e.id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            chain: vec![],
+            key: PrivatePkcs8KeyDer::from(vec![0u8; 4]),
+            issued_at: now,
+            expires_at: now + life,
+            revision: e.revision,
+        }
+    }
+
+    fn cache(max: usize) -> Arc<Cache> {
+        Cache::new(
+            TrustDomain::parse("td").expect("td"),
+            Arc::new(ArcSwap::from_pointee(BundleSet::new())),
+            max,
+        )
+    }
+
+    #[test]
+    fn unused_svids_are_bounded_and_wanted_ones_kept() {
+        let c = cache(2);
+        let entries: Vec<Entry> = (0..5).map(|i| entry(&format!("e{i}"), i)).collect();
+        c.replace_entries(entries.clone());
+        // Pre-warm stops at the bound.
+        assert_eq!(c.mint_plan(SystemTime::now()).len(), 2);
+        // A workload wants e4: it is planned even though the bound is reached.
+        let wanted = c.matching(&[Selector::new("unix", "uid:4").expect("sel")], true);
+        assert_eq!(wanted.len(), 1);
+        let _guard = c.interest(&wanted);
+        c.store_svids(
+            entries
+                .iter()
+                .map(|e| svid(e, Duration::from_secs(3600)))
+                .collect(),
+        );
+        // Five stored, one wanted: the unused ones are trimmed to the bound, the wanted one stays.
+        assert_eq!(c.svid_count(), 3);
+        assert!(c.svids_for(&wanted).is_some());
+    }
+
+    #[test]
+    fn rotation_is_planned_at_half_life_and_removed_entries_drop_svids() {
+        let c = cache(10);
+        let e = entry("a", 1);
+        c.replace_entries(vec![e.clone()]);
+        c.store_svids(vec![svid(&e, Duration::from_secs(100))]);
+        assert!(c.mint_plan(SystemTime::now()).is_empty());
+        assert_eq!(
+            c.mint_plan(SystemTime::now() + Duration::from_secs(51))
+                .len(),
+            1,
+            "due at half life"
+        );
+        c.apply(vec![], &["a".to_string()]);
+        assert_eq!(c.svid_count(), 0, "SVID dropped with its entry");
+        assert!(
+            c.matching(&[Selector::new("unix", "uid:1").expect("sel")], true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn privileged_entries_are_filtered_for_delegates() {
+        let c = cache(10);
+        let mut admin = entry("adm", 1);
+        admin.admin = true;
+        let mut down = entry("down", 1);
+        down.downstream = true;
+        c.replace_entries(vec![entry("plain", 1), admin, down]);
+        let sels = [Selector::new("unix", "uid:1").expect("sel")];
+        assert_eq!(c.matching(&sels, true).len(), 3);
+        let unprivileged: Vec<String> = c
+            .matching(&sels, false)
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(unprivileged, vec!["plain"]);
+    }
+}
