@@ -185,6 +185,11 @@ async fn bench_signing(
         signed += resp.results.iter().filter(|r| r.status_code == 0).count();
     }
     let api = N as f64 / t.elapsed().as_secs_f64();
+    if std::env::var_os("SIGIL_BENCH_DEBUG").is_some() {
+        for l in server.log_text().lines().filter(|l| l.contains("batch signed")).take(5) {
+            eprintln!("{l}");
+        }
+    }
     anyhow::ensure!(signed == N, "only {signed} of {N} signed");
     rows.push([
         "X.509-SVID signing, raw in-process, 1 thread (baseline)".into(),
@@ -339,17 +344,20 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         let mut rows: Vec<[String; 3]> = Vec::new();
-        {
+        // SIGIL_BENCH=signing,propagation,sync selects a subset (default: all).
+        let only = std::env::var("SIGIL_BENCH").unwrap_or_default();
+        let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
+        if want("signing") {
             let server = ServerProcess::start(&["--log-level", "warn"])?;
             let admin = admin_channel(&server.admin_socket).await?;
             bench_signing(&server, &admin, &mut rows).await?;
         }
-        {
+        if want("propagation") {
             let server = ServerProcess::start(&["--log-level", "warn"])?;
             let admin = admin_channel(&server.admin_socket).await?;
             bench_propagation(&server, &admin, &mut rows).await?;
         }
-        {
+        if want("sync") {
             let server = ServerProcess::start(&["--log-level", "warn"])?;
             let admin = admin_channel(&server.admin_socket).await?;
             bench_full_sync(&server, &admin, &mut rows).await?;

@@ -423,9 +423,11 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::BatchNewX509svidRequest>,
     ) -> Result<Response<pb::BatchNewX509svidResponse>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let params = req.into_inner().params;
         let now = self.state.now();
+        let t_auth = t0.elapsed();
         let mut jobs = Vec::with_capacity(params.len());
         let mut results: Vec<Option<pb::X509svidResult>> = vec![None; params.len()];
         for (i, p) in params.into_iter().enumerate() {
@@ -503,6 +505,12 @@ impl pb::node_server::Node for NodeApi {
                 results[i] = Some(r);
             }
         }
+        tracing::debug!(
+            svids = results.len(),
+            caller_us = t_auth.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "batch signed"
+        );
         Ok(Response::new(pb::BatchNewX509svidResponse {
             results: results.into_iter().flatten().collect(),
         }))
