@@ -81,7 +81,6 @@ impl AgentProcess {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let offset = self.log_text().len();
         let child = Command::new(sigil_bin())
             .args(["agent", "run"])
             .args(&self.args)
@@ -104,13 +103,16 @@ impl AgentProcess {
             {
                 bail!("agent exited with {status}; log:\n{}", self.log_text());
             }
-            if self
-                .log_text()
-                .get(offset..)
-                .is_some_and(|t| t.contains("sigil-agent ready"))
-                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-            {
-                return Ok(());
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                // The socket is bound before attestation; a real RPC proves the agent is serving.
+                let out = Command::new(sigil_bin())
+                    .args(["agent", "healthcheck", "--socket-path"])
+                    .arg(&self.socket)
+                    .stdin(Stdio::null())
+                    .output()?;
+                if out.status.success() {
+                    return Ok(());
+                }
             }
             if start.elapsed() > Duration::from_secs(30) {
                 bail!("agent not ready after 30 s; log:\n{}", self.log_text());
