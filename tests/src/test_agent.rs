@@ -5,13 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use sigil_proto::agent::v1 as pb;
 use sigil_proto::agent::v1::node_client::NodeClient;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
 use sigil_spiffe::{SpiffeId, TrustDomain};
-use sigil_tls::{PeerPolicy, SpiffeServerVerifier};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A key pair and a CSR for it, as an agent makes them (the key never leaves the agent).
 pub struct KeyAndCsr {
@@ -65,41 +64,29 @@ impl TestAgent {
         }
     }
 
-    /// A gRPC channel over TLS 1.3 to the server, with the agent SVID as client certificate if `mtls`.
+    /// A gRPC channel over TLS 1.3 to the server (the real agent's connector), with the agent SVID as
+    /// client certificate if `mtls`.
     pub async fn channel(&self, mtls: bool) -> anyhow::Result<Channel> {
-        let server_id = self.td.id_with_path("/sigil/server")?;
-        let verifier = Arc::new(SpiffeServerVerifier::new(
-            self.bundles.clone(),
-            PeerPolicy::Exact(server_id),
-        ));
-        let client_cert = if mtls {
+        let connector = sigil_agent::node::Connector {
+            addr: self.addr.clone(),
+            td: self.td.clone(),
+            bundles: self.bundles.clone(),
+            insecure: false,
+        };
+        let identity = if mtls {
             let (chain, key) = self.svid.as_ref().context("agent is not attested")?;
-            Some((chain.clone(), PrivateKeyDer::Pkcs8(key.clone_key())))
+            let id = self.id.clone().context("agent is not attested")?;
+            Some(sigil_agent::node::AgentIdentity {
+                id,
+                chain: chain.clone(),
+                key: key.clone_key(),
+                expires_at: std::time::SystemTime::now(),
+                issued_at: std::time::SystemTime::now(),
+            })
         } else {
             None
         };
-        let cfg = Arc::new(sigil_tls::client_config(verifier, client_cert)?);
-        let addr = self.addr.clone();
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_with_connector(tower::service_fn(move |_uri: tonic::transport::Uri| {
-                let cfg = cfg.clone();
-                let addr = addr.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                    // Without this, Nagle plus delayed ACKs add ~40 ms to every request/response.
-                    tcp.set_nodelay(true)?;
-                    let name = ServerName::try_from("localhost")
-                        .map_err(std::io::Error::other)?
-                        .to_owned();
-                    let tls = tokio_rustls::TlsConnector::from(cfg)
-                        .connect(name, tcp)
-                        .await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            }))
-            .await
-            .with_context(|| format!("cannot connect to the agent API at {}", self.addr))?;
-        Ok(channel)
+        connector.channel(identity.as_ref()).await
     }
 
     /// A client of the agent API authenticated with the agent SVID.

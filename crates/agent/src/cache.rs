@@ -280,17 +280,34 @@ impl Cache {
             None => true,
             Some(s) => now >= s.svid.renew_at() || s.svid.revision != e.revision,
         };
+        // Entries workloads are waiting on come first, so a rotation storm never delays them.
+        let mut later = Vec::new();
         for (id, e) in entries.iter() {
-            if interest.contains_key(id) || svids.contains_key(id) {
+            if interest.contains_key(id) {
                 if due(id, e) {
                     plan.push(e.clone());
                 }
+            } else if svids.contains_key(id) {
+                if due(id, e) {
+                    later.push(e.clone());
+                }
             } else if unused_cached < self.max_unused {
                 unused_cached += 1;
-                plan.push(e.clone());
+                later.push(e.clone());
             }
         }
+        plan.extend(later);
         plan
+    }
+
+    /// The earliest time a cached SVID is due for rotation.
+    pub fn next_rotation(&self) -> Option<SystemTime> {
+        self.svids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.svid.renew_at())
+            .min()
     }
 
     /// Stores freshly minted SVIDs and trims unused ones beyond the bound (least recently used first).

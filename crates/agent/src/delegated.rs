@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::Cache;
 use crate::manager::Manager;
-use crate::workload::{attest_caller, jwt_jwks, spawn_watch};
+use crate::workload::{attest_caller, jwt_jwks, spawn_watch, x509_der};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -32,10 +32,6 @@ fn spiffeid(id: &sigil_spiffe::SpiffeId) -> tpb::Spiffeid {
         trust_domain: id.trust_domain_name().to_string(),
         path: id.path().to_string(),
     }
-}
-
-fn concat(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<u8> {
-    certs.iter().flat_map(|c| c.iter().copied()).collect()
 }
 
 impl DelegatedApi {
@@ -215,7 +211,7 @@ impl dpb::delegated_identity_server::DelegatedIdentity for DelegatedApi {
                 .bundles
                 .load()
                 .iter()
-                .map(|b| (b.trust_domain.id().to_string(), concat(&b.x509_authorities)))
+                .map(|b| (b.trust_domain.id().to_string(), x509_der(b)))
                 .collect();
             Some(Ok(dpb::SubscribeToX509BundlesResponse { ca_certificates }))
         })))

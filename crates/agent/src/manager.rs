@@ -314,8 +314,16 @@ impl Manager {
         }
     }
 
+    /// Sleeps until the next SVID is due (at most 1 s, so new entries and reconnects are picked up).
     fn next_wake(&self) -> Duration {
-        Duration::from_millis(500)
+        let max = Duration::from_secs(1);
+        match self.cache.next_rotation() {
+            Some(t) => t
+                .duration_since(now())
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(5), max),
+            None => max,
+        }
     }
 
     async fn mint(

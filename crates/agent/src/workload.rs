@@ -18,6 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::cache::{Cache, CachedSvid};
 use crate::manager::Manager;
 
+/// Concurrent workload attestations (each runs on the blocking pool).
+static ATTEST_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+
 /// The metadata key every Workload API request must carry with value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
@@ -59,6 +62,12 @@ pub async fn attest_caller<T>(
         .map_err(|e| Status::unauthenticated(format!("cannot identify the caller: {e}")))?
         .clone();
     let attestor = attestor.clone();
+    // Bound the blocking work (it reads /proc and may hash an executable): a burst of callers must not
+    // spawn hundreds of threads.
+    let _permit = ATTEST_SLOTS
+        .acquire()
+        .await
+        .map_err(|_| Status::internal("attestation closed"))?;
     let mut sels = tokio::task::spawn_blocking(move || attestor.attest(&peer))
         .await
         .map_err(|e| Status::internal(format!("attestation worker failed: {e}")))?
@@ -79,6 +88,33 @@ pub fn jwt_jwks(b: &Bundle) -> Vec<u8> {
     only.sequence = b.sequence;
     only.refresh_hint = b.refresh_hint;
     only.to_json().into_bytes()
+}
+
+/// Bundles of the caller's own trust domain and of those its entries federate with, keyed by trust-domain
+/// SPIFFE ID and rendered by `render`; the caller must still match an entry.
+fn caller_bundles(
+    cache: &Cache,
+    selectors: &[Selector],
+    render: fn(&Bundle) -> Vec<u8>,
+) -> Result<HashMap<String, Vec<u8>>, Status> {
+    let entries = cache.matching(selectors, true);
+    if entries.is_empty() {
+        return Err(Status::permission_denied(
+            "no identity issued: the caller's registration entries were removed",
+        ));
+    }
+    let set = cache.bundles.load();
+    let mut tds = federated(&entries);
+    tds.push(cache.td.clone());
+    Ok(tds
+        .into_iter()
+        .filter_map(|t| set.get(&t).map(|b| (t.id().to_string(), render(b))))
+        .collect())
+}
+
+/// The X.509 authorities of a bundle as concatenated DER.
+pub fn x509_der(b: &Bundle) -> Vec<u8> {
+    concat(&b.x509_authorities)
 }
 
 /// The federated trust domains that a set of entries federates with.
@@ -240,26 +276,10 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let cache = self.cache().clone();
         let c2 = cache.clone();
         Ok(Response::new(spawn_watch(cache, move || {
-            let entries = c2.matching(&selectors, true);
-            if entries.is_empty() {
-                return Some(Err(Status::permission_denied(
-                    "no identity issued: the caller's registration entries were removed",
-                )));
-            }
-            let set = c2.bundles.load();
-            let mut bundles = HashMap::new();
-            if let Some(b) = set.get(&c2.td) {
-                bundles.insert(c2.td.id().to_string(), concat(&b.x509_authorities));
-            }
-            for t in federated(&entries) {
-                if let Some(b) = set.get(&t) {
-                    bundles.insert(t.id().to_string(), concat(&b.x509_authorities));
-                }
-            }
-            Some(Ok(wpb::X509BundlesResponse {
-                crl: vec![],
-                bundles,
-            }))
+            Some(
+                caller_bundles(&c2, &selectors, x509_der)
+                    .map(|bundles| wpb::X509BundlesResponse { crl: vec![], bundles }),
+            )
         })))
     }
 
@@ -316,23 +336,10 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let cache = self.cache().clone();
         let c2 = cache.clone();
         Ok(Response::new(spawn_watch(cache, move || {
-            let entries = c2.matching(&selectors, true);
-            if entries.is_empty() {
-                return Some(Err(Status::permission_denied(
-                    "no identity issued: the caller's registration entries were removed",
-                )));
-            }
-            let set = c2.bundles.load();
-            let mut bundles = HashMap::new();
-            if let Some(b) = set.get(&c2.td) {
-                bundles.insert(c2.td.id().to_string(), jwt_jwks(b));
-            }
-            for t in federated(&entries) {
-                if let Some(b) = set.get(&t) {
-                    bundles.insert(t.id().to_string(), jwt_jwks(b));
-                }
-            }
-            Some(Ok(wpb::JwtBundlesResponse { bundles }))
+            Some(
+                caller_bundles(&c2, &selectors, jwt_jwks)
+                    .map(|bundles| wpb::JwtBundlesResponse { bundles }),
+            )
         })))
     }
 
