@@ -72,7 +72,9 @@ pub enum LabelError {
         op: Operator,
     },
     /// Exists or DoesNotExist with values.
-    #[error("selector requirement on key {key:?} with operator {op} takes no values, got {values:?}")]
+    #[error(
+        "selector requirement on key {key:?} with operator {op} takes no values, got {values:?}"
+    )]
     UnexpectedValues {
         /// The requirement's key.
         key: String,

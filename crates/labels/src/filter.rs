@@ -38,11 +38,13 @@ struct Pattern {
     /// `None` (or `any:`) matches every source.
     source: Option<Source>,
     prefix: String,
+    /// A trailing '$' (regex end anchor) asks for the whole key.
+    exact: bool,
     exclude: bool,
 }
 
 impl Pattern {
-    /// Parses `[!][source:][!]prefix[*]`, also accepting Cilium's regex spellings `\.` and a
+    /// Parses `[!][source:][!]prefix[*|$]`, also accepting Cilium's regex spellings `\.` and a
     /// trailing `.*`, so patterns can be pasted from a Cilium config.
     fn parse(text: &str, exclude_default: bool) -> Result<Pattern, LabelError> {
         let invalid = |reason| LabelError::InvalidPattern {
@@ -65,29 +67,47 @@ impl Pattern {
             rest = r;
         }
         let source = source.filter(|s| *s != Source::Any);
+        let (rest, exact) = match rest.strip_suffix('$') {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
         let unescaped = rest.replace("\\.", ".");
         let prefix = unescaped
             .strip_suffix(".*")
             .or_else(|| unescaped.strip_suffix('*'))
             .unwrap_or(&unescaped);
         if prefix.is_empty() {
-            if source.is_none() && !rest.ends_with('*') {
+            if exact || !rest.ends_with('*') {
                 return Err(invalid("empty key prefix (write '*' to match every key)"));
             }
         } else if validate_key(text, prefix).is_err() {
             return Err(invalid(
-                "only a literal key prefix with an optional trailing '*' is supported",
+                "only a literal key prefix with an optional trailing '*' or '$' is supported",
             ));
+        }
+        if exact && prefix.len() != unescaped.len() {
+            return Err(invalid("'*' and '$' cannot be combined"));
         }
         Ok(Pattern {
             source,
             prefix: prefix.to_owned(),
+            exact,
             exclude,
         })
     }
 
+    /// Longer prefixes are more specific; at equal length an exact key, then a named source.
+    fn specificity(&self) -> (usize, bool, bool) {
+        (self.prefix.len(), self.exact, self.source.is_some())
+    }
+
     fn matches(&self, l: &Label) -> bool {
-        self.source.is_none_or(|s| s == l.source) && l.key.starts_with(&self.prefix)
+        self.source.is_none_or(|s| s == l.source)
+            && if self.exact {
+                l.key == self.prefix
+            } else {
+                l.key.starts_with(&self.prefix)
+            }
     }
 }
 
@@ -95,9 +115,9 @@ impl Pattern {
 ///
 /// Always relevant, whatever the patterns: `reserved:`, `spiffe:` and `cidr:` labels,
 /// `io.kubernetes.pod.namespace`, `io.cilium.k8s.namespace.labels.*` and
-/// `io.cilium.k8s.policy.*` (policies select on them). Otherwise the longest pattern whose
-/// prefix matches the key (and whose source, if given, matches) decides, an exclude winning a
-/// tie; when no pattern matches, the label is relevant unless include patterns exist.
+/// `io.cilium.k8s.policy.*` (policies select on them). Otherwise the most specific matching
+/// pattern decides (longest prefix, then one naming a source), an exclude winning a tie; when
+/// no pattern matches, the label is relevant unless include patterns exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelFilter {
     patterns: Vec<Pattern>,
@@ -113,6 +133,7 @@ impl Default for LabelFilter {
                 .map(|p| Pattern {
                     source: None,
                     prefix: (*p).to_owned(),
+                    exact: false,
                     exclude: true,
                 })
                 .collect(),
@@ -122,9 +143,10 @@ impl Default for LabelFilter {
 }
 
 impl LabelFilter {
-    /// A filter from Cilium `--labels`-style patterns `[!][source:]prefix[*]`, replacing the
+    /// A filter from Cilium `--labels`-style patterns `[!][source:]prefix[*|$]`, replacing the
     /// default list. A pattern matches keys that start with its prefix (so `app` also matches
-    /// `app.kubernetes.io/name`); a trailing `*` or `.*` is allowed and changes nothing.
+    /// `app.kubernetes.io/name`), as Cilium's start-anchored regexes do; a trailing `*` or `.*`
+    /// is allowed and changes nothing, a trailing `$` asks for the exact key.
     /// Patterns in `exclude` exclude with or without '!'; patterns in `include` that start
     /// with '!' exclude too, so a whole Cilium list can be passed as `include`. Once any
     /// include pattern exists only matching labels are kept, and `app.kubernetes.io` is
@@ -142,6 +164,7 @@ impl LabelFilter {
             patterns.extend(AUTO_INCLUDES.iter().map(|p| Pattern {
                 source: None,
                 prefix: (*p).to_owned(),
+                exact: false,
                 exclude: false,
             }));
         }
@@ -167,8 +190,8 @@ impl LabelFilter {
         let mut best: Option<&Pattern> = None;
         for p in self.patterns.iter().filter(|p| p.matches(l)) {
             best = match best {
-                Some(b) if b.prefix.len() > p.prefix.len() => Some(b),
-                Some(b) if b.prefix.len() == p.prefix.len() && b.exclude => Some(b),
+                Some(b) if b.specificity() > p.specificity() => Some(b),
+                Some(b) if b.specificity() == p.specificity() && b.exclude => Some(b),
                 _ => Some(p),
             };
         }

@@ -129,13 +129,11 @@ impl Label {
 
 /// Splits a known source prefix off `s`, if the first ':' precedes the first '='.
 pub(crate) fn split_source(s: &str) -> (Option<Source>, &str) {
-    if let Some(colon) = s.find(':') {
-        let before_eq = s.find('=').is_none_or(|eq| colon < eq);
-        if before_eq {
-            if let Ok(source) = s[..colon].parse::<Source>() {
-                return (Some(source), &s[colon + 1..]);
-            }
-        }
+    if let Some(colon) = s.find(':')
+        && s.find('=').is_none_or(|eq| colon < eq)
+        && let Ok(source) = s[..colon].parse::<Source>()
+    {
+        return (Some(source), &s[colon + 1..]);
     }
     (None, s)
 }
@@ -209,7 +207,9 @@ pub fn cidr_label(addr: IpAddr, prefix_len: u8) -> Result<Label, LabelError> {
             if prefix_len > 32 {
                 return Err(invalid());
             }
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
             IpAddr::V4((u32::from(v4) & mask).into())
         }
         IpAddr::V6(v6) => {

@@ -10,6 +10,6 @@ pub use error::LabelError;
 pub use filter::LabelFilter;
 pub use label::{
     Label, Labels, NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX, POLICY_CLUSTER_KEY, POLICY_PREFIX,
-    SPIFFE_ID_KEY, SERVICE_ACCOUNT_KEY, Source, cidr_label, spiffe_label,
+    SERVICE_ACCOUNT_KEY, SPIFFE_ID_KEY, Source, cidr_label, spiffe_label,
 };
 pub use selector::{Operator, Requirement, Selector, SelectorKey};

@@ -56,8 +56,8 @@ impl FromStr for Operator {
 }
 
 /// The key a requirement looks at: `k8s:app`, `any:app` or `app` (the last two match `app`
-/// from any source).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// from any source). Ordered by key, then source, so canonical selectors read by key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SelectorKey {
     /// [`Source::Any`] when the key had no source prefix.
     pub source: Source,
@@ -81,6 +81,18 @@ impl SelectorKey {
         labels
             .get(&self.key)
             .filter(|l| self.source == Source::Any || l.source == self.source)
+    }
+}
+
+impl Ord for SelectorKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.key, self.source).cmp(&(&other.key, other.source))
+    }
+}
+
+impl PartialOrd for SelectorKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
