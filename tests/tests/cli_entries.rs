@@ -386,13 +386,13 @@ fn bad_entry_input_names_field_and_value_and_writes_nothing() -> anyhow::Result<
         ),
         (
             w.clone(),
-            vec!["--x509-svid-ttl=-5"],
             vec!["--x509-svid-ttl", "-5"],
+            vec!["x509_svid_ttl", "invalid TTL -5"],
         ),
         (
             w.clone(),
-            vec!["--jwt-svid-ttl=-1"],
             vec!["--jwt-svid-ttl", "-1"],
+            vec!["jwt_svid_ttl", "invalid TTL -1"],
         ),
         (
             w.clone(),
