@@ -1,0 +1,400 @@
+/* sigil datapath: identity-based policy at TC on an endpoint's host-side veth.
+ *
+ * sigil_from_ep runs at the host veth's ingress hook (packets leaving the endpoint: its egress
+ * direction); sigil_to_ep runs at the host veth's egress hook (packets entering the endpoint: its
+ * ingress direction). One program serves every endpoint: the endpoint id is the host veth's
+ * ifindex, read from the skb. */
+#include "sigil.h"
+
+char _license[] SEC("license") = "Dual MIT/GPL";
+
+#define CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
+#define CT_LIFETIME_OTHER_NS (60ULL * 1000000000ULL)
+#define CT_LIFETIME_CLOSING_NS (10ULL * 1000000000ULL)
+
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_value);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(max_entries, 1048576);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct endpoint_config);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct auth_key);
+	__type(value, struct auth_value);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_auth SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 131072);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct counter_key);
+	__type(value, struct counter_value);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_counters SEC(".maps");
+
+/* Events that did not fit in the ring buffer (the reader fell behind). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_ev_lost SEC(".maps");
+
+static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
+
+struct flow {
+	__u8 family;
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 pad;
+	__be16 sport;
+	__be16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+enum parse_result { PARSE_IP, PARSE_PASS };
+
+static __always_inline void load_ports(struct __sk_buff *skb, struct flow *f, __u32 l4off)
+{
+	__be16 ports[2];
+
+	if (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP && f->protocol != IPPROTO_SCTP)
+		return;
+	/* A header outside the packet leaves the ports at 0, which no port-specific entry
+	 * matches: under default deny such packets drop rather than slip through. */
+	if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
+		return;
+	f->sport = ports[0];
+	f->dport = ports[1];
+	if (f->protocol == IPPROTO_TCP) {
+		__u8 flags = 0;
+
+		if (bpf_skb_load_bytes(skb, l4off + 13, &flags, 1) == 0)
+			f->tcp_flags = flags;
+	}
+}
+
+static __always_inline enum parse_result parse(struct __sk_buff *skb, struct flow *f)
+{
+	__be16 eth_proto;
+
+	if (bpf_skb_load_bytes(skb, 12, &eth_proto, sizeof(eth_proto)) < 0)
+		return PARSE_PASS;
+
+	if (eth_proto == bswap16(ETH_P_IP)) {
+		__u8 ip[20];
+		__u32 ihl;
+		__u16 frag;
+
+		if (bpf_skb_load_bytes(skb, 14, ip, sizeof(ip)) < 0)
+			return PARSE_PASS;
+		f->family = 4;
+		f->protocol = ip[9];
+		__builtin_memcpy(f->saddr, &ip[12], 4);
+		__builtin_memcpy(f->daddr, &ip[16], 4);
+		ihl = (ip[0] & 0x0f) * 4;
+		frag = ((__u16)(ip[6] & 0x1f) << 8) | ip[7];
+		/* Only the first fragment carries ports; later ones are checked with ports 0. */
+		if (frag == 0 && ihl >= 20)
+			load_ports(skb, f, 14 + ihl);
+		return PARSE_IP;
+	}
+	if (eth_proto == bswap16(ETH_P_IPV6)) {
+		__u8 ip6[40];
+
+		if (bpf_skb_load_bytes(skb, 14, ip6, sizeof(ip6)) < 0)
+			return PARSE_PASS;
+		f->family = 6;
+		/* No extension-header chasing: the first next-header is the protocol. */
+		f->protocol = ip6[6];
+		__builtin_memcpy(f->saddr, &ip6[8], 16);
+		__builtin_memcpy(f->daddr, &ip6[24], 16);
+		if (f->protocol == IPPROTO_ICMPV6) {
+			__u8 type = 0;
+
+			/* Neighbour discovery (router/neighbour solicitation and advertisement,
+			 * redirect) is link plumbing, not endpoint traffic: it always passes. */
+			if (bpf_skb_load_bytes(skb, 54, &type, 1) == 0 && type >= 133 && type <= 137)
+				return PARSE_PASS;
+		}
+		load_ports(skb, f, 54);
+		return PARSE_IP;
+	}
+	/* ARP and other non-IP traffic is not subject to identity policy. */
+	return PARSE_PASS;
+}
+
+static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
+{
+	struct ipcache_key k = {};
+	struct ipcache_value *v;
+
+	k.family = family;
+	k.prefixlen = 32 + (family == 4 ? 32 : 128);
+	__builtin_memcpy(k.addr, addr, 16);
+	v = bpf_map_lookup_elem(&sigil_ipcache, &k);
+	return v ? v->identity : IDENTITY_WORLD;
+}
+
+static __always_inline void count(__u32 ep, __u8 verdict, __u32 len)
+{
+	struct counter_key k = {};
+	struct counter_value *v;
+
+	k.endpoint_id = ep;
+	k.verdict = verdict;
+	v = bpf_map_lookup_elem(&sigil_counters, &k);
+	if (v) {
+		v->packets += 1;
+		v->bytes += len;
+	} else {
+		struct counter_value init = { .packets = 1, .bytes = len };
+
+		bpf_map_update_elem(&sigil_counters, &k, &init, BPF_NOEXIST);
+	}
+}
+
+struct ctx {
+	__u64 now;
+	__u32 ep;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 direction;
+};
+
+static __always_inline void emit(const struct ctx *c, const struct flow *f, __u8 verdict,
+				 __u32 reason, __u32 cookie)
+{
+	struct event *e = bpf_ringbuf_reserve(&sigil_events, sizeof(*e), 0);
+
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&sigil_ev_lost, &zero);
+
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	e->ts_ns = c->now;
+	e->endpoint_id = c->ep;
+	e->src_identity = c->src_identity;
+	e->dst_identity = c->dst_identity;
+	e->family = f->family;
+	e->protocol = f->protocol;
+	e->direction = c->direction;
+	e->verdict = verdict;
+	e->sport = bswap16(f->sport);
+	e->dport = bswap16(f->dport);
+	__builtin_memcpy(e->saddr, f->saddr, 16);
+	__builtin_memcpy(e->daddr, f->daddr, 16);
+	e->drop_reason = reason;
+	e->rule_cookie = cookie;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int ct_alive(const struct ct_value *v, __u8 protocol, __u64 now)
+{
+	__u64 lifetime = CT_LIFETIME_OTHER_NS;
+
+	/* Another CPU may have stamped the entry after this packet read the clock. */
+	if (v->last_seen_ns >= now)
+		return 1;
+	if (v->flags & CT_CLOSING)
+		lifetime = CT_LIFETIME_CLOSING_NS;
+	else if (protocol == IPPROTO_TCP)
+		lifetime = CT_LIFETIME_TCP_NS;
+	return now - v->last_seen_ns < lifetime;
+}
+
+struct decision {
+	__u32 drop_reason; /* 0 = allow */
+	__u32 cookie;
+};
+
+static __always_inline void decide(struct decision *d, const struct ctx *c,
+				   const struct flow *f, __u32 remote_identity,
+				   __u32 local_identity, const struct endpoint_config *cfg)
+{
+	struct policy_key k = {};
+	struct policy_value *exact, *any = 0;
+
+	k.prefixlen = 96;
+	k.endpoint_id = c->ep;
+	k.remote_identity = remote_identity;
+	k.direction = c->direction;
+	k.protocol = f->protocol;
+	k.dport = f->dport;
+	exact = bpf_map_lookup_elem(&sigil_policy, &k);
+	if (remote_identity != 0) {
+		k.remote_identity = 0;
+		any = bpf_map_lookup_elem(&sigil_policy, &k);
+	}
+
+	d->drop_reason = 0;
+	d->cookie = 0;
+	if (exact && exact->deny) {
+		d->drop_reason = DROP_POLICY_DENY;
+		d->cookie = exact->rule_cookie;
+	} else if (any && any->deny) {
+		d->drop_reason = DROP_POLICY_DENY;
+		d->cookie = any->rule_cookie;
+	} else if (exact || any) {
+		int auth = (exact && exact->auth_required) || (any && any->auth_required);
+
+		d->cookie = exact ? exact->rule_cookie : any->rule_cookie;
+		if (auth) {
+			struct auth_key ak = {};
+			struct auth_value *av;
+
+			ak.local_identity = local_identity;
+			ak.remote_identity = remote_identity;
+			ak.remote_node = 0;
+			av = bpf_map_lookup_elem(&sigil_auth, &ak);
+			if (!av || av->expiry_ns < c->now)
+				d->drop_reason = DROP_AUTH_REQUIRED;
+		}
+	} else if (cfg && (c->direction == DIR_INGRESS ? cfg->ingress_enforced
+						       : cfg->egress_enforced)) {
+		d->drop_reason = DROP_POLICY_DENIED;
+	}
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
+{
+	struct flow f = {};
+	struct ctx c = {};
+	struct ct_key key = {};
+	struct ct_value *ct;
+	struct endpoint_config *cfg;
+	struct decision d;
+	__u32 local_identity, remote_identity;
+	__u8 closing;
+
+	if (parse(skb, &f) != PARSE_IP)
+		return TC_ACT_OK;
+
+	c.now = bpf_ktime_get_boot_ns();
+	c.ep = skb->ifindex;
+	c.direction = direction;
+	cfg = bpf_map_lookup_elem(&sigil_endpoints, &c.ep);
+	if (direction == DIR_EGRESS) {
+		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.saddr);
+		remote_identity = lookup_identity(f.family, f.daddr);
+		c.src_identity = local_identity;
+		c.dst_identity = remote_identity;
+	} else {
+		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.daddr);
+		remote_identity = lookup_identity(f.family, f.saddr);
+		c.src_identity = remote_identity;
+		c.dst_identity = local_identity;
+	}
+	closing = (f.tcp_flags & (TCP_FIN | TCP_RST)) ? CT_CLOSING : 0;
+
+	/* A reply: the reversed tuple was opened in the other direction. Replies are not
+	 * policy-checked; the opening direction is, on every packet. */
+	key.endpoint_id = c.ep;
+	key.family = f.family;
+	key.protocol = f.protocol;
+	key.direction = direction ^ 1;
+	__builtin_memcpy(key.saddr, f.daddr, 16);
+	__builtin_memcpy(key.daddr, f.saddr, 16);
+	key.sport = f.dport;
+	key.dport = f.sport;
+	ct = bpf_map_lookup_elem(&sigil_ct, &key);
+	if (ct && ct_alive(ct, f.protocol, c.now)) {
+		ct->last_seen_ns = c.now;
+		ct->flags |= closing;
+		if (!(ct->flags & CT_SEEN_REPLY)) {
+			ct->flags |= CT_SEEN_REPLY;
+			emit(&c, &f, VERDICT_ALLOWED_REPLY, 0, 0);
+		}
+		count(c.ep, VERDICT_ALLOWED_REPLY, skb->len);
+		return TC_ACT_OK;
+	}
+
+	key.direction = direction;
+	__builtin_memcpy(key.saddr, f.saddr, 16);
+	__builtin_memcpy(key.daddr, f.daddr, 16);
+	key.sport = f.sport;
+	key.dport = f.dport;
+
+	decide(&d, &c, &f, remote_identity, local_identity, cfg);
+	if (d.drop_reason) {
+		/* Forget the connection so its replies stop passing as replies. */
+		bpf_map_delete_elem(&sigil_ct, &key);
+		count(c.ep, VERDICT_DROPPED, skb->len);
+		emit(&c, &f, VERDICT_DROPPED, d.drop_reason, d.cookie);
+		return TC_ACT_SHOT;
+	}
+
+	ct = bpf_map_lookup_elem(&sigil_ct, &key);
+	if (ct && ct_alive(ct, f.protocol, c.now)) {
+		ct->last_seen_ns = c.now;
+		ct->flags |= closing;
+	} else {
+		struct ct_value fresh = {};
+
+		fresh.created_ns = c.now;
+		fresh.last_seen_ns = c.now;
+		fresh.flags = closing;
+		bpf_map_update_elem(&sigil_ct, &key, &fresh, BPF_ANY);
+		emit(&c, &f, VERDICT_ALLOWED, 0, d.cookie);
+	}
+	count(c.ep, VERDICT_ALLOWED, skb->len);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int sigil_from_ep(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS);
+}
+
+SEC("classifier")
+int sigil_to_ep(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS);
+}

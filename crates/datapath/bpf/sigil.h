@@ -1,0 +1,187 @@
+/* Definitions shared by the sigil TC programs and mirrored in src/abi.rs.
+ *
+ * Self-contained on purpose: the build needs clang and nothing else (no libbpf-dev, no
+ * kernel headers), and every number here is kernel ABI that does not change. */
+#ifndef SIGIL_H
+#define SIGIL_H
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef __u16 __be16;
+typedef __u32 __be32;
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) typeof(val) *name
+#define __always_inline inline __attribute__((always_inline))
+
+/* enum bpf_map_type */
+#define BPF_MAP_TYPE_HASH 1
+#define BPF_MAP_TYPE_PERCPU_HASH 5
+#define BPF_MAP_TYPE_PERCPU_ARRAY 6
+#define BPF_MAP_TYPE_LRU_HASH 9
+#define BPF_MAP_TYPE_LPM_TRIE 11
+#define BPF_MAP_TYPE_RINGBUF 27
+#define BPF_F_NO_PREALLOC 1
+#define LIBBPF_PIN_BY_NAME 1
+#define BPF_ANY 0
+#define BPF_NOEXIST 1
+
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+
+/* Only the leading fields of struct __sk_buff that the programs read; the verifier checks
+ * context accesses by offset, so the tail can be left out. */
+struct __sk_buff {
+	__u32 len;
+	__u32 pkt_type;
+	__u32 mark;
+	__u32 queue_mapping;
+	__u32 protocol;
+	__u32 vlan_present;
+	__u32 vlan_tci;
+	__u32 vlan_proto;
+	__u32 priority;
+	__u32 ingress_ifindex;
+	__u32 ifindex;
+	__u32 tc_index;
+	__u32 cb[5];
+	__u32 hash;
+	__u32 tc_classid;
+	__u32 data;
+	__u32 data_end;
+};
+
+/* enum bpf_func_id */
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
+				   __u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
+static __u64 (*bpf_ktime_get_boot_ns)(void) = (void *)125;
+static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
+static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
+
+#define bswap16(x) ((__u16)__builtin_bswap16(x))
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_ICMP 1
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_ICMPV6 58
+#define IPPROTO_SCTP 132
+
+/* ---- sigil ABI (src/abi.rs mirrors every struct below) ---- */
+
+#define IDENTITY_WORLD 2
+#define DIR_INGRESS 0 /* into the endpoint */
+#define DIR_EGRESS 1  /* out of the endpoint */
+
+#define VERDICT_ALLOWED 0
+#define VERDICT_DROPPED 1
+#define VERDICT_ALLOWED_REPLY 2
+
+#define DROP_POLICY_DENIED 133 /* no allow entry under default deny */
+#define DROP_POLICY_DENY 181   /* an explicit deny entry matched */
+#define DROP_AUTH_REQUIRED 189 /* allow entry needs auth, none recorded */
+
+struct ipcache_key {
+	__u32 prefixlen; /* 32 (family + pad) + address prefix length */
+	__u8 family;     /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16];   /* IPv4 in the first 4 bytes, rest zero */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags;
+};
+
+struct policy_key {
+	__u32 prefixlen; /* 72 + (protocol ? 8 : 0) + port prefix bits */
+	__u32 endpoint_id;
+	__u32 remote_identity; /* 0 = any */
+	__u8 direction;
+	__u8 protocol; /* 0 = any */
+	__be16 dport;
+};
+
+struct policy_value {
+	__u8 deny;
+	__u8 l7_redirect;
+	__u8 auth_required;
+	__u8 flags;
+	__u32 rule_cookie;
+};
+
+struct endpoint_config {
+	__u8 ingress_enforced;
+	__u8 egress_enforced;
+	__u8 pad[2];
+	__u32 identity;
+	__u32 flags;
+	__u32 reserved;
+};
+
+struct auth_key {
+	__u32 local_identity;
+	__u32 remote_identity;
+	__u32 remote_node; /* 0 = this node */
+};
+
+struct auth_value {
+	__u64 expiry_ns; /* CLOCK_BOOTTIME */
+};
+
+struct ct_key {
+	__u32 endpoint_id;
+	__u8 family;
+	__u8 protocol;
+	__u8 direction; /* direction of the packet that opened the connection */
+	__u8 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+};
+
+#define CT_SEEN_REPLY 1
+#define CT_CLOSING 2
+
+struct ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u8 flags;
+	__u8 pad[7];
+};
+
+struct event {
+	__u64 ts_ns; /* CLOCK_BOOTTIME */
+	__u32 endpoint_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 family;
+	__u8 protocol;
+	__u8 direction;
+	__u8 verdict;
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 drop_reason;
+	__u32 rule_cookie;
+};
+
+struct counter_key {
+	__u32 endpoint_id;
+	__u8 verdict;
+	__u8 pad[3];
+};
+
+struct counter_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

@@ -1,0 +1,172 @@
+//! The crate's error type: every variant names what failed and carries the offending value.
+
+use std::path::PathBuf;
+
+/// Errors from loading, attaching, map updates, events and endpoint plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The embedded eBPF object could not be loaded into the kernel.
+    #[error("loading the eBPF object with maps pinned under {pin_dir}: {source}")]
+    Load {
+        /// The pin directory in use.
+        pin_dir: PathBuf,
+        /// aya's error.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A program from the object is missing or could not be loaded or pinned.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// aya's error.
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// Pinning an object in bpffs failed.
+    #[error("pinning {path}: {source}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// aya's error.
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    /// A map is missing from the object or the pin directory.
+    #[error("eBPF map {name} not found in {where_}")]
+    MapMissing {
+        /// Map name.
+        name: &'static str,
+        /// Where it was looked for.
+        where_: String,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {name}: {op}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What was being done.
+        op: &'static str,
+        /// aya's error.
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// A map pinned by an earlier version has a layout this version cannot use.
+    #[error(
+        "pinned map {path} has type {found_type}, key size {found_key}, value size {found_value}; \
+         this build needs type {want_type}, key size {want_key}, value size {want_value} \
+         (remove the pin dir to start from empty maps)"
+    )]
+    IncompatiblePin {
+        /// Pinned map path.
+        path: PathBuf,
+        /// Kernel map type found.
+        found_type: String,
+        /// Key size found.
+        found_key: u32,
+        /// Value size found.
+        found_value: u32,
+        /// Kernel map type needed.
+        want_type: String,
+        /// Key size needed.
+        want_key: u32,
+        /// Value size needed.
+        want_value: u32,
+    },
+    /// The pin directory is not on a bpf filesystem.
+    #[error(
+        "pin dir {path} is not on a bpf filesystem (mount one: `mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    NotBpffs {
+        /// The pin directory.
+        path: PathBuf,
+    },
+    /// Attaching or detaching a TC program on an interface failed.
+    #[error("TC {hook} hook on interface {interface}: {op}: {source}")]
+    Tc {
+        /// Interface name.
+        interface: String,
+        /// `ingress` or `egress`.
+        hook: &'static str,
+        /// What was being done.
+        op: &'static str,
+        /// aya's error.
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// Adding the clsact qdisc failed.
+    #[error("adding the clsact qdisc to {interface}: {source}")]
+    Clsact {
+        /// Interface name.
+        interface: String,
+        /// aya's error.
+        #[source]
+        source: Box<aya::programs::tc::TcError>,
+    },
+    /// A field of a request is out of range or malformed.
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid {
+        /// Field name.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A ring-buffer record is shorter than an event.
+    #[error("ring-buffer record of {len} bytes is shorter than an event ({want} bytes)")]
+    ShortEvent {
+        /// Record length.
+        len: usize,
+        /// Expected length.
+        want: usize,
+    },
+    /// A filesystem or socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path or name.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external command (`ip`, `sysctl` writes) failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: String,
+        /// Its standard error.
+        stderr: String,
+    },
+}
+
+impl DatapathError {
+    pub(crate) fn map(name: &'static str, op: &'static str, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            name,
+            op,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        reason: impl ToString,
+    ) -> Self {
+        Self::Invalid {
+            field,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn io(context: impl ToString, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.to_string(),
+            source,
+        }
+    }
+}

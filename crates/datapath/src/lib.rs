@@ -1,0 +1,35 @@
+//! sigil's eBPF datapath: TC programs on each endpoint's host-side veth that look up the peer's
+//! identity in the IPCache and enforce the endpoint's policy on every packet, their pinned maps
+//! (IPCache, policy, endpoint config, auth, conntrack, events, counters), and the network
+//! namespace plumbing that creates endpoints.
+//!
+//! The endpoint id everywhere is the ifindex of the endpoint's host-side veth.
+
+mod abi;
+mod error;
+mod events;
+mod loader;
+mod maps;
+pub mod netns;
+mod policy;
+
+pub use error::DatapathError;
+pub use events::{Event, EventReader, Verdict, drop_reason_name};
+pub use loader::{
+    Datapath, PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, TC_HANDLE, TC_PRIORITY, ensure_bpffs, is_bpffs,
+};
+pub use maps::{
+    AuthKey, AuthMap, Conntrack, Counter, Counters, CtEntry, EndpointConfig, EndpointMap, IpCache,
+    IpCacheEntry, MAP_AUTH, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EV_LOST, MAP_EVENTS,
+    MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
+};
+pub use policy::{
+    DROP_AUTH_REQUIRED, DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap,
+    PolicyValue, decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
+};
+
+/// Identity the datapath gives addresses missing from the IPCache.
+pub const IDENTITY_WORLD: u32 = 2;
+/// Cilium's reserved identity of the local host.
+pub const IDENTITY_HOST: u32 = 1;

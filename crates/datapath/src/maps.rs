@@ -1,0 +1,174 @@
+//! Typed handles on the pinned maps, opened either from a fresh load or from the pin directory.
+
+mod auth;
+mod conntrack;
+mod counters;
+mod endpoints;
+mod ipcache;
+
+pub use auth::{AuthKey, AuthMap};
+pub use conntrack::{Conntrack, CtEntry};
+pub use counters::{Counter, Counters};
+pub use endpoints::{EndpointConfig, EndpointMap};
+pub use ipcache::{IpCache, IpCacheEntry};
+
+use std::path::Path;
+
+use aya::maps::{Map, MapData, MapError, MapInfo, MapType};
+
+use crate::error::DatapathError;
+use crate::policy::PolicyMap;
+
+/// IPCache LPM trie: address prefix → identity.
+pub const MAP_IPCACHE: &str = "sigil_ipcache";
+/// Policy LPM trie of all endpoints.
+pub const MAP_POLICY: &str = "sigil_policy";
+/// Per-endpoint config (identity, enforcement).
+pub const MAP_ENDPOINTS: &str = "sigil_endpoints";
+/// Auth entries for `auth_required` policy.
+pub const MAP_AUTH: &str = "sigil_auth";
+/// Connection tracking LRU hash.
+pub const MAP_CT: &str = "sigil_ct";
+/// Verdict and drop events ring buffer.
+pub const MAP_EVENTS: &str = "sigil_events";
+/// Per-endpoint, per-verdict counters.
+pub const MAP_COUNTERS: &str = "sigil_counters";
+/// Events lost because the ring buffer was full.
+pub const MAP_EV_LOST: &str = "sigil_ev_lost";
+
+/// Layout of each map this build creates, checked against maps pinned by an earlier run.
+pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 8] = [
+    (MAP_IPCACHE, MapType::LpmTrie, 24, 8),
+    (MAP_POLICY, MapType::LpmTrie, 16, 8),
+    (MAP_ENDPOINTS, MapType::Hash, 4, 16),
+    (MAP_AUTH, MapType::Hash, 12, 8),
+    (MAP_CT, MapType::LruHash, 44, 24),
+    (MAP_EVENTS, MapType::RingBuf, 0, 0),
+    (MAP_COUNTERS, MapType::PerCpuHash, 8, 16),
+    (MAP_EV_LOST, MapType::PerCpuArray, 4, 8),
+];
+
+/// Every map except the ring buffer (read through [`crate::EventReader`]).
+pub struct Maps {
+    /// Address → identity.
+    pub ipcache: IpCache,
+    /// Policy entries of all endpoints.
+    pub policy: PolicyMap,
+    /// Endpoint identity and enforcement.
+    pub endpoints: EndpointMap,
+    /// Authenticated identity pairs.
+    pub auth: AuthMap,
+    /// Connection tracking.
+    pub conntrack: Conntrack,
+    /// Packet and byte counters.
+    pub counters: Counters,
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pin_dir` without loading programs (CLI tools, monitors).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        check_pins(pin_dir)?;
+        let mut open = |name: &'static str| -> Result<Map, DatapathError> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| {
+                if is_not_found(&e) {
+                    DatapathError::MapMissing {
+                        name,
+                        where_: pin_dir.display().to_string(),
+                    }
+                } else {
+                    DatapathError::map(name, "open pin", e)
+                }
+            })?;
+            Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open pin", e))
+        };
+        Self::from_maps(&mut open)
+    }
+
+    pub(crate) fn from_maps(
+        take: &mut dyn FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        Ok(Self {
+            ipcache: IpCache::new(typed(MAP_IPCACHE, take(MAP_IPCACHE)?)?),
+            policy: PolicyMap::new(typed(MAP_POLICY, take(MAP_POLICY)?)?)?,
+            endpoints: EndpointMap::new(typed(MAP_ENDPOINTS, take(MAP_ENDPOINTS)?)?),
+            auth: AuthMap::new(typed(MAP_AUTH, take(MAP_AUTH)?)?),
+            conntrack: Conntrack::new(typed(MAP_CT, take(MAP_CT)?)?),
+            counters: Counters::new(
+                typed(MAP_COUNTERS, take(MAP_COUNTERS)?)?,
+                typed(MAP_EV_LOST, take(MAP_EV_LOST)?)?,
+            ),
+        })
+    }
+
+    /// Removes everything the maps hold for an endpoint (policy, config, counters, conntrack).
+    pub fn remove_endpoint_state(&mut self, endpoint_id: u32) -> Result<(), DatapathError> {
+        self.policy.clear_endpoint(endpoint_id)?;
+        self.endpoints.remove(endpoint_id)?;
+        self.counters.remove_endpoint(endpoint_id)?;
+        self.conntrack.flush_endpoint(endpoint_id)?;
+        Ok(())
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    name: &'static str,
+    map: Map,
+) -> Result<T, DatapathError> {
+    T::try_from(map).map_err(|e| DatapathError::map(name, "open", e))
+}
+
+/// Refuses maps pinned with another layout: reusing them would make the programs misread them.
+pub(crate) fn check_pins(pin_dir: &Path) -> Result<(), DatapathError> {
+    for (name, kind, key, value) in MAP_SPECS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::map(name, "read pin", e))?;
+        let found_type = info
+            .map_type()
+            .map_or_else(|_| "unknown".to_owned(), |t| format!("{t:?}"));
+        let (want_key, want_value) = match kind {
+            // The kernel reports a ring buffer's sizes as 0; only its type matters.
+            MapType::RingBuf => (info.key_size(), info.value_size()),
+            _ => (key, value),
+        };
+        if found_type != format!("{kind:?}")
+            || info.key_size() != want_key
+            || info.value_size() != want_value
+        {
+            return Err(DatapathError::IncompatiblePin {
+                path,
+                found_type,
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+                want_type: format!("{kind:?}"),
+                want_key,
+                want_value,
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// Nanoseconds of CLOCK_BOOTTIME, the clock of event timestamps, conntrack and auth expiry.
+pub fn boot_time_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => {
+            let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+            let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
+            secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+        }
+        // CLOCK_BOOTTIME exists on every kernel that has these programs (2.6.39+).
+        Err(_) => 0,
+    }
+}

@@ -1,0 +1,224 @@
+//! Pure policy logic: key encoding, entry expansion, validation, port ranges, and the compiled
+//! map (deny precedence + two LPM lookups) against direct rule evaluation. No root needed.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use sigil_datapath::{
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, Event, PORT_PROTOCOLS, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue, Verdict, decide, intent_of, normalize,
+    port_range_prefixes,
+};
+
+fn entry(remote: u32, protocol: u8, port: u16, len: u8, deny: bool) -> PolicyEntry {
+    PolicyEntry {
+        remote_identity: remote,
+        direction: Direction::Ingress,
+        protocol,
+        port,
+        port_prefix_len: len,
+        deny,
+        l7_redirect: false,
+        auth_required: false,
+        rule_cookie: u32::from(port) + u32::from(deny),
+    }
+}
+
+#[test]
+fn prefix_lengths_cover_identity_direction_then_protocol_then_port_bits() {
+    let key = |p, port, len| entry(5, p, port, len, false).keys().expect("valid")[0];
+    assert_eq!(key(0, 0, 0).prefix_len(), 72);
+    assert_eq!(key(PROTO_TCP, 0, 0).prefix_len(), 80);
+    assert_eq!(key(PROTO_TCP, 8080, 16).prefix_len(), 96);
+    assert_eq!(key(PROTO_TCP, 8080, 13).prefix_len(), 93);
+}
+
+#[test]
+fn protocol_any_with_a_port_expands_to_tcp_udp_sctp() {
+    let keys = entry(5, 0, 443, 16, false).keys().expect("valid");
+    let protocols: Vec<u8> = keys.iter().map(PolicyKey::protocol).collect();
+    assert_eq!(protocols, PORT_PROTOCOLS);
+    assert!(keys.iter().all(|k| k.port() == 443 && k.prefix_len() == 96));
+    assert_eq!(entry(5, 0, 0, 0, false).keys().expect("valid").len(), 1);
+}
+
+#[test]
+fn invalid_keys_are_rejected_naming_the_field_and_value() {
+    let err = entry(5, PROTO_TCP, 80, 17, false)
+        .keys()
+        .expect_err("17 bits");
+    assert!(
+        err.to_string().contains("port_prefix_len") && err.to_string().contains("17"),
+        "{err}"
+    );
+    let err = entry(5, PROTO_TCP, 8081, 15, false)
+        .keys()
+        .expect_err("host bits");
+    assert!(
+        err.to_string().contains("port") && err.to_string().contains("8081"),
+        "{err}"
+    );
+    let err = PolicyKey::new(5, Direction::Egress, 0, 80, 16).expect_err("any proto with port");
+    assert!(err.to_string().contains("port_prefix_len"), "{err}");
+    let err = port_range_prefixes(90, 80).expect_err("reversed");
+    assert!(err.to_string().contains("90-80"), "{err}");
+}
+
+#[test]
+fn duplicate_keys_in_one_batch_merge_with_deny_winning() {
+    let intent = intent_of(&[
+        entry(5, PROTO_TCP, 80, 16, false),
+        entry(5, 0, 80, 16, true),
+    ])
+    .expect("valid");
+    let tcp80 = PolicyKey::new(5, Direction::Ingress, PROTO_TCP, 80, 16).expect("key");
+    assert!(intent[&tcp80].deny);
+    assert_eq!(intent.len(), 3);
+}
+
+#[test]
+fn a_more_specific_allow_under_a_deny_is_installed_as_a_deny() {
+    let intent = intent_of(&[
+        entry(5, PROTO_TCP, 8080, 16, false),
+        entry(5, PROTO_TCP, 0, 0, true),
+    ])
+    .expect("valid");
+    let map = normalize(&intent);
+    assert!(map.values().all(|v| v.deny));
+    let d = decide(&map, 5, Direction::Ingress, PROTO_TCP, 8080, false, true);
+    assert_eq!((d.drop_reason, d.rule_cookie), (DROP_POLICY_DENY, 1));
+    // Without normalisation the longest match (the allow) would have won.
+    let d = decide(&intent, 5, Direction::Ingress, PROTO_TCP, 8080, false, true);
+    assert_eq!(d.drop_reason, 0);
+}
+
+#[test]
+fn events_parse_from_the_ring_buffer_layout() {
+    let mut b = vec![0u8; 72];
+    b[0..8].copy_from_slice(&123u64.to_ne_bytes());
+    b[8..12].copy_from_slice(&7u32.to_ne_bytes());
+    b[12..16].copy_from_slice(&1001u32.to_ne_bytes());
+    b[16..20].copy_from_slice(&1002u32.to_ne_bytes());
+    b[20] = 4;
+    b[21] = PROTO_TCP;
+    b[22] = 1;
+    b[23] = 1;
+    b[24..26].copy_from_slice(&40000u16.to_ne_bytes());
+    b[26..28].copy_from_slice(&8080u16.to_ne_bytes());
+    b[28..32].copy_from_slice(&[10, 0, 0, 1]);
+    b[44..48].copy_from_slice(&[10, 0, 0, 2]);
+    b[60..64].copy_from_slice(&DROP_POLICY_DENIED.to_ne_bytes());
+    b[64..68].copy_from_slice(&9u32.to_ne_bytes());
+    let ev = Event::parse(&b).expect("parse");
+    assert_eq!(
+        (ev.ts_ns, ev.endpoint_id, ev.src_identity, ev.dst_identity),
+        (123, 7, 1001, 1002)
+    );
+    assert_eq!(
+        (ev.direction, ev.verdict),
+        (Direction::Egress, Verdict::Dropped)
+    );
+    assert_eq!(
+        (ev.sport, ev.dport, ev.drop_reason, ev.rule_cookie),
+        (40000, 8080, 133, 9)
+    );
+    assert_eq!(ev.saddr.to_string(), "10.0.0.1");
+    assert_eq!(ev.daddr.to_string(), "10.0.0.2");
+    let err = Event::parse(&b[..40]).expect_err("short");
+    assert!(err.to_string().contains("40 bytes"), "{err}");
+    b[23] = 9;
+    assert!(
+        Event::parse(&b)
+            .expect_err("bad verdict")
+            .to_string()
+            .contains("verdict")
+    );
+}
+
+/// Direct evaluation of the rules, with no LPM: any matching deny (for the identity or for 0)
+/// drops, else any matching allow allows, else the default.
+fn direct(entries: &[PolicyEntry], identity: u32, protocol: u8, port: u16, enforced: bool) -> u32 {
+    let matching: Vec<&PolicyEntry> = entries
+        .iter()
+        .filter(|e| e.remote_identity == identity || e.remote_identity == 0)
+        .filter(|e| {
+            let proto_ok = e.protocol == protocol
+                || (e.protocol == 0
+                    && (e.port_prefix_len == 0 || PORT_PROTOCOLS.contains(&protocol)));
+            let mask = if e.port_prefix_len == 0 {
+                0
+            } else {
+                u16::MAX << (16 - e.port_prefix_len)
+            };
+            proto_ok && port & mask == e.port
+        })
+        .collect();
+    if matching.iter().any(|e| e.deny) {
+        DROP_POLICY_DENY
+    } else if !matching.is_empty() || !enforced {
+        0
+    } else {
+        DROP_POLICY_DENIED
+    }
+}
+
+fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+    (
+        prop_oneof![Just(0u32), Just(5u32), Just(6u32)],
+        prop_oneof![
+            Just(0u8),
+            Just(PROTO_TCP),
+            Just(PROTO_UDP),
+            Just(PROTO_ICMP)
+        ],
+        0u16..64,
+        0u8..=16,
+        any::<bool>(),
+    )
+        .prop_map(|(remote, protocol, port, len, deny)| {
+            // Ports live in 8000..8064 so that prefixes overlap often.
+            let port = 8000 + port;
+            let mask = if len == 0 { 0 } else { u16::MAX << (16 - len) };
+            entry(remote, protocol, port & mask, len, deny)
+        })
+}
+
+proptest! {
+    #[test]
+    fn compiled_map_decides_like_direct_evaluation(
+        entries in prop::collection::vec(arb_entry(), 0..12),
+        identity in prop_oneof![Just(5u32), Just(6u32), Just(7u32)],
+        protocol in prop_oneof![Just(PROTO_TCP), Just(PROTO_UDP), Just(PROTO_ICMP)],
+        port in 7990u16..8070,
+        enforced in any::<bool>(),
+    ) {
+        let port = if protocol == PROTO_ICMP { 0 } else { port };
+        let map: BTreeMap<PolicyKey, PolicyValue> = normalize(&intent_of(&entries).expect("valid"));
+        let got = decide(&map, identity, Direction::Ingress, protocol, port, enforced, true);
+        prop_assert_eq!(got.drop_reason, direct(&entries, identity, protocol, port, enforced));
+    }
+
+    #[test]
+    fn port_range_prefixes_cover_exactly_the_range(first in any::<u16>(), len in 0u32..3000) {
+        let last = u16::try_from((u32::from(first) + len).min(65535)).expect("fits");
+        let blocks = port_range_prefixes(first, last).expect("valid range");
+        let mut next = u32::from(first);
+        for (port, plen) in &blocks {
+            prop_assert_eq!(u32::from(*port), next, "blocks are contiguous and ordered");
+            let size = 1u32 << (16 - u32::from(*plen));
+            prop_assert_eq!(u32::from(*port) % size, 0, "blocks are aligned");
+            PolicyKey::new(1, Direction::Ingress, PROTO_TCP, *port, *plen).expect("valid key");
+            next += size;
+        }
+        prop_assert_eq!(next, u32::from(last) + 1);
+        prop_assert!(blocks.len() <= 30);
+    }
+}
+
+#[test]
+fn handles_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<sigil_datapath::Datapath>();
+    assert_send::<sigil_datapath::Maps>();
+    assert_send::<sigil_datapath::EventReader>();
+}
