@@ -1,0 +1,262 @@
+//! The selector cache: each distinct selector in use and the set of identities it matches,
+//! kept current as identities come and go. Selectors and identities are both indexed by one
+//! `key=value` label, so adding an identity tests only the selectors that could match it and
+//! adding a selector tests only the identities that could match it.
+
+use std::collections::{HashMap, HashSet};
+
+use sigil_labels::{Labels, NAMESPACE_KEY, Operator, Selector};
+
+use crate::model::{Entity, PeerSelector};
+
+use super::key::IntBuild;
+
+/// Handle of a cached selector.
+pub(crate) type SelId = u32;
+
+/// What is cached: a subject selector matches only endpoint identities, a peer selector any.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum CacheKey {
+    Subject(Selector),
+    Peer(PeerSelector),
+}
+
+impl CacheKey {
+    fn matches(&self, id: u32, labels: &Labels) -> bool {
+        match self {
+            CacheKey::Subject(s) => super::is_endpoint_identity(id) && s.matches(labels),
+            CacheKey::Peer(p) => p.matches(labels),
+        }
+    }
+}
+
+/// How candidates for a selector are found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Hint {
+    /// Only identities carrying this label key with this value can match.
+    Label(String, String),
+    /// Any identity may match: test them all.
+    Scan,
+    /// Nothing matches.
+    Never,
+}
+
+fn hint(key: &CacheKey) -> Hint {
+    let sel = match key {
+        CacheKey::Subject(s) | CacheKey::Peer(PeerSelector::Endpoints(s)) => s,
+        CacheKey::Peer(PeerSelector::Entity(e)) => {
+            return match e {
+                Entity::All | Entity::World | Entity::Cluster => Hint::Scan,
+                Entity::None => Hint::Never,
+                other => Hint::Label(other.as_str().to_owned(), String::new()),
+            };
+        }
+        CacheKey::Peer(PeerSelector::Cidr(_)) => return Hint::Scan,
+        CacheKey::Peer(PeerSelector::Fqdn(_)) => return Hint::Never,
+    };
+    let mut eq = sel
+        .requirements()
+        .iter()
+        .filter(|r| r.op == Operator::In && r.values.len() == 1);
+    // The namespace label is shared by many identities; any other equality is sharper.
+    let pick = eq
+        .clone()
+        .find(|r| r.key.key != NAMESPACE_KEY)
+        .or_else(|| eq.next());
+    match pick.and_then(|r| r.values.iter().next().map(|v| (r, v))) {
+        Some((r, v)) => Hint::Label(r.key.key.clone(), v.clone()),
+        None => Hint::Scan,
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: CacheKey,
+    hint: Hint,
+    refs: usize,
+    matches: HashSet<u32, IntBuild>,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub(crate) struct SelectorCache {
+    by_key: HashMap<CacheKey, SelId>,
+    entries: HashMap<SelId, Entry, IntBuild>,
+    next: SelId,
+    by_label: HashMap<(String, String), Vec<SelId>>,
+    scan: HashSet<SelId, IntBuild>,
+    idents_by_label: HashMap<(String, String), HashSet<u32, IntBuild>>,
+}
+
+impl SelectorCache {
+    /// The id of `key`, cached (and its matches computed) on first use; counts a reference.
+    pub(crate) fn acquire(
+        &mut self,
+        key: CacheKey,
+        identities: &HashMap<u32, Labels, IntBuild>,
+    ) -> SelId {
+        if let Some(&id) = self.by_key.get(&key) {
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.refs += 1;
+            }
+            return id;
+        }
+        let id = self.next;
+        self.next += 1;
+        let hint = hint(&key);
+        let mut matches = HashSet::default();
+        match &hint {
+            Hint::Label(k, v) => {
+                if let Some(cands) = self.idents_by_label.get(&(k.clone(), v.clone())) {
+                    for &i in cands {
+                        if identities.get(&i).is_some_and(|l| key.matches(i, l)) {
+                            matches.insert(i);
+                        }
+                    }
+                }
+                self.by_label
+                    .entry((k.clone(), v.clone()))
+                    .or_default()
+                    .push(id);
+            }
+            Hint::Scan => {
+                for (&i, l) in identities {
+                    if key.matches(i, l) {
+                        matches.insert(i);
+                    }
+                }
+                self.scan.insert(id);
+            }
+            Hint::Never => {}
+        }
+        self.by_key.insert(key.clone(), id);
+        self.entries.insert(
+            id,
+            Entry {
+                key,
+                hint,
+                refs: 1,
+                matches,
+            },
+        );
+        id
+    }
+
+    /// Drops a reference; the selector leaves the cache with its last one.
+    pub(crate) fn release(&mut self, id: SelId) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        e.refs -= 1;
+        if e.refs > 0 {
+            return;
+        }
+        if let Some(e) = self.entries.remove(&id) {
+            self.by_key.remove(&e.key);
+            match e.hint {
+                Hint::Label(k, v) => {
+                    let lk = (k, v);
+                    if let Some(list) = self.by_label.get_mut(&lk) {
+                        list.retain(|&s| s != id);
+                        if list.is_empty() {
+                            self.by_label.remove(&lk);
+                        }
+                    }
+                }
+                Hint::Scan => {
+                    self.scan.remove(&id);
+                }
+                Hint::Never => {}
+            }
+        }
+    }
+
+    /// Whether selector `sel` matches identity `id`.
+    pub(crate) fn contains(&self, sel: SelId, id: u32) -> bool {
+        self.entries
+            .get(&sel)
+            .is_some_and(|e| e.matches.contains(&id))
+    }
+
+    /// The identities selector `sel` matches.
+    pub(crate) fn matches(&self, sel: SelId) -> impl Iterator<Item = u32> + '_ {
+        self.entries
+            .get(&sel)
+            .into_iter()
+            .flat_map(|e| e.matches.iter().copied())
+    }
+
+    /// How many identities selector `sel` matches.
+    pub(crate) fn match_count(&self, sel: SelId) -> usize {
+        self.entries.get(&sel).map_or(0, |e| e.matches.len())
+    }
+
+    /// Every cached selector with its key and matches (for inspection and tests).
+    pub(crate) fn snapshot(&self) -> Vec<(&CacheKey, Vec<u32>)> {
+        let mut out: Vec<(&CacheKey, Vec<u32>)> = self
+            .entries
+            .values()
+            .map(|e| {
+                let mut m: Vec<u32> = e.matches.iter().copied().collect();
+                m.sort_unstable();
+                (&e.key, m)
+            })
+            .collect();
+        out.sort_by_key(|(k, _)| format!("{k:?}"));
+        out
+    }
+
+    fn candidates(&self, labels: &Labels) -> Vec<SelId> {
+        let mut c: Vec<SelId> = self.scan.iter().copied().collect();
+        for l in labels.iter() {
+            if let Some(list) = self.by_label.get(&(l.key.clone(), l.value.clone())) {
+                c.extend(list);
+            }
+        }
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+
+    /// Records a new identity; returns the selectors that now match it.
+    pub(crate) fn add_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelId> {
+        for l in labels.iter() {
+            self.idents_by_label
+                .entry((l.key.clone(), l.value.clone()))
+                .or_default()
+                .insert(id);
+        }
+        let mut hit = Vec::new();
+        for sel in self.candidates(labels) {
+            if let Some(e) = self.entries.get_mut(&sel)
+                && e.key.matches(id, labels)
+                && e.matches.insert(id)
+            {
+                hit.push(sel);
+            }
+        }
+        hit
+    }
+
+    /// Forgets an identity; returns the selectors that matched it.
+    pub(crate) fn remove_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelId> {
+        for l in labels.iter() {
+            let lk = (l.key.clone(), l.value.clone());
+            if let Some(set) = self.idents_by_label.get_mut(&lk) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.idents_by_label.remove(&lk);
+                }
+            }
+        }
+        let mut hit = Vec::new();
+        for sel in self.candidates(labels) {
+            if let Some(e) = self.entries.get_mut(&sel)
+                && e.matches.remove(&id)
+            {
+                hit.push(sel);
+            }
+        }
+        hit
+    }
+}
