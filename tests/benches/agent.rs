@@ -56,11 +56,13 @@ fn with_header<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-async fn client(agent: &AgentProcess) -> anyhow::Result<SpiffeWorkloadApiClient<tonic::transport::Channel>> {
-    Ok(SpiffeWorkloadApiClient::new(
-        sigil_e2e::admin_channel(&agent.socket).await?,
+async fn client(
+    agent: &AgentProcess,
+) -> anyhow::Result<SpiffeWorkloadApiClient<tonic::transport::Channel>> {
+    Ok(
+        SpiffeWorkloadApiClient::new(sigil_e2e::admin_channel(&agent.socket).await?)
+            .max_decoding_message_size(256 << 20),
     )
-    .max_decoding_message_size(256 << 20))
 }
 
 async fn create_entries(
@@ -80,7 +82,12 @@ async fn create_entries(
     Ok(())
 }
 
-fn entry(spiffe: String, parent: &str, selector: String, ttl: Option<i32>) -> sigil_proto::admin::v1::Entry {
+fn entry(
+    spiffe: String,
+    parent: &str,
+    selector: String,
+    ttl: Option<i32>,
+) -> sigil_proto::admin::v1::Entry {
     let (t, v) = selector.split_once(':').unwrap_or(("unix", "uid:0"));
     sigil_proto::admin::v1::Entry {
         spiffe_id: spiffe,
@@ -104,7 +111,10 @@ async fn first_svid(agent: &AgentProcess) -> anyhow::Result<wpb::X509svidRespons
                 return Ok(m);
             }
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no SVID after 30 s");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "no SVID after 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -167,7 +177,9 @@ async fn bench_streams(rows: &mut Vec<[String; 3]>) -> anyhow::Result<()> {
     }
     steady.sort();
     rows.push([
-        format!("Time to first X.509-SVID for a new stream while {N} streams are open (200 arrivals)"),
+        format!(
+            "Time to first X.509-SVID for a new stream while {N} streams are open (200 arrivals)"
+        ),
         format!(
             "p50 {} / p99 {}",
             ms(percentile(&steady, 0.5)),
@@ -176,7 +188,9 @@ async fn bench_streams(rows: &mut Vec<[String; 3]>) -> anyhow::Result<()> {
         "target p99 < 10 ms".into(),
     ]);
     rows.push([
-        format!("Burst: {N} Workload API streams opened at the same instant, time to first X.509-SVID"),
+        format!(
+            "Burst: {N} Workload API streams opened at the same instant, time to first X.509-SVID"
+        ),
         format!(
             "p50 {} / p99 {} (all {N} in {})",
             ms(percentile(&lat, 0.5)),
@@ -200,7 +214,16 @@ async fn bench_propagation(rows: &mut Vec<[String; 3]>) -> anyhow::Result<()> {
     let agent = AgentProcess::start(&server, &["--log-level", "warn"])?;
     let parent = agent_id(&agent);
     let me = format!("unix:uid:{}", uid());
-    create_entries(&server, vec![entry(format!("spiffe://{TD}/bench/base"), &parent, me.clone(), None)]).await?;
+    create_entries(
+        &server,
+        vec![entry(
+            format!("spiffe://{TD}/bench/base"),
+            &parent,
+            me.clone(),
+            None,
+        )],
+    )
+    .await?;
     first_svid(&agent).await?;
     let mut c = client(&agent).await?;
     let mut stream = c
@@ -366,7 +389,9 @@ fn main() -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut rows = Vec::new();
         bench_streams(&mut rows).await?;

@@ -186,7 +186,12 @@ async fn bench_signing(
     }
     let api = N as f64 / t.elapsed().as_secs_f64();
     if std::env::var_os("SIGIL_BENCH_DEBUG").is_some() {
-        for l in server.log_text().lines().filter(|l| l.contains("batch signed")).take(5) {
+        for l in server
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("batch signed"))
+            .take(5)
+        {
             eprintln!("{l}");
         }
     }

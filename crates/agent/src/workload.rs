@@ -276,10 +276,12 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let cache = self.cache().clone();
         let c2 = cache.clone();
         Ok(Response::new(spawn_watch(cache, move || {
-            Some(
-                caller_bundles(&c2, &selectors, x509_der)
-                    .map(|bundles| wpb::X509BundlesResponse { crl: vec![], bundles }),
-            )
+            Some(caller_bundles(&c2, &selectors, x509_der).map(|bundles| {
+                wpb::X509BundlesResponse {
+                    crl: vec![],
+                    bundles,
+                }
+            }))
         })))
     }
 
