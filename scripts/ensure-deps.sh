@@ -6,6 +6,9 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/struct.proto ] || need+=(libprotobuf-dev)
 command -v clang >/dev/null 2>&1 || need+=(clang)
 command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || need+=(iproute2)
+# sigil-netd benchmarks: iperf3 throughput and the nftables baseline.
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2

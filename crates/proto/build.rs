@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "proto/sigil/admin/v1/admin.proto",
     "proto/sigil/agent/v1/agent.proto",
+    "proto/sigil/netd/v1/netd.proto",
     "proto/workload.proto",
     "proto/spire/api/types/selector.proto",
     "proto/spire/api/types/spiffeid.proto",

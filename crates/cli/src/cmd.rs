@@ -3,7 +3,13 @@
 pub mod agent;
 pub mod bundle;
 pub mod demo;
+pub mod demo_net;
+pub mod endpoint;
 pub mod entry;
+pub mod monitor;
+pub mod netd;
+pub mod policy;
+pub mod policy_repo;
 pub mod server;
 pub mod svid;
 pub mod token;

@@ -49,6 +49,17 @@ enum Command {
     /// Move the server to another trust domain.
     #[command(subcommand)]
     TrustDomain(cmd::trust_domain::TrustDomainCommand),
+    /// Check network policy files and trace flows through them (no daemon needed).
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+    /// Run sigil-netd (endpoints, identities, eBPF policy enforcement) or show its status.
+    #[command(subcommand)]
+    Netd(cmd::netd::NetdCommand),
+    /// Manage endpoints of sigil-netd.
+    #[command(subcommand)]
+    Endpoint(cmd::endpoint::EndpointCommand),
+    /// Stream sigil-netd's verdict and drop events.
+    Monitor(cmd::monitor::MonitorArgs),
     /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
     Demo(cmd::demo::DemoArgs),
 }
@@ -86,6 +97,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Jwt(c) => cmd::svid::run_jwt(c).await?,
         Command::TrustDomain(c) => cmd::trust_domain::run(c).await?,
         Command::Demo(a) => cmd::demo::run(a).await?,
+        Command::Netd(c) => return cmd::netd::run(c).await,
+        Command::Endpoint(c) => cmd::endpoint::run(c).await?,
+        Command::Monitor(a) => cmd::monitor::run(a).await?,
+        Command::Policy(c) => return cmd::policy::run(c).await,
     }
     Ok(done)
 }

@@ -28,3 +28,12 @@ pub mod agent {
         tonic::include_proto!("sigil.agent.v1");
     }
 }
+
+/// sigil-netd's API: endpoints, policies, monitor, status (Unix socket).
+pub mod netd {
+    /// Version 1.
+    #[allow(clippy::all, rust_2018_idioms)]
+    pub mod v1 {
+        tonic::include_proto!("sigil.netd.v1");
+    }
+}

@@ -3,8 +3,10 @@
 
 pub mod agent;
 pub mod clock;
+pub mod netd;
 pub mod process;
 
 pub use agent::AgentProcess;
 pub use clock::ManualClock;
+pub use netd::NetdProcess;
 pub use process::{ServerProcess, free_port, sigil_bin};

@@ -243,7 +243,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         server,
         agent: None,
     };
-    let result = steps(&mut daemons, &l, a.keep).await;
+    let mut result = steps(&mut daemons, &l, a.keep).await;
+    if result.is_ok() {
+        result = super::demo_net::run(&l.dir).await;
+    }
     if result.is_err() {
         eprintln!("{}\n", daemons.log_tails());
     }

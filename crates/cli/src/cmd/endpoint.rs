@@ -1,0 +1,172 @@
+//! `sigil endpoint create|list|get|delete|labels` against sigil-netd.
+
+use sigil_proto::netd::v1 as pb;
+use sigil_proto::netd::v1::endpoints_client::EndpointsClient;
+
+use crate::client;
+use crate::cmd::netd::NetdSocket;
+use crate::output::{self, Format, OutputArg};
+
+/// `sigil endpoint ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum EndpointCommand {
+    /// Create an endpoint: network namespace, veth, addresses, identity, datapath; prints JSON.
+    Create(CreateArgs),
+    /// List endpoints.
+    List(ListArgs),
+    /// Show one endpoint as JSON.
+    Get(NameArgs),
+    /// Delete an endpoint.
+    Delete(NameArgs),
+    /// Change an endpoint's labels (it moves to the identity of its new labels).
+    Labels(LabelsArgs),
+}
+
+/// Flags of `sigil endpoint create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Endpoint name.
+    name: String,
+    /// Labels, comma-separated `key=value` (`k8s:` source implied).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Kubernetes namespace of the endpoint.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// SPIFFE ID, added as the label `spiffe:spiffe.io/spiffe-id=<ID>`.
+    #[arg(long, value_name = "URI")]
+    spiffe_id: Option<String>,
+    #[command(flatten)]
+    socket: NetdSocket,
+}
+
+/// Flags of `sigil endpoint list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    socket: NetdSocket,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+/// An endpoint name.
+#[derive(Debug, clap::Args)]
+pub struct NameArgs {
+    /// Endpoint name.
+    name: String,
+    #[command(flatten)]
+    socket: NetdSocket,
+}
+
+/// Flags of `sigil endpoint labels`.
+#[derive(Debug, clap::Args)]
+pub struct LabelsArgs {
+    /// Endpoint name.
+    name: String,
+    /// Labels to add or change, comma-separated `key=value`.
+    #[arg(long, value_delimiter = ',')]
+    set: Vec<String>,
+    /// Label keys to remove, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    remove: Vec<String>,
+    #[command(flatten)]
+    socket: NetdSocket,
+}
+
+/// An endpoint as JSON.
+pub fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
+    serde_json::json!({
+        "name": e.name,
+        "namespace": e.namespace,
+        "labels": e.labels,
+        "identity": e.identity,
+        "netns": e.netns,
+        "netns_name": e.netns_name,
+        "interface": e.interface,
+        "host_interface": e.host_interface,
+        "endpoint_id": e.endpoint_id,
+        "ipv4": e.ipv4,
+        "ipv6": e.ipv6,
+        "spiffe_id": e.spiffe_id,
+    })
+}
+
+/// Runs an `endpoint` subcommand.
+pub async fn run(cmd: EndpointCommand) -> anyhow::Result<()> {
+    match cmd {
+        EndpointCommand::Create(a) => {
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            let e = client::reply(
+                c.create_endpoint(pb::CreateEndpointRequest {
+                    name: a.name,
+                    labels: a.labels.into_iter().filter(|l| !l.is_empty()).collect(),
+                    namespace: a.namespace,
+                    spiffe_id: a.spiffe_id.unwrap_or_default(),
+                })
+                .await,
+            )?;
+            output::print_json(&endpoint_json(&e))?;
+        }
+        EndpointCommand::List(a) => {
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            let list = client::reply(c.list_endpoints(pb::ListEndpointsRequest {}).await)?;
+            match a.output.output {
+                Format::Json => {
+                    let v: Vec<_> = list.endpoints.iter().map(endpoint_json).collect();
+                    output::print_json(&v)?;
+                }
+                Format::Text => {
+                    println!(
+                        "{:<20} {:>8} {:<16} {:<24} LABELS",
+                        "NAME", "IDENTITY", "IPV4", "IPV6"
+                    );
+                    for e in &list.endpoints {
+                        println!(
+                            "{:<20} {:>8} {:<16} {:<24} {}",
+                            e.name,
+                            e.identity,
+                            e.ipv4,
+                            e.ipv6,
+                            e.labels.join(",")
+                        );
+                    }
+                }
+            }
+        }
+        EndpointCommand::Get(a) => {
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            let e = client::reply(
+                c.get_endpoint(pb::GetEndpointRequest { name: a.name })
+                    .await,
+            )?;
+            output::print_json(&endpoint_json(&e))?;
+        }
+        EndpointCommand::Delete(a) => {
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            client::reply(
+                c.delete_endpoint(pb::DeleteEndpointRequest {
+                    name: a.name.clone(),
+                })
+                .await,
+            )?;
+            println!("Endpoint {} deleted.", a.name);
+        }
+        EndpointCommand::Labels(a) => {
+            anyhow::ensure!(
+                !a.set.is_empty() || !a.remove.is_empty(),
+                "labels: give --set and/or --remove"
+            );
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            let e = client::reply(
+                c.set_labels(pb::SetLabelsRequest {
+                    name: a.name,
+                    set: a.set,
+                    remove: a.remove,
+                })
+                .await,
+            )?;
+            output::print_json(&endpoint_json(&e))?;
+        }
+    }
+    Ok(())
+}

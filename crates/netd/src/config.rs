@@ -1,0 +1,314 @@
+//! sigil-netd's configuration: a TOML file, overridden by flags, validated once at start.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use sigil_policy::{EnforcementMode, IpPrefix};
+
+/// Default path of the API socket (its directory is made 0700).
+pub const DEFAULT_API_SOCKET: &str = "/run/sigil/netd.sock";
+/// Default bpffs directory of the pinned maps and programs.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sigil";
+/// Default directory of the state file.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sigil/netd";
+/// Default IPv4 pod CIDR.
+pub const DEFAULT_POD_CIDR: &str = "10.200.0.0/24";
+/// Default IPv6 pod CIDR.
+pub const DEFAULT_POD_CIDR_V6: &str = "fd00:200::/64";
+
+/// Flags of `sigil netd run`; each overrides the same key of the TOML file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// TOML configuration file (keys as the flags, with `_` for `-`).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Name of this node (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// IPv4 pod CIDR endpoints take addresses from.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// IPv6 pod CIDR endpoints take addresses from.
+    #[arg(long)]
+    pub pod_cidr_v6: Option<String>,
+    /// bpffs directory of the pinned maps and programs (bpffs is mounted if needed).
+    #[arg(long)]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// Directory of policy YAML files, watched: a change re-imports the whole directory.
+    #[arg(long)]
+    pub policy_dir: Option<PathBuf>,
+    /// Path of the API Unix socket (its directory is made 0700).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Directory of the state file (endpoints, addresses, identities, imported policies).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Policy enforcement: default, always or never.
+    #[arg(long)]
+    pub enforcement: Option<String>,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_name: Option<String>,
+    pod_cidr: Option<String>,
+    pod_cidr_v6: Option<String>,
+    bpf_pin_dir: Option<PathBuf>,
+    policy_dir: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    enforcement: Option<String>,
+    log_level: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node name.
+    pub node_name: String,
+    /// IPv4 pod CIDR.
+    pub pod_cidr: PodCidr<Ipv4Addr>,
+    /// IPv6 pod CIDR.
+    pub pod_cidr_v6: PodCidr<Ipv6Addr>,
+    /// Pin directory.
+    pub bpf_pin_dir: PathBuf,
+    /// Watched policy directory.
+    pub policy_dir: Option<PathBuf>,
+    /// API socket.
+    pub api_socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Enforcement mode.
+    pub enforcement: EnforcementMode,
+    /// Log level.
+    pub log_level: String,
+}
+
+/// A pod CIDR of one family: network address and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodCidr<A> {
+    /// Network address (host bits clear).
+    pub network: A,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+impl<A: Copy + Into<IpAddr>> PodCidr<A> {
+    /// As a policy-crate prefix.
+    pub fn prefix(&self) -> Option<IpPrefix> {
+        IpPrefix::new(self.network.into(), self.prefix_len)
+    }
+}
+
+impl<A: std::fmt::Display> std::fmt::Display for PodCidr<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl PodCidr<Ipv4Addr> {
+    /// Host `index` of the CIDR (0 is the network address), if inside it and not broadcast.
+    pub fn host(&self, index: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.prefix_len));
+        if u64::from(index) + 1 >= size {
+            return None;
+        }
+        Some(Ipv4Addr::from(u32::from(self.network) + index))
+    }
+
+    /// Parses `a.b.c.d/len` (prefix 8..=30), refusing host bits.
+    pub fn parse(field: &str, s: &str) -> anyhow::Result<Self> {
+        let (addr, len) = split_cidr(field, s)?;
+        let IpAddr::V4(a) = addr else {
+            bail!("{field}: invalid value {s:?}: not an IPv4 CIDR");
+        };
+        if !(8..=30).contains(&len) {
+            bail!("{field}: invalid value {s:?}: the prefix length must be 8..=30");
+        }
+        let mask = u32::MAX << (32 - u32::from(len));
+        if u32::from(a) & !mask != 0 {
+            bail!("{field}: invalid value {s:?}: host bits are set");
+        }
+        Ok(Self {
+            network: a,
+            prefix_len: len,
+        })
+    }
+}
+
+impl PodCidr<Ipv6Addr> {
+    /// Host `index` of the CIDR, if inside it.
+    pub fn host(&self, index: u32) -> Option<Ipv6Addr> {
+        let bits = 128 - u32::from(self.prefix_len);
+        if bits < 32 && u64::from(index) >= (1u64 << bits) {
+            return None;
+        }
+        Some(Ipv6Addr::from(u128::from(self.network) + u128::from(index)))
+    }
+
+    /// Parses `x::/len` (prefix 64..=120), refusing host bits.
+    pub fn parse(field: &str, s: &str) -> anyhow::Result<Self> {
+        let (addr, len) = split_cidr(field, s)?;
+        let IpAddr::V6(a) = addr else {
+            bail!("{field}: invalid value {s:?}: not an IPv6 CIDR");
+        };
+        if !(64..=120).contains(&len) {
+            bail!("{field}: invalid value {s:?}: the prefix length must be 64..=120");
+        }
+        let mask = u128::MAX << (128 - u32::from(len));
+        if u128::from(a) & !mask != 0 {
+            bail!("{field}: invalid value {s:?}: host bits are set");
+        }
+        Ok(Self {
+            network: a,
+            prefix_len: len,
+        })
+    }
+}
+
+fn split_cidr(field: &str, s: &str) -> anyhow::Result<(IpAddr, u8)> {
+    let (a, l) = s
+        .split_once('/')
+        .with_context(|| format!("{field}: invalid value {s:?}: want ADDRESS/LENGTH"))?;
+    let addr: IpAddr = a
+        .parse()
+        .with_context(|| format!("{field}: invalid value {s:?}: {a:?} is not an IP address"))?;
+    let len: u8 = l
+        .parse()
+        .with_context(|| format!("{field}: invalid value {s:?}: {l:?} is not a prefix length"))?;
+    Ok((addr, len))
+}
+
+impl Config {
+    /// Merges the file named by `--config` (if any) with the flags and validates the result.
+    pub fn from_args(args: &RunArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let node_name = args
+            .node_name
+            .clone()
+            .or(file.node_name)
+            .unwrap_or_else(hostname);
+        if node_name.is_empty() {
+            bail!("node_name: invalid value \"\": must not be empty");
+        }
+        let pod_cidr = PodCidr::<Ipv4Addr>::parse(
+            "pod_cidr",
+            &args
+                .pod_cidr
+                .clone()
+                .or(file.pod_cidr)
+                .unwrap_or_else(|| DEFAULT_POD_CIDR.to_owned()),
+        )?;
+        let pod_cidr_v6 = PodCidr::<Ipv6Addr>::parse(
+            "pod_cidr_v6",
+            &args
+                .pod_cidr_v6
+                .clone()
+                .or(file.pod_cidr_v6)
+                .unwrap_or_else(|| DEFAULT_POD_CIDR_V6.to_owned()),
+        )?;
+        let api_socket = args
+            .api_socket
+            .clone()
+            .or(file.api_socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET));
+        if api_socket.parent().is_none_or(|p| p.as_os_str().is_empty()) {
+            bail!(
+                "api_socket: {} has no parent directory",
+                api_socket.display()
+            );
+        }
+        let mode = args
+            .enforcement
+            .clone()
+            .or(file.enforcement)
+            .unwrap_or_else(|| "default".to_owned());
+        let enforcement = EnforcementMode::parse(&mode).with_context(|| {
+            format!("enforcement: invalid value {mode:?} (default, always or never)")
+        })?;
+        Ok(Self {
+            node_name,
+            pod_cidr,
+            pod_cidr_v6,
+            bpf_pin_dir: args
+                .bpf_pin_dir
+                .clone()
+                .or(file.bpf_pin_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            policy_dir: args.policy_dir.clone().or(file.policy_dir),
+            api_socket,
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            enforcement,
+            log_level: args
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("config: cannot read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config: {}", path.display()))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_refuse_bad_values_by_field() {
+        let c = PodCidr::<Ipv4Addr>::parse("pod_cidr", "10.200.0.0/24").expect("v4");
+        assert_eq!(c.host(2), Some(Ipv4Addr::new(10, 200, 0, 2)));
+        assert_eq!(c.host(255), None);
+        let e = PodCidr::<Ipv4Addr>::parse("pod_cidr", "10.200.0.1/24").expect_err("host bits");
+        assert!(e.to_string().contains("pod_cidr") && e.to_string().contains("host bits"));
+        let e = PodCidr::<Ipv4Addr>::parse("pod_cidr", "fd00::/64").expect_err("family");
+        assert!(e.to_string().contains("not an IPv4"), "{e}");
+        let v6 = PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", "fd00:200::/64").expect("v6");
+        assert_eq!(v6.host(2), "fd00:200::2".parse().ok());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_enforcement_is_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("netd.toml");
+        std::fs::write(&file, "node_name = \"a\"\npod_cidr = \"10.1.0.0/16\"\n").expect("write");
+        let args = RunArgs {
+            config: Some(file.clone()),
+            node_name: Some("b".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::from_args(&args).expect("config");
+        assert_eq!(c.node_name, "b");
+        assert_eq!(c.pod_cidr.to_string(), "10.1.0.0/16");
+        let bad = RunArgs {
+            enforcement: Some("sometimes".into()),
+            ..args
+        };
+        let e = Config::from_args(&bad).expect_err("enforcement");
+        assert!(e.to_string().contains("enforcement") && e.to_string().contains("sometimes"));
+    }
+}

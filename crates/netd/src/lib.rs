@@ -1,0 +1,133 @@
+//! sigil-netd: creates endpoints (network namespace, veth, addresses from the pod CIDRs),
+//! gives them identities from their labels, compiles policies with `sigil-policy` into the
+//! eBPF datapath of `sigil-datapath`, streams verdict events, and serves a gRPC API on a Unix
+//! socket. Maps and programs stay pinned and attached while the daemon is down; on start it
+//! adopts them and reconciles with its state file.
+
+pub mod api;
+pub mod config;
+pub mod convert;
+pub mod daemon;
+pub mod error;
+pub mod monitor;
+pub mod state;
+pub mod watch;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sigil_proto::netd::v1 as pb;
+use tokio::sync::{Mutex, broadcast, watch as tokio_watch};
+
+pub use config::{Config, RunArgs};
+pub use daemon::Daemon;
+pub use error::NetdError;
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Binds the API socket: the directory is made 0700, a stale socket replaced, the socket 0600.
+pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .with_context(|| format!("api_socket: {} has no directory", path.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("api_socket: cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("api_socket: cannot chmod {}", dir.display()))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("api_socket: {} is in use by a running netd", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("api_socket: cannot remove stale {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("api_socket: cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("api_socket: cannot chmod {}", path.display()))?;
+    Ok(l)
+}
+
+/// Runs `sigil netd run` until SIGTERM or SIGINT. The datapath stays attached afterwards.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = Config::from_args(&args)?;
+    init_logging(&config.log_level);
+    let (stop_tx, stop_rx) = tokio_watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    serve(config, stop_rx).await
+}
+
+/// Starts the daemon with `config` and serves until `stop` turns true.
+pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> anyhow::Result<()> {
+    let socket = config.api_socket.clone();
+    let pin_dir = config.bpf_pin_dir.clone();
+    let policy_dir = config.policy_dir.clone();
+    let daemon = tokio::task::block_in_place(|| Daemon::start(config)).context("starting netd")?;
+    let snapshot = daemon.snapshot();
+    let endpoints = daemon.list_endpoints().len();
+    let daemon = Arc::new(Mutex::new(daemon));
+    let (events_tx, _) = broadcast::channel(4096);
+    let reader = sigil_datapath::EventReader::open_pinned(&pin_dir)
+        .context("opening the event ring buffer")?;
+    let monitor = tokio::spawn(monitor::run(reader, snapshot, events_tx.clone()));
+    let watcher =
+        policy_dir.map(|dir| tokio::spawn(watch::run(dir, Arc::clone(&daemon), stop.clone())));
+    let listener = api_listener(&socket)?;
+    let api = api::Api::new(Arc::clone(&daemon), events_tx);
+    let router = tonic::transport::Server::builder()
+        .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
+        .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
+        .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
+        .add_service(pb::status_server::StatusServer::new(api));
+    tracing::info!(api_socket = %socket.display(), pin_dir = %pin_dir.display(), endpoints, "sigil-netd ready");
+    let mut stop_server = stop.clone();
+    let served = router
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move {
+                let _ = stop_server.wait_for(|s| *s).await;
+            },
+        )
+        .await;
+    let _ = stop.wait_for(|s| *s).await;
+    monitor.abort();
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
+    let _ = std::fs::remove_file(&socket);
+    served.context("API server")?;
+    tracing::info!("sigil-netd stopped; the datapath stays attached");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,59 @@
+//! Reads the datapath's event ring buffer (one reader: a ring buffer has one consumer
+//! position) and fans events out to monitor clients with identities and addresses named.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sigil_datapath::{Event, EventReader, drop_reason_name};
+use sigil_proto::netd::v1 as pb;
+use tokio::sync::broadcast;
+
+use crate::daemon::Snapshot;
+
+/// The API form of an event, named with `snap`.
+pub fn event_pb(ev: &Event, snap: &Snapshot) -> pb::Event {
+    let peer = |id: u32, addr: std::net::IpAddr, port: u16| pb::Peer {
+        identity: id,
+        labels: snap.identities.get(&id).cloned().unwrap_or_default(),
+        endpoint: snap.addresses.get(&addr).cloned().unwrap_or_default(),
+        addr: addr.to_string(),
+        port: u32::from(port),
+    };
+    pb::Event {
+        ts_ns: ev.ts_ns,
+        verdict: ev.verdict.as_str().to_owned(),
+        direction: ev.direction.to_string(),
+        endpoint_id: ev.endpoint_id,
+        endpoint: snap
+            .endpoint_ids
+            .get(&ev.endpoint_id)
+            .cloned()
+            .unwrap_or_default(),
+        src: Some(peer(ev.src_identity, ev.saddr, ev.sport)),
+        dst: Some(peer(ev.dst_identity, ev.daddr, ev.dport)),
+        protocol: u32::from(ev.protocol),
+        drop_reason: ev.drop_reason,
+        drop_reason_name: drop_reason_name(ev.drop_reason).to_owned(),
+        rule_cookie: ev.rule_cookie,
+    }
+}
+
+/// Reads events until the reader fails, publishing each to `tx` (no subscriber: dropped).
+pub async fn run(
+    mut reader: EventReader,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    tx: broadcast::Sender<pb::Event>,
+) {
+    loop {
+        match reader.next().await {
+            Ok(ev) => {
+                let snap = snapshot.load();
+                let _ = tx.send(event_pb(&ev, &snap));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event reader stopped");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The state file: endpoints with their addresses and identities, imported policies, and CIDR
+//! identities, written atomically (temp file + rename) after every change so that a restarted
+//! daemon adopts the same endpoints with the same identity numbers that the pinned maps hold.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sigil_identity::{Allocator, LocalAllocator, NumericIdentity};
+use sigil_labels::{Label, Labels, NAMESPACE_KEY, Source, spiffe_label};
+
+use crate::error::NetdError;
+
+/// File name of the state file in the state directory.
+pub const STATE_FILE: &str = "netd-state.json";
+
+/// One endpoint as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Endpoint name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod labels as given (`[source:]key=value`; no source means `k8s:`).
+    pub pod_labels: Vec<String>,
+    /// SPIFFE ID, if any.
+    pub spiffe_id: Option<String>,
+    /// Numeric identity.
+    pub identity: u32,
+    /// IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Host address index in the pod CIDRs (the same for both families).
+    pub host_index: u32,
+    /// Datapath endpoint id (host veth ifindex).
+    pub endpoint_id: u32,
+    /// Host-side veth.
+    pub host_interface: String,
+    /// Namespace name.
+    pub netns_name: String,
+    /// Namespace path.
+    pub netns_path: PathBuf,
+    /// Interface inside the namespace.
+    pub interface: String,
+}
+
+impl EndpointRecord {
+    /// The identity labels: pod labels, the namespace label, the SPIFFE ID label.
+    pub fn labels(&self) -> Result<Labels, NetdError> {
+        identity_labels(&self.pod_labels, &self.namespace, self.spiffe_id.as_deref())
+    }
+}
+
+/// Builds an endpoint's identity labels; a label without source becomes `k8s:`.
+pub fn identity_labels(
+    pod_labels: &[String],
+    namespace: &str,
+    spiffe_id: Option<&str>,
+) -> Result<Labels, NetdError> {
+    let mut out = Labels::new();
+    for text in pod_labels {
+        let l = Label::parse(text).map_err(|e| NetdError::invalid("labels", text, e))?;
+        if l.key == NAMESPACE_KEY {
+            return Err(NetdError::invalid(
+                "labels",
+                text,
+                "the namespace label comes from --namespace",
+            ));
+        }
+        let l = match l.source {
+            Source::Unspec => Label::new(Source::K8s, l.key, l.value),
+            Source::K8s | Source::Spiffe => l,
+            other => {
+                return Err(NetdError::invalid(
+                    "labels",
+                    text,
+                    format!("source {other} cannot be given to an endpoint"),
+                ));
+            }
+        };
+        out.insert(l);
+    }
+    out.insert(Label::new(Source::K8s, NAMESPACE_KEY, namespace));
+    if let Some(id) = spiffe_id {
+        out.insert(spiffe_label(id));
+    }
+    Ok(out)
+}
+
+/// A policy file imported through the API (kept whole; `policies` says which of its
+/// documents are still installed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedFile {
+    /// File name given at import.
+    pub origin: String,
+    /// The YAML text.
+    pub yaml: String,
+    /// `Kind/namespace/name` of the documents still installed.
+    pub policies: Vec<String>,
+}
+
+/// Everything persisted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Endpoints by name.
+    pub endpoints: BTreeMap<String, EndpointRecord>,
+    /// Policy files imported through the API, in import order.
+    pub imported: Vec<ImportedFile>,
+    /// CIDR prefix → identity, for prefixes named by policies.
+    pub cidr_identities: BTreeMap<String, u32>,
+}
+
+impl State {
+    /// Reads the state file; a missing file is an empty state.
+    pub fn load(dir: &Path) -> Result<Self, NetdError> {
+        let path = dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(NetdError::io(path, e)),
+        };
+        serde_json::from_str(&text).map_err(|e| NetdError::State {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Writes the state file atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), NetdError> {
+        std::fs::create_dir_all(dir).map_err(|e| NetdError::io(dir, e))?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| NetdError::State {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text).map_err(|e| NetdError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| NetdError::io(&path, e))
+    }
+}
+
+/// Re-allocates recorded identities with their recorded numbers, into a fresh allocator.
+///
+/// `LocalAllocator` hands out fresh numbers in order (cluster-local from 256, node-local CIDR
+/// from 1 above the CIDR flag) and has no way to claim a given one, so the numbers below each
+/// recorded one are taken by placeholder label sets (released at the end; reusable after the
+/// grace period). The maps pinned in the kernel carry these numbers: a different number would
+/// give an endpoint another identity's rights until reconciled. Each item is one reference.
+pub fn restore_identities(
+    alloc: &LocalAllocator,
+    mut items: Vec<(u32, Labels)>,
+) -> Result<(), NetdError> {
+    items.sort_by_key(|(id, _)| *id);
+    let mut next_cluster = NumericIdentity::MIN_CLUSTER_LOCAL;
+    let mut next_cidr = NumericIdentity::LOCAL_CIDR_FLAG | 1;
+    let mut placeholders = Vec::new();
+    let mut n = 0u64;
+    for (want, labels) in items {
+        let mismatch = |got: u32| NetdError::Restore {
+            want,
+            got,
+            labels: labels.sorted_string(),
+        };
+        if let Some(got) = alloc.lookup_by_labels(&labels) {
+            alloc.allocate(&labels)?;
+            if got.get() != want {
+                return Err(mismatch(got.get()));
+            }
+            continue;
+        }
+        let cidr = want & NumericIdentity::LOCAL_CIDR_FLAG != 0;
+        let next = if cidr {
+            &mut next_cidr
+        } else {
+            &mut next_cluster
+        };
+        while *next < want {
+            n += 1;
+            let mut ph = Labels::new();
+            if cidr {
+                ph.insert(Label::new(
+                    Source::Cidr,
+                    format!("sigil-placeholder-{n}"),
+                    "",
+                ));
+            } else {
+                ph.insert(Label::new(
+                    Source::Unspec,
+                    "sigil.placeholder",
+                    n.to_string(),
+                ));
+            }
+            let (p, _) = alloc.allocate(&ph)?;
+            if p.get() != *next {
+                return Err(mismatch(p.get()));
+            }
+            placeholders.push(p);
+            *next += 1;
+        }
+        let (got, _) = alloc.allocate(&labels)?;
+        if got.get() != want {
+            return Err(mismatch(got.get()));
+        }
+        *next = want + 1;
+    }
+    for p in placeholders {
+        alloc.release(p)?;
+    }
+    Ok(())
+}
+
+/// The label set of a CIDR identity: `cidr:<prefix>` and `reserved:world`.
+pub fn cidr_labels(prefix: &sigil_policy::IpPrefix) -> Result<Labels, NetdError> {
+    let l = sigil_labels::cidr_label(prefix.addr(), prefix.prefix_len())
+        .map_err(|e| NetdError::invalid("cidr", prefix, e))?;
+    let mut out = Labels::new();
+    out.insert(l);
+    out.insert(Label::new(Source::Reserved, "world", ""));
+    Ok(out)
+}
+
+/// Shorthand for the allocator's identity type.
+pub fn nid(id: u32) -> NumericIdentity {
+    NumericIdentity::new(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(app: &str) -> Labels {
+        identity_labels(&[format!("app={app}")], "default", None).expect("labels")
+    }
+
+    #[test]
+    fn identities_come_back_with_their_numbers() {
+        let alloc = LocalAllocator::new(0, std::time::Duration::from_secs(60));
+        let prefix: sigil_policy::IpPrefix = "10.250.0.0/24".parse().expect("prefix");
+        let cidr_id = NumericIdentity::LOCAL_CIDR_FLAG | 3;
+        let items = vec![
+            (258, labels("b")),
+            (256, labels("a")),
+            (256, labels("a")),
+            (cidr_id, cidr_labels(&prefix).expect("cidr labels")),
+        ];
+        restore_identities(&alloc, items).expect("restore");
+        assert_eq!(alloc.lookup_by_labels(&labels("a")), Some(nid(256)));
+        assert_eq!(alloc.lookup_by_labels(&labels("b")), Some(nid(258)));
+        assert_eq!(
+            alloc.lookup_by_labels(&cidr_labels(&prefix).expect("labels")),
+            Some(nid(cidr_id))
+        );
+        // Two references on 256: one release keeps it.
+        assert!(!alloc.release(nid(256)).expect("release"));
+        // Placeholders are gone and new label sets get fresh numbers above the restored ones.
+        assert_eq!(alloc.list().len(), 3);
+        let (c, _) = alloc.allocate(&labels("c")).expect("alloc");
+        assert_eq!(c.get(), 259);
+    }
+
+    #[test]
+    fn endpoint_labels_get_k8s_source_namespace_and_spiffe_id() {
+        let l = identity_labels(&["app=web".into()], "prod", Some("spiffe://td/web")).expect("ok");
+        assert_eq!(
+            l.sorted_string(),
+            "k8s:app=web;k8s:io.kubernetes.pod.namespace=prod;spiffe:spiffe.io/spiffe-id=spiffe://td/web"
+        );
+        let e = identity_labels(&["reserved:host".into()], "prod", None).expect_err("reserved");
+        assert!(
+            e.to_string()
+                .starts_with("labels: invalid value \"reserved:host\""),
+            "{e}"
+        );
+        let e = identity_labels(&["io.kubernetes.pod.namespace=x".into()], "p", None)
+            .expect_err("ns label");
+        assert!(e.to_string().contains("--namespace"), "{e}");
+    }
+
+    #[test]
+    fn state_round_trips_through_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(State::load(dir.path()).expect("empty"), State::default());
+        let mut s = State::default();
+        s.cidr_identities.insert("10.0.0.0/8".into(), 16_777_217);
+        s.save(dir.path()).expect("save");
+        assert_eq!(State::load(dir.path()).expect("load"), s);
+        std::fs::write(dir.path().join(STATE_FILE), "{").expect("write");
+        let e = State::load(dir.path()).expect_err("corrupt");
+        assert!(e.to_string().contains(STATE_FILE), "{e}");
+    }
+}

@@ -1,0 +1,189 @@
+//! Launches `sigil netd run` with its own socket, state dir, pin dir, policy dir and pod CIDRs,
+//! waits until it answers, and on drop removes everything it made: the process, its
+//! endpoints' namespaces and veths, the pins and the blackhole routes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::process::sigil_bin;
+
+/// A running `sigil netd run`; killed and cleaned up on drop.
+pub struct NetdProcess {
+    /// The child process.
+    pub child: Option<Child>,
+    /// Temporary root: socket dir, state dir, policy dir, log.
+    pub root: tempfile::TempDir,
+    /// API socket.
+    pub api_socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Watched policy directory.
+    pub policy_dir: PathBuf,
+    /// bpffs pin directory.
+    pub pin_dir: PathBuf,
+    /// IPv4 pod CIDR.
+    pub pod_cidr: String,
+    /// IPv6 pod CIDR.
+    pub pod_cidr_v6: String,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+impl NetdProcess {
+    /// Starts netd with pod CIDRs `10.<a>.<b>.0/24` and `fd00:<a><b>::/64` (unique per test),
+    /// a pin dir unique to this process and `tag`, and waits until it is ready.
+    pub fn start(tag: &str, a: u8, b: u8) -> anyhow::Result<Self> {
+        let root = tempfile::tempdir()?;
+        let mut n = NetdProcess {
+            child: None,
+            api_socket: root.path().join("run").join("netd.sock"),
+            state_dir: root.path().join("state"),
+            policy_dir: root.path().join("policies"),
+            pin_dir: PathBuf::from(format!(
+                "/sys/fs/bpf/sigil-e2e-{}-{tag}",
+                std::process::id()
+            )),
+            pod_cidr: format!("10.{a}.{b}.0/24"),
+            pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
+            log: root.path().join("netd.log"),
+            root,
+        };
+        std::fs::create_dir_all(&n.policy_dir)?;
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// (Re)starts the process with the same directories and waits until it answers.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(sigil_bin())
+            .args(["netd", "run", "--node-name", "e2e"])
+            .arg("--api-socket")
+            .arg(&self.api_socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--policy-dir")
+            .arg(&self.policy_dir)
+            .arg("--bpf-pin-dir")
+            .arg(&self.pin_dir)
+            .args([
+                "--pod-cidr",
+                &self.pod_cidr,
+                "--pod-cidr-v6",
+                &self.pod_cidr_v6,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", sigil_bin().display()))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "netd exited with {status} during start-up; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if self.api_socket.exists() && self.cli(&["netd", "status"])?.status.success() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("netd not ready after 30 s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `sigil <args> --api-socket <socket>`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(sigil_bin())
+            .args(args)
+            .arg("--api-socket")
+            .arg(&self.api_socket)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run sigil {args:?}"))
+    }
+
+    /// Runs a CLI command that must succeed; returns its standard output.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "sigil {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Endpoint names and host veths recorded in the state file.
+    pub fn recorded_endpoints(&self) -> Vec<(String, String)> {
+        let path = self.state_dir.join("netd-state.json");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Vec::new();
+        };
+        v["endpoints"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .map(|e| {
+                        (
+                            e["name"].as_str().unwrap_or_default().to_owned(),
+                            e["host_interface"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn quiet(cmd: &mut Command) {
+    let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+impl Drop for NetdProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        for (name, host) in self.recorded_endpoints() {
+            quiet(Command::new("ip").args(["link", "del", &host]));
+            quiet(Command::new("ip").args(["netns", "del", &format!("sigil-{name}")]));
+        }
+        quiet(Command::new("ip").args(["-4", "route", "del", "blackhole", &self.pod_cidr]));
+        quiet(Command::new("ip").args(["-6", "route", "del", "blackhole", &self.pod_cidr_v6]));
+        if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
