@@ -216,22 +216,13 @@ impl AgentConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".into());
-        if !matches!(
-            log_level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
-            bail!("log_level: invalid value {log_level:?} (error, warn, info, debug or trace)");
-        }
+        let log_level = sigil_daemon::parse_log_level(&log_level)?;
         let lf = args
             .log_format
             .clone()
             .or(file.log_format)
             .unwrap_or_else(|| "text".into());
-        let log_json = match lf.as_str() {
-            "text" => false,
-            "json" => true,
-            other => bail!("log_format: invalid value {other:?} (text or json)"),
-        };
+        let log_json = sigil_daemon::parse_log_format(&lf)? == sigil_daemon::LogFormat::Json;
         Ok(AgentConfig {
             server_address,
             trust_domain,

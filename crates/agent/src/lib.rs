@@ -26,20 +26,6 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn init_logging(config: &AgentConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_level.clone()));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if config.log_json {
-        b.json().try_init()
-    } else {
-        b.with_ansi(false).try_init()
-    };
-}
-
 /// Binds a Unix socket after creating its directory with `dir_mode` and replacing a stale socket file.
 pub fn bind_socket(
     path: &Path,
@@ -83,7 +69,14 @@ pub fn raise_fd_limit() {
 /// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
 pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::from_args(&args)?;
-    init_logging(&config);
+    sigil_daemon::init_logging(
+        &config.log_level,
+        if config.log_json {
+            sigil_daemon::LogFormat::Json
+        } else {
+            sigil_daemon::LogFormat::Text
+        },
+    );
     raise_fd_limit();
     let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
     serve(config, attestor).await
@@ -142,7 +135,7 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
     );
     let mut fatal = manager.fatal.subscribe();
     let outcome = tokio::select! {
-        _ = wait_for_signal() => Ok(()),
+        _ = sigil_daemon::wait_for_signal() => Ok(()),
         r = fatal.wait_for(|f| f.is_some()) => {
             let msg = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
             Err(anyhow::anyhow!("sigil-agent stopping: {msg}"))
@@ -158,25 +151,6 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
     let _ = std::fs::remove_file(&config.socket_path);
     let _ = std::fs::remove_file(&config.admin_socket_path);
     outcome
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown signal received");
 }
 
 pub mod delegated;

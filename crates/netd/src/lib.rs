@@ -24,16 +24,6 @@ pub use config::{Config, RunArgs};
 pub use daemon::Daemon;
 pub use error::NetdError;
 
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-}
-
 /// Binds the API socket: the directory is made 0700, a stale socket replaced, the socket 0600.
 pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -61,10 +51,10 @@ pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 /// Runs `sigil netd run` until SIGTERM or SIGINT. The datapath stays attached afterwards.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
-    init_logging(&config.log_level);
+    sigil_daemon::init_logging(&config.log_level, sigil_daemon::LogFormat::Text);
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
     serve(config, stop_rx).await
@@ -111,23 +101,4 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     served.context("API server")?;
     tracing::info!("sigil-netd stopped; the datapath stays attached");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown signal received");
 }

@@ -83,14 +83,7 @@ struct FileConfig {
     log_format: Option<String>,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use sigil_daemon::LogFormat;
 
 /// Validated server configuration.
 #[derive(Debug, Clone)]
@@ -221,22 +214,13 @@ impl ServerConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".to_string());
-        if !matches!(
-            log_level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
-            bail!("log_level: invalid value {log_level:?} (error, warn, info, debug or trace)");
-        }
+        let log_level = sigil_daemon::parse_log_level(&log_level)?;
         let lf = args
             .log_format
             .clone()
             .or(file.log_format)
             .unwrap_or_else(|| "text".to_string());
-        let log_format = match lf.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => bail!("log_format: invalid value {other:?} (text or json)"),
-        };
+        let log_format = sigil_daemon::parse_log_format(&lf)?;
         Ok(ServerConfig {
             data_dir,
             trust_domain,

@@ -28,47 +28,16 @@ pub const TICK: Duration = Duration::from_secs(5);
 /// Largest gRPC message accepted or sent (batches of CSRs, bundle sets).
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
-fn init_logging(config: &ServerConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_level.clone()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        config::LogFormat::Json => builder.json().try_init(),
-        config::LogFormat::Text => builder.with_ansi(false).try_init(),
-    };
-}
-
 /// Runs `sigil server run` until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
-    init_logging(&config);
+    sigil_daemon::init_logging(&config.log_level, config.log_format);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
     serve(config, Arc::new(SystemClock), stop_rx).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown signal received");
 }
 
 /// Serves both APIs with the given clock until `stop` turns true.

@@ -1,0 +1,93 @@
+//! What sigil's daemons (server, agent, netd) share: parsing the log options, setting up logging on
+//! stderr, and waiting for SIGTERM or SIGINT.
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A log option with a value outside its allowed set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogOptionError {
+    /// `log_level` is not one of error, warn, info, debug, trace.
+    #[error("log_level: invalid value {0:?} (error, warn, info, debug or trace)")]
+    Level(String),
+    /// `log_format` is not text or json.
+    #[error("log_format: invalid value {0:?} (text or json)")]
+    Format(String),
+}
+
+/// Checks a `log_level` value.
+pub fn parse_log_level(value: &str) -> Result<String, LogOptionError> {
+    match value {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(value.to_string()),
+        other => Err(LogOptionError::Level(other.to_string())),
+    }
+}
+
+/// Parses a `log_format` value.
+pub fn parse_log_format(value: &str) -> Result<LogFormat, LogOptionError> {
+    match value {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(LogOptionError::Format(other.to_string())),
+    }
+}
+
+/// Sets up logging on stderr at `level` (`RUST_LOG` overrides it); a second call is a no-op.
+pub fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT (or Ctrl-C where signals cannot be installed).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_and_errors_name_field_and_value() {
+        assert_eq!(parse_log_level("debug").as_deref(), Ok("debug"));
+        assert_eq!(parse_log_format("json"), Ok(LogFormat::Json));
+        let e = parse_log_level("loud").expect_err("bad level");
+        assert!(
+            e.to_string()
+                .starts_with("log_level: invalid value \"loud\"")
+        );
+        let e = parse_log_format("xml").expect_err("bad format");
+        assert!(
+            e.to_string()
+                .starts_with("log_format: invalid value \"xml\"")
+        );
+    }
+}
