@@ -32,16 +32,11 @@ pub fn bind_socket(
     dir_mode: u32,
     sock_mode: u32,
 ) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .with_context(|| format!("{} has no directory", path.display()))?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(dir_mode)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    sigil_daemon::own_dir(dir, dir_mode)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("{} is in use by a running agent", path.display());

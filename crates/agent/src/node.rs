@@ -172,7 +172,14 @@ impl Connector {
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-        let mut cfg = if self.insecure && identity.is_none() {
+        // Insecure bootstrap covers only first contact: once the server's bundle is known (after the first
+        // attestation), a later re-attestation authenticates the server like any other call.
+        let bundle_known = self
+            .bundles
+            .load()
+            .get(&self.td)
+            .is_some_and(|b| !b.x509_authorities.is_empty());
+        let mut cfg = if self.insecure && identity.is_none() && !bundle_known {
             let algs =
                 rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
             let b = builder
@@ -276,13 +283,7 @@ pub fn key_pem(key: &PrivatePkcs8KeyDer<'_>) -> String {
 impl Store {
     /// Opens (creating, 0700) the data directory.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("data_dir: cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        sigil_daemon::own_dir(dir, 0o700).context("data_dir")?;
         Ok(Store {
             dir: dir.to_path_buf(),
         })

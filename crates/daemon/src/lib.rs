@@ -71,8 +71,112 @@ pub async fn wait_for_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Why a directory for sockets or secrets cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    /// The path exists but is a symlink or not a directory.
+    #[error("{path}: exists and is not a plain directory")]
+    NotADirectory {
+        /// The path.
+        path: String,
+    },
+    /// The directory belongs to another user (someone could have planted it).
+    #[error("{path}: owned by uid {owner}, not by this process (uid {me})")]
+    ForeignOwner {
+        /// The path.
+        path: String,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// The directory is writable by group or others (a shared directory such as /tmp itself).
+    #[error("{path}: writable by group or others (mode {mode:o}); use a directory of its own")]
+    SharedDirectory {
+        /// The path.
+        path: String,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// Creating or changing the directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Makes sure `dir` is a directory of this process's user with exactly `mode`: creates it (and its
+/// parents) if missing; an existing one must be a real directory owned by us and not writable by group or
+/// others — so a root daemon never re-permissions a shared directory like /tmp, and never uses one that
+/// another user planted.
+pub fn own_dir(dir: &std::path::Path, mode: u32) -> Result<(), DirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let path = dir.display().to_string();
+    let io = |source| DirError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) => {
+            if !m.file_type().is_dir() {
+                return Err(DirError::NotADirectory { path });
+            }
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me {
+                return Err(DirError::ForeignOwner {
+                    path,
+                    owner: m.uid(),
+                    me,
+                });
+            }
+            if m.mode() & 0o022 != 0 {
+                return Err(DirError::SharedDirectory {
+                    path,
+                    mode: m.mode() & 0o7777,
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(io)?;
+        }
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_dir_creates_and_refuses_shared_or_odd_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path().join("a/b");
+        super::own_dir(&d, 0o700).expect("created");
+        let mode = std::fs::metadata(&d).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // A world-writable directory (like /tmp) is refused, not re-permissioned.
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let e = super::own_dir(&shared, 0o700).expect_err("shared");
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        // A symlink is refused.
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).expect("symlink");
+        assert!(super::own_dir(&link, 0o700).is_err());
+        // A file is refused.
+        let file = root.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(super::own_dir(&file, 0o700).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -180,6 +180,7 @@ impl Admin {
         if entries.is_empty() {
             return Err(Status::invalid_argument("entries: the batch is empty"));
         }
+        validate::batch_len("entries", entries.len())?;
         let valid = self.validate_batch(&entries)?;
         let state = self.state.clone();
         let created = blocking(move || state.ds.create_entries(valid).map_err(ds_status)).await?;

@@ -426,6 +426,7 @@ impl pb::node_server::Node for NodeApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let params = req.into_inner().params;
+        crate::validate::batch_len("params", params.len())?;
         let now = self.state.now();
         let t_auth = t0.elapsed();
         let mut jobs = Vec::with_capacity(params.len());

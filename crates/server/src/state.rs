@@ -71,14 +71,7 @@ pub fn unix(t: SystemTime) -> i64 {
 }
 
 fn make_private_dir(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .with_context(|| format!("cannot create directory {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set mode 0700 on {}", path.display()))?;
+    sigil_daemon::own_dir(path, 0o700)?;
     Ok(())
 }
 

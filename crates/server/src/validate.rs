@@ -35,6 +35,20 @@ impl From<FieldError> for tonic::Status {
     }
 }
 
+/// Most items one batch request may carry: bounds the work and memory a single request can cause.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Rejects a batch of more than [`MAX_BATCH`] items, naming the field.
+pub fn batch_len(field: &str, len: usize) -> Result<(), FieldError> {
+    if len > MAX_BATCH {
+        return Err(FieldError::new(
+            field,
+            format!("{len} items exceed the limit of {MAX_BATCH} per request; split the batch"),
+        ));
+    }
+    Ok(())
+}
+
 /// The reserved path under which sigil names its own agents and server.
 pub const RESERVED_PATH: &str = "/sigil";
 
@@ -325,6 +339,17 @@ mod tests {
         let td = TrustDomain::parse("td").expect("td");
         let server = td.id_with_path("/sigil/server").expect("id");
         entry(&e, &td, &server, &NoEntries)
+    }
+
+    #[test]
+    fn batch_len_names_the_field_and_the_limit() {
+        assert!(batch_len("params", MAX_BATCH).is_ok());
+        let e = batch_len("params", MAX_BATCH + 1).expect_err("over the limit");
+        assert_eq!(e.field, "params");
+        assert!(
+            e.message.contains("10001") && e.message.contains("10000"),
+            "{e}"
+        );
     }
 
     #[test]
