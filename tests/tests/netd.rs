@@ -433,6 +433,13 @@ fn connectivity_matrix_matches_trace_and_policy_changes_cut_connections() {
         ev["src"]["labels"].to_string().contains("k8s:app=frontend"),
         "{ev}"
     );
+    // The event names the deny rule that matched.
+    assert!(
+        ev["rule"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/default/cut: spec.ingressDeny[0]")),
+        "{ev}"
+    );
     // Deleting the deny brings it back for new connections.
     netd.cli_ok(&["policy", "delete", "cut"])
         .expect("delete cut");

@@ -4,7 +4,7 @@
 use sigil_datapath as dp;
 use sigil_policy::{Direction, PolicyEntry, PolicyKey};
 
-/// The datapath entry of one engine map entry. The engine has no rule cookies yet: 0.
+/// The datapath entry of one engine map entry.
 pub fn to_datapath(key: &PolicyKey, entry: &PolicyEntry) -> dp::PolicyEntry {
     dp::PolicyEntry {
         remote_identity: key.identity,
@@ -15,7 +15,7 @@ pub fn to_datapath(key: &PolicyKey, entry: &PolicyEntry) -> dp::PolicyEntry {
         deny: entry.deny,
         l7_redirect: entry.l7_redirect,
         auth_required: entry.auth_required,
-        rule_cookie: 0,
+        rule_cookie: entry.rule_cookie,
     }
 }
 
@@ -62,12 +62,14 @@ mod tests {
             deny: false,
             l7_redirect: true,
             auth_required: true,
+            rule_cookie: 77,
         };
         let d = to_datapath(&key(300, Direction::Egress, 6, 8080, 16), &e);
         assert_eq!(d.remote_identity, 300);
         assert_eq!(d.direction, dp::Direction::Egress);
         assert_eq!((d.protocol, d.port, d.port_prefix_len), (6, 8080, 16));
         assert!(!d.deny && d.l7_redirect && d.auth_required);
+        assert_eq!(d.rule_cookie, 77);
         let deny = PolicyEntry {
             deny: true,
             ..PolicyEntry::default()

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub addresses: HashMap<IpAddr, String>,
     /// Datapath endpoint id → endpoint name.
     pub endpoint_ids: HashMap<u32, String>,
+    /// Rule cookie → `Kind/namespace/name: rule path`.
+    pub rules: HashMap<u32, String>,
 }
 
 /// Input of [`Daemon::create_endpoint`].
@@ -799,6 +801,9 @@ impl Daemon {
             snap.addresses.insert(IpAddr::V4(r.ipv4), r.name.clone());
             snap.addresses.insert(IpAddr::V6(r.ipv6), r.name.clone());
             snap.endpoint_ids.insert(r.endpoint_id, r.name.clone());
+        }
+        for (cookie, policy, path) in self.engine.rule_cookies() {
+            snap.rules.insert(cookie, format!("{policy}: {path}"));
         }
         self.snapshot.store(Arc::new(snap));
     }

@@ -30,10 +30,7 @@ pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     let dir = path
         .parent()
         .with_context(|| format!("api_socket: {} has no directory", path.display()))?;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("api_socket: cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("api_socket: cannot chmod {}", dir.display()))?;
+    sigil_daemon::own_dir(dir, 0o700).context("api_socket")?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("api_socket: {} is in use by a running netd", path.display());

@@ -35,6 +35,7 @@ pub fn event_pb(ev: &Event, snap: &Snapshot) -> pb::Event {
         drop_reason: ev.drop_reason,
         drop_reason_name: drop_reason_name(ev.drop_reason).to_owned(),
         rule_cookie: ev.rule_cookie,
+        rule: snap.rules.get(&ev.rule_cookie).cloned(),
     }
 }
 
@@ -55,5 +56,43 @@ pub async fn run(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_datapath::{Direction, Verdict};
+
+    #[test]
+    fn events_name_the_rule_of_their_cookie() {
+        let mut snap = Snapshot::default();
+        snap.rules.insert(
+            7,
+            "CiliumNetworkPolicy/default/cut: spec.ingressDeny[0]".into(),
+        );
+        let mut ev = Event {
+            ts_ns: 1,
+            endpoint_id: 3,
+            src_identity: 256,
+            dst_identity: 257,
+            protocol: 6,
+            direction: Direction::Ingress,
+            verdict: Verdict::Dropped,
+            saddr: "10.0.0.2".parse().unwrap(),
+            daddr: "10.0.0.3".parse().unwrap(),
+            sport: 4000,
+            dport: 8080,
+            drop_reason: 181,
+            rule_cookie: 7,
+        };
+        let pb = event_pb(&ev, &snap);
+        assert_eq!(pb.rule_cookie, 7);
+        assert_eq!(
+            pb.rule.as_deref(),
+            Some("CiliumNetworkPolicy/default/cut: spec.ingressDeny[0]")
+        );
+        ev.rule_cookie = 0;
+        assert_eq!(event_pb(&ev, &snap).rule, None);
     }
 }

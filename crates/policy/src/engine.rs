@@ -7,6 +7,7 @@
 //! a change is computed once per distinct map and reported to each endpoint using it.
 
 mod cache;
+mod cookie;
 mod delta;
 mod key;
 mod map;
@@ -22,6 +23,7 @@ use crate::model::{
     RuleEntry, Verdict,
 };
 use cache::{CacheKey, SelId, SelectorCache};
+use cookie::CookieRegistry;
 use delta::diff_into;
 use key::{Agg, IntBuild, Prefix, range_prefixes};
 use map::{DirMap, Wild, resolve_identity};
@@ -73,6 +75,8 @@ struct CRule {
     subject: SelId,
     default_deny: PerDirection,
     entries: Vec<CEntry>,
+    /// The cookies registered for this rule's entries, released with it.
+    cookies: Vec<u32>,
 }
 
 /// The map shared by every endpoint selected by exactly `rules`.
@@ -92,13 +96,15 @@ fn di(d: Direction) -> usize {
     }
 }
 
-fn entry_contribs(e: &RuleEntry) -> (Vec<Contrib>, Vec<PortKey>) {
+fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contrib>, Vec<PortKey>) {
     let allow = e.action == Action::Allow;
     let agg = Agg {
         allow,
         deny: !allow,
         l7: false,
         auth: allow && e.auth_required,
+        deny_cookie: if allow { 0 } else { cookie },
+        allow_cookie: if allow { cookie } else { 0 },
     };
     match &e.ports {
         Ports::Any => (
@@ -165,6 +171,7 @@ pub struct PolicyEngine {
     policy_rules: HashMap<PolicyId, Vec<RuleId>>,
     rules: HashMap<RuleId, CRule>,
     next_rule: RuleId,
+    cookies: CookieRegistry,
     cache: SelectorCache,
     subject_users: HashMap<SelId, Vec<RuleId>>,
     peer_users: HashMap<SelId, Vec<(RuleId, Direction)>>,
@@ -470,6 +477,7 @@ impl PolicyEngine {
                 .acquire(CacheKey::Subject(rule.subject.clone()), &self.identities);
             self.subject_users.entry(subject).or_default().push(rid);
             let mut entries = Vec::new();
+            let mut cookies = Vec::new();
             for e in &rule.entries {
                 let peers = if e.peers.is_wildcard() {
                     CPeers::Wildcard
@@ -490,7 +498,9 @@ impl PolicyEngine {
                     }
                     CPeers::Sels(sels)
                 };
-                let (contribs, l7_ports) = entry_contribs(e);
+                let cookie = self.cookies.acquire(&doc.id, &e.path);
+                cookies.push(cookie);
+                let (contribs, l7_ports) = entry_contribs(e, cookie);
                 entries.push(CEntry {
                     dir: e.direction,
                     peers,
@@ -504,6 +514,7 @@ impl PolicyEngine {
                     subject,
                     default_deny: rule.default_deny,
                     entries,
+                    cookies,
                 },
             );
             ids.push(rid);
@@ -522,6 +533,9 @@ impl PolicyEngine {
             }
         }
         self.cache.release(rule.subject);
+        for c in rule.cookies {
+            self.cookies.release(c);
+        }
         for e in rule.entries {
             if let CPeers::Sels(sels) = e.peers {
                 for s in sels {
@@ -843,6 +857,19 @@ impl PolicyEngine {
     /// The labels of a known identity.
     pub fn identity_labels(&self, id: NumericIdentity) -> Option<&Labels> {
         self.identities.get(&id.get())
+    }
+
+    /// The policy and rule path a map entry's `rule_cookie` names, while that rule is
+    /// installed; `None` for 0 (no rule decided) and for unknown cookies.
+    pub fn rule_for_cookie(&self, cookie: u32) -> Option<(PolicyId, String)> {
+        self.cookies
+            .get(cookie)
+            .map(|(p, path)| (p.clone(), path.to_owned()))
+    }
+
+    /// Every cookie of the installed rules with its policy and rule path, in no order.
+    pub fn rule_cookies(&self) -> impl Iterator<Item = (u32, &PolicyId, &str)> + '_ {
+        self.cookies.iter()
     }
 
     /// Number of distinct compiled maps (endpoints with the same rules share one).

@@ -87,6 +87,7 @@ fn adding_an_identity_touches_only_affected_entries() {
     let mut e = engine(EnforcementMode::Default, &ids, &d);
     let web_map_before = e.policy_map(id(300)).unwrap();
 
+    let web_db = PolicyId::new(PolicyKind::CiliumNetworkPolicy, Some("prod"), "web-db");
     let deltas = e.add_identity(id(302), web(302).1);
     // Both db endpoints get exactly one new key for the new peer; the new endpoint gets its
     // map; no other endpoint is touched.
@@ -101,7 +102,16 @@ fn adding_an_identity_touches_only_affected_entries() {
         let c = deltas.for_endpoint(id(ep));
         assert_eq!(c.len(), 1, "{c:?}");
         assert_eq!(c[0].key, want);
-        assert_eq!((c[0].old, c[0].new), (None, Some(PolicyEntry::default())));
+        let new = c[0].new.unwrap();
+        assert_eq!(
+            e.rule_for_cookie(new.rule_cookie),
+            Some((web_db.clone(), "spec.ingress[0]".to_owned()))
+        );
+        let allow = PolicyEntry {
+            rule_cookie: new.rule_cookie,
+            ..PolicyEntry::default()
+        };
+        assert_eq!((c[0].old, c[0].new), (None, Some(allow)));
     }
     assert!(deltas.for_endpoint(id(300)).is_empty() && deltas.for_endpoint(id(301)).is_empty());
     let new_map = deltas.for_endpoint(id(302));
@@ -241,9 +251,14 @@ fn port_ranges_become_masked_entries() {
         egress,
         vec![(key(0, Direction::Egress, 0, 0, 0), PolicyEntry::default())]
     );
+    let udp = e
+        .map_entry(id(400), &key(300, Direction::Ingress, UDP, 80, 15))
+        .unwrap();
+    assert!(!udp.deny && !udp.l7_redirect && !udp.auth_required);
     assert_eq!(
-        e.map_entry(id(400), &key(300, Direction::Ingress, UDP, 80, 15)),
-        Some(PolicyEntry::default())
+        e.rule_for_cookie(udp.rule_cookie)
+            .map(|(p, path)| (p.name, path)),
+        Some(("web-db".to_owned(), "spec.ingress[0]".to_owned()))
     );
     assert_eq!(e.map_len(id(400)), 10);
 }
@@ -335,4 +350,50 @@ fn engine_and_results_can_be_shared_across_threads() {
     shareable::<sigil_policy::PolicyDeltas>();
     shareable::<sigil_policy::Document>();
     shareable::<sigil_policy::TraceResult>();
+}
+
+#[test]
+fn rule_cookies_name_the_deciding_rule() {
+    // Two allows and a deny cover TCP 22 from web; the entry names the deny. The allow-only
+    // port names one of the allow rules, the same one whichever policy arrives first.
+    let allows = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allows, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n  - toPorts: [{ports: [{port: '22', protocol: TCP}]}]\n";
+    let deny = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: no-ssh, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n    toPorts: [{ports: [{port: '22', protocol: TCP}]}]\n";
+    let ids = [web(300), db(400)];
+    let a = engine(
+        EnforcementMode::Default,
+        &ids,
+        &[docs(allows), docs(deny)].concat(),
+    );
+    let b = engine(
+        EnforcementMode::Default,
+        &ids,
+        &[docs(deny), docs(allows)].concat(),
+    );
+    assert_eq!(a.policy_map(id(400)), b.policy_map(id(400)));
+
+    let ssh = a
+        .map_entry(id(400), &key(300, Direction::Ingress, TCP, 22, 16))
+        .unwrap();
+    assert!(ssh.deny);
+    let no_ssh = PolicyId::new(PolicyKind::CiliumNetworkPolicy, Some("prod"), "no-ssh");
+    assert_eq!(
+        a.rule_for_cookie(ssh.rule_cookie),
+        Some((no_ssh.clone(), "spec.ingressDeny[0]".to_owned()))
+    );
+    let any = a
+        .map_entry(id(400), &key(300, Direction::Ingress, 0, 0, 0))
+        .unwrap();
+    assert!(!any.deny);
+    assert_eq!(
+        a.rule_for_cookie(any.rule_cookie)
+            .map(|(p, path)| (p.name, path)),
+        Some(("allows".to_owned(), "spec.ingress[0]".to_owned()))
+    );
+    assert_eq!(a.rule_for_cookie(0), None);
+
+    // The cookie lives as long as its policy.
+    let mut a = a;
+    a.delete_policy(&no_ssh);
+    assert_eq!(a.rule_for_cookie(ssh.rule_cookie), None);
+    assert!(a.rule_cookies().all(|(_, p, _)| p.name == "allows"));
 }

@@ -37,7 +37,7 @@ pub fn event_json(e: &pb::Event) -> serde_json::Value {
         "endpoint_id": e.endpoint_id, "endpoint": e.endpoint,
         "src": peer(&e.src), "dst": peer(&e.dst), "protocol": proto_name(e.protocol),
         "drop_reason": e.drop_reason, "drop_reason_name": e.drop_reason_name,
-        "rule_cookie": e.rule_cookie,
+        "rule_cookie": e.rule_cookie, "rule": e.rule,
     })
 }
 
@@ -94,8 +94,12 @@ pub fn event_line(e: &pb::Event) -> String {
         };
         format!("{name}[identity {} {labels}] {addr}{port}", p.identity)
     };
+    let rule = match &e.rule {
+        Some(r) => format!(" by {r}"),
+        None => String::new(),
+    };
     format!(
-        "-> {verdict} {} -> {} {} ({} of {})",
+        "-> {verdict} {} -> {} {} ({} of {}){rule}",
         peer(&e.src),
         peer(&e.dst),
         proto_name(e.protocol),
@@ -167,5 +171,34 @@ mod tests {
              -> backend[identity 257 k8s:app=backend] 10.200.0.3:8080 tcp (ingress of backend)"
         );
         assert_eq!(event_json(&e)["src"]["labels"][0], "k8s:app=frontend");
+        assert!(event_json(&e)["rule"].is_null());
+    }
+
+    #[test]
+    fn lines_name_the_deciding_rule() {
+        let e = pb::Event {
+            verdict: "dropped".into(),
+            direction: "ingress".into(),
+            endpoint: "backend".into(),
+            protocol: 6,
+            drop_reason: 181,
+            drop_reason_name: "policy deny".into(),
+            rule_cookie: 7,
+            rule: Some("CiliumNetworkPolicy/default/no-ssh: spec.ingressDeny[0]".into()),
+            ..pb::Event::default()
+        };
+        assert!(
+            event_line(&e).ends_with(
+                "(ingress of backend) by CiliumNetworkPolicy/default/no-ssh: spec.ingressDeny[0]"
+            ),
+            "{}",
+            event_line(&e)
+        );
+        let j = event_json(&e);
+        assert_eq!(j["rule_cookie"], 7);
+        assert_eq!(
+            j["rule"],
+            "CiliumNetworkPolicy/default/no-ssh: spec.ingressDeny[0]"
+        );
     }
 }

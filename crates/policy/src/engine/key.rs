@@ -154,14 +154,10 @@ pub struct PolicyEntry {
     pub l7_redirect: bool,
     /// Require mutual authentication before allowing.
     pub auth_required: bool,
-}
-
-impl PolicyEntry {
-    pub(crate) const DENY: PolicyEntry = PolicyEntry {
-        deny: true,
-        l7_redirect: false,
-        auth_required: false,
-    };
+    /// The rule that decided this entry (a deny rule for a deny, one of the allow rules for an
+    /// allow); resolve it with [`crate::PolicyEngine::rule_for_cookie`]. 0: no rule (the
+    /// default of a direction without default deny).
+    pub rule_cookie: u32,
 }
 
 /// Flags of one or more rule contributions at one prefix, OR-ed.
@@ -171,6 +167,19 @@ pub(crate) struct Agg {
     pub(crate) deny: bool,
     pub(crate) l7: bool,
     pub(crate) auth: bool,
+    /// Cookie of the deciding deny rule (0: none).
+    pub(crate) deny_cookie: u32,
+    /// Cookie of the allow rule reported for an allow (0: none).
+    pub(crate) allow_cookie: u32,
+}
+
+/// The smaller non-zero cookie: comparing cookie values, never arrival order, keeps a map's
+/// reported rule independent of the order rules were installed in.
+fn pick_cookie(a: u32, b: u32) -> u32 {
+    match (a, b) {
+        (0, c) | (c, 0) => c,
+        (a, b) => a.min(b),
+    }
 }
 
 impl Agg {
@@ -180,18 +189,26 @@ impl Agg {
             deny: self.deny || o.deny,
             l7: self.l7 || o.l7,
             auth: self.auth || o.auth,
+            deny_cookie: pick_cookie(self.deny_cookie, o.deny_cookie),
+            allow_cookie: pick_cookie(self.allow_cookie, o.allow_cookie),
         }
     }
 
     /// The map value: deny wins; flags only on allow.
     pub(crate) fn entry(self) -> PolicyEntry {
         if self.deny {
-            PolicyEntry::DENY
+            PolicyEntry {
+                deny: true,
+                l7_redirect: false,
+                auth_required: false,
+                rule_cookie: self.deny_cookie,
+            }
         } else {
             PolicyEntry {
                 deny: false,
                 l7_redirect: self.l7,
                 auth_required: self.auth,
+                rule_cookie: self.allow_cookie,
             }
         }
     }

@@ -117,7 +117,8 @@ impl DirMap {
                 && let Some(a) = self.entries.get(&pack(remote, p))
             {
                 return Some(match wild {
-                    Some(b) if a.deny || b.deny => PolicyEntry::DENY,
+                    Some(_) if a.deny => *a,
+                    Some(b) if b.deny => b,
                     Some(b) => b,
                     None => *a,
                 });
@@ -127,7 +128,7 @@ impl DirMap {
                 && let Some(b) = self.entries.get(&pack(0, p))
             {
                 if b.deny {
-                    return Some(PolicyEntry::DENY);
+                    return Some(*b);
                 }
                 wild = Some(*b);
                 // Only a deny for the exact identity can still change the answer.
