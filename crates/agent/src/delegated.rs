@@ -106,6 +106,42 @@ impl DelegatedApi {
     }
 }
 
+impl DelegatedApi {
+    /// Every bundle rendered by `render`, keyed by trust-domain SPIFFE ID, re-sent on change while the
+    /// caller stays an authorized delegate.
+    async fn bundle_stream<T>(
+        &self,
+        req: &Request<T>,
+        render: fn(&sigil_spiffe::bundle::Bundle) -> Vec<u8>,
+    ) -> Result<BoxStream<HashMap<String, Vec<u8>>>, Status> {
+        let caller = attest_caller(&self.attestor, req).await?;
+        self.authorize(&caller)?;
+        let cache = self.cache().clone();
+        let c2 = cache.clone();
+        let delegates = self.manager.config.authorized_delegates.clone();
+        Ok(spawn_watch(cache, move || {
+            if let Err(s) = check_delegate(&c2, &delegates, &caller) {
+                return Some(Err(s));
+            }
+            Some(Ok(c2
+                .bundles
+                .load()
+                .iter()
+                .map(|b| (b.trust_domain.id().to_string(), render(b)))
+                .collect()))
+        }))
+    }
+}
+
+/// Maps every item of a stream into a response message.
+fn map_stream<A: Send + 'static, B: Send + 'static>(
+    s: BoxStream<A>,
+    f: fn(A) -> B,
+) -> BoxStream<B> {
+    use futures::StreamExt;
+    Box::pin(s.map(move |r| r.map(f)))
+}
+
 /// Whether the caller holds an authorized delegate identity (an entry matching its selectors whose SPIFFE
 /// ID is in the configured list).
 pub fn check_delegate(
@@ -198,22 +234,9 @@ impl dpb::delegated_identity_server::DelegatedIdentity for DelegatedApi {
         &self,
         req: Request<dpb::SubscribeToX509BundlesRequest>,
     ) -> Result<Response<Self::SubscribeToX509BundlesStream>, Status> {
-        let caller = attest_caller(&self.attestor, &req).await?;
-        self.authorize(&caller)?;
-        let cache = self.cache().clone();
-        let c2 = cache.clone();
-        let delegates = self.manager.config.authorized_delegates.clone();
-        Ok(Response::new(spawn_watch(cache, move || {
-            if let Err(s) = check_delegate(&c2, &delegates, &caller) {
-                return Some(Err(s));
-            }
-            let ca_certificates: HashMap<String, Vec<u8>> = c2
-                .bundles
-                .load()
-                .iter()
-                .map(|b| (b.trust_domain.id().to_string(), x509_der(b)))
-                .collect();
-            Some(Ok(dpb::SubscribeToX509BundlesResponse { ca_certificates }))
+        let bundles = self.bundle_stream(&req, x509_der).await?;
+        Ok(Response::new(map_stream(bundles, |ca_certificates| {
+            dpb::SubscribeToX509BundlesResponse { ca_certificates }
         })))
     }
 
@@ -256,22 +279,9 @@ impl dpb::delegated_identity_server::DelegatedIdentity for DelegatedApi {
         &self,
         req: Request<dpb::SubscribeToJwtBundlesRequest>,
     ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
-        let caller = attest_caller(&self.attestor, &req).await?;
-        self.authorize(&caller)?;
-        let cache = self.cache().clone();
-        let c2 = cache.clone();
-        let delegates = self.manager.config.authorized_delegates.clone();
-        Ok(Response::new(spawn_watch(cache, move || {
-            if let Err(s) = check_delegate(&c2, &delegates, &caller) {
-                return Some(Err(s));
-            }
-            let bundles: HashMap<String, Vec<u8>> = c2
-                .bundles
-                .load()
-                .iter()
-                .map(|b| (b.trust_domain.id().to_string(), jwt_jwks(b)))
-                .collect();
-            Some(Ok(dpb::SubscribeToJwtBundlesResponse { bundles }))
+        let bundles = self.bundle_stream(&req, jwt_jwks).await?;
+        Ok(Response::new(map_stream(bundles, |bundles| {
+            dpb::SubscribeToJwtBundlesResponse { bundles }
         })))
     }
 }
