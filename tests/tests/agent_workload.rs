@@ -422,3 +422,59 @@ fn serial_expiry(der: &[u8]) -> (String, i64) {
         c.validity().not_after.timestamp(),
     )
 }
+
+#[tokio::test]
+async fn removed_entries_drop_their_svids_from_open_streams() -> anyhow::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let agent = AgentProcess::start(&server, &[])?;
+    let me = format!("unix:uid:{}", uid());
+    let parent = agent_id(&agent);
+    entry(&server, &format!("spiffe://{TD}/keep"), &parent, &me, &[]);
+    entry(&server, &format!("spiffe://{TD}/drop"), &parent, &me, &[]);
+    wait_svid(&agent.endpoint()).await?;
+
+    let mut raw = raw_client(&agent).await?;
+    let mut stream = raw
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    // The first message carries both identities once both SVIDs are minted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, stream.message())
+            .await??
+            .expect("msg");
+        if m.svids.len() == 2 {
+            break;
+        }
+    }
+    let ids = |server: &ServerProcess, spiffe: &str| -> String {
+        let out = server
+            .cli(&["entry", "show", "--spiffe-id", spiffe, "--output", "json"])
+            .expect("cli");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let list = v.get("entries").cloned().unwrap_or(v);
+        list[0]["id"].as_str().expect("id").to_string()
+    };
+    let drop_id = ids(&server, &format!("spiffe://{TD}/drop"));
+    let out = server.cli(&["entry", "delete", "--entry-id", &drop_id])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .expect("update");
+    let left: Vec<&str> = m.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(left, vec![format!("spiffe://{TD}/keep").as_str()]);
+
+    // Removing the last entry ends the stream: the caller no longer has an identity.
+    let keep_id = ids(&server, &format!("spiffe://{TD}/keep"));
+    server.cli(&["entry", "delete", "--entry-id", &keep_id])?;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await?;
+    let err = end.expect_err("stream must end");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    Ok(())
+}
