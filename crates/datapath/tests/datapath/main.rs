@@ -132,7 +132,9 @@ fn default_deny_drops_and_reports_policy_denied() {
     fx.enforce(&be, BACKEND, true, false);
     events.drain();
     assert!(!tcp_ok(&fe, v4(&be), 8080, false), "default deny must drop");
-    let ev = events.wait_for("the drop", |e| e.verdict == Verdict::Dropped);
+    let ev = events.wait_for("the drop", |e| {
+        e.verdict == Verdict::Dropped && e.endpoint_id == be.endpoint_id && e.dport == 8080
+    });
     assert_eq!(ev.drop_reason, DROP_POLICY_DENIED);
     assert_eq!(ev.direction, Direction::Ingress);
     assert_eq!(ev.endpoint_id, be.endpoint_id);
@@ -353,7 +355,9 @@ fn auth_required_drops_until_authenticated() {
 
     events.drain();
     assert!(!tcp_ok(&fe, v4(&be), 8080, false));
-    let ev = events.wait_for("auth drop", |e| e.verdict == Verdict::Dropped);
+    let ev = events.wait_for("auth drop", |e| {
+        e.verdict == Verdict::Dropped && e.endpoint_id == be.endpoint_id && e.dport == 8080
+    });
     assert_eq!((ev.drop_reason, ev.rule_cookie), (DROP_AUTH_REQUIRED, 20));
 
     let key = AuthKey {
@@ -372,7 +376,9 @@ fn auth_required_drops_until_authenticated() {
     fx.dp.maps_mut().auth.grant_until(key, 1).expect("expire");
     events.drain();
     assert!(!tcp_ok(&fe, v4(&be), 8080, false));
-    let ev = events.wait_for("expired auth drop", |e| e.verdict == Verdict::Dropped);
+    let ev = events.wait_for("expired auth drop", |e| {
+        e.verdict == Verdict::Dropped && e.endpoint_id == be.endpoint_id && e.dport == 8080
+    });
     assert_eq!(ev.drop_reason, DROP_AUTH_REQUIRED);
 }
 
@@ -397,7 +403,9 @@ fn ipv6_and_udp_are_enforced() {
     events.drain();
     assert!(tcp_ok(&fe, v6(&be), 5353, true));
     assert!(!udp_ok(&fe, v6(&be), 5353, false));
-    let ev = events.wait_for("udp v6 drop", |e| e.verdict == Verdict::Dropped);
+    let ev = events.wait_for("udp v6 drop", |e| {
+        e.verdict == Verdict::Dropped && e.endpoint_id == be.endpoint_id && e.dport == 5353
+    });
     assert_eq!(
         (ev.protocol, ev.dport, ev.drop_reason),
         (PROTO_UDP, 5353, DROP_POLICY_DENIED)
