@@ -103,9 +103,12 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(workload))
             .add_service(reflection)
-            .serve_with_incoming_shutdown(sigil_attestor::accept_stream(public), async move {
-                let _ = s1.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(
+                sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(public)),
+                async move {
+                    let _ = s1.wait_for(|s| *s).await;
+                },
+            )
             .await
             .context("Workload API")
     });
@@ -115,7 +118,9 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
         tonic::transport::Server::builder()
             .add_service(delegated.into_server())
             .serve_with_incoming_shutdown(
-                sigil_attestor::accept_stream(admin_listener),
+                sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(
+                    admin_listener,
+                )),
                 async move {
                     let _ = s2.wait_for(|s| *s).await;
                 },

@@ -83,7 +83,9 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     let mut stop_server = stop.clone();
     let served = router
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            sigil_h2_authority::normalize_incoming(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+            ),
             async move {
                 let _ = stop_server.wait_for(|s| *s).await;
             },

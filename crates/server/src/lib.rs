@@ -80,7 +80,9 @@ pub async fn serve(
     let mut stop_admin = stop.clone();
     let mut stop_node = stop.clone();
     let admin_task = tokio::spawn(admin_router.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+        sigil_h2_authority::normalize_incoming(tokio_stream::wrappers::UnixListenerStream::new(
+            admin_listener,
+        )),
         async move {
             let _ = stop_admin.wait_for(|s| *s).await;
         },
