@@ -19,3 +19,20 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# gRPC interop tests (tests/tests/grpc_interop.rs): Python grpcio (gRPC C-core) and grpcio-tools for stubs.
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: grpcio grpcio-tools — install them with: python3 -m pip install grpcio==1.85.1 grpcio-tools==1.85.1" >&2
+    exit 1
+  fi
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq python3-pip >/dev/null
+  fi
+  echo "installing grpcio grpcio-tools" >&2
+  # Debian marks its Python as externally managed; these are test-only packages for root's interpreter.
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --break-system-packages \
+    grpcio==1.85.1 grpcio-tools==1.85.1 >/dev/null 2>&1 ||
+    python3 -m pip install -q --disable-pip-version-check grpcio==1.85.1 grpcio-tools==1.85.1
+fi

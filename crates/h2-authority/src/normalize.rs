@@ -16,8 +16,9 @@ const FLAG_PRIORITY: u8 = 0x20;
 /// The largest frame payload `h2` accepts unless it advertised more: SETTINGS_MAX_FRAME_SIZE's initial
 /// value, which tonic and hyper leave as is.
 const MAX_FRAME_PAYLOAD: usize = 16_384;
-/// HPACK's dynamic table size limit: SETTINGS_HEADER_TABLE_SIZE's initial value, which tonic and hyper do
-/// not change, so a client's encoder may use at most this much.
+/// HPACK's dynamic table size limit: SETTINGS_HEADER_TABLE_SIZE's initial value. tonic offers no way to
+/// change what h2 advertises, so a client's encoder may use at most this much; a size update above it is an
+/// HPACK error for h2 as for us.
 const HEADER_TABLE_SIZE: usize = 4_096;
 /// HPACK's per-entry overhead when sizing a header list (RFC 7541 §4.1).
 const ENTRY_OVERHEAD: usize = 32;
@@ -132,11 +133,6 @@ impl Normalizer {
             }
         }
         Ok(())
-    }
-
-    /// Whether the stream ended at a frame boundary with no header block open: a clean end of input.
-    pub fn at_boundary(&self) -> bool {
-        self.state == State::FrameHeader && self.pending.is_empty() && self.block.is_none()
     }
 
     /// Advances over a prefix of `input`, returning how many bytes it used (at least one).

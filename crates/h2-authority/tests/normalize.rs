@@ -296,6 +296,11 @@ fn hostile_inputs_close_the_connection() {
             |e| matches!(e, Error::Hpack { .. }),
         ),
         (
+            "truncated size update (RUSTSEC-2023-0085's input)",
+            client(&[frame(HEADERS, END_HEADERS, 1, &[0x3f])]),
+            |e| matches!(e, Error::Hpack { .. }),
+        ),
+        (
             "Huffman string with EOS",
             client(&[frame(
                 HEADERS,
@@ -415,6 +420,21 @@ proptest! {
             prop_assert_eq!(stream, want_stream);
             prop_assert_eq!(flags & END_STREAM != 0, *end_stream);
             prop_assert_eq!(got, &expected(list));
+        }
+    }
+
+    /// Arbitrary bytes as a header block (after a block that filled the client's table) never panic the
+    /// decoder: they are rewritten or refused.
+    #[test]
+    fn arbitrary_header_blocks_never_panic(block in prop::collection::vec(any::<u8>(), 0..300)) {
+        let mut first = vec![0x41, 11];
+        first.extend_from_slice(b"/run/x.sock");
+        let input = client(&[
+            frame(HEADERS, END_HEADERS, 1, &first),
+            frame(HEADERS, END_HEADERS, 3, &block),
+        ]);
+        if let Ok(out) = run(&input, input.len()) {
+            prop_assert_eq!(decode_blocks(&parse_frames(&out[PREFACE.len()..])).len(), 2);
         }
     }
 
