@@ -276,10 +276,10 @@ impl Normalizer {
         } else if let Some(block) = &mut self.block {
             block.fragment.extend_from_slice(&payload);
         }
-        if header.flags & FLAG_END_HEADERS != 0 {
-            if let Some(block) = self.block.take() {
-                self.emit(block, out)?;
-            }
+        if header.flags & FLAG_END_HEADERS != 0
+            && let Some(block) = self.block.take()
+        {
+            self.emit(block, out)?;
         }
         Ok(())
     }

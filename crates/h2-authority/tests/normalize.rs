@@ -223,7 +223,8 @@ fn other_frames_pass_through_unchanged() {
 #[test]
 fn hostile_inputs_close_the_connection() {
     let ok_block = [0x82];
-    let cases: Vec<(&str, Vec<u8>, fn(&Error) -> bool)> = vec![
+    type Case = (&'static str, Vec<u8>, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "HTTP/1.1 instead of the preface",
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
