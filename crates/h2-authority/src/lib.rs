@@ -16,7 +16,7 @@ mod io;
 mod normalize;
 
 pub use io::{AuthorityNormalizer, normalize_incoming};
-pub use normalize::{MAX_HEADER_BLOCK, Normalizer, REPLACEMENT_AUTHORITY};
+pub use normalize::{MAX_CONTINUATIONS, MAX_HEADER_BLOCK, Normalizer, REPLACEMENT_AUTHORITY};
 
 /// Why a client's byte stream cannot be passed on to the HTTP/2 server; the connection is closed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,14 @@ pub enum Error {
         stream: u32,
         /// Size reached (encoded, or decoded as HPACK counts it).
         size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A header block is split over more CONTINUATION frames than any real client uses.
+    #[error("header block on stream {stream} has more than {limit} CONTINUATION frames")]
+    TooManyContinuations {
+        /// Stream the block belongs to.
+        stream: u32,
         /// The limit.
         limit: usize,
     },

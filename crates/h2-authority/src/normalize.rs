@@ -28,6 +28,10 @@ const ENTRY_OVERHEAD: usize = 32;
 /// block is hostile or broken; the connection is closed.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 
+/// The most CONTINUATION frames one header block may have. Empty CONTINUATION frames would otherwise keep
+/// a connection busy without ever reaching `h2`, which refuses such floods itself (RUSTSEC-2024-0332).
+pub const MAX_CONTINUATIONS: usize = 128;
+
 /// What an `:authority` that `h2` would reject becomes.
 pub const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 
@@ -72,6 +76,7 @@ struct Block {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    continuations: usize,
 }
 
 /// Rewrites a client's HTTP/2 byte stream so that every `:authority` is one `h2` accepts.
@@ -190,7 +195,14 @@ impl Normalizer {
     /// Acts on a complete frame header held in `pending`.
     fn start_frame(&mut self, header: &FrameHeader, out: &mut Vec<u8>) -> Result<(), Error> {
         match (&self.block, header.kind) {
-            (Some(b), TYPE_CONTINUATION) if b.stream == header.stream => {}
+            (Some(b), TYPE_CONTINUATION) if b.stream == header.stream => {
+                if b.continuations >= MAX_CONTINUATIONS {
+                    return Err(Error::TooManyContinuations {
+                        stream: b.stream,
+                        limit: MAX_CONTINUATIONS,
+                    });
+                }
+            }
             (Some(b), _) => {
                 return Err(Error::InterruptedHeaderBlock {
                     stream: b.stream,
@@ -272,9 +284,11 @@ impl Normalizer {
                 end_stream: header.flags & FLAG_END_STREAM != 0,
                 priority,
                 fragment: body[..body.len() - pad].to_vec(),
+                continuations: 0,
             });
         } else if let Some(block) = &mut self.block {
             block.fragment.extend_from_slice(&payload);
+            block.continuations += 1;
         }
         if header.flags & FLAG_END_HEADERS != 0
             && let Some(block) = self.block.take()

@@ -7,7 +7,7 @@
 mod support;
 
 use proptest::prelude::*;
-use sigil_h2_authority::{Error, MAX_HEADER_BLOCK, Normalizer};
+use sigil_h2_authority::{Error, MAX_CONTINUATIONS, MAX_HEADER_BLOCK, Normalizer};
 use support::*;
 
 /// A client stream: preface, empty SETTINGS, then `frames`.
@@ -349,6 +349,29 @@ fn header_blocks_are_bounded_as_received() {
 }
 
 #[test]
+fn continuation_floods_are_refused() {
+    // Empty CONTINUATION frames never grow the block; they are counted instead.
+    let mut frames = vec![frame(HEADERS, 0, 1, &[0x82])];
+    for _ in 0..MAX_CONTINUATIONS {
+        frames.push(frame(CONTINUATION, 0, 1, &[]));
+    }
+    let mut ok = frames.clone();
+    ok.push(frame(CONTINUATION, END_HEADERS, 1, &[]));
+    // At the limit: still a request (the last of the allowed frames ends it)...
+    let mut at_limit = frames[..frames.len() - 1].to_vec();
+    at_limit.push(frame(CONTINUATION, END_HEADERS, 1, &[0x84]));
+    let blocks = decode_blocks(&normalized(&client(&at_limit)));
+    assert_eq!(blocks[0].2, fields(&[(":method", "GET"), (":path", "/")]));
+    // ...one more is refused.
+    let input = client(&ok);
+    let err = run(&input, 4096).unwrap_err();
+    assert!(
+        matches!(err, Error::TooManyContinuations { stream: 1, limit } if limit == MAX_CONTINUATIONS),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn header_blocks_are_bounded_as_decoded() {
     // A 4000-byte value indexed once, then referenced by one octet 20 times: 80 KB decoded from 20 bytes.
     let mut first = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e]; // literal, indexed; name "x"; value len 4000
@@ -387,7 +410,7 @@ proptest! {
     #[test]
     fn reference_encoded_requests_survive(
         requests in prop::collection::vec((authority(), metadata(), any::<bool>()), 1..5),
-        split in 1usize..64,
+        split in 8usize..128,
         feed in 1usize..300,
     ) {
         let mut enc = loona_hpack::Encoder::new();
