@@ -88,10 +88,7 @@ fn tcp_ok_with_option(
             std::io::Error::last_os_error()
         );
         // A blocking connect gives up after the send timeout.
-        let tv = TimeVal::new(
-            wait.as_secs() as i64,
-            i64::from(wait.subsec_micros()),
-        );
+        let tv = TimeVal::new(wait.as_secs() as i64, i64::from(wait.subsec_micros()));
         setsockopt(&fd, sockopt::SendTimeout, &tv).expect("send timeout");
         let remote = SockaddrStorage::from(SocketAddr::new(to, port));
         connect(fd.as_raw_fd(), &remote).ok()?;
@@ -143,7 +140,11 @@ fn tcp_syn(dport: u16) -> Vec<u8> {
 fn dstopts_chain_syn(count: usize, dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
     for i in 0..count {
-        let next = if i + 1 == count { PROTO_TCP } else { NEXTHDR_DEST };
+        let next = if i + 1 == count {
+            PROTO_TCP
+        } else {
+            NEXTHDR_DEST
+        };
         let mut h = PADN_OPTIONS;
         h[0] = next;
         p.extend_from_slice(&h);
@@ -169,7 +170,12 @@ fn send_raw_v6(from: &EndpointNet, dst: Ipv6Addr, packet: Vec<u8>) {
     });
 }
 
-fn drop_at(events: &mut Events, what: &str, ep: &EndpointNet, pred: impl Fn(&sigil_datapath::Event) -> bool) -> sigil_datapath::Event {
+fn drop_at(
+    events: &mut Events,
+    what: &str,
+    ep: &EndpointNet,
+    pred: impl Fn(&sigil_datapath::Event) -> bool,
+) -> sigil_datapath::Event {
     events.wait_for(what, |e| {
         e.verdict == Verdict::Dropped && e.endpoint_id == ep.endpoint_id && pred(e)
     })
@@ -190,7 +196,10 @@ fn ipv6_extension_headers_do_not_bypass_a_port_deny() {
         .policy
         .replace_policy(
             server.endpoint_id,
-            &[entry(0, 0, 0, false, 21), entry(PROTO_TCP, 8081, 16, true, 22)],
+            &[
+                entry(0, 0, 0, false, 21),
+                entry(PROTO_TCP, 8081, 16, true, 22),
+            ],
         )
         .expect("policy");
     fx.enforce(&server, SERVER, true, false);
@@ -254,7 +263,10 @@ fn fragmented_datagrams_follow_the_policy_of_their_first_fragment() {
         .expect("policy");
     fx.enforce(&server, SERVER, true, false);
     for dst in [v4(&server), v6(&server)] {
-        assert!(big_udp_ok(&client, dst, 5353, 2000, true), "fragmented udp to {dst}:5353");
+        assert!(
+            big_udp_ok(&client, dst, 5353, 2000, true),
+            "fragmented udp to {dst}:5353"
+        );
     }
 
     // A broad L3 allow and a deny of UDP 5354: a fragmented datagram to 5354 is denied like
@@ -264,11 +276,17 @@ fn fragmented_datagrams_follow_the_policy_of_their_first_fragment() {
         .policy
         .replace_policy(
             server.endpoint_id,
-            &[entry(0, 0, 0, false, 32), entry(PROTO_UDP, 5354, 16, true, 33)],
+            &[
+                entry(0, 0, 0, false, 32),
+                entry(PROTO_UDP, 5354, 16, true, 33),
+            ],
         )
         .expect("policy");
     for dst in [v4(&server), v6(&server)] {
-        assert!(big_udp_ok(&client, dst, 5353, 2000, true), "control {dst}:5353");
+        assert!(
+            big_udp_ok(&client, dst, 5353, 2000, true),
+            "control {dst}:5353"
+        );
         events.drain();
         assert!(
             !big_udp_ok(&client, dst, 5354, 2000, false),
@@ -301,7 +319,10 @@ fn unparseable_chains_and_unplaceable_fragments_are_dropped() {
         .policy
         .replace_policy(
             server.endpoint_id,
-            &[entry(0, 0, 0, false, 41), entry(PROTO_TCP, 8081, 16, true, 42)],
+            &[
+                entry(0, 0, 0, false, 41),
+                entry(PROTO_TCP, 8081, 16, true, 42),
+            ],
         )
         .expect("policy");
     fx.enforce(&server, SERVER, true, false);
@@ -313,20 +334,39 @@ fn unparseable_chains_and_unplaceable_fragments_are_dropped() {
 
     // Controls: a chain within the bound is walked to TCP and its port, both ways.
     events.drain();
-    send_raw_v6(&client, dst, ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(6, 8080)));
+    send_raw_v6(
+        &client,
+        dst,
+        ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(6, 8080)),
+    );
     let ev = events.wait_for("allowed crafted SYN", |e| {
         e.verdict == Verdict::Allowed && e.endpoint_id == server.endpoint_id && e.dport == 8080
     });
     assert_eq!(ev.protocol, PROTO_TCP);
     events.drain();
-    send_raw_v6(&client, dst, ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(6, 8081)));
-    let ev = drop_at(&mut events, "denied crafted SYN", &server, |e| e.dport == 8081);
-    assert_eq!((ev.protocol, ev.drop_reason, ev.rule_cookie), (PROTO_TCP, DROP_POLICY_DENY, 42));
+    send_raw_v6(
+        &client,
+        dst,
+        ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(6, 8081)),
+    );
+    let ev = drop_at(&mut events, "denied crafted SYN", &server, |e| {
+        e.dport == 8081
+    });
+    assert_eq!(
+        (ev.protocol, ev.drop_reason, ev.rule_cookie),
+        (PROTO_TCP, DROP_POLICY_DENY, 42)
+    );
 
     // Longer than the bound (8): dropped where it enters the datapath, the sender's veth.
     events.drain();
-    send_raw_v6(&client, dst, ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(9, 8081)));
-    let ev = drop_at(&mut events, "chain of 9", &client, |e| e.daddr == IpAddr::V6(dst));
+    send_raw_v6(
+        &client,
+        dst,
+        ipv6_packet(src, dst, NEXTHDR_DEST, &dstopts_chain_syn(9, 8081)),
+    );
+    let ev = drop_at(&mut events, "chain of 9", &client, |e| {
+        e.daddr == IpAddr::V6(dst)
+    });
     assert_eq!(ev.drop_reason, DROP_INVALID_EXTHDR);
     assert_eq!(ev.direction, Direction::Egress);
 
@@ -334,8 +374,14 @@ fn unparseable_chains_and_unplaceable_fragments_are_dropped() {
     events.drain();
     let mut truncated = dstopts_chain_syn(1, 8081);
     truncated[1] = 20; // 168 bytes of options in a 28-byte payload
-    send_raw_v6(&client, dst, ipv6_packet(src, dst, NEXTHDR_DEST, &truncated));
-    let ev = drop_at(&mut events, "truncated chain", &client, |e| e.daddr == IpAddr::V6(dst));
+    send_raw_v6(
+        &client,
+        dst,
+        ipv6_packet(src, dst, NEXTHDR_DEST, &truncated),
+    );
+    let ev = drop_at(&mut events, "truncated chain", &client, |e| {
+        e.daddr == IpAddr::V6(dst)
+    });
     assert_eq!(ev.drop_reason, DROP_INVALID_EXTHDR);
 
     // A non-first fragment of a datagram whose first fragment was never seen: the server's

@@ -5,9 +5,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
-};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
     DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, PROTO_TCP, PROTO_UDP, PolicyEntry, Verdict,
@@ -101,7 +99,10 @@ fn send_syn_from(ep: &EndpointNet, src: IpAddr, dst: IpAddr, port: u16) {
 
 /// Waits for the 132 drop of a packet that left `ep` with source `src` to `port`.
 fn expect_spoof_drop(events: &mut Events, ep: &EndpointNet, src: IpAddr, protocol: u8, port: u16) {
-    let what = format!("132 drop at {} of {src} -> :{port} proto {protocol}", ep.name);
+    let what = format!(
+        "132 drop at {} of {src} -> :{port} proto {protocol}",
+        ep.name
+    );
     let ev = events.wait_for(&what, |e| {
         e.verdict == Verdict::Dropped
             && e.endpoint_id == ep.endpoint_id
@@ -111,7 +112,10 @@ fn expect_spoof_drop(events: &mut Events, ep: &EndpointNet, src: IpAddr, protoco
     });
     assert_eq!(ev.drop_reason, DROP_INVALID_SIP, "{what}");
     assert_eq!(ev.direction, Direction::Egress, "{what}");
-    assert_eq!(ev.src_identity, ATTACKER, "{what}: the sender's own identity");
+    assert_eq!(
+        ev.src_identity, ATTACKER,
+        "{what}: the sender's own identity"
+    );
 }
 
 #[test]
@@ -142,7 +146,10 @@ fn spoofed_source_addresses_are_dropped_at_the_senders_veth() {
         assert!(udp_ok(&trusted, dst, 8080, true), "trusted udp to {dst}");
         assert!(tcp_ok(&trusted, dst, 8080, true), "trusted tcp to {dst}");
         events.drain();
-        assert!(!udp_ok(&attacker, dst, 8080, false), "attacker udp to {dst}");
+        assert!(
+            !udp_ok(&attacker, dst, 8080, false),
+            "attacker udp to {dst}"
+        );
         let ev = events.wait_for("attacker's own-address drop", |e| {
             e.verdict == Verdict::Dropped && e.endpoint_id == target.endpoint_id && e.dport == 8080
         });
@@ -151,10 +158,7 @@ fn spoofed_source_addresses_are_dropped_at_the_senders_veth() {
     }
 
     // The attack: the attacker sends with the trusted endpoint's IPv4 and IPv6 addresses.
-    for (borrowed, dst) in [
-        (v4(&trusted), v4(&target)),
-        (v6(&trusted), v6(&target)),
-    ] {
+    for (borrowed, dst) in [(v4(&trusted), v4(&target)), (v6(&trusted), v6(&target))] {
         borrow_address(&attacker, borrowed);
         let rx = udp_bound(&target, dst, 8090);
         let before = fx
@@ -190,8 +194,14 @@ fn spoofed_source_addresses_are_dropped_at_the_senders_veth() {
         // Control: the real owner of the address still gets through.
         let tx = udp_bound(&trusted, borrowed, 0);
         tx.send_to(b"legit", (dst, 8090)).expect("send legit");
-        assert!(receives(&rx, b"legit", PASS_WAIT), "trusted {borrowed} -> {dst}");
-        assert!(tcp_ok(&trusted, dst, 8080, true), "trusted tcp after the attack");
+        assert!(
+            receives(&rx, b"legit", PASS_WAIT),
+            "trusted {borrowed} -> {dst}"
+        );
+        assert!(
+            tcp_ok(&trusted, dst, 8080, true),
+            "trusted tcp after the attack"
+        );
     }
 }
 
