@@ -48,10 +48,15 @@ impl Drop for Children {
 
 impl Children {
     fn echo(&mut self, netns: &str, port: u16) {
+        self.echo_on(netns, &format!("0.0.0.0:{port}"));
+    }
+
+    /// An echo server on `bind` (`[::]:PORT` serves IPv6 and IPv4).
+    fn echo_on(&mut self, netns: &str, bind: &str) {
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(sigil_bin())
-            .args(["netd", "echo-server", "--bind", &format!("0.0.0.0:{port}")])
+            .args(["netd", "echo-server", "--bind", bind])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -723,7 +728,7 @@ fn endpoints_cannot_send_with_another_endpoints_address() {
     netd.cli_ok(&["policy", "import", &file.display().to_string()])
         .expect("import");
     let mut children = Children::default();
-    children.echo(&b.netns, 9000);
+    children.echo_on(&b.netns, "[::]:9000");
     wait_servers(&c.netns, &[(&b.ipv4, 9000)]);
     let mut mon = Children::default();
     let rx = monitor(&netd, &mut mon);
@@ -872,8 +877,8 @@ fn ipv6_extension_headers_do_not_bypass_an_ingress_deny() {
     netd.cli_ok(&["policy", "import", &file.display().to_string()])
         .expect("import");
     let mut children = Children::default();
-    children.echo(&sv.netns, 8080);
-    children.echo(&sv.netns, 8081);
+    children.echo_on(&sv.netns, "[::]:8080");
+    children.echo_on(&sv.netns, "[::]:8081");
     wait_servers(&cl.netns, &[(&sv.ipv4, 8080)]);
     let mut mon = Children::default();
     let rx = monitor(&netd, &mut mon);
