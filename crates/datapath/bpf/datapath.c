@@ -192,7 +192,7 @@ static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struc
 {
 	__u8 ip6[40];
 	__u32 off = 14 + 40;
-	__u8 nh;
+	__u8 nh, seen_frag = 0;
 	int i;
 
 	if (bpf_skb_load_bytes(skb, 14, ip6, sizeof(ip6)) < 0)
@@ -214,9 +214,11 @@ static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struc
 		if (nh == NEXTHDR_FRAGMENT) {
 			__u16 frag_off = (((__u16)h[2] << 8) | h[3]) & 0xfff8;
 
-			/* A fragment inside a fragment is not something endpoints send. */
-			if (f->frag != FRAG_NONE)
+			/* A second fragment header (even after an atomic fragment) is not something
+			 * endpoints send. */
+			if (seen_frag)
 				return bad(f, DROP_INVALID_EXTHDR);
+			seen_frag = 1;
 			f->frag_nexthdr = h[0];
 			__builtin_memcpy(&f->frag_id, &h[4], 4);
 			if (frag_off != 0) {
@@ -226,8 +228,6 @@ static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struc
 			}
 			/* Offset 0 without more fragments is an atomic fragment: a whole packet. */
 			f->frag = (h[3] & 1) ? FRAG_FIRST : FRAG_NONE;
-			if (f->frag == FRAG_NONE)
-				f->frag_nexthdr = 0xff;
 			off += 8;
 		} else if (nh == NEXTHDR_AUTH) {
 			off += ((__u32)h[1] + 2) * 4;
@@ -296,8 +296,9 @@ static __always_inline int addr_zero(const __u8 *a)
 }
 
 /* Whether a packet leaving the endpoint carries one of its own addresses as source. IPv6
- * link-local (fe80::/10) and unspecified (::) sources are accepted only towards link-local or
- * multicast destinations (neighbour discovery, MLD): the host never forwards those. */
+ * link-local (fe80::/10) and unspecified (::) sources are accepted only towards link-local
+ * unicast or interface/link-scoped multicast destinations (neighbour discovery, MLD): those
+ * never leave the link. */
 static __always_inline int source_ok(const struct endpoint_config *cfg, const struct flow *f)
 {
 	if (!cfg)
@@ -307,7 +308,8 @@ static __always_inline int source_ok(const struct endpoint_config *cfg, const st
 	if ((cfg->flags & EP_HAS_IPV6) && addr_eq(f->saddr, cfg->ipv6, 16))
 		return 1;
 	if ((f->saddr[0] == 0xfe && (f->saddr[1] & 0xc0) == 0x80) || addr_zero(f->saddr))
-		return f->daddr[0] == 0xff || (f->daddr[0] == 0xfe && (f->daddr[1] & 0xc0) == 0x80);
+		return (f->daddr[0] == 0xff && (f->daddr[1] & 0x0f) <= 2) ||
+		       (f->daddr[0] == 0xfe && (f->daddr[1] & 0xc0) == 0x80);
 	return 0;
 }
 
@@ -537,7 +539,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 
 		frag_key_of(&fk, &c, &f);
 		fv = bpf_map_lookup_elem(&sigil_frag, &fk);
-		if (fv && c.now - fv->seen_ns < FRAG_LIFETIME_NS) {
+		/* Another CPU may have stamped the entry after this packet read the clock. */
+		if (fv && (fv->seen_ns >= c.now || c.now - fv->seen_ns < FRAG_LIFETIME_NS)) {
 			f.protocol = fv->protocol;
 			f.sport = fv->sport;
 			f.dport = fv->dport;

@@ -2,7 +2,7 @@
 //! them, chains it cannot walk and fragments it cannot place are dropped.
 #![allow(unsafe_code)]
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
@@ -150,6 +150,36 @@ fn dstopts_chain_syn(count: usize, dport: u16) -> Vec<u8> {
         p.extend_from_slice(&h);
     }
     p.extend_from_slice(&tcp_syn(dport));
+    p
+}
+
+/// Sends a raw IPv4 packet (header included; the kernel fills in the checksum and total
+/// length) from inside `from`.
+fn send_raw_v4(from: &EndpointNet, dst: Ipv4Addr, packet: Vec<u8>) {
+    in_netns(from, move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Raw,
+        )
+        .expect("raw socket (IPPROTO_RAW includes the header)");
+        let sock = UdpSocket::from(fd);
+        sock.send_to(&packet, (IpAddr::V4(dst), 0))
+            .expect("send raw packet");
+    });
+}
+
+/// An IPv4 fragment at `offset8` (8-byte units, non-zero: no UDP header in it) of a UDP
+/// datagram, with 16 bytes of payload.
+fn ipv4_later_fragment(src: Ipv4Addr, dst: Ipv4Addr, id: u16, offset8: u16) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 36];
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&(offset8 & 0x1fff).to_be_bytes());
+    p.extend_from_slice(&[64, PROTO_UDP, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0u8; 16]);
     p
 }
 
@@ -395,6 +425,21 @@ fn unparseable_chains_and_unplaceable_fragments_are_dropped() {
     });
     assert_eq!(ev.drop_reason, DROP_FRAG_NOT_FOUND);
     assert_eq!((ev.protocol, ev.dport), (PROTO_TCP, 0));
+
+    // The same for IPv4: a later fragment without its first one.
+    let (src4, dst4) = match (v4(&client), v4(&server)) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (s, d),
+        _ => unreachable!("v4() gives IPv4"),
+    };
+    events.drain();
+    send_raw_v4(&client, dst4, ipv4_later_fragment(src4, dst4, 0x5347, 185));
+    let ev = drop_at(&mut events, "lone IPv4 later fragment", &server, |e| {
+        e.daddr == IpAddr::V4(dst4)
+    });
+    assert_eq!(
+        (ev.drop_reason, ev.protocol, ev.dport),
+        (DROP_FRAG_NOT_FOUND, PROTO_UDP, 0)
+    );
 
     // Hop-by-hop in front of a denied SYN: the walk starts at any extension header.
     events.drain();

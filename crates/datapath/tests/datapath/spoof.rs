@@ -8,7 +8,8 @@ use std::time::Duration;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
-    DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, PROTO_TCP, PROTO_UDP, PolicyEntry, Verdict,
+    DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, EndpointConfig, PROTO_TCP, PROTO_UDP,
+    PolicyEntry, Verdict,
 };
 
 use crate::support::{
@@ -203,6 +204,60 @@ fn spoofed_source_addresses_are_dropped_at_the_senders_veth() {
             "trusted tcp after the attack"
         );
     }
+}
+
+#[test]
+fn an_endpoint_sends_only_from_addresses_its_config_names() {
+    if !can_run() {
+        return;
+    }
+    let mut fx = Fixture::new("na", 45);
+    let sender = fx.endpoint("s", ATTACKER);
+    let receiver = fx.endpoint("r", TARGET);
+    let _srv = EchoServer::start(&receiver, &[8080]);
+    let mut events = fx.events();
+    // Control: both families pass while the config names both addresses.
+    assert!(udp_ok(&sender, v4(&receiver), 8080, true));
+    assert!(udp_ok(&sender, v6(&receiver), 8080, true));
+
+    // Without an IPv6 address in its config, the endpoint's own IPv6 source is not its.
+    fx.dp
+        .maps_mut()
+        .endpoints
+        .set(
+            sender.endpoint_id,
+            EndpointConfig {
+                identity: ATTACKER,
+                ingress_enforced: false,
+                egress_enforced: false,
+                ipv4: sender.ipv4,
+                ipv6: None,
+            },
+        )
+        .expect("config");
+    events.drain();
+    assert!(
+        !udp_ok(&sender, v6(&receiver), 8080, false),
+        "v6 without a v6 address"
+    );
+    expect_spoof_drop(&mut events, &sender, v6(&sender), PROTO_UDP, 8080);
+    assert!(
+        udp_ok(&sender, v4(&receiver), 8080, true),
+        "v4 still passes"
+    );
+
+    // Without any config, nothing leaves it.
+    fx.dp
+        .maps_mut()
+        .endpoints
+        .remove(sender.endpoint_id)
+        .expect("remove config");
+    events.drain();
+    assert!(!udp_ok(&sender, v4(&receiver), 8080, false), "no config");
+    let ev = events.wait_for("drop without config", |e| {
+        e.verdict == Verdict::Dropped && e.endpoint_id == sender.endpoint_id && e.dport == 8080
+    });
+    assert_eq!(ev.drop_reason, DROP_INVALID_SIP);
 }
 
 #[test]
