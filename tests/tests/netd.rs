@@ -48,10 +48,15 @@ impl Drop for Children {
 
 impl Children {
     fn echo(&mut self, netns: &str, port: u16) {
+        self.echo_on(netns, &format!("0.0.0.0:{port}"));
+    }
+
+    /// An echo server on `bind` (`[::]:PORT` serves IPv6 and IPv4).
+    fn echo_on(&mut self, netns: &str, bind: &str) {
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(sigil_bin())
-            .args(["netd", "echo-server", "--bind", &format!("0.0.0.0:{port}")])
+            .args(["netd", "echo-server", "--bind", bind])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -644,5 +649,272 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
     assert_eq!(
         policies_before,
         netd.cli_ok(&["policy", "list"]).expect("list")
+    );
+}
+
+/// Runs `f` on a thread inside the named namespace (sockets it makes stay there).
+fn in_ns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("netns file");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+fn ipv6_of(netd: &NetdProcess, name: &str) -> String {
+    let out = netd.cli_ok(&["endpoint", "get", name]).expect("get");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["ipv6"].as_str().expect("ipv6").to_owned()
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `sock` receives exactly `payload` within `wait` (other datagrams are skipped).
+fn udp_receives(sock: &std::net::UdpSocket, payload: &[u8], wait: Duration) -> bool {
+    sock.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 256];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        if &buf[..n] == payload {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends `payload` from inside `netns`, from `src` (port 0 = any), to `dst`.
+fn udp_send_from(
+    netns: &str,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    payload: &'static [u8],
+) {
+    in_ns(netns, move || {
+        let s = std::net::UdpSocket::bind(src).expect("bind sender");
+        s.send_to(payload, dst).expect("send");
+    });
+}
+
+fn sa(addr: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.parse().expect("address"), port)
+}
+
+#[test]
+fn endpoints_cannot_send_with_another_endpoints_address() {
+    if !can_run() {
+        return;
+    }
+    let netd = NetdProcess::start("spoof", 210, 4).expect("netd");
+    let a = create(&netd, "sa", "attacker", None);
+    let b = create(&netd, "sb", "trusted", None);
+    let c = create(&netd, "sc", "target", None);
+    let (a6, b6, c6) = (
+        ipv6_of(&netd, "sa"),
+        ipv6_of(&netd, "sb"),
+        ipv6_of(&netd, "sc"),
+    );
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: target-in\nspec:\n  endpointSelector: {matchLabels: {app: target}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: trusted}}]\n    toPorts: [{ports: [{port: \"8090\", protocol: UDP}]}]\n";
+    let file = netd.root.path().join("target.yaml");
+    std::fs::write(&file, policy).expect("write");
+    netd.cli_ok(&["policy", "import", &file.display().to_string()])
+        .expect("import");
+    let mut children = Children::default();
+    children.echo_on(&b.netns, "[::]:9000");
+    wait_servers(&c.netns, &[(&b.ipv4, 9000)]);
+    let mut mon = Children::default();
+    let rx = monitor(&netd, &mut mon);
+    let rx_sock = in_ns(&c.netns, || {
+        std::net::UdpSocket::bind("[::]:8090").expect("bind receiver")
+    });
+    let short = Duration::from_millis(700);
+    let long = Duration::from_secs(5);
+
+    for (a_addr, b_addr, c_addr) in [
+        (a.ipv4.as_str(), b.ipv4.as_str(), c.ipv4.as_str()),
+        (a6.as_str(), b6.as_str(), c6.as_str()),
+    ] {
+        // Controls: the trusted endpoint gets through; the attacker with its own address is
+        // dropped by the target's policy.
+        udp_send_from(&b.netns, sa(b_addr, 0), sa(c_addr, 8090), b"legit");
+        assert!(
+            udp_receives(&rx_sock, b"legit", long),
+            "trusted -> {c_addr}"
+        );
+        udp_send_from(&a.netns, sa(a_addr, 0), sa(c_addr, 8090), b"own");
+        assert!(
+            !udp_receives(&rx_sock, b"own", short),
+            "attacker's own -> {c_addr}"
+        );
+        wait_event(&rx, "the attacker's own-address drop", |v| {
+            v["verdict"] == "dropped" && v["endpoint"] == "sc" && v["drop_reason"] == 133
+        });
+
+        // The attack: the trusted endpoint's address on the attacker's interface.
+        let prefix = if b_addr.contains(':') { "128" } else { "32" };
+        let cidr = format!("{b_addr}/{prefix}");
+        ip_ok(&["-n", &a.netns, "addr", "add", &cidr, "dev", "eth0", "nodad"]);
+        let dropped_before = Maps::open_pinned(&netd.pin_dir)
+            .expect("maps")
+            .counters
+            .get(a.endpoint_id, sigil_datapath::Verdict::Dropped)
+            .expect("counter");
+        udp_send_from(&a.netns, sa(b_addr, 0), sa(c_addr, 8090), b"spoofed");
+        assert!(
+            !udp_receives(&rx_sock, b"spoofed", short),
+            "the attacker's datagram from {b_addr} reached {c_addr}"
+        );
+        let ev = wait_event(&rx, "the spoofed datagram", |v| {
+            v["verdict"] == "dropped" && v["endpoint"] == "sa" && v["drop_reason"] == 132
+        });
+        assert_eq!(ev["src"]["addr"], b_addr, "{ev}");
+        assert_eq!(ev["src"]["identity"], a.identity, "{ev}");
+        let dropped_after = Maps::open_pinned(&netd.pin_dir)
+            .expect("maps")
+            .counters
+            .get(a.endpoint_id, sigil_datapath::Verdict::Dropped)
+            .expect("counter");
+        assert!(dropped_after.packets > dropped_before.packets);
+
+        // The conntrack-reply forgery: the target talks to the trusted endpoint's echo server;
+        // the attacker answers for it, from its address and port.
+        let client = in_ns(&c.netns, {
+            let c_addr = c_addr.to_owned();
+            move || std::net::UdpSocket::bind(sa(&c_addr, 0)).expect("bind client")
+        });
+        let client_port = client.local_addr().expect("addr").port();
+        client.send_to(b"hello", sa(b_addr, 9000)).expect("send");
+        assert!(udp_receives(&client, b"hello", long), "the real reply");
+        udp_send_from(
+            &a.netns,
+            sa(b_addr, 9000),
+            sa(c_addr, client_port),
+            b"forged",
+        );
+        assert!(
+            !udp_receives(&client, b"forged", short),
+            "a forged reply from {b_addr}:9000 reached the target"
+        );
+        wait_event(&rx, "the forged reply", |v| {
+            v["verdict"] == "dropped"
+                && v["endpoint"] == "sa"
+                && v["drop_reason"] == 132
+                && v["dst"]["port"] == client_port
+        });
+        // Control: the trusted endpoint's own traffic still passes.
+        udp_send_from(&b.netns, sa(b_addr, 0), sa(c_addr, 8090), b"legit2");
+        assert!(
+            udp_receives(&rx_sock, b"legit2", long),
+            "trusted after the attack"
+        );
+    }
+}
+
+/// Connects from inside `netns` over IPv6 with a destination options header on every packet
+/// (`IPV6_DSTOPTS`, needs CAP_NET_RAW), sends "ping" and expects it back.
+#[allow(unsafe_code)]
+fn connect_with_dstopts(netns: &str, addr: &str, port: u16, wait: Duration) -> bool {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn6, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let target = match sa(addr, port) {
+        std::net::SocketAddr::V6(v6) => v6,
+        std::net::SocketAddr::V4(_) => panic!("IPv6 only"),
+    };
+    let stream = in_ns(netns, move || -> Option<TcpStream> {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .expect("socket");
+        // One destination options header: PadN filling its 8 bytes.
+        let opt: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        // SAFETY: setsockopt reads `opt.len()` bytes from a live buffer; the fd is open.
+        let rc = unsafe {
+            nix::libc::setsockopt(
+                fd.as_raw_fd(),
+                nix::libc::IPPROTO_IPV6,
+                nix::libc::IPV6_DSTOPTS,
+                opt.as_ptr().cast(),
+                opt.len() as nix::libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        let tv = nix::sys::time::TimeVal::new(
+            i64::try_from(wait.as_secs()).unwrap_or(5),
+            i64::from(wait.subsec_micros()),
+        );
+        setsockopt(&fd, sockopt::SendTimeout, &tv).expect("send timeout");
+        connect(fd.as_raw_fd(), &SockaddrIn6::from(target)).ok()?;
+        Some(TcpStream::from(fd))
+    });
+    stream.is_some_and(|mut s| echo_once(&mut s))
+}
+
+#[test]
+fn ipv6_extension_headers_do_not_bypass_an_ingress_deny() {
+    if !can_run() {
+        return;
+    }
+    let netd = NetdProcess::start("exthdr", 210, 5).expect("netd");
+    let cl = create(&netd, "xc", "xclient", None);
+    let sv = create(&netd, "xs", "xserver", None);
+    let sv6 = ipv6_of(&netd, "xs");
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: xserver-in\nspec:\n  endpointSelector: {matchLabels: {app: xserver}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: xclient}}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: xclient}}]\n    toPorts: [{ports: [{port: \"8081\", protocol: TCP}]}]\n";
+    let file = netd.root.path().join("xserver.yaml");
+    std::fs::write(&file, policy).expect("write");
+    netd.cli_ok(&["policy", "import", &file.display().to_string()])
+        .expect("import");
+    let mut children = Children::default();
+    children.echo_on(&sv.netns, "[::]:8080");
+    children.echo_on(&sv.netns, "[::]:8081");
+    wait_servers(&cl.netns, &[(&sv.ipv4, 8080)]);
+    let mut mon = Children::default();
+    let rx = monitor(&netd, &mut mon);
+    let bracketed = format!("[{sv6}]");
+    let short = Duration::from_millis(700);
+    let deny_rule = |v: &serde_json::Value| {
+        v["rule"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/default/xserver-in: spec.ingressDeny[0]"))
+    };
+
+    // Controls: plain IPv6 TCP to 8080 passes and to 8081 is denied by the rule.
+    assert!(probe(&cl.netns, &bracketed, 8080, false), "plain 8080");
+    assert!(!probe(&cl.netns, &bracketed, 8081, false), "plain 8081");
+    let ev = wait_event(&rx, "the plain deny", |v| {
+        v["verdict"] == "dropped" && v["dst"]["port"] == 8081
+    });
+    assert!(deny_rule(&ev), "{ev}");
+
+    // The attack: a destination options header in front of TCP to the denied port.
+    assert!(
+        !connect_with_dstopts(&cl.netns, &sv6, 8081, short),
+        "a TCP connection to the denied port completed behind a destination options header"
+    );
+    let ev = wait_event(&rx, "the deny behind the extension header", |v| {
+        v["verdict"] == "dropped"
+            && v["endpoint"] == "xs"
+            && v["dst"]["port"] == 8081
+            && v["protocol"] == "tcp"
+    });
+    assert_eq!(ev["drop_reason"], 181, "{ev}");
+    assert!(deny_rule(&ev), "{ev}");
+
+    // Control: the same header in front of the allowed port still connects.
+    assert!(
+        connect_with_dstopts(&cl.netns, &sv6, 8080, Duration::from_secs(5)),
+        "destination options to the allowed port"
     );
 }

@@ -82,31 +82,59 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sigil_ev_lost SEC(".maps");
 
+/* Fragments of one datagram arrive within the reassembly timeout (IPv6: 60 s, IPv4: 30 s). */
+#define FRAG_LIFETIME_NS (60ULL * 1000000000ULL)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_frag SEC(".maps");
+
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
+
+/* Extension headers followed before giving up (RFC 8200's recommended order has at most six:
+ * hop-by-hop, destination options, routing, fragment, authentication, destination options). */
+#define IPV6_MAX_EXT 8
+
+#define FRAG_NONE 0
+#define FRAG_FIRST 1 /* offset 0, more fragments follow: carries the ports */
+#define FRAG_LATER 2 /* offset > 0: no upper-layer header */
 
 struct flow {
 	__u8 family;
 	__u8 protocol;
 	__u8 tcp_flags;
-	__u8 pad;
+	__u8 frag;
 	__be16 sport;
 	__be16 dport;
 	__u8 saddr[16];
 	__u8 daddr[16];
+	__u32 frag_id;
+	__u8 frag_nexthdr;
+	__u8 hop_limit;
+	__u8 pad[2];
+	__u32 bad_reason; /* PARSE_BAD: why */
 };
 
-enum parse_result { PARSE_IP, PARSE_PASS };
+enum parse_result {
+	PARSE_IP,   /* policy applies */
+	PARSE_PASS, /* not IP: passes untouched */
+	PARSE_ND,   /* IPv6 neighbour discovery: passes after the source check */
+	PARSE_BAD,  /* IP that cannot be classified: dropped after the source check */
+};
 
-static __always_inline void load_ports(struct __sk_buff *skb, struct flow *f, __u32 l4off)
+/* Reads the ports (and TCP flags) of protocols that have them; 0 if the header is missing. */
+static __always_inline int load_ports(struct __sk_buff *skb, struct flow *f, __u32 l4off)
 {
 	__be16 ports[2];
 
 	if (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP && f->protocol != IPPROTO_SCTP)
-		return;
-	/* A header outside the packet leaves the ports at 0, which no port-specific entry
-	 * matches: under default deny such packets drop rather than slip through. */
+		return 0;
 	if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
-		return;
+		return -1;
 	f->sport = ports[0];
 	f->dport = ports[1];
 	if (f->protocol == IPPROTO_TCP) {
@@ -115,6 +143,118 @@ static __always_inline void load_ports(struct __sk_buff *skb, struct flow *f, __
 		if (bpf_skb_load_bytes(skb, l4off + 13, &flags, 1) == 0)
 			f->tcp_flags = flags;
 	}
+	return 0;
+}
+
+static __always_inline enum parse_result bad(struct flow *f, __u32 reason)
+{
+	f->bad_reason = reason;
+	return PARSE_BAD;
+}
+
+static __always_inline int is_ext_header(__u8 nh)
+{
+	return nh == NEXTHDR_HOP || nh == NEXTHDR_ROUTING || nh == NEXTHDR_FRAGMENT ||
+	       nh == NEXTHDR_AUTH || nh == NEXTHDR_DEST;
+}
+
+static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struct flow *f)
+{
+	__u8 ip[20];
+	__u32 ihl;
+	__u16 frag_off;
+
+	if (bpf_skb_load_bytes(skb, 14, ip, sizeof(ip)) < 0)
+		return PARSE_PASS;
+	f->family = 4;
+	f->protocol = ip[9];
+	__builtin_memcpy(f->saddr, &ip[12], 4);
+	__builtin_memcpy(f->daddr, &ip[16], 4);
+	ihl = (ip[0] & 0x0f) * 4;
+	frag_off = ((__u16)(ip[6] & 0x1f) << 8) | ip[7];
+	if (frag_off != 0 || (ip[6] & 0x20)) {
+		f->frag = frag_off ? FRAG_LATER : FRAG_FIRST;
+		f->frag_nexthdr = ip[9];
+		f->frag_id = (__u32)ip[4] | ((__u32)ip[5] << 8);
+	}
+	/* Later fragments carry no ports: their flow comes from the first one (sigil_frag). */
+	if (frag_off != 0)
+		return PARSE_IP;
+	if (ihl < 20)
+		return bad(f, DROP_INVALID);
+	if (load_ports(skb, f, 14 + ihl) < 0)
+		return bad(f, DROP_INVALID);
+	return PARSE_IP;
+}
+
+/* Walks up to IPV6_MAX_EXT extension headers to the upper-layer protocol and its ports. */
+static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struct flow *f)
+{
+	__u8 ip6[40];
+	__u32 off = 14 + 40;
+	__u8 nh, seen_frag = 0;
+	int i;
+
+	if (bpf_skb_load_bytes(skb, 14, ip6, sizeof(ip6)) < 0)
+		return PARSE_PASS;
+	f->family = 6;
+	f->hop_limit = ip6[7];
+	__builtin_memcpy(f->saddr, &ip6[8], 16);
+	__builtin_memcpy(f->daddr, &ip6[24], 16);
+	nh = ip6[6];
+#pragma unroll
+	for (i = 0; i < IPV6_MAX_EXT; i++) {
+		__u8 h[8];
+
+		if (!is_ext_header(nh))
+			break;
+		/* Every extension header is at least 8 bytes long. */
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+			return bad(f, DROP_INVALID_EXTHDR);
+		if (nh == NEXTHDR_FRAGMENT) {
+			__u16 frag_off = (((__u16)h[2] << 8) | h[3]) & 0xfff8;
+
+			/* A second fragment header (even after an atomic fragment) is not something
+			 * endpoints send. */
+			if (seen_frag)
+				return bad(f, DROP_INVALID_EXTHDR);
+			seen_frag = 1;
+			f->frag_nexthdr = h[0];
+			__builtin_memcpy(&f->frag_id, &h[4], 4);
+			if (frag_off != 0) {
+				f->frag = FRAG_LATER;
+				f->protocol = h[0];
+				return PARSE_IP;
+			}
+			/* Offset 0 without more fragments is an atomic fragment: a whole packet. */
+			f->frag = (h[3] & 1) ? FRAG_FIRST : FRAG_NONE;
+			off += 8;
+		} else if (nh == NEXTHDR_AUTH) {
+			off += ((__u32)h[1] + 2) * 4;
+		} else {
+			off += ((__u32)h[1] + 1) * 8;
+		}
+		nh = h[0];
+	}
+	/* Still an extension header after the bound: the receiver would find an upper-layer
+	 * protocol we did not see, so the packet cannot be checked. */
+	if (is_ext_header(nh))
+		return bad(f, DROP_INVALID_EXTHDR);
+	f->protocol = nh;
+	if (nh == IPPROTO_ICMPV6) {
+		__u8 type = 0;
+
+		/* Neighbour discovery (router/neighbour solicitation and advertisement, redirect)
+		 * is link plumbing, not endpoint traffic. Real ND has hop limit 255 (RFC 4861); a
+		 * forwarded packet cannot, so ND types from another endpoint are policy-checked. */
+		if (bpf_skb_load_bytes(skb, off, &type, 1) < 0)
+			return bad(f, DROP_INVALID);
+		if (type >= 133 && type <= 137 && f->hop_limit == 255)
+			return PARSE_ND;
+	}
+	if (load_ports(skb, f, off) < 0)
+		return bad(f, off > 54 ? DROP_INVALID_EXTHDR : DROP_INVALID);
+	return PARSE_IP;
 }
 
 static __always_inline enum parse_result parse(struct __sk_buff *skb, struct flow *f)
@@ -123,48 +263,54 @@ static __always_inline enum parse_result parse(struct __sk_buff *skb, struct flo
 
 	if (bpf_skb_load_bytes(skb, 12, &eth_proto, sizeof(eth_proto)) < 0)
 		return PARSE_PASS;
-
-	if (eth_proto == bswap16(ETH_P_IP)) {
-		__u8 ip[20];
-		__u32 ihl;
-		__u16 frag;
-
-		if (bpf_skb_load_bytes(skb, 14, ip, sizeof(ip)) < 0)
-			return PARSE_PASS;
-		f->family = 4;
-		f->protocol = ip[9];
-		__builtin_memcpy(f->saddr, &ip[12], 4);
-		__builtin_memcpy(f->daddr, &ip[16], 4);
-		ihl = (ip[0] & 0x0f) * 4;
-		frag = ((__u16)(ip[6] & 0x1f) << 8) | ip[7];
-		/* Only the first fragment carries ports; later ones are checked with ports 0. */
-		if (frag == 0 && ihl >= 20)
-			load_ports(skb, f, 14 + ihl);
-		return PARSE_IP;
-	}
-	if (eth_proto == bswap16(ETH_P_IPV6)) {
-		__u8 ip6[40];
-
-		if (bpf_skb_load_bytes(skb, 14, ip6, sizeof(ip6)) < 0)
-			return PARSE_PASS;
-		f->family = 6;
-		/* No extension-header chasing: the first next-header is the protocol. */
-		f->protocol = ip6[6];
-		__builtin_memcpy(f->saddr, &ip6[8], 16);
-		__builtin_memcpy(f->daddr, &ip6[24], 16);
-		if (f->protocol == IPPROTO_ICMPV6) {
-			__u8 type = 0;
-
-			/* Neighbour discovery (router/neighbour solicitation and advertisement,
-			 * redirect) is link plumbing, not endpoint traffic: it always passes. */
-			if (bpf_skb_load_bytes(skb, 54, &type, 1) == 0 && type >= 133 && type <= 137)
-				return PARSE_PASS;
-		}
-		load_ports(skb, f, 54);
-		return PARSE_IP;
-	}
+	if (eth_proto == bswap16(ETH_P_IP))
+		return parse_ipv4(skb, f);
+	if (eth_proto == bswap16(ETH_P_IPV6))
+		return parse_ipv6(skb, f);
 	/* ARP and other non-IP traffic is not subject to identity policy. */
 	return PARSE_PASS;
+}
+
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b, int len)
+{
+	__u8 diff = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 16; i++) {
+		if (i < len)
+			diff |= a[i] ^ b[i];
+	}
+	return diff == 0;
+}
+
+static __always_inline int addr_zero(const __u8 *a)
+{
+	__u8 any = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 16; i++)
+		any |= a[i];
+	return any == 0;
+}
+
+/* Whether a packet leaving the endpoint carries one of its own addresses as source. IPv6
+ * link-local (fe80::/10) and unspecified (::) sources are accepted only towards link-local
+ * unicast or interface/link-scoped multicast destinations (neighbour discovery, MLD): those
+ * never leave the link. */
+static __always_inline int source_ok(const struct endpoint_config *cfg, const struct flow *f)
+{
+	if (!cfg)
+		return 0;
+	if (f->family == 4)
+		return (cfg->flags & EP_HAS_IPV4) && addr_eq(f->saddr, cfg->ipv4, 4);
+	if ((cfg->flags & EP_HAS_IPV6) && addr_eq(f->saddr, cfg->ipv6, 16))
+		return 1;
+	if ((f->saddr[0] == 0xfe && (f->saddr[1] & 0xc0) == 0x80) || addr_zero(f->saddr))
+		return (f->daddr[0] == 0xff && (f->daddr[1] & 0x0f) <= 2) ||
+		       (f->daddr[0] == 0xfe && (f->daddr[1] & 0xc0) == 0x80);
+	return 0;
 }
 
 static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
@@ -302,6 +448,48 @@ static __always_inline void decide(struct decision *d, const struct ctx *c,
 	}
 }
 
+static __always_inline void frag_key_of(struct frag_key *k, const struct ctx *c,
+					const struct flow *f)
+{
+	k->endpoint_id = c->ep;
+	k->family = f->family;
+	k->direction = c->direction;
+	k->nexthdr = f->frag_nexthdr;
+	k->id = f->frag_id;
+	__builtin_memcpy(k->saddr, f->saddr, 16);
+	__builtin_memcpy(k->daddr, f->daddr, 16);
+}
+
+/* After the verdict on a first fragment: its later fragments get its flow if it passed, and
+ * nothing (so they drop where enforced) if it did not. */
+static __always_inline void frag_note(const struct ctx *c, const struct flow *f, int passed)
+{
+	struct frag_key k = {};
+
+	if (f->frag != FRAG_FIRST)
+		return;
+	frag_key_of(&k, c, f);
+	if (passed) {
+		struct frag_value v = {};
+
+		v.seen_ns = c->now;
+		v.protocol = f->protocol;
+		v.sport = f->sport;
+		v.dport = f->dport;
+		bpf_map_update_elem(&sigil_frag, &k, &v, BPF_ANY);
+	} else {
+		bpf_map_delete_elem(&sigil_frag, &k);
+	}
+}
+
+static __always_inline int drop(struct __sk_buff *skb, const struct ctx *c, const struct flow *f,
+				__u32 reason, __u32 cookie)
+{
+	count(c->ep, VERDICT_DROPPED, skb->len);
+	emit(c, f, VERDICT_DROPPED, reason, cookie);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 {
 	struct flow f = {};
@@ -310,10 +498,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	struct ct_value *ct;
 	struct endpoint_config *cfg;
 	struct decision d;
+	enum parse_result parsed;
 	__u32 local_identity, remote_identity;
 	__u8 closing;
+	int enforced;
 
-	if (parse(skb, &f) != PARSE_IP)
+	parsed = parse(skb, &f);
+	if (parsed == PARSE_PASS)
 		return TC_ACT_OK;
 
 	c.now = bpf_ktime_get_boot_ns();
@@ -330,6 +521,33 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 		remote_identity = lookup_identity(f.family, f.saddr);
 		c.src_identity = remote_identity;
 		c.dst_identity = local_identity;
+	}
+
+	/* Before anything else, conntrack included: a packet that leaves an endpoint with
+	 * another's address would get that endpoint's identity, policy and connections. */
+	if (direction == DIR_EGRESS && !source_ok(cfg, &f))
+		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
+	if (parsed == PARSE_ND)
+		return TC_ACT_OK;
+	if (parsed == PARSE_BAD)
+		return drop(skb, &c, &f, f.bad_reason, 0);
+
+	enforced = cfg && (direction == DIR_INGRESS ? cfg->ingress_enforced : cfg->egress_enforced);
+	if (f.frag == FRAG_LATER) {
+		struct frag_key fk = {};
+		struct frag_value *fv;
+
+		frag_key_of(&fk, &c, &f);
+		fv = bpf_map_lookup_elem(&sigil_frag, &fk);
+		/* Another CPU may have stamped the entry after this packet read the clock. */
+		if (fv && (fv->seen_ns >= c.now || c.now - fv->seen_ns < FRAG_LIFETIME_NS)) {
+			f.protocol = fv->protocol;
+			f.sport = fv->sport;
+			f.dport = fv->dport;
+		} else if (enforced) {
+			/* Its flow is unknown, so no entry can be said to allow it. */
+			return drop(skb, &c, &f, DROP_FRAG_NOT_FOUND, 0);
+		}
 	}
 	closing = (f.tcp_flags & (TCP_FIN | TCP_RST)) ? CT_CLOSING : 0;
 
@@ -351,6 +569,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 			ct->flags |= CT_SEEN_REPLY;
 			emit(&c, &f, VERDICT_ALLOWED_REPLY, 0, 0);
 		}
+		frag_note(&c, &f, 1);
 		count(c.ep, VERDICT_ALLOWED_REPLY, skb->len);
 		return TC_ACT_OK;
 	}
@@ -365,9 +584,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	if (d.drop_reason) {
 		/* Forget the connection so its replies stop passing as replies. */
 		bpf_map_delete_elem(&sigil_ct, &key);
-		count(c.ep, VERDICT_DROPPED, skb->len);
-		emit(&c, &f, VERDICT_DROPPED, d.drop_reason, d.cookie);
-		return TC_ACT_SHOT;
+		frag_note(&c, &f, 0);
+		return drop(skb, &c, &f, d.drop_reason, d.cookie);
 	}
 
 	ct = bpf_map_lookup_elem(&sigil_ct, &key);
@@ -383,6 +601,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 		bpf_map_update_elem(&sigil_ct, &key, &fresh, BPF_ANY);
 		emit(&c, &f, VERDICT_ALLOWED, 0, d.cookie);
 	}
+	frag_note(&c, &f, 1);
 	count(c.ep, VERDICT_ALLOWED, skb->len);
 	return TC_ACT_OK;
 }

@@ -72,6 +72,13 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 #define IPPROTO_ICMPV6 58
 #define IPPROTO_SCTP 132
 
+/* IPv6 extension headers the parser walks through (RFC 8200 section 4). */
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
+
 /* ---- sigil ABI (src/abi.rs mirrors every struct below) ---- */
 
 #define IDENTITY_WORLD 2
@@ -82,7 +89,11 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 #define VERDICT_DROPPED 1
 #define VERDICT_ALLOWED_REPLY 2
 
+#define DROP_INVALID_SIP 132    /* source address is not one of the sending endpoint's */
 #define DROP_POLICY_DENIED 133 /* no allow entry under default deny */
+#define DROP_INVALID 134       /* upper-layer header (ports) missing or truncated */
+#define DROP_INVALID_EXTHDR 156 /* IPv6 extension headers not parseable within the bound */
+#define DROP_FRAG_NOT_FOUND 175 /* non-first fragment whose first fragment was not seen */
 #define DROP_POLICY_DENY 181   /* an explicit deny entry matched */
 #define DROP_AUTH_REQUIRED 189 /* allow entry needs auth, none recorded */
 
@@ -115,13 +126,40 @@ struct policy_value {
 	__u32 rule_cookie;
 };
 
+#define EP_HAS_IPV4 1
+#define EP_HAS_IPV6 2
+
+/* The addresses are the only sources the endpoint may send from (besides IPv6 link-local and
+ * unspecified ones to link-scoped destinations). */
 struct endpoint_config {
 	__u8 ingress_enforced;
 	__u8 egress_enforced;
 	__u8 pad[2];
 	__u32 identity;
-	__u32 flags;
-	__u32 reserved;
+	__u32 flags; /* EP_HAS_IPV4 | EP_HAS_IPV6 */
+	__u8 ipv4[4];
+	__u8 ipv6[16];
+};
+
+/* Fragment tracking: the first fragment's flow, for the later fragments of its datagram. */
+struct frag_key {
+	__u32 endpoint_id;
+	__u8 family;
+	__u8 direction;
+	__u8 nexthdr; /* IPv4 protocol, or the IPv6 fragment header's next header */
+	__u8 pad;
+	__u32 id;     /* as on the wire (IPv4: 16 bits, then zero) */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct frag_value {
+	__u64 seen_ns;
+	__u8 protocol;
+	__u8 pad;
+	__be16 sport;
+	__be16 dport;
+	__u8 pad2[2];
 };
 
 struct auth_key {

@@ -49,9 +49,20 @@ pub(crate) struct EndpointConfigRaw {
     pub(crate) egress_enforced: u8,
     pub(crate) pad: [u8; 2],
     pub(crate) identity: u32,
+    /// `EP_HAS_IPV4` | `EP_HAS_IPV6`.
     pub(crate) flags: u32,
-    pub(crate) reserved: u32,
+    pub(crate) ipv4: [u8; 4],
+    pub(crate) ipv6: [u8; 16],
 }
+
+/// `endpoint_config.flags`: `ipv4` holds the endpoint's IPv4 address.
+pub(crate) const EP_HAS_IPV4: u32 = 1;
+/// `endpoint_config.flags`: `ipv6` holds the endpoint's IPv6 address.
+pub(crate) const EP_HAS_IPV6: u32 = 2;
+
+/// Sizes of `struct frag_key` and `struct frag_value` (the map is only used by the programs).
+pub(crate) const FRAG_KEY_SIZE: u32 = 44;
+pub(crate) const FRAG_VALUE_SIZE: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,7 +154,7 @@ mod tests {
         assert_eq!(size_of::<IpCacheValue>(), 8);
         assert_eq!(size_of::<PolicyKeyData>(), 12);
         assert_eq!(size_of::<PolicyValueRaw>(), 8);
-        assert_eq!(size_of::<EndpointConfigRaw>(), 16);
+        assert_eq!(size_of::<EndpointConfigRaw>(), 32);
         assert_eq!(size_of::<AuthKeyRaw>(), 12);
         assert_eq!(size_of::<AuthValueRaw>(), 8);
         assert_eq!(size_of::<CtKeyRaw>(), 44);

@@ -16,7 +16,10 @@ use tokio::io::unix::AsyncFd;
 use crate::abi::EVENT_SIZE;
 use crate::error::DatapathError;
 use crate::maps::MAP_EVENTS;
-use crate::policy::{DROP_AUTH_REQUIRED, DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction};
+use crate::policy::{
+    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction,
+};
 
 /// The datapath's verdict on a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +66,10 @@ impl Verdict {
 pub fn drop_reason_name(code: u32) -> &'static str {
     match code {
         0 => "",
+        DROP_INVALID_SIP => "invalid source ip",
+        DROP_INVALID => "invalid packet",
+        DROP_INVALID_EXTHDR => "invalid ipv6 extension header",
+        DROP_FRAG_NOT_FOUND => "fragment not found",
         DROP_POLICY_DENIED => "policy denied",
         DROP_POLICY_DENY => "policy deny",
         DROP_AUTH_REQUIRED => "auth required",
@@ -95,7 +102,7 @@ pub struct Event {
     pub sport: u16,
     /// Destination port (0 without ports).
     pub dport: u16,
-    /// 133, 181 or 189 when dropped, else 0.
+    /// The drop reason (132, 133, 134, 156, 175, 181 or 189) when dropped, else 0.
     pub drop_reason: u32,
     /// Cookie of the deciding policy entry (0 when none matched).
     pub rule_cookie: u32,

@@ -20,13 +20,14 @@ pub use loader::{
 };
 pub use maps::{
     AuthKey, AuthMap, Conntrack, Counter, Counters, CtEntry, EndpointConfig, EndpointMap, IpCache,
-    IpCacheEntry, MAP_AUTH, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EV_LOST, MAP_EVENTS,
+    IpCacheEntry, MAP_AUTH, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EV_LOST, MAP_EVENTS, MAP_FRAG,
     MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
 };
 pub use policy::{
-    DROP_AUTH_REQUIRED, DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap,
-    PolicyValue, decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
+    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap, PolicyValue,
+    decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
 };
 
 /// Identity the datapath gives addresses missing from the IPCache.

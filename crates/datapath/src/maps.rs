@@ -16,6 +16,7 @@ use std::path::Path;
 
 use aya::maps::{Map, MapData, MapError, MapInfo, MapType};
 
+use crate::abi::{FRAG_KEY_SIZE, FRAG_VALUE_SIZE};
 use crate::error::DatapathError;
 use crate::policy::PolicyMap;
 
@@ -35,17 +36,20 @@ pub const MAP_EVENTS: &str = "sigil_events";
 pub const MAP_COUNTERS: &str = "sigil_counters";
 /// Events lost because the ring buffer was full.
 pub const MAP_EV_LOST: &str = "sigil_ev_lost";
+/// Fragment tracking LRU hash: a first fragment's flow for its later fragments.
+pub const MAP_FRAG: &str = "sigil_frag";
 
 /// Layout of each map this build creates, checked against maps pinned by an earlier run.
-pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 8] = [
+pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 9] = [
     (MAP_IPCACHE, MapType::LpmTrie, 24, 8),
     (MAP_POLICY, MapType::LpmTrie, 16, 8),
-    (MAP_ENDPOINTS, MapType::Hash, 4, 16),
+    (MAP_ENDPOINTS, MapType::Hash, 4, 32),
     (MAP_AUTH, MapType::Hash, 12, 8),
     (MAP_CT, MapType::LruHash, 44, 24),
     (MAP_EVENTS, MapType::RingBuf, 0, 0),
     (MAP_COUNTERS, MapType::PerCpuHash, 8, 16),
     (MAP_EV_LOST, MapType::PerCpuArray, 4, 8),
+    (MAP_FRAG, MapType::LruHash, FRAG_KEY_SIZE, FRAG_VALUE_SIZE),
 ];
 
 /// Every map except the ring buffer (read through [`crate::EventReader`]).

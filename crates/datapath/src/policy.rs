@@ -29,6 +29,17 @@ pub const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
 /// Bits of the key that every entry covers: endpoint id, remote identity, direction.
 const BASE_PREFIX: u32 = 72;
 
+/// Drop reason: the packet left an endpoint with a source address that is not the endpoint's
+/// (Cilium's 132).
+pub const DROP_INVALID_SIP: u32 = 132;
+/// Drop reason: the upper-layer header (ports) is missing or truncated (Cilium's 134).
+pub const DROP_INVALID: u32 = 134;
+/// Drop reason: IPv6 extension headers that cannot be walked within the bound, or that end
+/// before the upper-layer header (Cilium's 156).
+pub const DROP_INVALID_EXTHDR: u32 = 156;
+/// Drop reason: a non-first fragment whose first fragment was not seen (or was dropped), on an
+/// enforced direction (Cilium's 175).
+pub const DROP_FRAG_NOT_FOUND: u32 = 175;
 /// Drop reason: no allow entry matched and the direction is in default deny (Cilium's 133).
 pub const DROP_POLICY_DENIED: u32 = 133;
 /// Drop reason: an explicit deny entry matched (Cilium's 181).

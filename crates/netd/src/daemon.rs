@@ -207,7 +207,7 @@ impl Daemon {
                 self.state.endpoints.insert(name.clone(), rec.clone());
                 rec
             };
-            self.install_endpoint(rec.endpoint_id, rec.identity)?;
+            self.install_endpoint(&rec)?;
             self.datapath.attach(&rec.host_interface)?;
         }
         let wanted: BTreeSet<u32> = self
@@ -339,7 +339,7 @@ impl Daemon {
             interface: net.interface.clone(),
         };
         let plumbed = self
-            .install_endpoint(rec.endpoint_id, rec.identity)
+            .install_endpoint(&rec)
             .and_then(|()| Ok(self.datapath.attach(&rec.host_interface)?));
         if let Err(e) = plumbed {
             let _ = self
@@ -451,7 +451,7 @@ impl Daemon {
             PolicyDeltas::default()
         };
         rec.identity = new.get();
-        self.install_endpoint(rec.endpoint_id, rec.identity)?;
+        self.install_endpoint(&rec)?;
         self.state.endpoints.insert(name.to_owned(), rec.clone());
         self.install_identities(&identities_of(&deltas))?;
         let ipc = &mut self.datapath.maps_mut().ipcache;
@@ -746,21 +746,23 @@ impl Daemon {
 
     /// Replaces the maps of every endpoint holding one of `identities`; returns how many.
     fn install_identities(&mut self, identities: &BTreeSet<u32>) -> Result<usize, NetdError> {
-        let targets: Vec<(u32, u32)> = self
+        let targets: Vec<EndpointRecord> = self
             .state
             .endpoints
             .values()
             .filter(|r| identities.contains(&r.identity))
-            .map(|r| (r.endpoint_id, r.identity))
+            .cloned()
             .collect();
-        for (ep, id) in &targets {
-            self.install_endpoint(*ep, *id)?;
+        for rec in &targets {
+            self.install_endpoint(rec)?;
         }
         Ok(targets.len())
     }
 
-    /// Makes the kernel's map and config of one endpoint the engine's.
-    fn install_endpoint(&mut self, endpoint_id: u32, identity: u32) -> Result<(), NetdError> {
+    /// Makes the kernel's map and config of one endpoint the engine's; the config carries the
+    /// endpoint's addresses, the only sources the datapath lets its packets have.
+    fn install_endpoint(&mut self, rec: &EndpointRecord) -> Result<(), NetdError> {
+        let (endpoint_id, identity) = (rec.endpoint_id, rec.identity);
         let map = self.engine.policy_map(nid(identity)).unwrap_or_default();
         let entries: Vec<_> = map.iter().map(|(k, e)| to_datapath(k, e)).collect();
         let (ingress, egress) = enforcement(&map);
@@ -774,6 +776,8 @@ impl Daemon {
                 identity,
                 ingress_enforced: ingress || old_in,
                 egress_enforced: egress || old_eg,
+                ipv4: Some(rec.ipv4),
+                ipv6: Some(rec.ipv6),
             },
         )?;
         maps.policy.replace_policy(endpoint_id, &entries)?;
@@ -783,6 +787,8 @@ impl Daemon {
                 identity,
                 ingress_enforced: ingress,
                 egress_enforced: egress,
+                ipv4: Some(rec.ipv4),
+                ipv6: Some(rec.ipv6),
             },
         )?;
         Ok(())

@@ -1,9 +1,12 @@
-//! Per-endpoint datapath config: the endpoint's identity and which directions default-deny.
+//! Per-endpoint datapath config: the endpoint's identity, its own addresses and which directions
+//! default-deny.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{HashMap, MapData};
 
 use super::{MAP_ENDPOINTS, is_not_found};
-use crate::abi::EndpointConfigRaw;
+use crate::abi::{EP_HAS_IPV4, EP_HAS_IPV6, EndpointConfigRaw};
 use crate::error::DatapathError;
 
 /// What the datapath knows about an endpoint besides its policy entries.
@@ -15,6 +18,12 @@ pub struct EndpointConfig {
     pub ingress_enforced: bool,
     /// Traffic out of the endpoint that no entry allows is dropped (133); else it passes.
     pub egress_enforced: bool,
+    /// The endpoint's IPv4 address: the only IPv4 source its packets may carry (none: every
+    /// IPv4 packet it sends is dropped as spoofed, 132).
+    pub ipv4: Option<Ipv4Addr>,
+    /// The endpoint's IPv6 address: the only IPv6 source its packets may carry besides
+    /// link-local and unspecified ones to link-local or multicast destinations.
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// The `sigil_endpoints` hash map, keyed by endpoint id (the host veth's ifindex).
@@ -34,8 +43,9 @@ impl EndpointMap {
             egress_enforced: u8::from(config.egress_enforced),
             pad: [0; 2],
             identity: config.identity,
-            flags: 0,
-            reserved: 0,
+            flags: config.ipv4.map_or(0, |_| EP_HAS_IPV4) | config.ipv6.map_or(0, |_| EP_HAS_IPV6),
+            ipv4: config.ipv4.map_or([0; 4], |a| a.octets()),
+            ipv6: config.ipv6.map_or([0; 16], |a| a.octets()),
         };
         self.map
             .insert(endpoint_id, raw, 0)
@@ -77,5 +87,7 @@ fn from_raw(raw: EndpointConfigRaw) -> EndpointConfig {
         identity: raw.identity,
         ingress_enforced: raw.ingress_enforced != 0,
         egress_enforced: raw.egress_enforced != 0,
+        ipv4: (raw.flags & EP_HAS_IPV4 != 0).then(|| Ipv4Addr::from(raw.ipv4)),
+        ipv6: (raw.flags & EP_HAS_IPV6 != 0).then(|| Ipv6Addr::from(raw.ipv6)),
     }
 }

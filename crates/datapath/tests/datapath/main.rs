@@ -1,7 +1,9 @@
 //! Datapath tests against real namespaces, veths and TC programs (root only; see support).
 
+mod exthdr;
 mod icmp;
 mod policy_map;
+mod spoof;
 mod support;
 
 use std::collections::BTreeMap;
@@ -446,6 +448,8 @@ fn loader_child() {
                         identity: num(2),
                         ingress_enforced: f[3] == "1",
                         egress_enforced: f[4] == "1",
+                        ipv4: f.get(5).and_then(|a| a.parse().ok()),
+                        ipv6: f.get(6).and_then(|a| a.parse().ok()),
                     },
                 )
                 .expect("endpoint"),
@@ -494,11 +498,16 @@ fn enforcement_survives_loader_kill_and_pins_are_readopted() {
     let _srv = EchoServer::start(&be, &[8080]);
 
     let mut setup = String::new();
-    for (ep, id) in [(&fe, FRONTEND), (&be, BACKEND), (&other, OTHER)] {
+    for (ep, id, ingress) in [(&fe, FRONTEND, 0), (&be, BACKEND, 1), (&other, OTHER, 0)] {
         setup += &format!("ipcache {} {id}\nipcache {} {id}\n", v4(ep), v6(ep));
+        setup += &format!(
+            "endpoint {} {id} {ingress} 0 {} {}\n",
+            ep.endpoint_id,
+            v4(ep),
+            v6(ep)
+        );
         setup += &format!("attach {}\n", ep.host_interface);
     }
-    setup += &format!("endpoint {} {BACKEND} 1 0\n", be.endpoint_id);
     setup += &format!("policy {} {FRONTEND} 0 6 8080 0 40\n", be.endpoint_id);
     setup += &format!("policy {} {OTHER} 0 6 8080 1 41\n", be.endpoint_id);
 

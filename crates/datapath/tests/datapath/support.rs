@@ -179,6 +179,8 @@ pub fn register(dp: &mut Datapath, ep: &EndpointNet, identity: u32, ingress: boo
                 identity,
                 ingress_enforced: ingress,
                 egress_enforced: egress,
+                ipv4: ep.ipv4,
+                ipv6: ep.ipv6,
             },
         )
         .expect("endpoint config");
