@@ -438,7 +438,9 @@ impl TestCa {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         let cert = match parent {
             Some(p) => params.signed_by(&key, &p.issuer)?,
             None => params.self_signed(&key)?,
@@ -453,7 +455,9 @@ impl TestCa {
     fn node(&self, cn: &str) -> anyhow::Result<(Vec<u8>, rcgen::KeyPair)> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         Ok((params.signed_by(&key, &self.issuer)?.der().to_vec(), key))
     }
@@ -501,7 +505,12 @@ impl Fixture {
                 "x509pop",
                 format!("ca:fingerprint:{fp}"),
             ),
-            (workload.clone(), node.clone(), "unix", "uid:1000".to_string()),
+            (
+                workload.clone(),
+                node.clone(),
+                "unix",
+                "uid:1000".to_string(),
+            ),
         ] {
             entries
                 .create_entry(apb::CreateEntryRequest {

@@ -926,7 +926,12 @@ fn tokens_agents_bundles_svids_and_health() -> anyhow::Result<()> {
 fn reserved_ids_cannot_be_minted() -> anyhow::Result<()> {
     let s = ServerProcess::start(&[])?;
     let tmp = tempfile::tempdir()?;
-    for path in ["/sigil/server", "/sigil/agent/x509pop/abc", "/sigil/anything", "/sigil"] {
+    for path in [
+        "/sigil/server",
+        "/sigil/agent/x509pop/abc",
+        "/sigil/anything",
+        "/sigil",
+    ] {
         let reserved = id(path);
         let dir = tmp.path().join(path.replace('/', "_"));
         let r = fails(
@@ -941,7 +946,10 @@ fn reserved_ids_cannot_be_minted() -> anyhow::Result<()> {
             ],
         )?;
         assert_mentions(&r, &["csr.uri_san", &format!("{reserved:?}"), "reserved"]);
-        assert!(!dir.join("svid.pem").exists(), "nothing written for {reserved}");
+        assert!(
+            !dir.join("svid.pem").exists(),
+            "nothing written for {reserved}"
+        );
         let r = fails(
             &s,
             &["jwt", "mint", "--spiffe-id", &reserved, "--audience", "a"],

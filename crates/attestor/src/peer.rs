@@ -180,7 +180,10 @@ impl PeerIdentity {
 
     /// The executable the peer ran when it was identified, or why it could not be read.
     pub fn exe_at_connect(&self) -> Result<ExeId, &str> {
-        self.exe_at_connect.as_ref().copied().map_err(String::as_str)
+        self.exe_at_connect
+            .as_ref()
+            .copied()
+            .map_err(String::as_str)
     }
 
     /// The pidfd for the peer process, if the kernel provided one.

@@ -359,7 +359,10 @@ impl pb::agents_server::Agents for Admin {
         let id2 = id.clone();
         blocking(move || state.ds.delete_agent(&id2).map_err(ds_status)).await?;
         tracing::info!(agent = %id, "agent evicted");
-        self.state.catalog.publish(Change::AgentRevoked(id, crate::catalog::Revocation::Evicted));
+        self.state.catalog.publish(Change::AgentRevoked(
+            id,
+            crate::catalog::Revocation::Evicted,
+        ));
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -372,7 +375,9 @@ impl pb::agents_server::Agents for Admin {
         let id2 = id.clone();
         blocking(move || state.ds.set_agent_banned(&id2, true).map_err(ds_status)).await?;
         tracing::info!(agent = %id, "agent banned");
-        self.state.catalog.publish(Change::AgentRevoked(id, crate::catalog::Revocation::Banned));
+        self.state
+            .catalog
+            .publish(Change::AgentRevoked(id, crate::catalog::Revocation::Banned));
         Ok(Response::new(pb::BanAgentResponse {}))
     }
 }

@@ -267,7 +267,9 @@ fn x509pop_verify(
         .iter()
         .position(|a| std::ptr::eq(a, path.anchor()))
         .and_then(|i| anchor_roots.get(i))
-        .ok_or_else(|| Status::internal("x509pop: the verified path's anchor is not a configured root"))?;
+        .ok_or_else(|| {
+            Status::internal("x509pop: the verified path's anchor is not a configured root")
+        })?;
     cas.push(fingerprint(anchor.as_ref()));
     Ok(cas)
 }
@@ -460,7 +462,9 @@ impl pb::node_server::Node for NodeApi {
                 }
                 // Entries are validated on creation; this keeps the server's and agents' IDs out of
                 // workload SVIDs even for an entry that slipped in some other way (an old database).
-                Some(e) if crate::validate::not_reserved("entry.spiffe_id", &e.spiffe_id).is_err() => {
+                Some(e)
+                    if crate::validate::not_reserved("entry.spiffe_id", &e.spiffe_id).is_err() =>
+                {
                     results[i] = Some(fail(
                         tonic::Code::PermissionDenied,
                         format!(
