@@ -580,7 +580,7 @@ async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
         [format!("ca:fingerprint:{fp_b}")],
         "only B, the CA that issued the leaf"
     );
-    assert_eq!(snapshot_ids(&agent).await?, [work_b.clone()]);
+    assert_eq!(snapshot_ids(&agent).await?, std::slice::from_ref(&work_b));
     assert!(!snapshot_ids(&agent).await?.contains(&work_a));
 
     // Control: leaf from A with A's certificate.
@@ -593,7 +593,7 @@ async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
         f.x509pop_selectors(&r.spiffe_id).await?,
         [format!("ca:fingerprint:{fp_a}")]
     );
-    assert_eq!(snapshot_ids(&agent).await?, [work_a.clone()]);
+    assert_eq!(snapshot_ids(&agent).await?, std::slice::from_ref(&work_a));
 
     // Control: a leaf via an intermediate of A; the chain file also carries B, which is not on the path.
     let (leaf_i, key_i) = inter_a.node("node-i")?;
