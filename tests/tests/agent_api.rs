@@ -426,3 +426,187 @@ async fn x509pop_attestation() -> anyhow::Result<()> {
     let _ = SpiffeId::parse(&result.spiffe_id)?;
     Ok(())
 }
+
+/// A CA (self-signed, or signed by `parent`) that can issue certificates.
+struct TestCa {
+    cert: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(cn: &str, parent: Option<&TestCa>) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, &p.issuer)?,
+            None => params.self_signed(&key)?,
+        };
+        Ok(TestCa {
+            cert,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// A node certificate and its key.
+    fn node(&self, cn: &str) -> anyhow::Result<(Vec<u8>, rcgen::KeyPair)> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        Ok((params.signed_by(&key, &self.issuer)?.der().to_vec(), key))
+    }
+
+    fn der(&self) -> Vec<u8> {
+        self.cert.der().to_vec()
+    }
+
+    fn fingerprint(&self) -> String {
+        use sha1::Digest;
+        hex::encode(sha1::Sha1::digest(self.cert.der()))
+    }
+}
+
+impl Fixture {
+    /// The x509pop selectors the server recorded for `agent_id`.
+    async fn x509pop_selectors(&self, agent_id: &str) -> anyhow::Result<Vec<String>> {
+        let agent = apb::agents_client::AgentsClient::new(self.admin.clone())
+            .get_agent(apb::GetAgentRequest {
+                spiffe_id: agent_id.into(),
+            })
+            .await?
+            .into_inner()
+            .agent
+            .expect("agent");
+        let mut out: Vec<String> = agent
+            .selectors
+            .iter()
+            .filter(|s| s.r#type == "x509pop" && s.value.starts_with("ca:fingerprint:"))
+            .map(|s| s.value.clone())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// A node alias selected by `x509pop:ca:fingerprint:<fp>` and a workload entry under it.
+    async fn ca_workload(&self, name: &str, fp: &str) -> anyhow::Result<String> {
+        let mut entries = apb::entries_client::EntriesClient::new(self.admin.clone());
+        let node = format!("spiffe://{TD}/node/{name}");
+        let workload = format!("spiffe://{TD}/workload/{name}");
+        for (spiffe, parent, ty, value) in [
+            (
+                node.clone(),
+                format!("spiffe://{TD}/sigil/server"),
+                "x509pop",
+                format!("ca:fingerprint:{fp}"),
+            ),
+            (
+                workload.clone(),
+                node.clone(),
+                "unix",
+                "uid:1000".to_string(),
+            ),
+        ] {
+            entries
+                .create_entry(apb::CreateEntryRequest {
+                    entry: Some(apb::Entry {
+                        spiffe_id: spiffe,
+                        parent_id: parent,
+                        selectors: vec![apb::Selector {
+                            r#type: ty.into(),
+                            value,
+                        }],
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+        }
+        Ok(workload)
+    }
+}
+
+/// The SPIFFE IDs of the entries in an agent's first entry snapshot.
+async fn snapshot_ids(agent: &TestAgent) -> anyhow::Result<Vec<String>> {
+    let mut stream = agent
+        .client()
+        .await?
+        .sync_entries(pb::SyncEntriesRequest {})
+        .await?
+        .into_inner();
+    let mut ids = vec![];
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await??
+            .expect("snapshot");
+        ids.extend(msg.entries.iter().map(|e| e.spiffe_id.clone()));
+        if msg.snapshot_complete {
+            break;
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Attack: CAs A and B are both x509pop roots; a node holding a leaf from B presents the chain file
+/// `leafB + caA`. Its node selectors come from the verified path only: it is attested with B's fingerprint,
+/// never A's, and receives none of A's workloads. Controls: leafA + caA is attested as A and gets A's
+/// workloads; a leaf issued by an intermediate of A gets the intermediate's and A's fingerprints.
+#[tokio::test]
+async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca_a = TestCa::new("node CA A", None)?;
+    let ca_b = TestCa::new("node CA B", None)?;
+    let inter_a = TestCa::new("node CA A intermediate", Some(&ca_a))?;
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, format!("{}{}", ca_a.cert.pem(), ca_b.cert.pem()))?;
+    let f = fixture(&["--x509pop-ca-bundle", roots.to_str().expect("utf8")]).await?;
+    let (fp_a, fp_b) = (ca_a.fingerprint(), ca_b.fingerprint());
+    let work_a = f.ca_workload("a", &fp_a).await?;
+    let work_b = f.ca_workload("b", &fp_b).await?;
+
+    // The attack: leaf from B, with A appended as if it were B's issuer.
+    let (leaf_b, key_b) = ca_b.node("node-b")?;
+    let mut agent = f.agent();
+    let r = agent
+        .attest_x509pop(vec![leaf_b.clone(), ca_a.der()], &key_b)
+        .await?;
+    assert_eq!(
+        f.x509pop_selectors(&r.spiffe_id).await?,
+        [format!("ca:fingerprint:{fp_b}")],
+        "only B, the CA that issued the leaf"
+    );
+    assert_eq!(snapshot_ids(&agent).await?, std::slice::from_ref(&work_b));
+    assert!(!snapshot_ids(&agent).await?.contains(&work_a));
+
+    // Control: leaf from A with A's certificate.
+    let (leaf_a, key_a) = ca_a.node("node-a")?;
+    let mut agent = f.agent();
+    let r = agent
+        .attest_x509pop(vec![leaf_a, ca_a.der()], &key_a)
+        .await?;
+    assert_eq!(
+        f.x509pop_selectors(&r.spiffe_id).await?,
+        [format!("ca:fingerprint:{fp_a}")]
+    );
+    assert_eq!(snapshot_ids(&agent).await?, std::slice::from_ref(&work_a));
+
+    // Control: a leaf via an intermediate of A; the chain file also carries B, which is not on the path.
+    let (leaf_i, key_i) = inter_a.node("node-i")?;
+    let mut agent = f.agent();
+    let r = agent
+        .attest_x509pop(vec![leaf_i, inter_a.der(), ca_b.der()], &key_i)
+        .await?;
+    let mut want = vec![
+        format!("ca:fingerprint:{fp_a}"),
+        format!("ca:fingerprint:{}", inter_a.fingerprint()),
+    ];
+    want.sort();
+    assert_eq!(f.x509pop_selectors(&r.spiffe_id).await?, want);
+    assert_eq!(snapshot_ids(&agent).await?, [work_a]);
+    Ok(())
+}

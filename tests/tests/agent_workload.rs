@@ -222,6 +222,16 @@ async fn header_and_registration_are_enforced() -> anyhow::Result<()> {
         .await
         .expect_err("unregistered");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // The caller is told nothing of how it was seen: no selectors, no executable path or hash.
+    let exe = std::fs::read_link("/proc/self/exe")?.display().to_string();
+    for leak in ["unix:", "uid", "sha256", exe.as_str()] {
+        assert!(
+            !err.message().contains(leak),
+            "{leak:?} in {:?}",
+            err.message()
+        );
+    }
+    assert!(err.message().contains("no registration entry"), "{err:?}");
     let err = raw
         .fetch_jwtsvid(with_header(wpb::JwtsvidRequest {
             audience: vec!["a".into()],
@@ -230,6 +240,13 @@ async fn header_and_registration_are_enforced() -> anyhow::Result<()> {
         .await
         .expect_err("unregistered");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    for leak in ["unix:", "uid", "sha256", exe.as_str()] {
+        assert!(
+            !err.message().contains(leak),
+            "{leak:?} in {:?}",
+            err.message()
+        );
+    }
     let err = raw
         .fetch_jwtsvid(with_header(wpb::JwtsvidRequest {
             audience: vec![],
@@ -476,5 +493,383 @@ async fn removed_entries_drop_their_svids_from_open_streams() -> anyhow::Result<
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await?;
     let err = end.expect_err("stream must end");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    Ok(())
+}
+
+/// Attack on the agent's reaction to refusals: the server's refusal messages contain the word "banned"
+/// (here, in the trust domain name), yet an evicted x509pop agent attests again and keeps serving, because
+/// it acts on the machine-readable reason only. Banning it stops it with the ban reason.
+#[tokio::test]
+async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Result<()> {
+    const BTD: &str = "not-banned.example.org";
+    let dir = tempfile::tempdir()?;
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "node CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    node_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "banned-node");
+    node_params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let node = node_params.signed_by(&node_key, &issuer)?;
+    let (ca_path, cert_path, key_path) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("node.pem"),
+        dir.path().join("node-key.pem"),
+    );
+    std::fs::write(&ca_path, ca.pem())?;
+    std::fs::write(&cert_path, node.pem())?;
+    std::fs::write(&key_path, node_key.serialize_pem())?;
+    let fp = {
+        use sha1::Digest;
+        hex::encode(sha1::Sha1::digest(node.der()))
+    };
+
+    let server = ServerProcess::start(&[
+        "--trust-domain",
+        BTD,
+        "--x509pop-ca-bundle",
+        ca_path.to_str().expect("utf8"),
+    ])?;
+    let mut agent =
+        AgentProcess::start_x509pop(&server, &cert_path, &key_path, &["--trust-domain", BTD])?;
+    let agent_spiffe = format!("spiffe://{BTD}/sigil/agent/x509pop/{fp}");
+    let me = format!("unix:uid:{}", uid());
+    entry(
+        &server,
+        &format!("spiffe://{BTD}/before"),
+        &agent_spiffe,
+        &me,
+        &[],
+    );
+    wait_svid(&agent.endpoint()).await?;
+
+    let out = server.cli(&["agent", "evict", "--spiffe-id", &agent_spiffe])?;
+    assert!(out.status.success(), "{out:?}");
+    // It attests again (its record comes back) and keeps serving: an entry created now reaches it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(agent.log_text().contains("attesting again")
+        && server
+            .cli(&["agent", "show", "--spiffe-id", &agent_spiffe])?
+            .status
+            .success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted agent did not attest again; log:\n{}",
+            agent.log_text()
+        );
+        if let Some(c) = agent.child.as_mut() {
+            assert!(
+                c.try_wait()?.is_none(),
+                "the evicted agent exited; log:\n{}",
+                agent.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = format!("spiffe://{BTD}/after");
+    entry(&server, &after, &agent_spiffe, &me, &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let client = WorkloadApiClient::connect_to(agent.endpoint()).await?;
+        let ids: Vec<String> = match client.fetch_x509_context().await {
+            Ok(ctx) => ctx
+                .svids()
+                .iter()
+                .map(|s| s.spiffe_id().to_string())
+                .collect(),
+            Err(_) => vec![],
+        };
+        if ids.contains(&after) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SVID for an entry created after eviction ({ids:?}); log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !agent.log_text().contains("the server banned this agent"),
+        "{}",
+        agent.log_text()
+    );
+
+    // Banned: the agent stops, saying why.
+    let out = server.cli(&["agent", "ban", "--spiffe-id", &agent_spiffe])?;
+    assert!(out.status.success(), "{out:?}");
+    let status = agent.wait_exit(Duration::from_secs(20))?;
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(log.contains("the server banned this agent"), "{log}");
+    Ok(())
+}
+
+/// Whether root-only tests can run here; outside CI they are skipped with a message.
+fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and {test} needs root"
+    );
+    eprintln!("skipping {test}: needs root (mount namespaces, pidfd_getfd)");
+    false
+}
+
+/// A `sigil-test-peer connect` process: it connected to the Workload API socket as itself.
+struct Peer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    fd: i32,
+}
+
+impl Peer {
+    fn start(mut cmd: std::process::Command) -> anyhow::Result<Peer> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("stdin");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        let fd = line
+            .trim()
+            .strip_prefix("connected ")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("peer said {line:?}"))?;
+        Ok(Peer { child, stdin, fd })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A copy of the peer's connection (pidfd_getfd), so the test speaks gRPC on it while the kernel still
+    /// names the peer process as the socket's other end.
+    #[allow(unsafe_code)]
+    fn connection(&self) -> anyhow::Result<std::os::unix::net::UnixStream> {
+        use nix::libc;
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes two integers and returns a new fd (owned below) or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid(), 0) };
+        anyhow::ensure!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_getfd takes integers and returns a new fd (owned below) or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), self.fd, 0) };
+        anyhow::ensure!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        // SAFETY: as above; it is a connected Unix stream socket (the peer's).
+        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd as i32) };
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+
+    /// The path `/proc/<pid>/exe` reads as.
+    fn exe(&self) -> String {
+        std::fs::read_link(format!("/proc/{}/exe", self.pid()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Workload API client on an already connected stream.
+async fn client_over(
+    s: std::os::unix::net::UnixStream,
+) -> anyhow::Result<SpiffeWorkloadApiClient<tonic::transport::Channel>> {
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(
+        tokio::net::UnixStream::from_std(s)?,
+    )));
+    let ch = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let s = slot.lock().expect("lock").take();
+            async move {
+                s.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the peer's connection was used already"))
+            }
+        }))
+        .await?;
+    Ok(SpiffeWorkloadApiClient::new(ch))
+}
+
+/// The SPIFFE ID of the first X.509-SVID the agent gives on `client`, retrying while the entry syncs.
+async fn svid_over(
+    client: &mut SpiffeWorkloadApiClient<tonic::transport::Channel>,
+) -> Result<String, tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+            .await
+        {
+            Ok(s) => {
+                let msg = s.into_inner().message().await?.expect("first message");
+                return Ok(msg.svids[0].spiffe_id.clone());
+            }
+            Err(e) if Instant::now() < deadline && e.code() == tonic::Code::PermissionDenied => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A server, an agent, a registered tool (a copy of `sigil-test-peer` at its own path) with an entry
+/// selecting `unix:path:<tool>`, and another binary (the original `sigil-test-peer`).
+struct ToolSetup {
+    _server: ServerProcess,
+    agent: AgentProcess,
+    _dir: tempfile::TempDir,
+    tool: std::path::PathBuf,
+    other: std::path::PathBuf,
+    id: String,
+}
+
+fn tool_setup() -> anyhow::Result<ToolSetup> {
+    use std::os::unix::fs::PermissionsExt;
+    let server = ServerProcess::start(&[])?;
+    let agent = AgentProcess::start(&server, &[])?;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let other = std::path::PathBuf::from(env!("CARGO_BIN_EXE_sigil-test-peer"));
+    let tool = dir.path().join("tool");
+    std::fs::copy(&other, &tool)?;
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755))?;
+    let id = format!("spiffe://{TD}/tool");
+    entry(
+        &server,
+        &id,
+        &agent_id(&agent),
+        &format!("unix:path:{}", tool.display()),
+        &[],
+    );
+    Ok(ToolSetup {
+        _server: server,
+        agent,
+        _dir: dir,
+        tool,
+        other,
+        id,
+    })
+}
+
+/// Attack: in its own mount namespace a process bind-mounts another binary over the registered tool's path
+/// and runs it from there, so `/proc/PID/exe` reads as the tool's path. The agent resolves that path in its
+/// own mount namespace, finds another file, and emits no `unix:path`: PermissionDenied. Control: the real
+/// tool at that path gets the SVID.
+#[tokio::test]
+async fn bind_mounted_binary_is_not_attested_by_the_path_it_hides_behind() -> anyhow::Result<()> {
+    if !root_or_skip("bind_mounted_binary_is_not_attested_by_the_path_it_hides_behind") {
+        return Ok(());
+    }
+    let t = tool_setup()?;
+    let sock = t.agent.socket.display().to_string();
+    let tool = t.tool.display().to_string();
+
+    let real = Peer::start({
+        let mut c = std::process::Command::new(&t.tool);
+        c.args(["connect", &sock]);
+        c
+    })?;
+    let mut client = client_over(real.connection()?).await?;
+    assert_eq!(svid_over(&mut client).await?, t.id);
+
+    let fake = Peer::start({
+        let mut c = std::process::Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" "$1" && exec "$1" connect "$2""#)
+            .arg(&t.other)
+            .arg(&tool)
+            .arg(&sock);
+        c
+    })?;
+    // The setup is what the attack needs: the kernel names the tool's path, the file is another one.
+    assert_eq!(fake.exe(), tool);
+    use std::os::unix::fs::MetadataExt;
+    let (shown, real_tool) = (
+        std::fs::metadata(format!("/proc/{}/exe", fake.pid()))?,
+        std::fs::metadata(&t.tool)?,
+    );
+    assert_ne!(
+        (shown.dev(), shown.ino()),
+        (real_tool.dev(), real_tool.ino())
+    );
+    let err = client_over(fake.connection()?)
+        .await?
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await
+        .expect_err("a bind-mounted binary must not pass as the tool");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    Ok(())
+}
+
+/// Attack: a process connects to the Workload API, then execs the registered tool while the connection
+/// lives on (here the test holds a copy of it, as a forked child would): the call that follows is refused,
+/// since the executable is not the one that connected. Control: the tool connecting as itself is served.
+#[tokio::test]
+async fn exec_after_connect_is_refused() -> anyhow::Result<()> {
+    if !root_or_skip("exec_after_connect_is_refused") {
+        return Ok(());
+    }
+    let t = tool_setup()?;
+    let sock = t.agent.socket.display().to_string();
+
+    let real = Peer::start({
+        let mut c = std::process::Command::new(&t.tool);
+        c.args(["connect", &sock]);
+        c
+    })?;
+    let mut client = client_over(real.connection()?).await?;
+    assert_eq!(svid_over(&mut client).await?, t.id);
+
+    let mut attacker = Peer::start({
+        let mut c = std::process::Command::new(&t.other);
+        c.args(["connect", &sock]);
+        c
+    })?;
+    let mut client = client_over(attacker.connection()?).await?;
+    // Served as itself first (unregistered), so the agent has accepted the connection before the exec.
+    let err = client
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await
+        .expect_err("unregistered binary");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    use std::io::Write;
+    writeln!(attacker.stdin, "exec {}", t.tool.display())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attacker.exe() != t.tool.display().to_string() {
+        assert!(Instant::now() < deadline, "the peer did not exec the tool");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = client
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await
+        .expect_err("exec after connect must not be attested as the new binary");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("another executable"), "{err:?}");
     Ok(())
 }

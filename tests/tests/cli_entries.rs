@@ -918,3 +918,55 @@ fn tokens_agents_bundles_svids_and_health() -> anyhow::Result<()> {
     assert!(err.contains(&missing.display().to_string()), "{err}");
     Ok(())
 }
+
+/// Attack: an admin-API caller mints an SVID for the server's own ID (or any reserved /sigil/ ID), which
+/// agents would accept as the server. Every minting path refuses the reserved namespace, naming the field
+/// and the value; minting an ordinary ID (the control) still works.
+#[test]
+fn reserved_ids_cannot_be_minted() -> anyhow::Result<()> {
+    let s = ServerProcess::start(&[])?;
+    let tmp = tempfile::tempdir()?;
+    for path in [
+        "/sigil/server",
+        "/sigil/agent/x509pop/abc",
+        "/sigil/anything",
+        "/sigil",
+    ] {
+        let reserved = id(path);
+        let dir = tmp.path().join(path.replace('/', "_"));
+        let r = fails(
+            &s,
+            &[
+                "x509",
+                "mint",
+                "--spiffe-id",
+                &reserved,
+                "--write",
+                dir.to_str().unwrap_or_default(),
+            ],
+        )?;
+        assert_mentions(&r, &["csr.uri_san", &format!("{reserved:?}"), "reserved"]);
+        assert!(
+            !dir.join("svid.pem").exists(),
+            "nothing written for {reserved}"
+        );
+        let r = fails(
+            &s,
+            &["jwt", "mint", "--spiffe-id", &reserved, "--audience", "a"],
+        )?;
+        assert_mentions(&r, &["spiffe_id", &format!("{reserved:?}"), "reserved"]);
+    }
+    // Control: an ordinary ID is minted, and the lookalike path /sigilx/ is not reserved.
+    for path in ["/sigilx/server", "/w/sigil/server"] {
+        let dir = tmp.path().join(path.replace('/', "_"));
+        let chain = support::mint_x509(&s, &id(path), &dir)?;
+        let got = sigil_spiffe::x509::spiffe_id_of_leaf(&chain[0])?;
+        assert_eq!(got.to_string(), id(path));
+        let token = ok(
+            &s,
+            &["jwt", "mint", "--spiffe-id", &id(path), "--audience", "a"],
+        )?;
+        assert!(!token.trim().is_empty());
+    }
+    Ok(())
+}

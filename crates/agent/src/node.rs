@@ -57,18 +57,13 @@ pub enum Refusal {
     Evicted(String),
 }
 
-/// Classifies a server error.
+/// Classifies a server error by the machine-readable reason it carries (a `google.rpc.ErrorInfo` status
+/// detail, see [`sigil_proto::agent_refusal`]); the message text is never consulted.
 pub fn refusal(status: &tonic::Status) -> Option<Refusal> {
-    if status.code() != tonic::Code::PermissionDenied {
-        return None;
-    }
-    let m = status.message();
-    if m.contains("banned") {
-        Some(Refusal::Banned(m.to_string()))
-    } else if m.contains("not attested") || m.contains("evicted") {
-        Some(Refusal::Evicted(m.to_string()))
-    } else {
-        None
+    use sigil_proto::agent_refusal::{Reason, reason};
+    match reason(status)? {
+        Reason::Banned => Some(Refusal::Banned(status.message().to_string())),
+        Reason::Evicted => Some(Refusal::Evicted(status.message().to_string())),
     }
 }
 

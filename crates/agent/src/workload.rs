@@ -182,14 +182,12 @@ impl WorkloadApi {
             tokio::time::timeout(std::time::Duration::from_secs(5), synced.wait_for(|s| *s)).await;
         let entries = self.cache().matching(selectors, true);
         if entries.is_empty() {
-            return Err(Status::permission_denied(format!(
-                "no identity issued: no registration entry matches the caller's selectors [{}]",
-                selectors
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            // The selectors (executable hash, path, groups) stay on the agent: a caller is only told that
+            // nothing is registered for it, not how it was seen.
+            tracing::debug!(selectors = %selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "), "no registration entry matches the caller");
+            return Err(Status::permission_denied(
+                "no identity issued: no registration entry matches the caller",
+            ));
         }
         Ok(entries)
     }

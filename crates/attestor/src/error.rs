@@ -47,4 +47,13 @@ pub enum AttestError {
         field: &'static str,
         line: String,
     },
+    /// The peer's executable could not be read when it connected, so a later exec cannot be detected.
+    #[error("pid {pid}: the executable at connect time is unknown ({reason}); refusing to attest")]
+    ExeUnknownAtConnect { pid: i32, reason: String },
+    /// The peer runs another executable than when it connected (it exec'd, or a child inherited the
+    /// connection and the connecting process exec'd): its selectors would describe another binary.
+    #[error(
+        "pid {pid}: the process runs another executable than when it connected (exec after connect); reconnect after exec"
+    )]
+    ExeChanged { pid: i32 },
 }

@@ -27,6 +27,53 @@ pub struct PeerIdentity {
     pub gid: u32,
     /// A pidfd for the peer process; `None` only on kernels without pidfds (before Linux 5.3).
     pidfd: Option<OwnedFd>,
+    /// The executable the peer ran when it was identified (connect/accept time), or why it could not be
+    /// read; attestation refuses a peer that runs another executable by the time it calls.
+    exe_at_connect: Result<ExeId, String>,
+}
+
+/// Which file an executable is: device and inode, from `fstat` of `/proc/<pid>/exe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExeId {
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+}
+
+/// Where the accept-time executable snapshot is read: the procfs of the agent's PID namespace.
+pub(crate) const PROC_ROOT: &str = "/proc";
+
+/// The executable `pid` runs now, read through a `/proc/<pid>` directory opened before the pidfd is
+/// checked alive (see `UnixAttestor::attest` for why that order ties the read to the process).
+fn exe_of(pid: i32, pidfd: Option<&OwnedFd>) -> Result<ExeId, String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = ProcDir::open(Path::new(PROC_ROOT), pid).map_err(|e| e.to_string())?;
+    let alive = |fd: Option<&OwnedFd>| match fd {
+        Some(fd) => {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+            matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+        }
+        None => false,
+    };
+    if !alive(pidfd) {
+        return Err(format!("pid {pid}: no live pidfd for the process"));
+    }
+    let m = dir
+        .open_file("exe")
+        .and_then(|f| {
+            f.metadata().map_err(|source| AttestError::Proc {
+                pid,
+                op: "reading",
+                path: Path::new(PROC_ROOT).join(pid.to_string()).join("exe"),
+                source,
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(ExeId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 impl PeerIdentity {
@@ -67,11 +114,16 @@ impl PeerIdentity {
             // A peer in another PID namespace has no number here, so its /proc entry cannot be found.
             return Err(AttestError::PidNotVisible { pid });
         }
+        // Taken now, as close to connect as the agent gets: a process that connects and then execs another
+        // binary (or hands the socket to a child and execs) is refused later instead of attested as that
+        // binary. What a process runs before the agent accepts is still its own choice (see docs/agent.md).
+        let exe_at_connect = exe_of(pid, pidfd.as_ref());
         Ok(PeerIdentity {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
+            exe_at_connect,
         })
     }
 
@@ -84,11 +136,13 @@ impl PeerIdentity {
             return Err(AttestError::InvalidPid { pid });
         }
         let pidfd = pidfd_open(pid).map_err(|source| AttestError::PidfdOpen { pid, source })?;
+        let exe_at_connect = exe_of(pid, Some(&pidfd));
         let identity = PeerIdentity {
             pid,
             uid: 0,
             gid: 0,
             pidfd: Some(pidfd),
+            exe_at_connect,
         };
         // The same open-then-check-alive order as attestation: see `UnixAttestor::attest`.
         let status = ProcDir::open(Path::new("/proc"), pid)
@@ -122,6 +176,14 @@ impl PeerIdentity {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// The executable the peer ran when it was identified, or why it could not be read.
+    pub fn exe_at_connect(&self) -> Result<ExeId, &str> {
+        self.exe_at_connect
+            .as_ref()
+            .copied()
+            .map_err(String::as_str)
     }
 
     /// The pidfd for the peer process, if the kernel provided one.

@@ -156,14 +156,29 @@ impl UnixAttestor {
                 out.push("supplementary_group", name);
             }
         }
+        // One open of the executable serves the exec check, the path check and the hash, so all three are
+        // about the same file.
         let path = dir.read_link("exe")?;
+        let exe = dir.open_file("exe")?;
+        let key = ExeKey::of(&exe).map_err(|source| AttestError::Proc {
+            pid: peer.pid,
+            op: "reading",
+            path: self.proc_root.join(peer.pid.to_string()).join("exe"),
+            source,
+        })?;
+        self.check_exe_unchanged(peer, &key)?;
         match std::str::from_utf8(path.as_bytes()) {
-            Ok(p) => out.push("path", p.to_string()),
+            Ok(p) if same_file_here(p, &key) => out.push("path", p.to_string()),
+            Ok(p) => tracing::debug!(
+                pid = peer.pid,
+                path = p,
+                "the executable's path names another file (or none) in the agent's mount namespace; unix:path omitted"
+            ),
             Err(_) => {
                 tracing::warn!(pid = peer.pid, path = ?path, "executable path is not UTF-8; unix:path omitted")
             }
         }
-        if let Some(digest) = self.hash_exe(peer.pid, dir)? {
+        if let Some(digest) = self.hash_exe(peer.pid, &exe, key)? {
             out.push("sha256", digest);
         }
         Ok(out.0)
@@ -174,8 +189,12 @@ impl UnixAttestor {
     ///
     /// The cache is keyed by the `fstat` of the file opened here, and a miss hashes that same descriptor, so
     /// the digest is always of the file this process runs, as it is now.
-    fn hash_exe(&self, pid: i32, dir: &ProcDir) -> Result<Option<String>, AttestError> {
-        let file = dir.open_file("exe")?;
+    fn hash_exe(
+        &self,
+        pid: i32,
+        file: &std::fs::File,
+        key: ExeKey,
+    ) -> Result<Option<String>, AttestError> {
         let read_err = |source| AttestError::Proc {
             pid,
             op: "reading",
@@ -191,9 +210,9 @@ impl UnixAttestor {
             );
             Ok(None)
         };
-        // Taken before the fstat: a change after it gets a ctime after this instant (see `MIN_CACHEABLE_AGE`).
+        // The key was taken just before this call; a change after it gets a ctime after the key's, and the
+        // re-check below sees it (see `MIN_CACHEABLE_AGE`).
         let now = SystemTime::now();
-        let key = ExeKey::of(&file).map_err(read_err)?;
         if key.size > self.max_hash_bytes {
             return too_big(key.size);
         }
@@ -207,17 +226,44 @@ impl UnixAttestor {
             self.exe_cache.count_uncached();
             None
         };
-        let (digest, total) = exe::hash_file(&file, self.max_hash_bytes).map_err(read_err)?;
+        let (digest, total) = exe::hash_file(file, self.max_hash_bytes).map_err(read_err)?;
         if total > self.max_hash_bytes {
             return too_big(total);
         }
         // A file that changed while being read hashes to a mix of old and new contents: report it (as an
         // uncached read always could), but do not keep it.
-        if settled && total == key.size && ExeKey::of(&file).is_ok_and(|after| after == key) {
+        if settled && total == key.size && ExeKey::of(file).is_ok_and(|after| after == key) {
             self.exe_cache.insert(key, digest);
         }
         Ok(Some(hex::encode(digest)))
     }
+}
+
+impl UnixAttestor {
+    /// Refuses a peer whose executable is not the one it ran when it connected. The snapshot was read from
+    /// `/proc`; an attestor reading another procfs (a test's fake one) has nothing comparable to check.
+    fn check_exe_unchanged(&self, peer: &PeerIdentity, now: &ExeKey) -> Result<(), AttestError> {
+        if self.proc_root != std::path::Path::new(crate::peer::PROC_ROOT) {
+            return Ok(());
+        }
+        match peer.exe_at_connect() {
+            Ok(then) if then.dev == now.dev && then.ino == now.ino => Ok(()),
+            Ok(_) => Err(AttestError::ExeChanged { pid: peer.pid }),
+            Err(reason) => Err(AttestError::ExeUnknownAtConnect {
+                pid: peer.pid,
+                reason: reason.to_string(),
+            }),
+        }
+    }
+}
+
+/// Whether `path`, resolved in the agent's own mount namespace (and root), is the file `key` describes.
+/// `/proc/<pid>/exe` reads as a path in the process's mount namespace: a process that bind-mounted another
+/// binary over `/usr/bin/sleep` in its own namespace shows `/usr/bin/sleep`, which here is a different file.
+/// A deleted executable (` (deleted)` suffix) or one in a container's root names no such file here either.
+fn same_file_here(path: &str, key: &ExeKey) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| m.dev() == key.dev && m.ino() == key.ino)
 }
 
 /// Collects `unix:` selectors, dropping (with a warning) values a `Selector` cannot hold, such as a path

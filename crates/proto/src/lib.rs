@@ -37,3 +37,95 @@ pub mod netd {
         tonic::include_proto!("sigil.netd.v1");
     }
 }
+
+/// Machine-readable reasons for which sigil-server refuses an agent, carried as a gRPC status detail (a
+/// `google.rpc.ErrorInfo` inside `grpc-status-details-bin`, see `RpcStatus` in `agent.proto`), so that the
+/// agent never has to read the human message.
+pub mod agent_refusal {
+    use prost::Message;
+
+    use crate::agent::v1::{ErrorInfo, RpcStatus};
+
+    /// `ErrorInfo.domain` of sigil's agent API.
+    pub const DOMAIN: &str = "sigil.agent.v1";
+    /// The `Any` type URL of `google.rpc.ErrorInfo`.
+    pub const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+
+    /// Why the server refused the agent.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Reason {
+        /// The server no longer knows the agent: drop the agent SVID, attest again if possible.
+        Evicted,
+        /// The agent is banned: stop.
+        Banned,
+    }
+
+    impl Reason {
+        /// The `ErrorInfo.reason` string.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Reason::Evicted => "AGENT_EVICTED",
+                Reason::Banned => "AGENT_BANNED",
+            }
+        }
+
+        fn parse(s: &str) -> Option<Self> {
+            match s {
+                "AGENT_EVICTED" => Some(Reason::Evicted),
+                "AGENT_BANNED" => Some(Reason::Banned),
+                _ => None,
+            }
+        }
+    }
+
+    /// A PermissionDenied status carrying `reason` as its detail.
+    pub fn status(reason: Reason, message: impl Into<String>) -> tonic::Status {
+        let message = message.into();
+        let code = tonic::Code::PermissionDenied;
+        let info = ErrorInfo {
+            reason: reason.as_str().to_string(),
+            domain: DOMAIN.to_string(),
+            metadata: Default::default(),
+        };
+        let detail = RpcStatus {
+            code: code as i32,
+            message: message.clone(),
+            details: vec![prost_types::Any {
+                type_url: ERROR_INFO_TYPE_URL.to_string(),
+                value: info.encode_to_vec(),
+            }],
+        };
+        tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+    }
+
+    /// The refusal reason a status carries, if any (the message text is never consulted).
+    pub fn reason(status: &tonic::Status) -> Option<Reason> {
+        let detail = RpcStatus::decode(status.details()).ok()?;
+        detail
+            .details
+            .iter()
+            .filter(|a| a.type_url == ERROR_INFO_TYPE_URL)
+            .filter_map(|a| ErrorInfo::decode(a.value.as_slice()).ok())
+            .find(|i| i.domain == DOMAIN)
+            .and_then(|i| Reason::parse(&i.reason))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reason_round_trips_and_ignores_the_message() {
+            for r in [Reason::Evicted, Reason::Banned] {
+                assert_eq!(reason(&status(r, "whatever")), Some(r));
+            }
+            // The words alone carry no reason.
+            let plain = tonic::Status::permission_denied("agent x is banned (evicted)");
+            assert_eq!(reason(&plain), None);
+            assert_eq!(
+                reason(&status(Reason::Evicted, "banned banned banned")),
+                Some(Reason::Evicted)
+            );
+        }
+    }
+}

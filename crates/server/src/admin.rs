@@ -359,7 +359,10 @@ impl pb::agents_server::Agents for Admin {
         let id2 = id.clone();
         blocking(move || state.ds.delete_agent(&id2).map_err(ds_status)).await?;
         tracing::info!(agent = %id, "agent evicted");
-        self.state.catalog.publish(Change::AgentRevoked(id));
+        self.state.catalog.publish(Change::AgentRevoked(
+            id,
+            crate::catalog::Revocation::Evicted,
+        ));
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -372,7 +375,9 @@ impl pb::agents_server::Agents for Admin {
         let id2 = id.clone();
         blocking(move || state.ds.set_agent_banned(&id2, true).map_err(ds_status)).await?;
         tracing::info!(agent = %id, "agent banned");
-        self.state.catalog.publish(Change::AgentRevoked(id));
+        self.state
+            .catalog
+            .publish(Change::AgentRevoked(id, crate::catalog::Revocation::Banned));
         Ok(Response::new(pb::BanAgentResponse {}))
     }
 }
@@ -581,6 +586,7 @@ impl pb::svids_server::Svids for Admin {
             .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
         let td = self.state.trust_domain();
         validate::spiffe_id_in("csr.uri_san", id.as_str(), &td)?;
+        validate::not_reserved("csr.uri_san", &id)?;
         if id.is_trust_domain_id() {
             return Err(Status::invalid_argument(format!(
                 "csr.uri_san: {id} has no path; an X.509-SVID's SPIFFE ID needs one"
@@ -614,6 +620,7 @@ impl pb::svids_server::Svids for Admin {
         let req = req.into_inner();
         let td = self.state.trust_domain();
         let id = validate::spiffe_id_in("spiffe_id", &req.spiffe_id, &td)?;
+        validate::not_reserved("spiffe_id", &id)?;
         if id.is_trust_domain_id() {
             return Err(Status::invalid_argument(format!(
                 "spiffe_id: {id} has no path; a JWT-SVID's SPIFFE ID needs one"

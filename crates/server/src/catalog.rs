@@ -8,6 +8,15 @@ use sigil_datastore::{Entry, Selector};
 use sigil_spiffe::SpiffeId;
 use tokio::sync::broadcast;
 
+/// Why an agent was revoked: evicted agents may attest again, banned ones may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Its record was deleted.
+    Evicted,
+    /// It was banned.
+    Banned,
+}
+
 /// How deep parent chains are followed (agent → node alias → workload → downstream ...).
 const MAX_DEPTH: usize = 8;
 
@@ -23,8 +32,8 @@ pub enum Change {
     },
     /// An entry was deleted.
     Removed(Arc<Entry>),
-    /// An agent was evicted or banned: its streams end.
-    AgentRevoked(SpiffeId),
+    /// An agent was evicted or banned: its streams end, with that reason.
+    AgentRevoked(SpiffeId, Revocation),
     /// The trust bundle or a federated bundle changed.
     BundlesChanged,
     /// The whole catalog was replaced: streams recompute their sets.

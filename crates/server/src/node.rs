@@ -11,13 +11,14 @@ use rustls_pki_types::CertificateDer;
 use sha1::Digest;
 use sigil_datastore::{AttestedAgent, Selector, TokenOutcome};
 use sigil_proto::agent::v1 as pb;
+use sigil_proto::agent_refusal::{self as refusal, Reason};
 use sigil_spiffe::SpiffeId;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::admin::{blocking, bundle_to_pb, ds_status};
-use crate::catalog::{AgentView, Change};
+use crate::catalog::{AgentView, Change, Revocation};
 use crate::state::{State, unix};
 use crate::validate::entry_to_pb;
 
@@ -85,12 +86,16 @@ impl NodeApi {
         let record = blocking(move || state.ds.get_agent(&id2).map_err(ds_status))
             .await?
             .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "agent {id} is not attested (evicted or unknown): attest again"
-                ))
+                refusal::status(
+                    Reason::Evicted,
+                    format!("agent {id} is not attested (evicted or unknown): attest again"),
+                )
             })?;
         if record.banned {
-            return Err(Status::permission_denied(format!("agent {id} is banned")));
+            return Err(refusal::status(
+                Reason::Banned,
+                format!("agent {id} is banned"),
+            ));
         }
         if record.serial != serial {
             return Err(Status::permission_denied(format!(
@@ -164,7 +169,10 @@ impl NodeApi {
         let id2 = id.clone();
         let existing = blocking(move || state.ds.get_agent(&id2).map_err(ds_status)).await?;
         if existing.is_some_and(|a| a.banned) {
-            return Err(Status::permission_denied(format!("agent {id} is banned")));
+            return Err(refusal::status(
+                Reason::Banned,
+                format!("agent {id} is banned"),
+            ));
         }
         Ok(())
     }
@@ -205,20 +213,27 @@ impl NodeApi {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Verifies an x509pop chain against the configured roots and returns the fingerprints (hex SHA-1 of the
+/// DER) of the CA certificates on the verified path: its intermediates, then its trust anchor.
+///
+/// Only the path the verifier built counts: certificates the agent sent that are not on it (say, another
+/// trusted CA appended to the chain file) contribute nothing, so a node cannot claim a CA that did not
+/// issue its certificate.
 fn x509pop_verify(
     roots: &[CertificateDer<'static>],
     chain: &[Vec<u8>],
     now: std::time::SystemTime,
-) -> Result<(), Status> {
+) -> Result<Vec<String>, Status> {
     let leaf = chain
         .first()
         .ok_or_else(|| Status::invalid_argument("x509pop.cert_chain: empty"))?;
     let leaf_der = CertificateDer::from(leaf.as_slice());
     let ee = webpki_ee(&leaf_der)?;
-    let anchors: Vec<_> = roots
+    // Each anchor beside the root certificate it came from, to name the anchor the path ends at.
+    let (anchors, anchor_roots): (Vec<_>, Vec<_>) = roots
         .iter()
-        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-        .collect();
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| (a, r)))
+        .unzip();
     let inter: Vec<CertificateDer<'_>> = chain[1..]
         .iter()
         .map(|c| CertificateDer::from(c.as_slice()))
@@ -226,23 +241,37 @@ fn x509pop_verify(
     let secs = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    ee.verify_for_usage(
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .all,
-        &anchors,
-        &inter,
-        rustls_pki_types::UnixTime::since_unix_epoch(secs),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| {
-        Status::permission_denied(format!(
-            "x509pop: certificate does not chain to a trusted CA: {e:?}"
-        ))
-    })
+    let path = ee
+        .verify_for_usage(
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchors,
+            &inter,
+            rustls_pki_types::UnixTime::since_unix_epoch(secs),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            Status::permission_denied(format!(
+                "x509pop: certificate does not chain to a trusted CA: {e:?}"
+            ))
+        })?;
+    let fingerprint = |der: &[u8]| hex::encode(sha1::Sha1::digest(der));
+    let mut cas: Vec<String> = path
+        .intermediate_certificates()
+        .map(|c| fingerprint(c.der().as_ref()))
+        .collect();
+    let anchor = anchors
+        .iter()
+        .position(|a| std::ptr::eq(a, path.anchor()))
+        .and_then(|i| anchor_roots.get(i))
+        .ok_or_else(|| {
+            Status::internal("x509pop: the verified path's anchor is not a configured root")
+        })?;
+    cas.push(fingerprint(anchor.as_ref()));
+    Ok(cas)
 }
 
 fn webpki_ee<'a>(der: &'a CertificateDer<'a>) -> Result<webpki::EndEntityCert<'a>, Status> {
@@ -251,12 +280,9 @@ fn webpki_ee<'a>(der: &'a CertificateDer<'a>) -> Result<webpki::EndEntityCert<'a
     })
 }
 
-/// Node selectors of an x509pop agent (as SPIRE names them) and its fingerprint.
-fn x509pop_identity(
-    leaf: &[u8],
-    chain: &[Vec<u8>],
-    roots: &[CertificateDer<'static>],
-) -> Result<(String, Vec<Selector>), Status> {
+/// Node selectors of an x509pop agent (as SPIRE names them) and its fingerprint; `path_cas` are the
+/// fingerprints of the CAs on the verified path (see [`x509pop_verify`]).
+fn x509pop_identity(leaf: &[u8], path_cas: &[String]) -> Result<(String, Vec<Selector>), Status> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(leaf)
         .map_err(|e| Status::invalid_argument(format!("x509pop.cert_chain[0]: {e}")))?;
@@ -276,19 +302,8 @@ fn x509pop_identity(
         push(format!("subject:cn:{cn}"));
     }
     push(format!("serialnumber:{}", hex::encode(cert.raw_serial())));
-    // The CA the chain ends at (the trusted root whose subject is the last issuer).
-    let last = chain.last().map(|c| c.as_slice()).unwrap_or(leaf);
-    if let Ok((_, last_cert)) = X509Certificate::from_der(last) {
-        for r in roots {
-            if let Ok((_, rc)) = X509Certificate::from_der(r)
-                && rc.subject() == last_cert.issuer()
-            {
-                push(format!(
-                    "ca:fingerprint:{}",
-                    hex::encode(sha1::Sha1::digest(r.as_ref()))
-                ));
-            }
-        }
+    for ca in path_cas {
+        push(format!("ca:fingerprint:{ca}"));
     }
     Ok((fingerprint, sels))
 }
@@ -350,9 +365,9 @@ impl pb::node_server::Node for NodeApi {
                 let roots = api.state.x509pop_roots.clone().ok_or_else(|| {
                     Status::permission_denied("x509pop attestation is not enabled on this server")
                 })?;
-                x509pop_verify(&roots, &pop.cert_chain, api.state.clock.now())?;
+                let path_cas = x509pop_verify(&roots, &pop.cert_chain, api.state.clock.now())?;
                 let leaf = pop.cert_chain[0].clone();
-                let (fp, selectors) = x509pop_identity(&leaf, &pop.cert_chain, &roots)?;
+                let (fp, selectors) = x509pop_identity(&leaf, &path_cas)?;
                 let td = api.state.trust_domain();
                 let id = td
                     .id_with_path(&format!("/sigil/agent/x509pop/{fp}"))
@@ -443,6 +458,19 @@ impl pb::node_server::Node for NodeApi {
                     results[i] = Some(fail(
                         tonic::Code::NotFound,
                         format!("entry_id: no entry {:?}", p.entry_id),
+                    ))
+                }
+                // Entries are validated on creation; this keeps the server's and agents' IDs out of
+                // workload SVIDs even for an entry that slipped in some other way (an old database).
+                Some(e)
+                    if crate::validate::not_reserved("entry.spiffe_id", &e.spiffe_id).is_err() =>
+                {
+                    results[i] = Some(fail(
+                        tonic::Code::PermissionDenied,
+                        format!(
+                            "entry {:?}: {} is under the reserved path /sigil/",
+                            p.entry_id, e.spiffe_id
+                        ),
                     ))
                 }
                 Some(e) if !self.state.catalog.is_authorized(&caller.view, &e, now) => {
@@ -540,6 +568,12 @@ impl pb::node_server::Node for NodeApi {
             return Err(Status::permission_denied(format!(
                 "entry {:?} ({}) is not authorized for agent {}",
                 req.entry_id, e.spiffe_id, caller.view.id
+            )));
+        }
+        if crate::validate::not_reserved("entry.spiffe_id", &e.spiffe_id).is_err() {
+            return Err(Status::permission_denied(format!(
+                "entry {:?}: {} is under the reserved path /sigil/",
+                req.entry_id, e.spiffe_id
             )));
         }
         let ttl = (e.jwt_svid_ttl > 0).then(|| Duration::from_secs(e.jwt_svid_ttl as u64));
@@ -734,14 +768,18 @@ impl EntryStream {
                         true
                     }
                 }
-                Ok(Change::AgentRevoked(id)) => {
+                Ok(Change::AgentRevoked(id, why)) => {
                     if id == self.agent_record_id {
-                        let _ = self
-                            .tx
-                            .send(Err(Status::permission_denied(format!(
-                                "agent {id} was evicted or banned"
-                            ))))
-                            .await;
+                        let status = match why {
+                            Revocation::Evicted => refusal::status(
+                                Reason::Evicted,
+                                format!("agent {id} was evicted: attest again"),
+                            ),
+                            Revocation::Banned => {
+                                refusal::status(Reason::Banned, format!("agent {id} was banned"))
+                            }
+                        };
+                        let _ = self.tx.send(Err(status)).await;
                         return;
                     }
                     true

@@ -73,6 +73,21 @@ fn is_reserved(id: &SpiffeId) -> bool {
     p == RESERVED_PATH || p.starts_with("/sigil/")
 }
 
+/// Refuses a SPIFFE ID under the reserved `/sigil` path (the server's and the agents' own IDs), which only
+/// sigil itself issues: every minting path (entries, admin mints, agent signing) goes through this.
+pub fn not_reserved(field: &str, id: &SpiffeId) -> Result<(), FieldError> {
+    if is_reserved(id) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{:?} is under the reserved path {RESERVED_PATH}/, which only sigil issues to its server and agents",
+                id.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Selector types whose values sigil understands, and the keys each accepts.
 fn check_known_selector(field: &str, s: &Selector) -> Result<(), FieldError> {
     if s.kind != "unix" {

@@ -29,6 +29,39 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes the server's bundle, makes a join token, and starts an agent with `extra` flags.
     pub fn start(server: &ServerProcess, extra: &[&str]) -> anyhow::Result<Self> {
+        let out = server.cli(&["token", "generate"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Token: "))
+            .with_context(|| format!("no token in {text:?}"))?
+            .trim()
+            .to_string();
+        Self::launch(server, vec!["--join-token".into(), token], extra)
+    }
+
+    /// Writes the server's bundle and starts an agent attesting by x509pop with `cert` (PEM chain, leaf
+    /// first) and `key`, plus `extra` flags.
+    pub fn start_x509pop(
+        server: &ServerProcess,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let node = vec![
+            "--x509pop-cert".to_string(),
+            cert.display().to_string(),
+            "--x509pop-key".into(),
+            key.display().to_string(),
+        ];
+        Self::launch(server, node, extra)
+    }
+
+    fn launch(
+        server: &ServerProcess,
+        node_attestation: Vec<String>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let root = tempfile::tempdir()?;
         let bundle = root.path().join("bundle.pem");
         let out = server.cli(&["bundle", "show"])?;
@@ -39,22 +72,13 @@ impl AgentProcess {
             );
         }
         std::fs::write(&bundle, &out.stdout)?;
-        let out = server.cli(&["token", "generate"])?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let token = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Token: "))
-            .with_context(|| format!("no token in {text:?}"))?
-            .trim()
-            .to_string();
         let mut args = vec![
             "--server-address".to_string(),
             server.addr(),
             "--trust-bundle".into(),
             bundle.display().to_string(),
-            "--join-token".into(),
-            token,
         ];
+        args.extend(node_attestation);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut a = AgentProcess {
             child: None,
