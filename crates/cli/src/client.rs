@@ -34,17 +34,33 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
 }
 
 /// Opens a gRPC channel over a Unix socket; the error is the innermost cause, for the caller to word.
+///
+/// The socket must belong to root or to this user, behind directories only they can change
+/// ([`sigil_daemon::check_socket`]): a socket planted by another user could be a relay serving
+/// identities from another CA. The check is repeated on every (re)connection.
 pub async fn dial(socket: &Path) -> Result<Channel, String> {
     let path = socket.to_path_buf();
+    trusted(&path)?;
     // The URI only satisfies tonic's builder: the connector below dials the socket whatever it says.
     let endpoint = Endpoint::from_static("http://[::]:50051");
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            async move {
+                trusted(&path).map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+            }
         }))
         .await
         .map_err(|e| root_cause(&e))
+}
+
+/// Refuses a socket that is not root's or ours; a missing one is left for `connect` to report.
+fn trusted(path: &Path) -> Result<(), String> {
+    match sigil_daemon::check_socket(path) {
+        Ok(()) | Err(sigil_daemon::DirError::MissingSocket { .. }) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The innermost error: tonic's own layers only say "transport error".

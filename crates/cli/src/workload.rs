@@ -26,7 +26,7 @@ pub type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, Intercepto
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WorkloadSocket {
     /// Path of the agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET, else
-    /// /tmp/sigil-agent/public/api.sock].
+    /// /run/sigil/agent/public/api.sock]. It must be owned by root or by this user.
     #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
 }

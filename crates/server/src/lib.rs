@@ -32,6 +32,7 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
     sigil_daemon::init_logging(&config.log_level, config.log_format);
+    sigil_daemon::raise_fd_limit();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         sigil_daemon::wait_for_signal().await;
