@@ -94,10 +94,11 @@ pub fn parse_endpoint(value: &str) -> Result<PathBuf, String> {
 
 /// Connects to the Workload API at `socket`, failing at once if nothing listens there.
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let channel = client::dial(socket).await.map_err(|cause| {
-        anyhow::anyhow!(
-            "cannot connect to the Workload API socket {}: {cause} (is the agent running? start it with `sigil agent run`)",
-            socket.display()
+    let channel = client::dial(socket).await.map_err(|e| {
+        e.describe(
+            "Workload API",
+            socket,
+            "is the agent running? start it with `sigil agent run`",
         )
     })?;
     Ok(SpiffeWorkloadApiClient::with_interceptor(
