@@ -30,10 +30,7 @@ fn raise_own_fd_limit() -> u64 {
 fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11).unwrap_or(&"0").parse()?;
     let stime: u64 = f.get(12).unwrap_or(&"0").parse()?;
@@ -105,7 +102,10 @@ async fn idle_connection_flood_neither_hangs_nor_spins_and_agents_still_attest()
     // The admin API answers at once.
     let t = Instant::now();
     let out = tokio::task::block_in_place(|| server.cli(&["server", "healthcheck"]))?;
-    assert!(out.status.success(), "healthcheck during the flood: {out:?}");
+    assert!(
+        out.status.success(),
+        "healthcheck during the flood: {out:?}"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "healthcheck took {:?}",
@@ -140,7 +140,10 @@ async fn idle_connection_flood_neither_hangs_nor_spins_and_agents_still_attest()
     })
     .await
     .map_err(|_| anyhow::anyhow!("renewal did not finish within 10 s of the flood"))??;
-    assert!(renewed.into_inner().result.is_some(), "renewal returned no result");
+    assert!(
+        renewed.into_inner().result.is_some(),
+        "renewal returned no result"
+    );
 
     // The real agent process attests and serves its Workload API.
     let t = Instant::now();
@@ -162,7 +165,8 @@ async fn idle_connection_flood_neither_hangs_nor_spins_and_agents_still_attest()
         }
     }
     assert_eq!(
-        open, 0,
+        open,
+        0,
         "{open} idle connections still open {:?} after a {timeout:?} handshake timeout",
         timeout * 6
     );

@@ -106,7 +106,10 @@ fn server_run_output(data_dir: &Path, admin_socket: &Path) -> anyhow::Result<Out
 
 fn assert_refused(out: &Output, names: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "start must be refused; stderr:\n{err}");
+    assert!(
+        !out.status.success(),
+        "start must be refused; stderr:\n{err}"
+    );
     for n in names {
         assert!(err.contains(n), "stderr must name {n:?}:\n{err}");
     }
@@ -171,7 +174,10 @@ fn directory_planted_by_another_user_on_the_way_is_refused() -> anyhow::Result<(
         &mine.path().join("data"),
         &planted.0.join("private").join("api.sock"),
     )?;
-    assert_refused(&out, &["admin_socket", &planted.0.display().to_string(), &owner]);
+    assert_refused(
+        &out,
+        &["admin_socket", &planted.0.display().to_string(), &owner],
+    );
     assert!(
         !planted.0.join("private").exists(),
         "nothing may be created inside the planted directory"
@@ -179,7 +185,10 @@ fn directory_planted_by_another_user_on_the_way_is_refused() -> anyhow::Result<(
 
     // The server's data directory (CA keys, datastore) below it.
     let out = server_run_output(&planted.0.join("data"), &mine.path().join("admin.sock"))?;
-    assert_refused(&out, &["data_dir", &planted.0.display().to_string(), &owner]);
+    assert_refused(
+        &out,
+        &["data_dir", &planted.0.display().to_string(), &owner],
+    );
     assert!(!planted.0.join("data").exists());
 
     // The agent's public Workload API socket below it (the issue's /tmp/sigil-agent/ case).
@@ -199,7 +208,10 @@ fn directory_planted_by_another_user_on_the_way_is_refused() -> anyhow::Result<(
         .arg(mine.path().join("agent-private").join("admin.sock"))
         .stdin(Stdio::null())
         .output()?;
-    assert_refused(&out, &["socket_path", &planted.0.display().to_string(), &owner]);
+    assert_refused(
+        &out,
+        &["socket_path", &planted.0.display().to_string(), &owner],
+    );
 
     // Control: the same layout in a chain owned by root (root's temp dir under the sticky /tmp) works,
     // creating the directories on the way 0755 and the socket's own 0700.
@@ -225,7 +237,11 @@ fn group_or_other_writable_ancestor_without_sticky_bit_is_refused() -> anyhow::R
     let out = server_run_output(&mine.path().join("data"), &admin)?;
     assert_refused(
         &out,
-        &[&shared.0.display().to_string(), "without the sticky bit", "777"],
+        &[
+            &shared.0.display().to_string(),
+            "without the sticky bit",
+            "777",
+        ],
     );
     // Group-writable only is refused too.
     std::fs::set_permissions(&shared.0, std::fs::Permissions::from_mode(0o775))?;
@@ -335,7 +351,10 @@ fn cli_refuses_a_socket_of_another_user() -> anyhow::Result<()> {
             .output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
-        assert!(err.contains(&format!("{}: owned by uid {NOBODY}", theirs.0.display())), "{err}");
+        assert!(
+            err.contains(&format!("{}: owned by uid {NOBODY}", theirs.0.display())),
+            "{err}"
+        );
         // nobody moves its listening socket straight into /tmp (root-owned, sticky): every directory on
         // the way is trusted now, only the socket itself is not.
         let moved = TmpPath::new("relay.sock");

@@ -48,7 +48,10 @@ impl DialError {
     pub fn describe(self, kind: &str, socket: &Path, hint: &str) -> anyhow::Error {
         match self {
             DialError::Untrusted(cause) => {
-                anyhow::anyhow!("will not use the {kind} socket {}: {cause}", socket.display())
+                anyhow::anyhow!(
+                    "will not use the {kind} socket {}: {cause}",
+                    socket.display()
+                )
             }
             DialError::Unreachable(cause) => anyhow::anyhow!(
                 "cannot connect to the {kind} socket {}: {cause} ({hint})",

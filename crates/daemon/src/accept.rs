@@ -22,6 +22,22 @@ pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 256;
 /// At most one warning of a kind per this interval; the rest are counted.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Length of the kernel's queue of connections not yet accepted (tokio's default is 128).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a TCP listener with a backlog of [`LISTEN_BACKLOG`], so that a burst of connections waits
+/// in the kernel instead of being refused while the accept loop catches up.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Raises the open-file soft limit to the hard limit: every connection holds a descriptor. Returns
 /// the soft limit in effect afterwards.
 pub fn raise_fd_limit() -> u64 {
@@ -264,7 +280,12 @@ where
                     oldest.abort();
                 }
                 if let Some(suppressed) = evict_warn.allow() {
-                    tracing::warn!(api = what, max_pending, suppressed, "too many handshakes in progress; dropped the oldest");
+                    tracing::warn!(
+                        api = what,
+                        max_pending,
+                        suppressed,
+                        "too many handshakes in progress; dropped the oldest"
+                    );
                 }
             }
             let id = p.next_id;

@@ -90,7 +90,9 @@ pub enum DirError {
         path: String,
     },
     /// The socket belongs to a user other than root and us: it may be a relay planted by that user.
-    #[error("{path}: socket owned by uid {owner}, neither root nor this user (uid {me}); refusing to connect")]
+    #[error(
+        "{path}: socket owned by uid {owner}, neither root nor this user (uid {me}); refusing to connect"
+    )]
     UntrustedSocket {
         /// The path.
         path: String,
@@ -315,8 +317,11 @@ pub fn own_dir(dir: &Path, mode: u32) -> Result<(), DirError> {
                     check_ancestor(&cur, &m, me)?;
                     // The umask may have removed search bits that workloads need on the way.
                     if m.uid() == me && m.mode() & 0o777 != PARENT_MODE {
-                        std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(PARENT_MODE))
-                            .map_err(io_err(&cur))?;
+                        std::fs::set_permissions(
+                            &cur,
+                            std::fs::Permissions::from_mode(PARENT_MODE),
+                        )
+                        .map_err(io_err(&cur))?;
                     }
                 }
             }

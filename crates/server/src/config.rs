@@ -220,11 +220,7 @@ impl ServerConfig {
                 k.display()
             ),
         };
-        let handshake_timeout = match args
-            .handshake_timeout
-            .clone()
-            .or(file.handshake_timeout)
-        {
+        let handshake_timeout = match args.handshake_timeout.clone().or(file.handshake_timeout) {
             Some(v) => parse_duration("handshake_timeout", &v)?,
             None => sigil_daemon::accept::DEFAULT_HANDSHAKE_TIMEOUT,
         };

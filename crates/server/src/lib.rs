@@ -52,8 +52,7 @@ pub async fn serve(
         .context("start-up worker failed")??;
     let td = state.trust_domain();
     let admin_listener = listen::admin_listener(&state.config.admin_socket)?;
-    let tcp = tokio::net::TcpListener::bind(state.config.bind)
-        .await
+    let tcp = sigil_daemon::accept::bind_tcp(state.config.bind)
         .with_context(|| format!("bind: cannot listen on {}", state.config.bind))?;
     let bound = tcp.local_addr()?;
 
