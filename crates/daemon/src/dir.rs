@@ -102,19 +102,21 @@ pub enum DirError {
         me: u32,
     },
     /// A system call failed.
-    #[error("{path}: {source}")]
+    // The OS error is part of the message and deliberately not a `source`, so that a chain printed
+    // with `{:#}` shows it once.
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DirError + '_ {
-    move |source| DirError::Io {
+    move |error| DirError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
