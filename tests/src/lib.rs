@@ -8,7 +8,8 @@ use std::path::Path;
 use anyhow::Context;
 use tonic::transport::{Channel, Endpoint};
 
-/// A gRPC channel to the admin API on a Unix socket.
+/// A gRPC channel to the admin API on a Unix socket, refused if the socket (or a directory on the way)
+/// belongs to a user other than root and us, as the CLI does.
 pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
     let path = path.to_path_buf();
     let shown = path.display().to_string();
@@ -16,6 +17,7 @@ pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let p = path.clone();
             async move {
+                sigil_daemon::check_socket(&p).map_err(std::io::Error::other)?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
                     tokio::net::UnixStream::connect(p).await?,
                 ))

@@ -6,11 +6,11 @@ use anyhow::{Context, bail};
 use sigil_spiffe::{SpiffeId, TrustDomain};
 
 /// Default Workload API socket (open to all local users: callers are attested, not trusted by permission).
-pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/public/api.sock";
 /// Default admin socket (Delegated Identity API), in a 0700 directory.
-pub const DEFAULT_ADMIN_SOCKET_PATH: &str = "/tmp/sigil-agent/private/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET_PATH: &str = "/run/sigil/agent/private/admin.sock";
 /// Default data directory (agent SVID, key, bundle).
-pub const DEFAULT_DATA_DIR: &str = ".data/sigil-agent";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/agent";
 /// Default bound on cached SVIDs no workload is using (SPIRE's `x509_svid_cache_max_size`).
 pub const DEFAULT_SVID_CACHE_MAX: usize = 1000;
 

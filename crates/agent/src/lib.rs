@@ -26,7 +26,8 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Binds a Unix socket after creating its directory with `dir_mode` and replacing a stale socket file.
+/// Binds a Unix socket after creating its directory with `dir_mode` (every directory above it must be
+/// root's or ours, see [`sigil_daemon::own_dir`]) and replacing a stale socket file.
 pub fn bind_socket(
     path: &Path,
     dir_mode: u32,
@@ -50,17 +51,6 @@ pub fn bind_socket(
     Ok(l)
 }
 
-/// Raises the open-file soft limit to the hard limit: every workload stream holds a socket.
-pub fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-    }
-}
-
 /// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
 pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::from_args(&args)?;
@@ -72,7 +62,8 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
             sigil_daemon::LogFormat::Text
         },
     );
-    raise_fd_limit();
+    // Every workload stream holds a socket.
+    sigil_daemon::raise_fd_limit();
     let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
     serve(config, attestor).await
 }

@@ -4,7 +4,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -103,35 +102,14 @@ impl AsyncWrite for AttestedUnixStream {
     }
 }
 
-/// How long to pause after an accept error caused by exhausted resources.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
 /// The connections of `listener`, each wrapped with its peer's identity, for tonic's `serve_with_incoming`.
 ///
-/// Accept errors are yielded (tonic logs and skips them); after one caused by exhausted descriptors or memory
-/// the stream pauses briefly, since retrying at once would only spin.
+/// Accept errors back off (10 ms doubling to 1 s) and are logged at most once a second
+/// ([`sigil_daemon::accept::unix_incoming`]), so exhausted descriptors never make the loop spin.
 pub fn accept_stream(
     listener: UnixListener,
 ) -> impl Stream<Item = io::Result<AttestedUnixStream>> + Send + 'static {
-    futures::stream::unfold(listener, |listener| async move {
-        let item = match listener.accept().await {
-            Ok((s, _)) => Ok(AttestedUnixStream::new(s)),
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a Workload API connection");
-                if matches!(
-                    e.raw_os_error(),
-                    Some(
-                        nix::libc::EMFILE
-                            | nix::libc::ENFILE
-                            | nix::libc::ENOBUFS
-                            | nix::libc::ENOMEM
-                    )
-                ) {
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-                Err(e)
-            }
-        };
-        Some((item, listener))
-    })
+    use futures::StreamExt;
+    sigil_daemon::accept::unix_incoming(listener, "Workload API")
+        .map(|r| r.map(AttestedUnixStream::new))
 }

@@ -25,26 +25,70 @@ impl AdminSocket {
 
 /// Opens a gRPC channel over the Unix socket at `socket`, failing at once if nothing listens there.
 pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
-    dial(socket).await.map_err(|cause| {
-        anyhow::anyhow!(
-            "cannot connect to the admin socket {}: {cause} (is the server running? start it with `sigil server run`)",
-            socket.display(),
+    dial(socket).await.map_err(|e| {
+        e.describe(
+            "admin",
+            socket,
+            "is the server running? start it with `sigil server run`",
         )
     })
 }
 
+/// Why a Unix socket could not be dialled.
+#[derive(Debug)]
+pub enum DialError {
+    /// The socket, or a directory on the way, belongs to another user: not even tried.
+    Untrusted(String),
+    /// Connecting failed (the innermost cause).
+    Unreachable(String),
+}
+
+impl DialError {
+    /// The error for the user: which socket (`kind`), why, and for an unreachable one `hint`.
+    pub fn describe(self, kind: &str, socket: &Path, hint: &str) -> anyhow::Error {
+        match self {
+            DialError::Untrusted(cause) => {
+                anyhow::anyhow!(
+                    "will not use the {kind} socket {}: {cause}",
+                    socket.display()
+                )
+            }
+            DialError::Unreachable(cause) => anyhow::anyhow!(
+                "cannot connect to the {kind} socket {}: {cause} ({hint})",
+                socket.display()
+            ),
+        }
+    }
+}
+
 /// Opens a gRPC channel over a Unix socket; the error is the innermost cause, for the caller to word.
-pub async fn dial(socket: &Path) -> Result<Channel, String> {
+///
+/// The socket must belong to root or to this user, behind directories only they can change
+/// ([`sigil_daemon::check_socket`]): a socket planted by another user could be a relay serving
+/// identities from another CA. The check is repeated on every (re)connection.
+pub async fn dial(socket: &Path) -> Result<Channel, DialError> {
     let path = socket.to_path_buf();
+    trusted(&path).map_err(DialError::Untrusted)?;
     // The URI only satisfies tonic's builder: the connector below dials the socket whatever it says.
     let endpoint = Endpoint::from_static("http://[::]:50051");
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            async move {
+                trusted(&path).map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+            }
         }))
         .await
-        .map_err(|e| root_cause(&e))
+        .map_err(|e| DialError::Unreachable(root_cause(&e)))
+}
+
+/// Refuses a socket that is not root's or ours; a missing one is left for `connect` to report.
+fn trusted(path: &Path) -> Result<(), String> {
+    match sigil_daemon::check_socket(path) {
+        Ok(()) | Err(sigil_daemon::DirError::MissingSocket { .. }) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The innermost error: tonic's own layers only say "transport error".

@@ -26,7 +26,7 @@ pub type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, Intercepto
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WorkloadSocket {
     /// Path of the agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET, else
-    /// /tmp/sigil-agent/public/api.sock].
+    /// /run/sigil/agent/public/api.sock]. It must be owned by root or by this user.
     #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
 }
@@ -94,10 +94,11 @@ pub fn parse_endpoint(value: &str) -> Result<PathBuf, String> {
 
 /// Connects to the Workload API at `socket`, failing at once if nothing listens there.
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let channel = client::dial(socket).await.map_err(|cause| {
-        anyhow::anyhow!(
-            "cannot connect to the Workload API socket {}: {cause} (is the agent running? start it with `sigil agent run`)",
-            socket.display()
+    let channel = client::dial(socket).await.map_err(|e| {
+        e.describe(
+            "Workload API",
+            socket,
+            "is the agent running? start it with `sigil agent run`",
         )
     })?;
     Ok(SpiffeWorkloadApiClient::with_interceptor(

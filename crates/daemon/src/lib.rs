@@ -1,5 +1,12 @@
 //! What sigil's daemons (server, agent, netd) share: parsing the log options, setting up logging on
-//! stderr, and waiting for SIGTERM or SIGINT.
+//! stderr, waiting for SIGTERM or SIGINT, trusted socket and data directories (every ancestor
+//! checked), and listeners that neither spin nor flood the log under a connection flood.
+
+pub mod accept;
+pub mod dir;
+
+pub use accept::raise_fd_limit;
+pub use dir::{DirError, check_socket, own_dir};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,86 +76,6 @@ pub async fn wait_for_signal() {
         }
     }
     tracing::info!("shutdown signal received");
-}
-
-/// Why a directory for sockets or secrets cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum DirError {
-    /// The path exists but is a symlink or not a directory.
-    #[error("{path}: exists and is not a plain directory")]
-    NotADirectory {
-        /// The path.
-        path: String,
-    },
-    /// The directory belongs to another user (someone could have planted it).
-    #[error("{path}: owned by uid {owner}, not by this process (uid {me})")]
-    ForeignOwner {
-        /// The path.
-        path: String,
-        /// Its owner.
-        owner: u32,
-        /// This process's effective uid.
-        me: u32,
-    },
-    /// The directory is writable by group or others (a shared directory such as /tmp itself).
-    #[error("{path}: writable by group or others (mode {mode:o}); use a directory of its own")]
-    SharedDirectory {
-        /// The path.
-        path: String,
-        /// Its mode bits.
-        mode: u32,
-    },
-    /// Creating or changing the directory failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
-/// Makes sure `dir` is a directory of this process's user with exactly `mode`: creates it (and its
-/// parents) if missing; an existing one must be a real directory owned by us and not writable by group or
-/// others — so a root daemon never re-permissions a shared directory like /tmp, and never uses one that
-/// another user planted.
-pub fn own_dir(dir: &std::path::Path, mode: u32) -> Result<(), DirError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let path = dir.display().to_string();
-    let io = |source| DirError::Io {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) => {
-            if !m.file_type().is_dir() {
-                return Err(DirError::NotADirectory { path });
-            }
-            let me = nix::unistd::geteuid().as_raw();
-            if m.uid() != me {
-                return Err(DirError::ForeignOwner {
-                    path,
-                    owner: m.uid(),
-                    me,
-                });
-            }
-            if m.mode() & 0o022 != 0 {
-                return Err(DirError::SharedDirectory {
-                    path,
-                    mode: m.mode() & 0o7777,
-                });
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(dir)
-                .map_err(io)?;
-        }
-        Err(e) => return Err(io(e)),
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use sigil_policy::{EnforcementMode, IpPrefix};
 
-/// Default path of the API socket (its directory is made 0700).
+/// Default path of the API socket (0600; its directory is made 0755 and must be root's, see `api_listener`).
 pub const DEFAULT_API_SOCKET: &str = "/run/sigil/netd.sock";
 /// Default bpffs directory of the pinned maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sigil";

@@ -24,13 +24,16 @@ pub use config::{Config, RunArgs};
 pub use daemon::Daemon;
 pub use error::NetdError;
 
-/// Binds the API socket: the directory is made 0700, a stale socket replaced, the socket 0600.
+/// Binds the API socket: a stale socket replaced, the socket 0600. Its directory (by default /run/sigil,
+/// which also leads to the agent's public Workload API socket) is made 0755, ours, reached only
+/// through directories of root or ours (see [`sigil_daemon::own_dir`]); the socket's own mode keeps
+/// other users out.
 pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .with_context(|| format!("api_socket: {} has no directory", path.display()))?;
-    sigil_daemon::own_dir(dir, 0o700).context("api_socket")?;
+    sigil_daemon::own_dir(dir, 0o755).context("api_socket")?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("api_socket: {} is in use by a running netd", path.display());
@@ -49,6 +52,7 @@ pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
     sigil_daemon::init_logging(&config.log_level, sigil_daemon::LogFormat::Text);
+    sigil_daemon::raise_fd_limit();
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     tokio::spawn(async move {
         sigil_daemon::wait_for_signal().await;
@@ -62,6 +66,7 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     let socket = config.api_socket.clone();
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
+    sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
     let daemon = tokio::task::block_in_place(|| Daemon::start(config)).context("starting netd")?;
     let snapshot = daemon.snapshot();
     let endpoints = daemon.list_endpoints().len();
@@ -84,7 +89,7 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     let served = router
         .serve_with_incoming_shutdown(
             sigil_h2_authority::normalize_incoming(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                sigil_daemon::accept::unix_incoming(listener, "netd API"),
             ),
             async move {
                 let _ = stop_server.wait_for(|s| *s).await;

@@ -12,10 +12,11 @@ use sigil_spiffe::TrustDomain;
 pub const DEFAULT_TRUST_DOMAIN: &str = "identity.example.com";
 /// Default address of the agent API.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
-/// Default path of the admin API socket (its directory is made 0700).
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-server/private/api.sock";
+/// Default path of the admin API socket (its directory is made 0700; every directory above it must be
+/// root's or ours, never a shared one like /tmp).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/private/api.sock";
 /// Default data directory (SQLite database and CA keys).
-pub const DEFAULT_DATA_DIR: &str = ".data/sigil-server";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/server";
 
 /// Flags of `sigil server run`; each overrides the same key of the TOML file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -56,6 +57,12 @@ pub struct RunArgs {
     /// PEM bundle of CAs trusted for x509pop node attestation (enables x509pop).
     #[arg(long)]
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Bound on an agent API TLS handshake (e.g. 10s); slower connections are closed.
+    #[arg(long)]
+    pub handshake_timeout: Option<String>,
+    /// Most agent API TLS handshakes in progress at once; beyond it the oldest is dropped.
+    #[arg(long)]
+    pub max_pending_handshakes: Option<usize>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -79,6 +86,8 @@ struct FileConfig {
     upstream_cert: Option<PathBuf>,
     upstream_key: Option<PathBuf>,
     x509pop_ca_bundle: Option<PathBuf>,
+    handshake_timeout: Option<String>,
+    max_pending_handshakes: Option<usize>,
     log_level: Option<String>,
     log_format: Option<String>,
 }
@@ -108,6 +117,8 @@ pub struct ServerConfig {
     pub upstream: Option<UpstreamAuthority>,
     /// Optional CA bundle for x509pop attestation.
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Handshake timeout and cap on handshakes in progress of the agent API.
+    pub handshake_limits: sigil_daemon::accept::HandshakeLimits,
     /// Log level filter.
     pub log_level: String,
     /// Log format.
@@ -209,6 +220,21 @@ impl ServerConfig {
                 k.display()
             ),
         };
+        let handshake_timeout = match args.handshake_timeout.clone().or(file.handshake_timeout) {
+            Some(v) => parse_duration("handshake_timeout", &v)?,
+            None => sigil_daemon::accept::DEFAULT_HANDSHAKE_TIMEOUT,
+        };
+        let max_pending = args
+            .max_pending_handshakes
+            .or(file.max_pending_handshakes)
+            .unwrap_or(sigil_daemon::accept::DEFAULT_MAX_PENDING_HANDSHAKES);
+        if max_pending == 0 {
+            bail!("max_pending_handshakes: invalid value 0 (must be at least 1)");
+        }
+        let handshake_limits = sigil_daemon::accept::HandshakeLimits {
+            timeout: handshake_timeout,
+            max_pending,
+        };
         let log_level = args
             .log_level
             .clone()
@@ -232,6 +258,7 @@ impl ServerConfig {
             jwt_svid_ttl,
             upstream,
             x509pop_ca_bundle: args.x509pop_ca_bundle.clone().or(file.x509pop_ca_bundle),
+            handshake_limits,
             log_level,
             log_format,
         })

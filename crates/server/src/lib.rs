@@ -32,6 +32,7 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
     sigil_daemon::init_logging(&config.log_level, config.log_format);
+    sigil_daemon::raise_fd_limit();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         sigil_daemon::wait_for_signal().await;
@@ -51,8 +52,7 @@ pub async fn serve(
         .context("start-up worker failed")??;
     let td = state.trust_domain();
     let admin_listener = listen::admin_listener(&state.config.admin_socket)?;
-    let tcp = tokio::net::TcpListener::bind(state.config.bind)
-        .await
+    let tcp = sigil_daemon::accept::bind_tcp(state.config.bind)
         .with_context(|| format!("bind: cannot listen on {}", state.config.bind))?;
     let bound = tcp.local_addr()?;
 
@@ -80,8 +80,9 @@ pub async fn serve(
     let mut stop_admin = stop.clone();
     let mut stop_node = stop.clone();
     let admin_task = tokio::spawn(admin_router.serve_with_incoming_shutdown(
-        sigil_h2_authority::normalize_incoming(tokio_stream::wrappers::UnixListenerStream::new(
+        sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
             admin_listener,
+            "admin API",
         )),
         async move {
             let _ = stop_admin.wait_for(|s| *s).await;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::Stream;
+use sigil_daemon::accept::{HandshakeLimits, handshake_incoming};
 use sigil_tls::{PeerPolicy, SpiffeClientVerifier};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -38,15 +39,30 @@ pub fn admin_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// The agent API's TLS acceptor and the bounds on its handshakes.
+#[derive(Clone)]
+pub struct AgentApiTls {
+    /// TLS 1.3, the server's SVID, client SVIDs optional.
+    pub acceptor: TlsAcceptor,
+    /// Handshake timeout and cap on handshakes in progress (the cap kept within the open-file limit).
+    pub limits: HandshakeLimits,
+}
+
 /// The TLS acceptor: TLS 1.3, the server's SVID, client SVIDs optional (attestation is anonymous).
-pub fn tls_acceptor(state: &Arc<State>) -> anyhow::Result<TlsAcceptor> {
+pub fn tls_acceptor(state: &Arc<State>) -> anyhow::Result<AgentApiTls> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         state.bundles.clone(),
         PeerPolicy::AnyInBundles,
         false,
     ));
     let cfg = sigil_tls::server_config_with_resolver(state.server_cert.clone(), verifier)?;
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
+    Ok(AgentApiTls {
+        acceptor: TlsAcceptor::from(Arc::new(cfg)),
+        limits: state
+            .config
+            .handshake_limits
+            .within_fd_limit(sigil_daemon::accept::fd_limit()),
+    })
 }
 
 /// A TLS connection that tells tonic who the peer is.
@@ -104,48 +120,32 @@ impl tokio::io::AsyncWrite for PeerStream {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently; failed handshakes are logged and dropped.
+/// Accepts TCP connections and completes TLS handshakes concurrently, each bounded by the handshake
+/// timeout, at most `limits.max_pending` at once (see [`sigil_daemon::accept::handshake_incoming`]).
 pub fn tls_incoming(
     tcp: TcpListener,
-    tls: TlsAcceptor,
+    tls: AgentApiTls,
 ) -> impl Stream<Item = Result<PeerStream, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (sock, addr) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            };
+    let acceptor = tls.acceptor;
+    handshake_incoming(tcp, tls.limits, "agent API", move |sock, addr| {
+        let acceptor = acceptor.clone();
+        async move {
             let _ = sock.set_nodelay(true);
-            let tls = tls.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tls.accept(sock).await {
-                    Ok(stream) => {
-                        let certs = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                            .unwrap_or_default();
-                        let info = PeerInfo {
-                            certs: Arc::new(certs),
-                            addr: Some(addr),
-                        };
-                        let _ = tx
-                            .send(Ok(PeerStream {
-                                inner: stream,
-                                info,
-                            }))
-                            .await;
-                    }
-                    Err(e) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
-                }
-            });
+            let stream = acceptor.accept(sock).await?;
+            let certs = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let info = PeerInfo {
+                certs: Arc::new(certs),
+                addr: Some(addr),
+            };
+            Ok::<_, std::io::Error>(PeerStream {
+                inner: stream,
+                info,
+            })
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    })
 }

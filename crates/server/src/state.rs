@@ -127,7 +127,7 @@ fn load_pem_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 impl State {
     /// Opens the data directory, the datastore and the CA, and mints the server's SVID.
     pub fn open(config: ServerConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<State>> {
-        make_private_dir(&config.data_dir)?;
+        make_private_dir(&config.data_dir).context("data_dir")?;
         let db = config.data_dir.join("datastore.sqlite3");
         let ds: Arc<dyn DataStore> = Arc::new(
             SqliteStore::open(&db)

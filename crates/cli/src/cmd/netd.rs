@@ -26,10 +26,11 @@ pub struct NetdSocket {
 impl NetdSocket {
     /// Connects to the socket.
     pub async fn connect(&self) -> anyhow::Result<Channel> {
-        client::dial(&self.path).await.map_err(|cause| {
-            anyhow::anyhow!(
-                "cannot connect to the netd socket {}: {cause} (is it running? start it with `sigil netd run`)",
-                self.path.display()
+        client::dial(&self.path).await.map_err(|e| {
+            e.describe(
+                "netd",
+                &self.path,
+                "is it running? start it with `sigil netd run`",
             )
         })
     }
