@@ -43,7 +43,11 @@ pub enum NetlinkError {
 }
 
 impl NetlinkError {
-    pub(crate) fn invalid(field: &'static str, value: impl ToString, reason: impl ToString) -> Self {
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        reason: impl ToString,
+    ) -> Self {
         Self::Invalid {
             field,
             value: value.to_string(),

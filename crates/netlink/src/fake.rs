@@ -13,22 +13,79 @@ use crate::{Fdb, Mac, Netlink, NetlinkError, Ns, Route, Vxlan, namespace::netns_
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Op {
-    AddNetns { name: String },
-    DeleteNetns { name: String },
-    AddVeth { ns: Option<String>, name: String, peer: String, peer_ns: Option<String> },
-    AddBridge { ns: Option<String>, name: String },
-    AddVxlan { ns: Option<String>, vxlan: Vxlan },
-    SetMaster { ns: Option<String>, link: String, master: Option<String> },
-    MoveLink { ns: Option<String>, link: String, target: String },
-    SetLinkUp { ns: Option<String>, link: String, up: bool },
-    DeleteLink { ns: Option<String>, link: String },
-    AddAddress { ns: Option<String>, link: String, address: IpAddr, prefix_len: u8, nodad: bool },
-    ReplaceRoute { ns: Option<String>, route: Route },
-    DeleteRoute { ns: Option<String>, route: Route },
-    ReplaceNeighbour { ns: Option<String>, link: String, address: IpAddr, mac: Mac },
-    ReplaceFdb { ns: Option<String>, fdb: Fdb },
-    DeleteFdb { ns: Option<String>, fdb: Fdb },
-    SetSysctl { ns: Option<String>, key: String, value: String },
+    AddNetns {
+        name: String,
+    },
+    DeleteNetns {
+        name: String,
+    },
+    AddVeth {
+        ns: Option<String>,
+        name: String,
+        peer: String,
+        peer_ns: Option<String>,
+    },
+    AddBridge {
+        ns: Option<String>,
+        name: String,
+    },
+    AddVxlan {
+        ns: Option<String>,
+        vxlan: Vxlan,
+    },
+    SetMaster {
+        ns: Option<String>,
+        link: String,
+        master: Option<String>,
+    },
+    MoveLink {
+        ns: Option<String>,
+        link: String,
+        target: String,
+    },
+    SetLinkUp {
+        ns: Option<String>,
+        link: String,
+        up: bool,
+    },
+    DeleteLink {
+        ns: Option<String>,
+        link: String,
+    },
+    AddAddress {
+        ns: Option<String>,
+        link: String,
+        address: IpAddr,
+        prefix_len: u8,
+        nodad: bool,
+    },
+    ReplaceRoute {
+        ns: Option<String>,
+        route: Route,
+    },
+    DeleteRoute {
+        ns: Option<String>,
+        route: Route,
+    },
+    ReplaceNeighbour {
+        ns: Option<String>,
+        link: String,
+        address: IpAddr,
+        mac: Mac,
+    },
+    ReplaceFdb {
+        ns: Option<String>,
+        fdb: Fdb,
+    },
+    DeleteFdb {
+        ns: Option<String>,
+        fdb: Fdb,
+    },
+    SetSysctl {
+        ns: Option<String>,
+        key: String,
+        value: String,
+    },
 }
 
 type FailWhen = Box<dyn Fn(&Op) -> bool + Send>;
@@ -131,7 +188,12 @@ fn need_ns(s: &State, ns: &Option<String>) -> Result<(), NetlinkError> {
     }
 }
 
-fn need_link(s: &State, ns: &Option<String>, link: &str, op: &'static str) -> Result<u32, NetlinkError> {
+fn need_link(
+    s: &State,
+    ns: &Option<String>,
+    link: &str,
+    op: &'static str,
+) -> Result<u32, NetlinkError> {
     need_ns(s, ns)?;
     s.links
         .get(&(ns.clone(), link.to_owned()))
@@ -139,7 +201,9 @@ fn need_link(s: &State, ns: &Option<String>, link: &str, op: &'static str) -> Re
         .ok_or_else(|| NetlinkError::NoSuchLink {
             op,
             link: link.to_owned(),
-            ns: ns.as_deref().map_or_else(|| Ns::Current.to_string(), |n| Ns::Named(n).to_string()),
+            ns: ns
+                .as_deref()
+                .map_or_else(|| Ns::Current.to_string(), |n| Ns::Named(n).to_string()),
         })
 }
 
@@ -162,28 +226,40 @@ fn add_link(s: &mut State, ns: &Option<String>, name: &str) -> Result<u32, Netli
 impl Netlink for FakeNetlink {
     fn add_netns(&self, name: &str) -> Result<PathBuf, NetlinkError> {
         crate::validate_netns_name(name)?;
-        self.record(Op::AddNetns { name: name.to_owned() }, |s| {
-            if !s.netns.insert(name.to_owned()) {
-                return Err(NetlinkError::NetnsExists { name: name.to_owned() });
-            }
-            Ok(netns_path(name))
-        })
+        self.record(
+            Op::AddNetns {
+                name: name.to_owned(),
+            },
+            |s| {
+                if !s.netns.insert(name.to_owned()) {
+                    return Err(NetlinkError::NetnsExists {
+                        name: name.to_owned(),
+                    });
+                }
+                Ok(netns_path(name))
+            },
+        )
     }
 
     fn delete_netns(&self, name: &str) -> Result<bool, NetlinkError> {
-        self.record(Op::DeleteNetns { name: name.to_owned() }, |s| {
-            let ns = Some(name.to_owned());
-            let gone: Vec<_> = s.links.keys().filter(|(n, _)| *n == ns).cloned().collect();
-            for k in gone {
-                s.links.remove(&k);
-                if let Some(p) = s.peers.remove(&k) {
-                    s.peers.remove(&p);
-                    s.links.remove(&p);
+        self.record(
+            Op::DeleteNetns {
+                name: name.to_owned(),
+            },
+            |s| {
+                let ns = Some(name.to_owned());
+                let gone: Vec<_> = s.links.keys().filter(|(n, _)| *n == ns).cloned().collect();
+                for k in gone {
+                    s.links.remove(&k);
+                    if let Some(p) = s.peers.remove(&k) {
+                        s.peers.remove(&p);
+                        s.links.remove(&p);
+                    }
                 }
-            }
-            s.routes.retain(|(n, _)| *n != ns);
-            Ok(s.netns.remove(name))
-        })
+                s.routes.retain(|(n, _)| *n != ns);
+                Ok(s.netns.remove(name))
+            },
+        )
     }
 
     fn netns_exists(&self, name: &str) -> bool {
@@ -194,7 +270,13 @@ impl Netlink for FakeNetlink {
         Ok(self.lock().netns.iter().cloned().collect())
     }
 
-    fn add_veth(&self, ns: Ns<'_>, name: &str, peer: &str, peer_ns: Option<&str>) -> Result<(), NetlinkError> {
+    fn add_veth(
+        &self,
+        ns: Ns<'_>,
+        name: &str,
+        peer: &str,
+        peer_ns: Option<&str>,
+    ) -> Result<(), NetlinkError> {
         crate::validate_ifname(name)?;
         crate::validate_ifname(peer)?;
         let op = Op::AddVeth {
@@ -212,7 +294,8 @@ impl Netlink for FakeNetlink {
                 s.links.remove(&(a, name.to_owned()));
                 return Err(e);
             }
-            s.peers.insert((a.clone(), name.to_owned()), (b.clone(), peer.to_owned()));
+            s.peers
+                .insert((a.clone(), name.to_owned()), (b.clone(), peer.to_owned()));
             s.peers.insert((b, peer.to_owned()), (a, name.to_owned()));
             Ok(())
         })
@@ -220,16 +303,24 @@ impl Netlink for FakeNetlink {
 
     fn add_bridge(&self, ns: Ns<'_>, name: &str) -> Result<(), NetlinkError> {
         crate::validate_ifname(name)?;
-        self.record(Op::AddBridge { ns: owned(ns), name: name.to_owned() }, |s| {
-            add_link(s, &owned(ns), name).map(drop)
-        })
+        self.record(
+            Op::AddBridge {
+                ns: owned(ns),
+                name: name.to_owned(),
+            },
+            |s| add_link(s, &owned(ns), name).map(drop),
+        )
     }
 
     fn add_vxlan(&self, ns: Ns<'_>, vxlan: &Vxlan) -> Result<(), NetlinkError> {
         crate::validate_ifname(&vxlan.name)?;
-        self.record(Op::AddVxlan { ns: owned(ns), vxlan: vxlan.clone() }, |s| {
-            add_link(s, &owned(ns), &vxlan.name).map(drop)
-        })
+        self.record(
+            Op::AddVxlan {
+                ns: owned(ns),
+                vxlan: vxlan.clone(),
+            },
+            |s| add_link(s, &owned(ns), &vxlan.name).map(drop),
+        )
     }
 
     fn set_master(&self, ns: Ns<'_>, link: &str, master: Option<&str>) -> Result<(), NetlinkError> {
@@ -248,7 +339,11 @@ impl Netlink for FakeNetlink {
     }
 
     fn move_link(&self, ns: Ns<'_>, link: &str, target: &str) -> Result<(), NetlinkError> {
-        let op = Op::MoveLink { ns: owned(ns), link: link.to_owned(), target: target.to_owned() };
+        let op = Op::MoveLink {
+            ns: owned(ns),
+            link: link.to_owned(),
+            target: target.to_owned(),
+        };
         self.record(op, |s| {
             let i = need_link(s, &owned(ns), link, "moving a link")?;
             let to = Some(target.to_owned());
@@ -264,23 +359,35 @@ impl Netlink for FakeNetlink {
     }
 
     fn set_link_up(&self, ns: Ns<'_>, link: &str, up: bool) -> Result<(), NetlinkError> {
-        self.record(Op::SetLinkUp { ns: owned(ns), link: link.to_owned(), up }, |s| {
-            need_link(s, &owned(ns), link, "setting up").map(drop)
-        })
+        self.record(
+            Op::SetLinkUp {
+                ns: owned(ns),
+                link: link.to_owned(),
+                up,
+            },
+            |s| need_link(s, &owned(ns), link, "setting up").map(drop),
+        )
     }
 
     fn delete_link(&self, ns: Ns<'_>, link: &str) -> Result<bool, NetlinkError> {
-        self.record(Op::DeleteLink { ns: owned(ns), link: link.to_owned() }, |s| {
-            let key = (owned(ns), link.to_owned());
-            let existed = s.links.remove(&key).is_some();
-            if let Some(p) = s.peers.remove(&key) {
-                s.peers.remove(&p);
-                s.links.remove(&p);
-            }
-            let gone = format!(" dev {link}");
-            s.routes.retain(|(n, r)| !(*n == key.0 && r.ends_with(&gone)));
-            Ok(existed)
-        })
+        self.record(
+            Op::DeleteLink {
+                ns: owned(ns),
+                link: link.to_owned(),
+            },
+            |s| {
+                let key = (owned(ns), link.to_owned());
+                let existed = s.links.remove(&key).is_some();
+                if let Some(p) = s.peers.remove(&key) {
+                    s.peers.remove(&p);
+                    s.links.remove(&p);
+                }
+                let gone = format!(" dev {link}");
+                s.routes
+                    .retain(|(n, r)| !(*n == key.0 && r.ends_with(&gone)));
+                Ok(existed)
+            },
+        )
     }
 
     fn link_index(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError> {
@@ -289,53 +396,112 @@ impl Netlink for FakeNetlink {
         Ok(s.links.get(&(owned(ns), link.to_owned())).copied())
     }
 
-    fn add_address(&self, ns: Ns<'_>, link: &str, address: IpAddr, prefix_len: u8, nodad: bool) -> Result<(), NetlinkError> {
+    fn add_address(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        address: IpAddr,
+        prefix_len: u8,
+        nodad: bool,
+    ) -> Result<(), NetlinkError> {
         crate::Prefix::new(address, prefix_len)?;
-        let op = Op::AddAddress { ns: owned(ns), link: link.to_owned(), address, prefix_len, nodad };
-        self.record(op, |s| need_link(s, &owned(ns), link, "adding an address").map(drop))
+        let op = Op::AddAddress {
+            ns: owned(ns),
+            link: link.to_owned(),
+            address,
+            prefix_len,
+            nodad,
+        };
+        self.record(op, |s| {
+            need_link(s, &owned(ns), link, "adding an address").map(drop)
+        })
     }
 
     fn replace_route(&self, ns: Ns<'_>, route: &Route) -> Result<(), NetlinkError> {
         route.check()?;
-        self.record(Op::ReplaceRoute { ns: owned(ns), route: route.clone() }, |s| {
-            need_ns(s, &owned(ns))?;
-            if let crate::RouteVia::Dev(d) | crate::RouteVia::Gateway { dev: Some(d), .. } = &route.via {
-                need_link(s, &owned(ns), d, "adding a route")?;
-            }
-            let dst = route.dst.to_string();
-            s.routes.retain(|(n, r)| !(*n == owned(ns) && r.contains(&format!(" {dst}"))));
-            s.routes.insert((owned(ns), route.to_string()));
-            Ok(())
-        })
+        self.record(
+            Op::ReplaceRoute {
+                ns: owned(ns),
+                route: route.clone(),
+            },
+            |s| {
+                need_ns(s, &owned(ns))?;
+                if let crate::RouteVia::Dev(d) | crate::RouteVia::Gateway { dev: Some(d), .. } =
+                    &route.via
+                {
+                    need_link(s, &owned(ns), d, "adding a route")?;
+                }
+                let dst = route.dst.to_string();
+                s.routes
+                    .retain(|(n, r)| !(*n == owned(ns) && r.contains(&format!(" {dst}"))));
+                s.routes.insert((owned(ns), route.to_string()));
+                Ok(())
+            },
+        )
     }
 
     fn delete_route(&self, ns: Ns<'_>, route: &Route) -> Result<bool, NetlinkError> {
-        self.record(Op::DeleteRoute { ns: owned(ns), route: route.clone() }, |s| {
-            Ok(s.routes.remove(&(owned(ns), route.to_string())))
-        })
+        self.record(
+            Op::DeleteRoute {
+                ns: owned(ns),
+                route: route.clone(),
+            },
+            |s| Ok(s.routes.remove(&(owned(ns), route.to_string()))),
+        )
     }
 
-    fn replace_neighbour(&self, ns: Ns<'_>, link: &str, address: IpAddr, mac: Mac) -> Result<(), NetlinkError> {
-        let op = Op::ReplaceNeighbour { ns: owned(ns), link: link.to_owned(), address, mac };
-        self.record(op, |s| need_link(s, &owned(ns), link, "adding a neighbour").map(drop))
+    fn replace_neighbour(
+        &self,
+        ns: Ns<'_>,
+        link: &str,
+        address: IpAddr,
+        mac: Mac,
+    ) -> Result<(), NetlinkError> {
+        let op = Op::ReplaceNeighbour {
+            ns: owned(ns),
+            link: link.to_owned(),
+            address,
+            mac,
+        };
+        self.record(op, |s| {
+            need_link(s, &owned(ns), link, "adding a neighbour").map(drop)
+        })
     }
 
     fn replace_fdb(&self, ns: Ns<'_>, fdb: &Fdb) -> Result<(), NetlinkError> {
-        self.record(Op::ReplaceFdb { ns: owned(ns), fdb: fdb.clone() }, |s| {
-            need_link(s, &owned(ns), &fdb.link, "adding an fdb entry")?;
-            s.fdb.insert((owned(ns), format!("{} {} {}", fdb.link, fdb.mac, fdb.dst)));
-            Ok(())
-        })
+        self.record(
+            Op::ReplaceFdb {
+                ns: owned(ns),
+                fdb: fdb.clone(),
+            },
+            |s| {
+                need_link(s, &owned(ns), &fdb.link, "adding an fdb entry")?;
+                s.fdb
+                    .insert((owned(ns), format!("{} {} {}", fdb.link, fdb.mac, fdb.dst)));
+                Ok(())
+            },
+        )
     }
 
     fn delete_fdb(&self, ns: Ns<'_>, fdb: &Fdb) -> Result<bool, NetlinkError> {
-        self.record(Op::DeleteFdb { ns: owned(ns), fdb: fdb.clone() }, |s| {
-            Ok(s.fdb.remove(&(owned(ns), format!("{} {} {}", fdb.link, fdb.mac, fdb.dst))))
-        })
+        self.record(
+            Op::DeleteFdb {
+                ns: owned(ns),
+                fdb: fdb.clone(),
+            },
+            |s| {
+                Ok(s.fdb
+                    .remove(&(owned(ns), format!("{} {} {}", fdb.link, fdb.mac, fdb.dst))))
+            },
+        )
     }
 
     fn set_sysctl(&self, ns: Ns<'_>, key: &str, value: &str) -> Result<(), NetlinkError> {
-        let op = Op::SetSysctl { ns: owned(ns), key: key.to_owned(), value: value.to_owned() };
+        let op = Op::SetSysctl {
+            ns: owned(ns),
+            key: key.to_owned(),
+            value: value.to_owned(),
+        };
         self.record(op, |s| need_ns(s, &owned(ns)))
     }
 }

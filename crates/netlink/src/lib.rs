@@ -54,8 +54,7 @@ pub trait Netlink: Send + Sync {
     /// Creates a VXLAN device.
     fn add_vxlan(&self, ns: Ns<'_>, vxlan: &Vxlan) -> Result<(), NetlinkError>;
     /// Attaches `link` to bridge `master`, or detaches it when `master` is `None`.
-    fn set_master(&self, ns: Ns<'_>, link: &str, master: Option<&str>)
-    -> Result<(), NetlinkError>;
+    fn set_master(&self, ns: Ns<'_>, link: &str, master: Option<&str>) -> Result<(), NetlinkError>;
     /// Moves `link` into the named namespace `target`.
     fn move_link(&self, ns: Ns<'_>, link: &str, target: &str) -> Result<(), NetlinkError>;
     /// Sets a link up or down.
@@ -101,7 +100,9 @@ pub fn validate_ifname(name: &str) -> Result<(), NetlinkError> {
         || name.len() > MAX_IFNAME_LEN
         || name == "."
         || name == ".."
-        || name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
     {
         return Err(NetlinkError::invalid(
             "interface name",

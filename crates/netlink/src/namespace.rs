@@ -38,7 +38,13 @@ fn share_netns_dir() -> Result<(), NetlinkError> {
         Ok(()) => return Ok(()),
         // Not a mount point yet: bind it onto itself, then share it.
         Err(nix::Error::EINVAL) => {}
-        Err(e) => return Err(NetlinkError::kernel("making a shared mount of", NETNS_DIR, errno(e))),
+        Err(e) => {
+            return Err(NetlinkError::kernel(
+                "making a shared mount of",
+                NETNS_DIR,
+                errno(e),
+            ));
+        }
     }
     nix::mount::mount(
         Some(NETNS_DIR),
@@ -71,13 +77,20 @@ pub(crate) fn add(name: &str) -> Result<PathBuf, NetlinkError> {
                 name: name.to_owned(),
             });
         }
-        Err(e) => return Err(NetlinkError::kernel("creating the mount point of", &object, e)),
+        Err(e) => {
+            return Err(NetlinkError::kernel(
+                "creating the mount point of",
+                &object,
+                e,
+            ));
+        }
     }
     let target = path.clone();
     let made = std::thread::scope(|s| {
         s.spawn(move || -> Result<(), NetlinkError> {
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NetlinkError::kernel("unsharing the network namespace for", &object, errno(e)))?;
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
+                NetlinkError::kernel("unsharing the network namespace for", &object, errno(e))
+            })?;
             nix::mount::mount(
                 Some("/proc/thread-self/ns/net"),
                 &target,
@@ -113,7 +126,13 @@ pub(crate) fn delete(name: &str) -> Result<bool, NetlinkError> {
     match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
         // EINVAL: not mounted (a half-made namespace); the file still goes.
         Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-        Err(e) => return Err(NetlinkError::kernel("unmounting", format!("netns {name}"), errno(e))),
+        Err(e) => {
+            return Err(NetlinkError::kernel(
+                "unmounting",
+                format!("netns {name}"),
+                errno(e),
+            ));
+        }
     }
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(true),

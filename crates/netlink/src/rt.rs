@@ -9,13 +9,13 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
@@ -78,7 +78,12 @@ fn object(what: &str, name: &str, ns: Ns<'_>) -> String {
     format!("{what} {name} in {ns}")
 }
 
-async fn index_of(h: &Handle, ns: Ns<'_>, link: &str, op: &'static str) -> Result<u32, NetlinkError> {
+async fn index_of(
+    h: &Handle,
+    ns: Ns<'_>,
+    link: &str,
+    op: &'static str,
+) -> Result<u32, NetlinkError> {
     lookup(h, ns, link)
         .await?
         .ok_or_else(|| NetlinkError::NoSuchLink {
@@ -90,7 +95,14 @@ async fn index_of(h: &Handle, ns: Ns<'_>, link: &str, op: &'static str) -> Resul
 
 async fn lookup(h: &Handle, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError> {
     validate_ifname(link)?;
-    match h.link().get().match_name(link.to_owned()).execute().try_next().await {
+    match h
+        .link()
+        .get()
+        .match_name(link.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(Some(m)) => Ok(Some(m.header.index)),
         Ok(None) => Ok(None),
         Err(e) => {
@@ -98,7 +110,11 @@ async fn lookup(h: &Handle, ns: Ns<'_>, link: &str) -> Result<Option<u32>, Netli
             if e.raw_os_error() == Some(ENODEV) {
                 Ok(None)
             } else {
-                Err(NetlinkError::kernel("looking up", object("link", link, ns), e))
+                Err(NetlinkError::kernel(
+                    "looking up",
+                    object("link", link, ns),
+                    e,
+                ))
             }
         }
     }
@@ -164,10 +180,11 @@ fn fdb_message(index: u32, fdb: &Fdb) -> NeighbourMessage {
     msg.header.flags = NeighbourFlags::Own;
     msg.attributes
         .push(NeighbourAttribute::LinkLayerAddress(fdb.mac.0.to_vec()));
-    msg.attributes.push(NeighbourAttribute::Destination(match fdb.dst {
-        IpAddr::V4(a) => NeighbourAddress::Inet(a),
-        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-    }));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(match fdb.dst {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
     if let Some(vni) = fdb.vni {
         msg.attributes.push(NeighbourAttribute::Vni(vni));
     }
@@ -207,9 +224,10 @@ impl Netlink for RtNetlink {
         let target = match peer_ns {
             Some(p) => {
                 validate_netns_name(p)?;
-                Some(std::fs::File::open(namespace::netns_path(p)).map_err(|e| {
-                    NetlinkError::kernel("opening", format!("netns {p}"), e)
-                })?)
+                Some(
+                    std::fs::File::open(namespace::netns_path(p))
+                        .map_err(|e| NetlinkError::kernel("opening", format!("netns {p}"), e))?,
+                )
             }
             None => None,
         };
@@ -241,7 +259,9 @@ impl Netlink for RtNetlink {
                 .add(LinkBridge::new(name).build())
                 .execute()
                 .await
-                .map_err(|e| NetlinkError::kernel("adding", object("bridge", name, ns), io_error(e)))
+                .map_err(|e| {
+                    NetlinkError::kernel("adding", object("bridge", name, ns), io_error(e))
+                })
         })
     }
 
@@ -272,20 +292,13 @@ impl Netlink for RtNetlink {
             if let Some(dev) = &vx.dev {
                 b = b.dev(index_of(&h, ns, dev, "adding a vxlan device").await?);
             }
-            h.link()
-                .add(b.build())
-                .execute()
-                .await
-                .map_err(|e| NetlinkError::kernel("adding", object("vxlan", &vx.name, ns), io_error(e)))
+            h.link().add(b.build()).execute().await.map_err(|e| {
+                NetlinkError::kernel("adding", object("vxlan", &vx.name, ns), io_error(e))
+            })
         })
     }
 
-    fn set_master(
-        &self,
-        ns: Ns<'_>,
-        link: &str,
-        master: Option<&str>,
-    ) -> Result<(), NetlinkError> {
+    fn set_master(&self, ns: Ns<'_>, link: &str, master: Option<&str>) -> Result<(), NetlinkError> {
         with_handle(ns, |h| async move {
             let i = index_of(&h, ns, link, "setting a master").await?;
             let b = LinkUnspec::new_with_index(i);
@@ -297,7 +310,11 @@ impl Netlink for RtNetlink {
             h.link().set(msg).execute().await.map_err(|e| {
                 NetlinkError::kernel(
                     "setting the master of",
-                    format!("{} to {}", object("link", link, ns), master.unwrap_or("none")),
+                    format!(
+                        "{} to {}",
+                        object("link", link, ns),
+                        master.unwrap_or("none")
+                    ),
                     io_error(e),
                 )
             })
@@ -345,7 +362,11 @@ impl Netlink for RtNetlink {
             match h.link().del(i).execute().await.map_err(io_error) {
                 Ok(()) => Ok(true),
                 Err(e) if absent(&e) => Ok(false),
-                Err(e) => Err(NetlinkError::kernel("deleting", object("link", link, ns), e)),
+                Err(e) => Err(NetlinkError::kernel(
+                    "deleting",
+                    object("link", link, ns),
+                    e,
+                )),
             }
         })
     }
@@ -374,7 +395,10 @@ impl Netlink for RtNetlink {
             req.execute().await.map_err(|e| {
                 NetlinkError::kernel(
                     "adding",
-                    format!("address {address}/{prefix_len} to {}", object("link", link, ns)),
+                    format!(
+                        "address {address}/{prefix_len} to {}",
+                        object("link", link, ns)
+                    ),
                     io_error(e),
                 )
             })
@@ -393,7 +417,9 @@ impl Netlink for RtNetlink {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| NetlinkError::kernel("replacing", format!("{route} in {ns}"), io_error(e)))
+                .map_err(|e| {
+                    NetlinkError::kernel("replacing", format!("{route} in {ns}"), io_error(e))
+                })
         })
     }
 
@@ -417,7 +443,11 @@ impl Netlink for RtNetlink {
             {
                 Ok(()) => Ok(true),
                 Err(e) if absent(&e) => Ok(false),
-                Err(e) => Err(NetlinkError::kernel("deleting", format!("{route} in {ns}"), e)),
+                Err(e) => Err(NetlinkError::kernel(
+                    "deleting",
+                    format!("{route} in {ns}"),
+                    e,
+                )),
             }
         })
     }
@@ -441,7 +471,10 @@ impl Netlink for RtNetlink {
                 .map_err(|e| {
                     NetlinkError::kernel(
                         "replacing",
-                        format!("neighbour {address} lladdr {mac} on {}", object("link", link, ns)),
+                        format!(
+                            "neighbour {address} lladdr {mac} on {}",
+                            object("link", link, ns)
+                        ),
                         io_error(e),
                     )
                 })
@@ -456,7 +489,12 @@ impl Netlink for RtNetlink {
             req.execute().await.map_err(|e| {
                 NetlinkError::kernel(
                     "replacing",
-                    format!("fdb {} dst {} on {}", fdb.mac, fdb.dst, object("link", &fdb.link, ns)),
+                    format!(
+                        "fdb {} dst {} on {}",
+                        fdb.mac,
+                        fdb.dst,
+                        object("link", &fdb.link, ns)
+                    ),
                     io_error(e),
                 )
             })
@@ -468,12 +506,23 @@ impl Netlink for RtNetlink {
             let Some(i) = lookup(&h, ns, &fdb.link).await? else {
                 return Ok(false);
             };
-            match h.neighbours().del(fdb_message(i, fdb)).execute().await.map_err(io_error) {
+            match h
+                .neighbours()
+                .del(fdb_message(i, fdb))
+                .execute()
+                .await
+                .map_err(io_error)
+            {
                 Ok(()) => Ok(true),
                 Err(e) if absent(&e) => Ok(false),
                 Err(e) => Err(NetlinkError::kernel(
                     "deleting",
-                    format!("fdb {} dst {} on {}", fdb.mac, fdb.dst, object("link", &fdb.link, ns)),
+                    format!(
+                        "fdb {} dst {} on {}",
+                        fdb.mac,
+                        fdb.dst,
+                        object("link", &fdb.link, ns)
+                    ),
                     e,
                 )),
             }
@@ -481,7 +530,10 @@ impl Netlink for RtNetlink {
     }
 
     fn set_sysctl(&self, ns: Ns<'_>, key: &str, value: &str) -> Result<(), NetlinkError> {
-        if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p.is_empty()) {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key.split('/').any(|p| p == ".." || p.is_empty())
+        {
             return Err(NetlinkError::invalid(
                 "sysctl key",
                 key,

@@ -99,7 +99,9 @@ impl FromStr for Prefix {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| NetlinkError::invalid("prefix", s, why);
-        let (a, l) = s.split_once('/').ok_or_else(|| bad("expected ADDRESS/LENGTH"))?;
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| bad("expected ADDRESS/LENGTH"))?;
         let addr: IpAddr = a.parse().map_err(|_| bad("not an IP address"))?;
         let len: u8 = l.parse().map_err(|_| bad("length is not a number"))?;
         Self::new(addr, len).map_err(|_| bad("length too long for the address family"))
@@ -217,15 +219,18 @@ impl FromStr for Mac {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for b in &mut out {
-            let p = parts
-                .next()
-                .filter(|p| p.len() == 2)
-                .ok_or_else(|| NetlinkError::invalid("MAC address", s, "expected xx:xx:xx:xx:xx:xx"))?;
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(|| {
+                NetlinkError::invalid("MAC address", s, "expected xx:xx:xx:xx:xx:xx")
+            })?;
             *b = u8::from_str_radix(p, 16)
                 .map_err(|_| NetlinkError::invalid("MAC address", s, "not hexadecimal"))?;
         }
         if parts.next().is_some() {
-            return Err(NetlinkError::invalid("MAC address", s, "more than six bytes"));
+            return Err(NetlinkError::invalid(
+                "MAC address",
+                s,
+                "more than six bytes",
+            ));
         }
         Ok(Mac(out))
     }
@@ -270,11 +275,24 @@ mod tests {
 
     #[test]
     fn prefixes_parse_and_print() {
-        for ok in ["10.0.0.0/24", "0.0.0.0/0", "fd00::/64", "10.1.2.3/32", "::1/128"] {
+        for ok in [
+            "10.0.0.0/24",
+            "0.0.0.0/0",
+            "fd00::/64",
+            "10.1.2.3/32",
+            "::1/128",
+        ] {
             let p: Prefix = ok.parse().expect(ok);
             assert_eq!(p.to_string(), ok);
         }
-        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "x/1", "10.0.0.0/-1", "10.0.0.0/a"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "x/1",
+            "10.0.0.0/-1",
+            "10.0.0.0/a",
+        ] {
             let err = bad.parse::<Prefix>().expect_err(bad);
             assert!(err.to_string().contains(bad), "{err}");
         }
@@ -285,7 +303,13 @@ mod tests {
         let m: Mac = "02:00:0a:ff:00:01".parse().expect("mac");
         assert_eq!(m.0, [2, 0, 10, 255, 0, 1]);
         assert_eq!(m.to_string(), "02:00:0a:ff:00:01");
-        for bad in ["", "02:00", "02:00:0a:ff:00:01:02", "zz:00:0a:ff:00:01", "2:0:a:ff:0:1"] {
+        for bad in [
+            "",
+            "02:00",
+            "02:00:0a:ff:00:01:02",
+            "zz:00:0a:ff:00:01",
+            "2:0:a:ff:0:1",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
     }
@@ -295,8 +319,12 @@ mod tests {
         let r = Route::via(Prefix::default_v4(), "fe80::1".parse().expect("ip"), None);
         let err = r.check().expect_err("mixed families");
         assert!(err.to_string().contains("fe80::1"), "{err}");
-        Route::via(Prefix::default_v6(), "fe80::1".parse().expect("ip"), Some("eth0"))
-            .check()
-            .expect("same family");
+        Route::via(
+            Prefix::default_v6(),
+            "fe80::1".parse().expect("ip"),
+            Some("eth0"),
+        )
+        .check()
+        .expect("same family");
     }
 }
