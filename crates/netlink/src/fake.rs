@@ -1,5 +1,5 @@
-//! A recording [`Netlink`] for tests without root: it keeps a model of namespaces and links
-//! (so lookups answer like the kernel would), records every operation in order, and can be told
+//! A recording [`Netlink`] for tests without root: it keeps a model of namespaces, links and
+//! routes (so lookups answer like the kernel would; a new namespace has `lo`), records every operation in order, and can be told
 //! to fail chosen operations, to test the caller's clean-up paths.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -236,6 +236,8 @@ impl Netlink for FakeNetlink {
                         name: name.to_owned(),
                     });
                 }
+                // Like the kernel's, a new namespace has a loopback device, ifindex 1.
+                s.links.insert((Some(name.to_owned()), "lo".to_owned()), 1);
                 Ok(netns_path(name))
             },
         )
