@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink};
+
 use crate::process::sigil_bin;
 
 /// A running `sigil netd run`; killed and cleaned up on drop.
@@ -166,19 +168,19 @@ impl NetdProcess {
     }
 }
 
-fn quiet(cmd: &mut Command) {
-    let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-}
-
 impl Drop for NetdProcess {
     fn drop(&mut self) {
         self.kill9();
+        let nl = RtNetlink::new();
         for (name, host) in self.recorded_endpoints() {
-            quiet(Command::new("ip").args(["link", "del", &host]));
-            quiet(Command::new("ip").args(["netns", "del", &format!("sigil-{name}")]));
+            let _ = nl.delete_link(Ns::Current, &host);
+            let _ = nl.delete_netns(&format!("sigil-{name}"));
         }
-        quiet(Command::new("ip").args(["-4", "route", "del", "blackhole", &self.pod_cidr]));
-        quiet(Command::new("ip").args(["-6", "route", "del", "blackhole", &self.pod_cidr_v6]));
+        for cidr in [&self.pod_cidr, &self.pod_cidr_v6] {
+            if let Ok(p) = cidr.parse::<Prefix>() {
+                let _ = nl.delete_route(Ns::Current, &Route::blackhole(p));
+            }
+        }
         if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
