@@ -433,9 +433,10 @@ impl Netlink for FakeNetlink {
                 {
                     need_link(s, &owned(ns), d, "adding a route")?;
                 }
-                let dst = route.dst.to_string();
+                // One route per destination, as in the kernel's main table.
+                let (mid, end) = (format!(" {} ", route.dst), format!(" {}", route.dst));
                 s.routes
-                    .retain(|(n, r)| !(*n == owned(ns) && r.contains(&format!(" {dst}"))));
+                    .retain(|(n, r)| !(*n == owned(ns) && (r.contains(&mid) || r.ends_with(&end))));
                 s.routes.insert((owned(ns), route.to_string()));
                 Ok(())
             },
