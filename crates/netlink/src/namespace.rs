@@ -191,7 +191,7 @@ pub(crate) fn run_in<T: Send>(
 
 /// A `Command` that runs `program` inside the namespace at `path` (what `nsenter --net=PATH`
 /// does, without a helper process): the child enters the namespace between fork and exec.
-pub fn command_in_netns(path: &Path, program: &str) -> Command {
+pub fn command_in_netns(path: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
     let path = path.to_path_buf();
     // SAFETY: the closure runs in the forked child before exec and only makes the open(2)
