@@ -119,6 +119,7 @@ impl Topology {
             bail!("a topology has 1 to 250 nodes, not {n}");
         }
         let k = NEXT_TOPOLOGY.fetch_add(1, Ordering::Relaxed);
+        sweep_dead_runs(&RtNetlink::new());
         let tag = format!("sgt{}x{k}", std::process::id());
         // The underlay is private to this topology; a distinct subnet per topology only keeps
         // captures and logs from different tests apart.
@@ -214,6 +215,26 @@ impl Topology {
     /// Namespace path of node `i` (shorthand).
     pub fn node_path(&self, i: usize) -> anyhow::Result<&Path> {
         Ok(&self.node(i)?.netns_path)
+    }
+}
+
+/// Removes namespaces left by test processes that were killed before their drop ran (their
+/// pid, in the name, is gone). A live process with a reused pid keeps its namespaces.
+fn sweep_dead_runs(nl: &RtNetlink) {
+    let Ok(names) = nl.list_netns() else {
+        return;
+    };
+    for name in names {
+        let Some(pid) = name
+            .strip_prefix("sgt")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = nl.delete_netns(&name);
+        }
     }
 }
 

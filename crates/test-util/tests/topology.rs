@@ -1,11 +1,14 @@
 //! The multi-node topology fixture on the real kernel: nodes reach each other over the
-//! underlay, endpoints reach their node, commands run inside a node, and nothing is left behind.
+//! underlay (ICMP and TCP), endpoints reach their node, processes run inside a node, and
+//! nothing is left behind.
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use sigil_netlink::{Netlink, RtNetlink};
-use sigil_test_util::netns::ping;
+use sigil_test_util::netns::{in_netns, ping};
 use sigil_test_util::{Topology, can_run_as_root};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -62,6 +65,49 @@ fn three_nodes_reach_each_other_and_their_endpoints() -> anyhow::Result<()> {
         "node 0 sees the underlay bridge: {devs}"
     );
 
+    // TCP across the underlay: a listener opened inside node 2, a client inside node 0.
+    let n1 = topo.node(1)?.clone();
+    let listener = in_netns(&n2.netns_path, || {
+        Ok(TcpListener::bind((n2.underlay_ip, 0))?)
+    })?;
+    let port = listener.local_addr()?.port();
+    let mut client = in_netns(&n0.netns_path, || {
+        Ok(TcpStream::connect_timeout(
+            &(n2.underlay_ip, port).into(),
+            WAIT,
+        )?)
+    })?;
+    let (mut server, peer) = listener.accept()?;
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(n0.underlay_ip),
+        "source is node 0's underlay"
+    );
+    client.write_all(b"hello")?;
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"hello");
+    // Control: the listener lives in node 2 only; node 1 has no such socket.
+    let refused = in_netns(&n1.netns_path, || {
+        Ok(TcpStream::connect_timeout(&(n1.underlay_ip, port).into(), WAIT).is_err())
+    })?;
+    assert!(refused, "node 1 accepted a connection on node 2's port");
+
+    // A daemon started in a node runs in that node's namespace and is killed on drop.
+    let mut guard = n1.spawn(n1.command("sleep").arg("30"))?;
+    let pid = guard.child().map(|c| c.id()).unwrap_or_default();
+    let ns_of = |p: &str| std::fs::metadata(p).map(|m| m.ino());
+    assert_eq!(
+        ns_of(&format!("/proc/{pid}/ns/net"))?,
+        ns_of(&n1.netns_path.display().to_string())?,
+        "the process is not in node 1's namespace"
+    );
+    drop(guard);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the daemon outlived its guard"
+    );
+
     drop(topo);
     let left: Vec<String> = RtNetlink::new()
         .list_netns()?
@@ -99,6 +145,30 @@ fn a_panicking_test_still_removes_its_topology() -> anyhow::Result<()> {
         left.is_empty(),
         "namespaces left behind after a panic: {left:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn namespaces_of_killed_test_runs_are_swept() -> anyhow::Result<()> {
+    if !can_run_as_root("the topology sweep test") {
+        return Ok(());
+    }
+    let nl = RtNetlink::new();
+    // A pid above the kernel's maximum (4194304) never belongs to a live process.
+    let stale = "sgt4999999x0-n0";
+    let _ = nl.add_netns(stale);
+    let live = format!("sgt{}x999-n0", std::process::id());
+    nl.add_netns(&live)?;
+    let topo = Topology::new(1)?;
+    let after = nl.list_netns()?;
+    let live_kept = after.contains(&live);
+    nl.delete_netns(&live)?;
+    drop(topo);
+    assert!(
+        !after.iter().any(|n| n == stale),
+        "stale namespace not swept"
+    );
+    assert!(live_kept, "a namespace of a live process was swept");
     Ok(())
 }
 
