@@ -12,6 +12,7 @@ pub mod topology;
 pub use agent::AgentProcess;
 pub use clock::ManualClock;
 pub use netd::NetdProcess;
+pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
 pub use root::can_run_as_root;
 pub use topology::{Endpoint, Node, Topology};

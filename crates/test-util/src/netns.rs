@@ -1,14 +1,61 @@
-//! Helpers for code that runs inside a network namespace: a closure on a thread that entered
-//! it, and an ICMP echo from inside it (no `ping` binary needed).
+//! Network-namespace fixtures: a named namespace removed on drop, a closure on a thread that
+//! entered a namespace, and an ICMP echo from inside one (no `ping` binary needed).
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::path::Path;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+use sigil_netlink::{Netlink, Ns, RtNetlink, command_in_netns};
+
+static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace (`/run/netns/sgt<pid>n<k>-<tag>`) with `lo` up, removed on drop.
+pub struct TestNetns {
+    /// Namespace name.
+    pub name: String,
+    /// Namespace path.
+    pub path: PathBuf,
+}
+
+impl TestNetns {
+    /// Creates a namespace whose name ends in `tag`. Needs root.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let k = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sgt{}n{k}-{tag}", std::process::id());
+        let nl = RtNetlink::new();
+        let path = nl.add_netns(&name)?;
+        let ns = TestNetns { name, path };
+        nl.set_link_up(ns.ns(), "lo", true)?;
+        Ok(ns)
+    }
+
+    /// As an operation target for [`sigil_netlink::Netlink`].
+    pub fn ns(&self) -> Ns<'_> {
+        Ns::Named(&self.name)
+    }
+
+    /// A `Command` running `program` inside.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        command_in_netns(&self.path, program)
+    }
+
+    /// Runs `f` on a thread inside; see [`in_netns`].
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        in_netns(&self.path, f)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        if let Err(e) = RtNetlink::new().delete_netns(&self.name) {
+            eprintln!("netns clean-up: {e}");
+        }
+    }
+}
 
 /// Runs `f` on a thread that entered the namespace at `path`; sockets it opens stay in there.
 pub fn in_netns<T: Send>(

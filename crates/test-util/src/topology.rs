@@ -227,7 +227,7 @@ fn sweep_dead_runs(nl: &RtNetlink) {
     for name in names {
         let Some(pid) = name
             .strip_prefix("sgt")
-            .and_then(|rest| rest.split_once('x'))
+            .and_then(|rest| rest.split_once(['x', 'n']))
             .and_then(|(pid, _)| pid.parse::<u32>().ok())
         else {
             continue;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sigil_netlink::{Netlink, RtNetlink};
 use sigil_test_util::netns::{in_netns, ping};
-use sigil_test_util::{Topology, can_run_as_root};
+use sigil_test_util::{TestNetns, Topology, can_run_as_root};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -169,6 +169,24 @@ fn namespaces_of_killed_test_runs_are_swept() -> anyhow::Result<()> {
         "stale namespace not swept"
     );
     assert!(live_kept, "a namespace of a live process was swept");
+    Ok(())
+}
+
+#[test]
+fn a_test_netns_is_isolated_and_removed_on_drop() -> anyhow::Result<()> {
+    if !can_run_as_root("the netns fixture test") {
+        return Ok(());
+    }
+    let ns = TestNetns::new("fx")?;
+    let path = ns.path.clone();
+    assert!(ping(&ns.path, Ipv4Addr::LOCALHOST, WAIT)?, "lo is not up");
+    // Nothing but lo inside: the host's addresses are unreachable.
+    let devs = ns.run(|| Ok(std::fs::read_to_string("/proc/thread-self/net/dev")?))?;
+    assert_eq!(devs.lines().count(), 3, "{devs}");
+    let out = ns.command("cat").arg("/proc/net/dev").output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), devs);
+    drop(ns);
+    assert!(!path.exists(), "{} left behind", path.display());
     Ok(())
 }
 
