@@ -193,10 +193,10 @@ pub(crate) fn run_in<T: Send>(
 /// does, without a helper process): the child enters the namespace between fork and exec.
 pub fn command_in_netns(path: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
-    let path = path.to_path_buf();
-    // SAFETY: the closure runs in the forked child before exec and only makes the open(2)
-    // and setns(2) system calls (no allocation: the path is converted before the fork).
+    // Converted before the fork; a path with a NUL byte becomes "" and the spawn fails (ENOENT).
     let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: the closure runs in the forked child before exec and only makes the open(2),
+    // setns(2) and close(2) system calls, which are async-signal-safe; it allocates nothing.
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
