@@ -130,7 +130,10 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
-    /// An external command (`ip`, `sysctl` writes) failed.
+    /// A netlink, namespace or sysctl operation of the endpoint plumbing failed.
+    #[error(transparent)]
+    Netlink(#[from] sigil_netlink::NetlinkError),
+    /// An external command failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {
         /// The command line.

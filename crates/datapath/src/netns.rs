@@ -1,9 +1,10 @@
 //! Endpoint network plumbing: a named network namespace, a veth pair with its host side in the
 //! node's namespace, addresses, routes, and teardown.
 //!
-//! This drives the `ip` command (iproute2) rather than netlink directly: `ip netns add` does the
-//! bind mount under /run/netns that `ip netns exec` and `nsenter --net=` expect, and every step
-//! stays reproducible by hand when debugging a node.
+//! Everything goes through [`sigil_netlink::Netlink`] (netlink, no `ip` processes); the
+//! namespaces follow the iproute2 convention (`/run/netns/NAME`), so `ip netns exec` and
+//! `nsenter --net=` still work when debugging a node. The `*_with` functions take the
+//! implementation, so the logic is testable without root against `FakeNetlink`.
 //!
 //! Routing: inside the namespace, `eth0` holds the endpoint's IPv4 /32 and IPv6 /128; IPv4
 //! uses `default dev eth0` (every destination on-link) and the host veth answers ARP for
@@ -12,9 +13,11 @@
 //! route per endpoint point at its host veth, and forwarding is switched on for the families
 //! in use (for IPv6 that stops the node's interfaces from accepting router advertisements).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
+
+use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, command_in_netns, netns_path};
 
 use crate::error::DatapathError;
 
@@ -22,6 +25,11 @@ use crate::error::DatapathError;
 pub const NETNS_PREFIX: &str = "sigil-";
 /// Link-local gateway address of every host veth, the endpoints' IPv6 default route.
 pub const IPV6_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// Interface name of an endpoint inside its namespace.
+pub const ENDPOINT_INTERFACE: &str = "eth0";
+
+/// The kernel implementation the functions without `_with` use.
+const KERNEL: RtNetlink = RtNetlink;
 
 /// What to create for one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,31 +96,29 @@ pub fn host_interface_name(name: &str) -> String {
 
 /// The ifindex of an interface in the node's namespace.
 pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
-    let path = format!("/sys/class/net/{interface}/ifindex");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| DatapathError::io(format!("reading {path}"), e))?;
-    text.trim()
-        .parse()
-        .map_err(|_| DatapathError::invalid("ifindex", text.trim(), format!("in {path}")))
+    KERNEL.link_index(Ns::Current, interface)?.ok_or_else(|| {
+        DatapathError::invalid(
+            "interface",
+            interface,
+            "not found in the node's network namespace",
+        )
+    })
 }
 
 /// Whether an interface exists in the node's namespace.
 pub fn interface_exists(interface: &str) -> bool {
-    PathBuf::from(format!("/sys/class/net/{interface}")).exists()
+    matches!(KERNEL.link_index(Ns::Current, interface), Ok(Some(_)))
 }
 
 /// Whether an endpoint's namespace exists.
 pub fn netns_exists(name: &str) -> bool {
-    PathBuf::from("/run/netns").join(netns_name(name)).exists()
+    KERNEL.netns_exists(&netns_name(name))
 }
 
-/// A `Command` that runs `program` inside an endpoint's namespace (`ip netns exec`).
+/// A `Command` that runs `program` inside an endpoint's namespace (the child enters it
+/// between fork and exec).
 pub fn command_in(name: &str, program: &str) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec"])
-        .arg(netns_name(name))
-        .arg(program);
-    cmd
+    command_in_netns(&netns_path(&netns_name(name)), program)
 }
 
 /// Creates an endpoint's namespace, veth pair, addresses and routes.
@@ -120,6 +126,14 @@ pub fn command_in(name: &str, program: &str) -> Command {
 /// Fails with a clear error if the namespace or host veth already exists; if a later step
 /// fails, what was created is removed again.
 pub fn create_endpoint(spec: &EndpointSpec) -> Result<EndpointNet, DatapathError> {
+    create_endpoint_with(&KERNEL, spec)
+}
+
+/// [`create_endpoint`] through a given [`Netlink`].
+pub fn create_endpoint_with(
+    nl: &dyn Netlink,
+    spec: &EndpointSpec,
+) -> Result<EndpointNet, DatapathError> {
     validate_name(&spec.name)?;
     if let Some(a) = spec.ipv4
         && (a.is_unspecified() || a.is_multicast() || a.is_broadcast())
@@ -133,25 +147,25 @@ pub fn create_endpoint(spec: &EndpointSpec) -> Result<EndpointNet, DatapathError
     }
     let ns = netns_name(&spec.name);
     let host = host_interface_name(&spec.name);
-    if netns_exists(&spec.name) {
+    if nl.netns_exists(&ns) {
         return Err(DatapathError::invalid(
             "endpoint name",
             &spec.name,
             format!("network namespace {ns} already exists"),
         ));
     }
-    if interface_exists(&host) {
+    if nl.link_index(Ns::Current, &host)?.is_some() {
         return Err(DatapathError::invalid(
             "endpoint name",
             &spec.name,
             format!("host interface {host} already exists"),
         ));
     }
-    ip(&["netns", "add", &ns])?;
-    match plumb(spec, &ns, &host) {
+    let path = nl.add_netns(&ns)?;
+    match plumb(nl, spec, &ns, &host, path) {
         Ok(net) => Ok(net),
         Err(e) => {
-            if let Err(cleanup) = delete_endpoint(&spec.name) {
+            if let Err(cleanup) = delete_endpoint_with(nl, &spec.name) {
                 tracing::warn!(endpoint = %spec.name, error = %cleanup, "cleanup after failed create");
             }
             Err(e)
@@ -159,68 +173,54 @@ pub fn create_endpoint(spec: &EndpointSpec) -> Result<EndpointNet, DatapathError
     }
 }
 
-fn plumb(spec: &EndpointSpec, ns: &str, host: &str) -> Result<EndpointNet, DatapathError> {
-    ip(&[
-        "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ])?;
+fn plumb(
+    nl: &dyn Netlink,
+    spec: &EndpointSpec,
+    ns: &str,
+    host: &str,
+    path: PathBuf,
+) -> Result<EndpointNet, DatapathError> {
+    let node = Ns::Current;
+    let inside = Ns::Named(ns);
+    let eth0 = ENDPOINT_INTERFACE;
+    nl.add_veth(node, host, eth0, Some(ns))?;
     if spec.ipv4.is_some() {
-        write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1")?;
-        write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0")?;
-        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        nl.set_sysctl(node, &format!("net/ipv4/conf/{host}/proxy_arp"), "1")?;
+        nl.set_sysctl(node, &format!("net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+        nl.set_sysctl(node, "net/ipv4/ip_forward", "1")?;
     }
     if spec.ipv6.is_some() {
-        write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
-        ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{IPV6_GATEWAY}/64"),
-            "dev",
-            host,
-            "nodad",
-        ])?;
+        nl.set_sysctl(node, "net/ipv6/conf/all/forwarding", "1")?;
+        nl.add_address(node, host, IpAddr::V6(IPV6_GATEWAY), 64, true)?;
     }
-    ip(&["link", "set", host, "up"])?;
-    ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    nl.set_link_up(node, host, true)?;
+    nl.set_link_up(inside, "lo", true)?;
+    nl.set_link_up(inside, eth0, true)?;
     if let Some(a) = spec.ipv4 {
-        ip(&["-n", ns, "addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
-        ip(&["-n", ns, "route", "replace", "default", "dev", "eth0"])?;
-        ip(&["route", "replace", &format!("{a}/32"), "dev", host])?;
+        let a = IpAddr::V4(a);
+        nl.add_address(inside, eth0, a, 32, false)?;
+        nl.replace_route(inside, &Route::dev(Prefix::default_v4(), eth0))?;
+        nl.replace_route(node, &Route::dev(Prefix::host(a), host))?;
     }
     if let Some(a) = spec.ipv6 {
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{a}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "replace",
-            "default",
-            "via",
-            &IPV6_GATEWAY.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-6", "route", "replace", &format!("{a}/128"), "dev", host])?;
+        let a = IpAddr::V6(a);
+        nl.add_address(inside, eth0, a, 128, true)?;
+        nl.replace_route(
+            inside,
+            &Route::via(Prefix::default_v6(), IpAddr::V6(IPV6_GATEWAY), Some(eth0)),
+        )?;
+        nl.replace_route(node, &Route::dev(Prefix::host(a), host))?;
     }
+    let endpoint_id = nl.link_index(node, host)?.ok_or_else(|| {
+        DatapathError::invalid("interface", host, "vanished while the endpoint was created")
+    })?;
     Ok(EndpointNet {
         name: spec.name.clone(),
         netns: ns.to_owned(),
-        netns_path: PathBuf::from("/run/netns").join(ns),
+        netns_path: path,
         host_interface: host.to_owned(),
-        endpoint_id: ifindex(host)?,
-        interface: "eth0".to_owned(),
+        endpoint_id,
+        interface: eth0.to_owned(),
         ipv4: spec.ipv4,
         ipv6: spec.ipv6,
     })
@@ -229,69 +229,57 @@ fn plumb(spec: &EndpointSpec, ns: &str, host: &str) -> Result<EndpointNet, Datap
 /// Removes an endpoint's veth pair (its routes go with it) and namespace; missing parts are
 /// fine, so it also cleans up after a partial create.
 pub fn delete_endpoint(name: &str) -> Result<(), DatapathError> {
+    delete_endpoint_with(&KERNEL, name)
+}
+
+/// [`delete_endpoint`] through a given [`Netlink`].
+pub fn delete_endpoint_with(nl: &dyn Netlink, name: &str) -> Result<(), DatapathError> {
     validate_name(name)?;
-    let host = host_interface_name(name);
-    if interface_exists(&host) {
-        ip(&["link", "del", &host])?;
-    }
-    if netns_exists(name) {
-        ip(&["netns", "del", &netns_name(name)])?;
-    }
+    nl.delete_link(Ns::Current, &host_interface_name(name))?;
+    nl.delete_netns(&netns_name(name))?;
     Ok(())
 }
 
 /// Endpoint names that have a namespace (from /run/netns).
 pub fn list_endpoints() -> Result<Vec<String>, DatapathError> {
-    let dir = match std::fs::read_dir("/run/netns") {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DatapathError::io("reading /run/netns", e)),
-    };
-    let mut out: Vec<String> = dir
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().into_string().ok())
+    list_endpoints_with(&KERNEL)
+}
+
+/// [`list_endpoints`] through a given [`Netlink`].
+pub fn list_endpoints_with(nl: &dyn Netlink) -> Result<Vec<String>, DatapathError> {
+    Ok(nl
+        .list_netns()?
+        .into_iter()
         .filter_map(|n| n.strip_prefix(NETNS_PREFIX).map(str::to_owned))
-        .collect();
-    out.sort();
-    Ok(out)
+        .collect())
+}
+
+fn parse_cidr(cidr: &str) -> Result<Prefix, DatapathError> {
+    cidr.parse()
+        .map_err(|_| DatapathError::invalid("cidr", cidr, "expected ADDRESS/LENGTH"))
 }
 
 /// Adds a route that discards traffic to `cidr` (e.g. the pod CIDR) unless a more specific
 /// endpoint route matches, so packets to unassigned pod addresses never leave the node.
 pub fn blackhole_route(cidr: &str) -> Result<(), DatapathError> {
-    let family = if cidr.contains(':') { "-6" } else { "-4" };
-    ip(&[family, "route", "replace", "blackhole", cidr])
+    blackhole_route_with(&KERNEL, cidr)
+}
+
+/// [`blackhole_route`] through a given [`Netlink`].
+pub fn blackhole_route_with(nl: &dyn Netlink, cidr: &str) -> Result<(), DatapathError> {
+    nl.replace_route(Ns::Current, &Route::blackhole(parse_cidr(cidr)?))?;
+    Ok(())
 }
 
 /// Removes a route added by [`blackhole_route`] (absent is fine).
 pub fn remove_blackhole_route(cidr: &str) -> Result<(), DatapathError> {
-    let family = if cidr.contains(':') { "-6" } else { "-4" };
-    match ip(&[family, "route", "del", "blackhole", cidr]) {
-        Ok(()) => Ok(()),
-        Err(DatapathError::Command { stderr, .. }) if stderr.contains("No such process") => Ok(()),
-        Err(e) => Err(e),
-    }
+    remove_blackhole_route_with(&KERNEL, cidr)
 }
 
-fn write_sysctl(path: &str, value: &str) -> Result<(), DatapathError> {
-    std::fs::write(path, value)
-        .map_err(|e| DatapathError::io(format!("writing {value} to {path}"), e))
-}
-
-fn ip(args: &[&str]) -> Result<(), DatapathError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| DatapathError::io("running `ip` (install iproute2)", e))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(DatapathError::Command {
-            command: format!("ip {}", args.join(" ")),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+/// [`remove_blackhole_route`] through a given [`Netlink`].
+pub fn remove_blackhole_route_with(nl: &dyn Netlink, cidr: &str) -> Result<(), DatapathError> {
+    nl.delete_route(Ns::Current, &Route::blackhole(parse_cidr(cidr)?))?;
+    Ok(())
 }
 
 #[cfg(test)]

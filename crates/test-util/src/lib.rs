@@ -1,12 +1,18 @@
-//! Shared test helpers: a controllable clock, free ports, and launchers for sigil processes that wait on
-//! readiness checks instead of sleeping.
+//! Shared test helpers: a controllable clock, free ports, launchers for sigil processes that wait on
+//! readiness checks instead of sleeping, network-namespace helpers and a multi-node topology.
 
 pub mod agent;
 pub mod clock;
 pub mod netd;
+pub mod netns;
 pub mod process;
+pub mod root;
+pub mod topology;
 
 pub use agent::AgentProcess;
 pub use clock::ManualClock;
 pub use netd::NetdProcess;
+pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
+pub use root::can_run_as_root;
+pub use topology::{Endpoint, Node, Topology};

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, command_in_netns, netns_path};
+
 use crate::process::sigil_bin;
 
 /// A running `sigil netd run`; killed and cleaned up on drop.
@@ -30,12 +32,20 @@ pub struct NetdProcess {
     pub pod_cidr_v6: String,
     /// Log file.
     pub log: PathBuf,
+    /// The named namespace netd runs in (a topology node); `None` for the test's own.
+    pub netns: Option<String>,
 }
 
 impl NetdProcess {
     /// Starts netd with pod CIDRs `10.<a>.<b>.0/24` and `fd00:<a><b>::/64` (unique per test),
     /// a pin dir unique to this process and `tag`, and waits until it is ready.
     pub fn start(tag: &str, a: u8, b: u8) -> anyhow::Result<Self> {
+        Self::start_in(None, tag, a, b)
+    }
+
+    /// [`NetdProcess::start`] inside the named namespace `netns` (e.g. a
+    /// [`crate::topology::Node`]'s): endpoint veths, routes and sysctls then live in there.
+    pub fn start_in(netns: Option<&str>, tag: &str, a: u8, b: u8) -> anyhow::Result<Self> {
         let root = tempfile::tempdir()?;
         let mut n = NetdProcess {
             child: None,
@@ -49,6 +59,7 @@ impl NetdProcess {
             pod_cidr: format!("10.{a}.{b}.0/24"),
             pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
             log: root.path().join("netd.log"),
+            netns: netns.map(str::to_owned),
             root,
         };
         std::fs::create_dir_all(&n.policy_dir)?;
@@ -62,7 +73,11 @@ impl NetdProcess {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(sigil_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => command_in_netns(&netns_path(ns), sigil_bin()),
+            None => Command::new(sigil_bin()),
+        };
+        let child = cmd
             .args(["netd", "run", "--node-name", "e2e"])
             .arg("--api-socket")
             .arg(&self.api_socket)
@@ -166,19 +181,20 @@ impl NetdProcess {
     }
 }
 
-fn quiet(cmd: &mut Command) {
-    let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-}
-
 impl Drop for NetdProcess {
     fn drop(&mut self) {
         self.kill9();
+        let nl = RtNetlink::new();
+        let node = self.netns.as_deref().map_or(Ns::Current, Ns::Named);
         for (name, host) in self.recorded_endpoints() {
-            quiet(Command::new("ip").args(["link", "del", &host]));
-            quiet(Command::new("ip").args(["netns", "del", &format!("sigil-{name}")]));
+            let _ = nl.delete_link(node, &host);
+            let _ = nl.delete_netns(&format!("sigil-{name}"));
         }
-        quiet(Command::new("ip").args(["-4", "route", "del", "blackhole", &self.pod_cidr]));
-        quiet(Command::new("ip").args(["-6", "route", "del", "blackhole", &self.pod_cidr_v6]));
+        for cidr in [&self.pod_cidr, &self.pod_cidr_v6] {
+            if let Ok(p) = cidr.parse::<Prefix>() {
+                let _ = nl.delete_route(node, &Route::blackhole(p));
+            }
+        }
         if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());

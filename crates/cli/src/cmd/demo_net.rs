@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, command_in_netns, netns_path};
 use sigil_proto::netd::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -40,16 +41,6 @@ struct Cleanup {
     socket: PathBuf,
 }
 
-impl Cleanup {
-    fn quiet(args: &[&str]) {
-        let _ = Command::new("ip")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(mut s) = self.server.take() {
@@ -70,11 +61,16 @@ impl Drop for Cleanup {
             let _ = n.wait();
         }
         // Belt and braces: whatever the daemon did not remove.
+        let nl = RtNetlink::new();
         for name in &self.endpoints {
-            Self::quiet(&["netns", "del", &format!("sigil-{name}")]);
+            // The host veth goes with its peer in the namespace.
+            let _ = nl.delete_netns(&format!("sigil-{name}"));
         }
-        Self::quiet(&["-4", "route", "del", "blackhole", POD_CIDR]);
-        Self::quiet(&["-6", "route", "del", "blackhole", POD_CIDR_V6]);
+        for cidr in [POD_CIDR, POD_CIDR_V6] {
+            if let Ok(p) = cidr.parse::<Prefix>() {
+                let _ = nl.delete_route(Ns::Current, &Route::blackhole(p));
+            }
+        }
         if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
@@ -85,9 +81,7 @@ impl Drop for Cleanup {
 }
 
 fn probe(exe: &Path, netns: &str, target: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", netns])
-        .arg(exe)
+    command_in_netns(&netns_path(netns), exe)
         .args(["netd", "probe", "--connect", target, "--timeout", "500ms"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -182,9 +176,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     }
     let (backend_ip, backend_ns) = addr.get("backend").cloned().unwrap_or_default();
     c.server = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &backend_ns])
-            .arg(&exe)
+        command_in_netns(&netns_path(&backend_ns), &exe)
             .args([
                 "netd",
                 "echo-server",
