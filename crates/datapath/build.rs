@@ -1,6 +1,7 @@
 //! Compiles the TC programs under `bpf/` with clang into `$OUT_DIR/datapath.o`, and writes
 //! `$OUT_DIR/abi_layout.rs`: the layout clang gives every struct of `bpf/sigil.h` for
-//! `-target bpf`, which `src/abi.rs` checks its `#[repr(C)]` mirrors against at compile time.
+//! `-target bpf`, which `src/abi.rs` checks its `#[repr(C)]` mirrors against at compile time,
+//! and `$OUT_DIR/abi_defines.rs`: the header's integer `#define`s.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,13 @@ fn abi_layout(clang: &str, out_dir: &Path) -> Result<(), String> {
     layout::apply_sizes(&mut records, &sizes)?;
     let path = out_dir.join("abi_layout.rs");
     std::fs::write(&path, layout::generate(&records))
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let path = out_dir.join("abi_defines.rs");
+    std::fs::write(
+        &path,
+        layout::generate_defines(&layout::int_defines(&header)),
+    )
+    .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Runs clang on `input`, returning its standard output (the layout dump goes there).

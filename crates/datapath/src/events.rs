@@ -35,7 +35,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The byte the datapath uses.
-    pub fn as_u8(self) -> u8 {
+    pub const fn as_u8(self) -> u8 {
         match self {
             Self::Allowed => 0,
             Self::Dropped => 1,

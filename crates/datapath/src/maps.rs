@@ -1,7 +1,7 @@
 //! Typed handles on the pinned maps, opened either from a fresh load or from the pin directory.
 
 mod auth;
-mod conntrack;
+pub(crate) mod conntrack;
 mod counters;
 mod endpoints;
 mod ipcache;

@@ -61,7 +61,7 @@ pub enum Direction {
 
 impl Direction {
     /// The byte the datapath uses (0 ingress, 1 egress).
-    pub fn as_u8(self) -> u8 {
+    pub const fn as_u8(self) -> u8 {
         match self {
             Self::Ingress => 0,
             Self::Egress => 1,
