@@ -3,7 +3,7 @@
 //!
 //! `build.rs` has clang lay out every struct of the header for `-target bpf` (the programs'
 //! own compiler and target) and writes the result as [`CLayout`] constants; each mirror below
-//! is compared with its struct by [`mirrors!`] in a constant, so a header change that the Rust
+//! is compared with its struct by `mirrors!` in a constant, so a header change that the Rust
 //! side does not follow (a moved, resized, added or removed field, implicit padding) fails the
 //! build with a message naming the C field. Map specs take their sizes from these types and
 //! events are decoded by [`read_record`], so no size or offset is written down twice.
