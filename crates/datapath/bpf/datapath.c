@@ -378,6 +378,7 @@ static __always_inline void emit(const struct ctx *c, const struct flow *f, __u8
 	__builtin_memcpy(e->daddr, f->daddr, 16);
 	e->drop_reason = reason;
 	e->rule_cookie = cookie;
+	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
 }
 

@@ -1,5 +1,9 @@
 /* Definitions shared by the sigil TC programs and mirrored in src/abi.rs.
  *
+ * This header is the one source of the ABI: build.rs has clang (-target bpf) lay out every
+ * struct below and src/abi.rs checks its Rust mirrors against those layouts at compile time
+ * (size, alignment, every field's offset and size, no implicit padding).
+ *
  * Self-contained on purpose: the build needs clang and nothing else (no libbpf-dev, no
  * kernel headers), and every number here is kernel ABI that does not change. */
 #ifndef SIGIL_H
@@ -79,7 +83,8 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 #define NEXTHDR_AUTH 51
 #define NEXTHDR_DEST 60
 
-/* ---- sigil ABI (src/abi.rs mirrors every struct below) ---- */
+/* ---- sigil ABI (src/abi.rs mirrors every struct below; name every byte, no implicit
+ * padding, no bit-fields) ---- */
 
 #define IDENTITY_WORLD 2
 #define DIR_INGRESS 0 /* into the endpoint */
@@ -209,6 +214,7 @@ struct event {
 	__u8 daddr[16];
 	__u32 drop_reason;
 	__u32 rule_cookie;
+	__u32 pad; /* zero; every struct here names all its bytes */
 };
 
 struct counter_key {

@@ -6,6 +6,7 @@
 //! buffer (1 MiB, about 14 000 events) fills and further events are counted as lost
 //! ([`crate::Counters::lost_events`]) instead of slowing the datapath.
 
+use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
@@ -13,7 +14,7 @@ use aya::maps::{Map, MapData, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::abi::EVENT_SIZE;
+use crate::abi::{EventRaw, read_record};
 use crate::error::DatapathError;
 use crate::maps::MAP_EVENTS;
 use crate::policy::{
@@ -34,7 +35,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The byte the datapath uses.
-    pub fn as_u8(self) -> u8 {
+    pub const fn as_u8(self) -> u8 {
         match self {
             Self::Allowed => 0,
             Self::Dropped => 1,
@@ -109,41 +110,32 @@ pub struct Event {
 }
 
 impl Event {
-    /// Parses a ring-buffer record.
+    /// Parses a ring-buffer record (`struct event` of `bpf/sigil.h`).
     pub fn parse(b: &[u8]) -> Result<Self, DatapathError> {
-        if b.len() < EVENT_SIZE {
-            return Err(DatapathError::ShortEvent {
-                len: b.len(),
-                want: EVENT_SIZE,
-            });
-        }
-        let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
-        let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let mut ts = [0u8; 8];
-        ts.copy_from_slice(&b[0..8]);
-        let family = b[20];
-        let direction = Direction::from_u8(b[22])
-            .ok_or_else(|| DatapathError::invalid("event direction", b[22], "must be 0 or 1"))?;
-        let verdict = Verdict::from_u8(b[23])
-            .ok_or_else(|| DatapathError::invalid("event verdict", b[23], "must be 0, 1 or 2"))?;
-        let mut saddr = [0u8; 16];
-        saddr.copy_from_slice(&b[28..44]);
-        let mut daddr = [0u8; 16];
-        daddr.copy_from_slice(&b[44..60]);
+        let raw: EventRaw = read_record(b).ok_or(DatapathError::ShortEvent {
+            len: b.len(),
+            want: size_of::<EventRaw>(),
+        })?;
+        let direction = Direction::from_u8(raw.direction).ok_or_else(|| {
+            DatapathError::invalid("event direction", raw.direction, "must be 0 or 1")
+        })?;
+        let verdict = Verdict::from_u8(raw.verdict).ok_or_else(|| {
+            DatapathError::invalid("event verdict", raw.verdict, "must be 0, 1 or 2")
+        })?;
         Ok(Self {
-            ts_ns: u64::from_ne_bytes(ts),
-            endpoint_id: u32_at(8),
-            src_identity: u32_at(12),
-            dst_identity: u32_at(16),
-            protocol: b[21],
+            ts_ns: raw.ts_ns,
+            endpoint_id: raw.endpoint_id,
+            src_identity: raw.src_identity,
+            dst_identity: raw.dst_identity,
+            protocol: raw.protocol,
             direction,
             verdict,
-            sport: u16_at(24),
-            dport: u16_at(26),
-            saddr: addr_from(family, &saddr),
-            daddr: addr_from(family, &daddr),
-            drop_reason: u32_at(60),
-            rule_cookie: u32_at(64),
+            sport: raw.sport,
+            dport: raw.dport,
+            saddr: addr_from(raw.family, &raw.saddr),
+            daddr: addr_from(raw.family, &raw.daddr),
+            drop_reason: raw.drop_reason,
+            rule_cookie: raw.rule_cookie,
         })
     }
 }
@@ -215,5 +207,78 @@ impl EventReader {
             Some(item) => Event::parse(&item).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::c;
+    use crate::policy::PROTO_TCP;
+
+    /// Writes `value` where clang put C field `name` of `struct event`.
+    fn put(b: &mut [u8], name: &str, value: &[u8]) {
+        let f = c::EVENT.field(name).expect("struct event field");
+        assert_eq!(f.size, value.len(), "{name}");
+        b[f.offset..f.offset + f.size].copy_from_slice(value);
+    }
+
+    /// A record laid out by the C header's offsets (not the Rust mirror's) decodes to the
+    /// values written.
+    #[test]
+    fn events_parse_from_the_c_layout() {
+        let mut b = vec![0u8; c::EVENT.size];
+        put(&mut b, "ts_ns", &123u64.to_ne_bytes());
+        put(&mut b, "endpoint_id", &7u32.to_ne_bytes());
+        put(&mut b, "src_identity", &1001u32.to_ne_bytes());
+        put(&mut b, "dst_identity", &1002u32.to_ne_bytes());
+        put(&mut b, "family", &[4]);
+        put(&mut b, "protocol", &[PROTO_TCP]);
+        put(&mut b, "direction", &[1]);
+        put(&mut b, "verdict", &[1]);
+        put(&mut b, "sport", &40000u16.to_ne_bytes());
+        put(&mut b, "dport", &8080u16.to_ne_bytes());
+        put(
+            &mut b,
+            "saddr",
+            &[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        put(
+            &mut b,
+            "daddr",
+            &[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        put(&mut b, "drop_reason", &DROP_POLICY_DENIED.to_ne_bytes());
+        put(&mut b, "rule_cookie", &9u32.to_ne_bytes());
+        let ev = Event::parse(&b).expect("parse");
+        assert_eq!(
+            (ev.ts_ns, ev.endpoint_id, ev.src_identity, ev.dst_identity),
+            (123, 7, 1001, 1002)
+        );
+        assert_eq!(ev.protocol, PROTO_TCP);
+        assert_eq!(
+            (ev.direction, ev.verdict),
+            (Direction::Egress, Verdict::Dropped)
+        );
+        assert_eq!(
+            (ev.sport, ev.dport, ev.drop_reason, ev.rule_cookie),
+            (40000, 8080, 133, 9)
+        );
+        assert_eq!(ev.saddr.to_string(), "10.0.0.1");
+        assert_eq!(ev.daddr.to_string(), "10.0.0.2");
+
+        put(&mut b, "family", &[6]);
+        let ev = Event::parse(&b).expect("parse v6");
+        assert_eq!(ev.saddr.to_string(), "a00:1::");
+
+        let err = Event::parse(&b[..40]).expect_err("short");
+        assert!(err.to_string().contains("40 bytes"), "{err}");
+        put(&mut b, "verdict", &[9]);
+        let err = Event::parse(&b).expect_err("bad verdict");
+        assert!(err.to_string().contains("verdict"), "{err}");
+        put(&mut b, "verdict", &[1]);
+        put(&mut b, "direction", &[2]);
+        let err = Event::parse(&b).expect_err("bad direction");
+        assert!(err.to_string().contains("direction"), "{err}");
     }
 }

@@ -1,7 +1,7 @@
 //! Typed handles on the pinned maps, opened either from a fresh load or from the pin directory.
 
 mod auth;
-mod conntrack;
+pub(crate) mod conntrack;
 mod counters;
 mod endpoints;
 mod ipcache;
@@ -16,7 +16,13 @@ use std::path::Path;
 
 use aya::maps::{Map, MapData, MapError, MapInfo, MapType};
 
-use crate::abi::{FRAG_KEY_SIZE, FRAG_VALUE_SIZE};
+use aya::maps::lpm_trie::Key;
+
+use crate::abi::{
+    AuthKeyRaw, AuthValueRaw, CounterKeyRaw, CounterValueRaw, CtKeyRaw, CtValueRaw,
+    EndpointConfigRaw, FragKeyRaw, FragValueRaw, IpCacheKey, IpCacheValue, PolicyKeyData,
+    PolicyValueRaw, size32,
+};
 use crate::error::DatapathError;
 use crate::policy::PolicyMap;
 
@@ -40,16 +46,59 @@ pub const MAP_EV_LOST: &str = "sigil_ev_lost";
 pub const MAP_FRAG: &str = "sigil_frag";
 
 /// Layout of each map this build creates, checked against maps pinned by an earlier run.
+///
+/// Sizes come from the Rust mirrors, which `crate::abi` checks against `bpf/sigil.h`.
 pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 9] = [
-    (MAP_IPCACHE, MapType::LpmTrie, 24, 8),
-    (MAP_POLICY, MapType::LpmTrie, 16, 8),
-    (MAP_ENDPOINTS, MapType::Hash, 4, 32),
-    (MAP_AUTH, MapType::Hash, 12, 8),
-    (MAP_CT, MapType::LruHash, 44, 24),
+    (
+        MAP_IPCACHE,
+        MapType::LpmTrie,
+        size32::<Key<IpCacheKey>>(),
+        size32::<IpCacheValue>(),
+    ),
+    (
+        MAP_POLICY,
+        MapType::LpmTrie,
+        size32::<Key<PolicyKeyData>>(),
+        size32::<PolicyValueRaw>(),
+    ),
+    (
+        MAP_ENDPOINTS,
+        MapType::Hash,
+        size32::<u32>(),
+        size32::<EndpointConfigRaw>(),
+    ),
+    (
+        MAP_AUTH,
+        MapType::Hash,
+        size32::<AuthKeyRaw>(),
+        size32::<AuthValueRaw>(),
+    ),
+    (
+        MAP_CT,
+        MapType::LruHash,
+        size32::<CtKeyRaw>(),
+        size32::<CtValueRaw>(),
+    ),
+    // The kernel reports a ring buffer's key and value sizes as 0 (only the type is checked).
     (MAP_EVENTS, MapType::RingBuf, 0, 0),
-    (MAP_COUNTERS, MapType::PerCpuHash, 8, 16),
-    (MAP_EV_LOST, MapType::PerCpuArray, 4, 8),
-    (MAP_FRAG, MapType::LruHash, FRAG_KEY_SIZE, FRAG_VALUE_SIZE),
+    (
+        MAP_COUNTERS,
+        MapType::PerCpuHash,
+        size32::<CounterKeyRaw>(),
+        size32::<CounterValueRaw>(),
+    ),
+    (
+        MAP_EV_LOST,
+        MapType::PerCpuArray,
+        size32::<u32>(),
+        size32::<u64>(),
+    ),
+    (
+        MAP_FRAG,
+        MapType::LruHash,
+        size32::<FragKeyRaw>(),
+        size32::<FragValueRaw>(),
+    ),
 ];
 
 /// Every map except the ring buffer (read through [`crate::EventReader`]).

@@ -27,7 +27,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
 
 /// Bits of the key that every entry covers: endpoint id, remote identity, direction.
-const BASE_PREFIX: u32 = 72;
+const BASE_PREFIX: u32 = 8 * std::mem::offset_of!(PolicyKeyData, protocol) as u32;
 
 /// Drop reason: the packet left an endpoint with a source address that is not the endpoint's
 /// (Cilium's 132).
@@ -61,7 +61,7 @@ pub enum Direction {
 
 impl Direction {
     /// The byte the datapath uses (0 ingress, 1 egress).
-    pub fn as_u8(self) -> u8 {
+    pub const fn as_u8(self) -> u8 {
         match self {
             Self::Ingress => 0,
             Self::Egress => 1,

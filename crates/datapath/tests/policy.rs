@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use sigil_datapath::{
-    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, Event, PORT_PROTOCOLS, PROTO_ICMP, PROTO_TCP,
-    PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue, Verdict, decide, intent_of, normalize,
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, PORT_PROTOCOLS, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue, decide, intent_of, normalize,
     port_range_prefixes,
 };
 
@@ -90,49 +90,6 @@ fn a_more_specific_allow_under_a_deny_is_installed_as_a_deny() {
     // Without normalisation the longest match (the allow) would have won.
     let d = decide(&intent, 5, Direction::Ingress, PROTO_TCP, 8080, false, true);
     assert_eq!(d.drop_reason, 0);
-}
-
-#[test]
-fn events_parse_from_the_ring_buffer_layout() {
-    let mut b = vec![0u8; 72];
-    b[0..8].copy_from_slice(&123u64.to_ne_bytes());
-    b[8..12].copy_from_slice(&7u32.to_ne_bytes());
-    b[12..16].copy_from_slice(&1001u32.to_ne_bytes());
-    b[16..20].copy_from_slice(&1002u32.to_ne_bytes());
-    b[20] = 4;
-    b[21] = PROTO_TCP;
-    b[22] = 1;
-    b[23] = 1;
-    b[24..26].copy_from_slice(&40000u16.to_ne_bytes());
-    b[26..28].copy_from_slice(&8080u16.to_ne_bytes());
-    b[28..32].copy_from_slice(&[10, 0, 0, 1]);
-    b[44..48].copy_from_slice(&[10, 0, 0, 2]);
-    b[60..64].copy_from_slice(&DROP_POLICY_DENIED.to_ne_bytes());
-    b[64..68].copy_from_slice(&9u32.to_ne_bytes());
-    let ev = Event::parse(&b).expect("parse");
-    assert_eq!(
-        (ev.ts_ns, ev.endpoint_id, ev.src_identity, ev.dst_identity),
-        (123, 7, 1001, 1002)
-    );
-    assert_eq!(
-        (ev.direction, ev.verdict),
-        (Direction::Egress, Verdict::Dropped)
-    );
-    assert_eq!(
-        (ev.sport, ev.dport, ev.drop_reason, ev.rule_cookie),
-        (40000, 8080, 133, 9)
-    );
-    assert_eq!(ev.saddr.to_string(), "10.0.0.1");
-    assert_eq!(ev.daddr.to_string(), "10.0.0.2");
-    let err = Event::parse(&b[..40]).expect_err("short");
-    assert!(err.to_string().contains("40 bytes"), "{err}");
-    b[23] = 9;
-    assert!(
-        Event::parse(&b)
-            .expect_err("bad verdict")
-            .to_string()
-            .contains("verdict")
-    );
 }
 
 /// Direct evaluation of the rules, with no LPM: any matching deny (for the identity or for 0)

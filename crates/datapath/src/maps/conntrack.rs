@@ -11,8 +11,8 @@ use crate::error::DatapathError;
 use crate::events::addr_from;
 use crate::policy::Direction;
 
-const CT_SEEN_REPLY: u8 = 1;
-const CT_CLOSING: u8 = 2;
+pub(crate) const CT_SEEN_REPLY: u8 = 1;
+pub(crate) const CT_CLOSING: u8 = 2;
 
 /// One tracked connection, keyed as seen in its opening direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

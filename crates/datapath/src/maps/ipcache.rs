@@ -9,7 +9,7 @@ use crate::abi::{IpCacheKey, IpCacheValue};
 use crate::error::DatapathError;
 
 /// The bits before the address: family byte and three bytes of padding.
-const HEADER_BITS: u32 = 32;
+const HEADER_BITS: u32 = 8 * std::mem::offset_of!(IpCacheKey, addr) as u32;
 
 /// One IPCache entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
