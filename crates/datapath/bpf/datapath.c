@@ -41,6 +41,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sigil_endpoints SEC(".maps");
 
+/* Local endpoints' own addresses → endpoint id, written with each endpoint's config. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ep_addr_key);
+	__type(value, __u32);
+	__uint(max_entries, 131072);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_ep_addrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct auth_key);
@@ -122,7 +132,8 @@ struct flow {
 enum parse_result {
 	PARSE_IP,   /* policy applies */
 	PARSE_PASS, /* not IP: passes untouched */
-	PARSE_ND,   /* IPv6 neighbour discovery: passes after the source check */
+	PARSE_ND,   /* ICMPv6 neighbour-discovery type with hop limit 255: passes after the source
+		     * check if link-scoped (nd_on_link), else it is policy-checked like PARSE_IP */
 	PARSE_BAD,  /* IP that cannot be classified: dropped after the source check */
 };
 
@@ -246,7 +257,9 @@ static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struc
 
 		/* Neighbour discovery (router/neighbour solicitation and advertisement, redirect)
 		 * is link plumbing, not endpoint traffic. Real ND has hop limit 255 (RFC 4861); a
-		 * forwarded packet cannot, so ND types from another endpoint are policy-checked. */
+		 * forwarded packet cannot, so ND types from another endpoint are policy-checked.
+		 * The sender picks the hop limit, so handle() also looks at the destination
+		 * (nd_on_link) before letting one pass. ICMPv6 has no ports to load. */
 		if (bpf_skb_load_bytes(skb, off, &type, 1) < 0)
 			return bad(f, DROP_INVALID);
 		if (type >= 133 && type <= 137 && f->hop_limit == 255)
@@ -311,6 +324,44 @@ static __always_inline int source_ok(const struct endpoint_config *cfg, const st
 		return (f->daddr[0] == 0xff && (f->daddr[1] & 0x0f) <= 2) ||
 		       (f->daddr[0] == 0xfe && (f->daddr[1] & 0xc0) == 0x80);
 	return 0;
+}
+
+static __always_inline int link_scoped(const __u8 *a)
+{
+	/* fe80::/10 (link-local unicast) or ff02::/16 (link-scope multicast). */
+	return (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || (a[0] == 0xff && a[1] == 0x02);
+}
+
+/* Whether an ND-shaped packet (type 133-137, hop limit 255) stays on the veth's link and so
+ * passes without policy. Leaving the endpoint: only to link-local or link-scope multicast
+ * destinations; the host forwards ND types sent to any other address, so those would leave
+ * past egress policy. Entering it: also to the endpoint's own address (the host's NA to an
+ * endpoint that solicited from it, its unicast reachability probes); hop limit 255 there means
+ * the host's own stack sent it, as a forwarded packet has a lower one. */
+static __always_inline int nd_on_link(const struct endpoint_config *cfg, const struct flow *f,
+				      __u8 direction)
+{
+	if (link_scoped(f->daddr))
+		return 1;
+	return direction == DIR_INGRESS && cfg && (cfg->flags & EP_HAS_IPV6) &&
+	       addr_eq(f->daddr, cfg->ipv6, 16);
+}
+
+/* Whether a packet entering an endpoint came from where its source lives. A local endpoint's
+ * address is only ever sent from that endpoint's veth (where source_ok checked it), so that is
+ * the only interface such a packet may have arrived on (ingress_ifindex; 0 for packets the
+ * host sends itself): else a host user who bound the address with IP_FREEBIND / IPV6_FREEBIND
+ * (no capability needed) would borrow the endpoint's identity and its connections.
+ * A subprogram of its own: inlined, its key pushes sigil_from_ep's frame past 512 bytes. */
+static __attribute__((noinline)) int sender_ok(const struct __sk_buff *skb, const struct flow *f)
+{
+	struct ep_addr_key k = {};
+	__u32 *owner;
+
+	k.family = f->family;
+	__builtin_memcpy(k.addr, f->saddr, 16);
+	owner = bpf_map_lookup_elem(&sigil_ep_addrs, &k);
+	return !owner || *owner == skb->ingress_ifindex;
 }
 
 static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
@@ -525,11 +576,17 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	}
 
 	/* Before anything else, conntrack included: a packet that leaves an endpoint with
-	 * another's address would get that endpoint's identity, policy and connections. */
+	 * another's address would get that endpoint's identity, policy and connections; so would
+	 * one entering an endpoint with a local endpoint's address that it was not sent from. */
 	if (direction == DIR_EGRESS && !source_ok(cfg, &f))
 		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
-	if (parsed == PARSE_ND)
-		return TC_ACT_OK;
+	if (direction == DIR_INGRESS && !sender_ok(skb, &f))
+		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
+	if (parsed == PARSE_ND) {
+		if (nd_on_link(cfg, &f, direction))
+			return TC_ACT_OK;
+		parsed = PARSE_IP;
+	}
 	if (parsed == PARSE_BAD)
 		return drop(skb, &c, &f, f.bad_reason, 0);
 

@@ -94,7 +94,7 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 #define VERDICT_DROPPED 1
 #define VERDICT_ALLOWED_REPLY 2
 
-#define DROP_INVALID_SIP 132    /* source address is not one of the sending endpoint's */
+#define DROP_INVALID_SIP 132    /* source is not the sender's (endpoint or host) address */
 #define DROP_POLICY_DENIED 133 /* no allow entry under default deny */
 #define DROP_INVALID 134       /* upper-layer header (ports) missing or truncated */
 #define DROP_INVALID_EXTHDR 156 /* IPv6 extension headers not parseable within the bound */
@@ -144,6 +144,14 @@ struct endpoint_config {
 	__u32 flags; /* EP_HAS_IPV4 | EP_HAS_IPV6 */
 	__u8 ipv4[4];
 	__u8 ipv6[16];
+};
+
+/* Key of sigil_ep_addrs: a local endpoint's own address → its endpoint id (__u32). A packet
+ * entering an endpoint with such a source must have come through that endpoint's veth. */
+struct ep_addr_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, rest zero */
 };
 
 /* Fragment tracking: the first fragment's flow, for the later fragments of its datagram. */

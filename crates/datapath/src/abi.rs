@@ -258,6 +258,16 @@ pub(crate) const EP_HAS_IPV4: u32 = 1;
 /// `endpoint_config.flags`: `ipv6` holds the endpoint's IPv6 address.
 pub(crate) const EP_HAS_IPV6: u32 = 2;
 
+/// `struct ep_addr_key`: key of `sigil_ep_addrs` (a local endpoint's address → its id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct EpAddrKey {
+    pub(crate) family: u8,
+    pub(crate) pad: [u8; 3],
+    /// IPv4 in the first four bytes, the rest zero.
+    pub(crate) addr: [u8; 16],
+}
+
 /// `struct frag_key`: only the programs read the fragment map; the mirror gives its key size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -369,6 +379,7 @@ mirrors!(PolicyValueRaw => c::POLICY_VALUE, [deny, l7_redirect, auth_required, f
 mirrors!(EndpointConfigRaw => c::ENDPOINT_CONFIG, [
     ingress_enforced, egress_enforced, pad, identity, flags, ipv4, ipv6,
 ]);
+mirrors!(EpAddrKey => c::EP_ADDR_KEY, [family, pad, addr]);
 mirrors!(FragKeyRaw => c::FRAG_KEY, [
     endpoint_id, family, direction, nexthdr, pad, id, saddr, daddr,
 ]);
@@ -432,6 +443,8 @@ unsafe impl Pod for PolicyKeyData {}
 unsafe impl Pod for PolicyValueRaw {}
 // SAFETY: as above.
 unsafe impl Pod for EndpointConfigRaw {}
+// SAFETY: as above.
+unsafe impl Pod for EpAddrKey {}
 // SAFETY: as above.
 unsafe impl Pod for AuthKeyRaw {}
 // SAFETY: as above.

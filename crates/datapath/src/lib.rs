@@ -20,8 +20,8 @@ pub use loader::{
 };
 pub use maps::{
     AuthKey, AuthMap, Conntrack, Counter, Counters, CtEntry, EndpointConfig, EndpointMap, IpCache,
-    IpCacheEntry, MAP_AUTH, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EV_LOST, MAP_EVENTS, MAP_FRAG,
-    MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
+    IpCacheEntry, MAP_AUTH, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EP_ADDRS, MAP_EV_LOST,
+    MAP_EVENTS, MAP_FRAG, MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
 };
 pub use policy::{
     DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,

@@ -20,8 +20,8 @@ use aya::maps::lpm_trie::Key;
 
 use crate::abi::{
     AuthKeyRaw, AuthValueRaw, CounterKeyRaw, CounterValueRaw, CtKeyRaw, CtValueRaw,
-    EndpointConfigRaw, FragKeyRaw, FragValueRaw, IpCacheKey, IpCacheValue, PolicyKeyData,
-    PolicyValueRaw, size32,
+    EndpointConfigRaw, EpAddrKey, FragKeyRaw, FragValueRaw, IpCacheKey, IpCacheValue,
+    PolicyKeyData, PolicyValueRaw, size32,
 };
 use crate::error::DatapathError;
 use crate::policy::PolicyMap;
@@ -32,6 +32,8 @@ pub const MAP_IPCACHE: &str = "sigil_ipcache";
 pub const MAP_POLICY: &str = "sigil_policy";
 /// Per-endpoint config (identity, enforcement).
 pub const MAP_ENDPOINTS: &str = "sigil_endpoints";
+/// Local endpoints' own addresses → endpoint id (kept with the endpoint config).
+pub const MAP_EP_ADDRS: &str = "sigil_ep_addrs";
 /// Auth entries for `auth_required` policy.
 pub const MAP_AUTH: &str = "sigil_auth";
 /// Connection tracking LRU hash.
@@ -48,7 +50,7 @@ pub const MAP_FRAG: &str = "sigil_frag";
 /// Layout of each map this build creates, checked against maps pinned by an earlier run.
 ///
 /// Sizes come from the Rust mirrors, which `crate::abi` checks against `bpf/sigil.h`.
-pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 9] = [
+pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 10] = [
     (
         MAP_IPCACHE,
         MapType::LpmTrie,
@@ -66,6 +68,12 @@ pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 9] = [
         MapType::Hash,
         size32::<u32>(),
         size32::<EndpointConfigRaw>(),
+    ),
+    (
+        MAP_EP_ADDRS,
+        MapType::Hash,
+        size32::<EpAddrKey>(),
+        size32::<u32>(),
     ),
     (
         MAP_AUTH,
@@ -144,7 +152,10 @@ impl Maps {
         Ok(Self {
             ipcache: IpCache::new(typed(MAP_IPCACHE, take(MAP_IPCACHE)?)?),
             policy: PolicyMap::new(typed(MAP_POLICY, take(MAP_POLICY)?)?)?,
-            endpoints: EndpointMap::new(typed(MAP_ENDPOINTS, take(MAP_ENDPOINTS)?)?),
+            endpoints: EndpointMap::new(
+                typed(MAP_ENDPOINTS, take(MAP_ENDPOINTS)?)?,
+                typed(MAP_EP_ADDRS, take(MAP_EP_ADDRS)?)?,
+            ),
             auth: AuthMap::new(typed(MAP_AUTH, take(MAP_AUTH)?)?),
             conntrack: Conntrack::new(typed(MAP_CT, take(MAP_CT)?)?),
             counters: Counters::new(

@@ -1,12 +1,13 @@
 //! Per-endpoint datapath config: the endpoint's identity, its own addresses and which directions
-//! default-deny.
+//! default-deny; plus the reverse index of those addresses (`sigil_ep_addrs`), which the
+//! datapath uses to refuse a local endpoint's address on packets that did not come from it.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{HashMap, MapData};
 
-use super::{MAP_ENDPOINTS, is_not_found};
-use crate::abi::{EP_HAS_IPV4, EP_HAS_IPV6, EndpointConfigRaw};
+use super::{MAP_ENDPOINTS, MAP_EP_ADDRS, is_not_found};
+use crate::abi::{EP_HAS_IPV4, EP_HAS_IPV6, EndpointConfigRaw, EpAddrKey};
 use crate::error::DatapathError;
 
 /// What the datapath knows about an endpoint besides its policy entries.
@@ -26,18 +27,41 @@ pub struct EndpointConfig {
     pub ipv6: Option<Ipv6Addr>,
 }
 
-/// The `sigil_endpoints` hash map, keyed by endpoint id (the host veth's ifindex).
+impl EndpointConfig {
+    /// The endpoint's addresses.
+    fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        [self.ipv4.map(IpAddr::V4), self.ipv6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// The `sigil_endpoints` hash map, keyed by endpoint id (the host veth's ifindex), and the
+/// `sigil_ep_addrs` index of the endpoints' addresses that [`EndpointMap::set`] and
+/// [`EndpointMap::remove`] keep in step with it.
 pub struct EndpointMap {
     map: HashMap<MapData, u32, EndpointConfigRaw>,
+    addrs: HashMap<MapData, EpAddrKey, u32>,
 }
 
 impl EndpointMap {
-    pub(crate) fn new(map: HashMap<MapData, u32, EndpointConfigRaw>) -> Self {
-        Self { map }
+    pub(crate) fn new(
+        map: HashMap<MapData, u32, EndpointConfigRaw>,
+        addrs: HashMap<MapData, EpAddrKey, u32>,
+    ) -> Self {
+        Self { map, addrs }
     }
 
-    /// Sets an endpoint's config.
+    /// Sets an endpoint's config. Its addresses become its own in `sigil_ep_addrs`: packets
+    /// entering any endpoint with one of them as source must come through this endpoint's
+    /// veth. Addresses of its previous config that it no longer has are released.
     pub fn set(&mut self, endpoint_id: u32, config: EndpointConfig) -> Result<(), DatapathError> {
+        let old = self.get(endpoint_id)?;
+        for addr in config.addrs() {
+            self.addrs
+                .insert(addr_key(addr), endpoint_id, 0)
+                .map_err(|e| DatapathError::map(MAP_EP_ADDRS, "insert", e))?;
+        }
         let raw = EndpointConfigRaw {
             ingress_enforced: u8::from(config.ingress_enforced),
             egress_enforced: u8::from(config.egress_enforced),
@@ -49,7 +73,35 @@ impl EndpointMap {
         };
         self.map
             .insert(endpoint_id, raw, 0)
-            .map_err(|e| DatapathError::map(MAP_ENDPOINTS, "insert", e))
+            .map_err(|e| DatapathError::map(MAP_ENDPOINTS, "insert", e))?;
+        for addr in old.iter().flat_map(EndpointConfig::addrs) {
+            if !config.addrs().any(|a| a == addr) {
+                self.release(addr, endpoint_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The local endpoint whose own address `addr` is, if any.
+    pub fn owner_of(&self, addr: IpAddr) -> Result<Option<u32>, DatapathError> {
+        match self.addrs.get(&addr_key(addr), 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(DatapathError::map(MAP_EP_ADDRS, "lookup", e)),
+        }
+    }
+
+    /// Removes `addr` from the index if it is still `endpoint_id`'s (another endpoint may
+    /// have been given it since).
+    fn release(&mut self, addr: IpAddr, endpoint_id: u32) -> Result<(), DatapathError> {
+        if self.owner_of(addr)? != Some(endpoint_id) {
+            return Ok(());
+        }
+        match self.addrs.remove(&addr_key(addr)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(DatapathError::map(MAP_EP_ADDRS, "delete", e)),
+        }
     }
 
     /// An endpoint's config, if set.
@@ -61,13 +113,18 @@ impl EndpointMap {
         }
     }
 
-    /// Removes an endpoint's config (absent is fine).
+    /// Removes an endpoint's config and its addresses' index entries (absent is fine).
     pub fn remove(&mut self, endpoint_id: u32) -> Result<(), DatapathError> {
+        let old = self.get(endpoint_id)?;
         match self.map.remove(&endpoint_id) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(DatapathError::map(MAP_ENDPOINTS, "delete", e)),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS, "delete", e)),
         }
+        for addr in old.iter().flat_map(EndpointConfig::addrs) {
+            self.release(addr, endpoint_id)?;
+        }
+        Ok(())
     }
 
     /// Every endpoint id with its config.
@@ -79,6 +136,22 @@ impl EndpointMap {
                     .map_err(|e| DatapathError::map(MAP_ENDPOINTS, "scan", e))
             })
             .collect()
+    }
+}
+
+fn addr_key(addr: IpAddr) -> EpAddrKey {
+    let (family, addr) = match addr {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (4, b)
+        }
+        IpAddr::V6(a) => (6, a.octets()),
+    };
+    EpAddrKey {
+        family,
+        pad: [0; 3],
+        addr,
     }
 }
 

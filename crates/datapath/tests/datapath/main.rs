@@ -2,6 +2,7 @@
 
 mod exthdr;
 mod icmp;
+mod nd;
 mod policy_map;
 mod spoof;
 mod support;

@@ -1,15 +1,17 @@
 //! Source-address spoofing: an endpoint that sends with another endpoint's address is stopped at
-//! its own veth (132), before it can borrow that endpoint's identity or its connections.
+//! its own veth (132), before it can borrow that endpoint's identity or its connections; a host
+//! process that sends with a local endpoint's address (IP_FREEBIND) is stopped at the veth of
+//! the endpoint it sends to (132).
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
-    DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, EndpointConfig, PROTO_TCP, PROTO_UDP,
-    PolicyEntry, Verdict,
+    DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, EndpointConfig, IDENTITY_HOST, PROTO_TCP,
+    PROTO_UDP, PolicyEntry, Verdict,
 };
 
 use crate::support::{
@@ -326,5 +328,160 @@ fn replies_cannot_be_forged_through_another_endpoints_connection() {
             .send_to(b"again", (trusted_addr, 5353))
             .expect("send again");
         assert!(receives(&client, b"again", PASS_WAIT), "real reply after");
+    }
+}
+
+/// Sends one UDP datagram from the host's network namespace. `mode` "freebind" binds `src`
+/// with IP_FREEBIND / IPV6_FREEBIND first (any user may set it, and it lets the bind name an
+/// address the host does not have), "transparent" with IP_TRANSPARENT (needs CAP_NET_ADMIN),
+/// "own" binds nothing: the kernel picks the host's own source address.
+const HOST_SENDER: &str = r#"
+import socket, sys
+mode, src, dst, port, payload = sys.argv[1:6]
+family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+if mode == "freebind" and family == socket.AF_INET:
+    s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+elif mode == "freebind":
+    s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+elif mode == "transparent":
+    s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+if mode != "own":
+    s.bind((src, 0))
+s.sendto(payload.encode(), (dst, int(port)))
+"#;
+
+/// Runs [`HOST_SENDER`] in the host's namespace, as nobody (no capabilities, no groups) when
+/// `unprivileged`, else as root; the sender's stderr if it failed.
+fn send_from_host(
+    unprivileged: bool,
+    mode: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    payload: &str,
+) -> Result<(), String> {
+    let mut cmd = if unprivileged {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", python()]);
+        c
+    } else {
+        Command::new(python())
+    };
+    let out = cmd
+        .args(["-c", HOST_SENDER, mode, &src.to_string(), &dst.to_string()])
+        .args([&port.to_string(), payload])
+        .output()
+        .expect("run the host sender");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A python3 that the unprivileged user can run (a per-user install such as pyenv's under
+/// /root is not).
+fn python() -> &'static str {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3")
+}
+
+/// The source address the host's own stack picks towards `dst`.
+fn host_source_towards(dst: IpAddr) -> IpAddr {
+    let any: SocketAddr = if dst.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any).expect("bind in the host namespace");
+    sock.connect((dst, 9)).expect("route from the host");
+    sock.local_addr().expect("local addr").ip()
+}
+
+#[test]
+fn host_users_cannot_send_with_a_local_endpoints_address() {
+    if !can_run() {
+        return;
+    }
+    let mut fx = Fixture::new("hb", 46);
+    let trusted = fx.endpoint("b", TRUSTED);
+    let target = fx.endpoint("c", TARGET);
+    // The target allows the trusted endpoint on 8090 and the host on 8091, nobody else.
+    let mut host_only = allow_any(IDENTITY_HOST, 8091, 14);
+    host_only.protocol = PROTO_UDP;
+    fx.dp
+        .maps_mut()
+        .policy
+        .replace_policy(
+            target.endpoint_id,
+            &[allow_any(TRUSTED, 8090, 13), host_only],
+        )
+        .expect("policy");
+    fx.enforce(&target, TARGET, true, false);
+    for dst in [v4(&target), v6(&target)] {
+        let own = host_source_towards(dst);
+        let len = if own.is_ipv4() { 32 } else { 128 };
+        fx.dp
+            .maps_mut()
+            .ipcache
+            .upsert(own, len, IDENTITY_HOST)
+            .expect("host address in the ipcache");
+    }
+    let mut events = fx.events();
+
+    for (borrowed, dst) in [(v4(&trusted), v4(&target)), (v6(&trusted), v6(&target))] {
+        let rx = udp_bound(&target, dst, 8090);
+
+        // The attack: an unprivileged host user binds the trusted endpoint's address with
+        // FREEBIND and sends to the target, which only accepts the trusted endpoint. For IPv4
+        // the kernel itself refuses to route a source the host does not have unless the socket
+        // is IP_TRANSPARENT (CAP_NET_ADMIN), so there the datapath is shown the same packet
+        // from a root process.
+        events.drain();
+        let unprivileged = send_from_host(true, "freebind", borrowed, dst, 8090, "impersonated");
+        if borrowed.is_ipv4() {
+            let err = unprivileged.expect_err("IPv4 FREEBIND send with a foreign source");
+            assert!(err.contains("Network is unreachable"), "{err}");
+            send_from_host(false, "transparent", borrowed, dst, 8090, "impersonated")
+                .expect("root sender with IP_TRANSPARENT");
+        } else {
+            unprivileged.expect("unprivileged IPv6 FREEBIND sender");
+        }
+        assert!(
+            !receives(&rx, b"impersonated", BLOCK_WAIT),
+            "a host process's datagram from {borrowed} reached {dst} as the trusted endpoint"
+        );
+        let what = format!("132 drop at the target of {borrowed} -> {dst}:8090 from the host");
+        let ev = events.wait_for(&what, |e| {
+            e.verdict == Verdict::Dropped
+                && e.endpoint_id == target.endpoint_id
+                && e.saddr == borrowed
+                && e.dport == 8090
+        });
+        assert_eq!(ev.drop_reason, DROP_INVALID_SIP, "{what}");
+        assert_eq!(ev.direction, Direction::Ingress, "{what}");
+        assert_eq!(ev.protocol, PROTO_UDP, "{what}");
+        assert_eq!(ev.src_identity, TRUSTED, "{what}: the identity it claimed");
+
+        // Control: the trusted endpoint itself, with the same address, gets through.
+        let tx = udp_bound(&trusted, borrowed, 0);
+        tx.send_to(b"legit", (dst, 8090)).expect("send legit");
+        assert!(
+            receives(&rx, b"legit", PASS_WAIT),
+            "trusted {borrowed} -> {dst}"
+        );
+
+        // Control: the same unprivileged user with the host's own address is the host, which
+        // the target allows on 8091.
+        let host_rx = udp_bound(&target, dst, 8091);
+        send_from_host(true, "own", dst, dst, 8091, "from the host")
+            .expect("unprivileged sender with the host's address");
+        assert!(
+            receives(&host_rx, b"from the host", PASS_WAIT),
+            "host -> {dst}:8091 with the host's own address"
+        );
     }
 }
