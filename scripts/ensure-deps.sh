@@ -9,6 +9,11 @@ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || need+=(iproute
 # sigil-netd benchmarks: iperf3 throughput and the nftables baseline.
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+# Attack tests run commands as another user (setpriv), under limits (prlimit), in new namespaces (unshare), and
+# send crafted packets from the system Python as an unprivileged user.
+command -v setpriv >/dev/null 2>&1 && command -v prlimit >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 ||
+  need+=(util-linux)
+[ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2
