@@ -20,14 +20,15 @@ use sigil_datapath::{Datapath, EndpointConfig};
 use sigil_identity::{Allocator, LocalAllocator, reserved_identities};
 use sigil_labels::Labels;
 use sigil_policy::{
-    Document, IpPrefix, PeerSelector, Peers, PolicyDeltas, PolicyEngine, PolicyError, PolicyId,
-    parse_documents,
+    Direction, Document, IpPrefix, PolicyDeltas, PolicyEngine, PolicyEntry, PolicyError, PolicyId,
+    PolicyKey, parse_documents,
 };
 
 use crate::config::Config;
 use crate::convert::{enforcement, to_datapath};
 use crate::error::NetdError;
 use crate::state::{EndpointRecord, ImportedFile, State, cidr_labels, identity_labels, nid};
+use crate::txn::{CidrList, Compiled, PolicyJob, PolicyOp};
 
 /// How long a released identity number is held back before reuse.
 const IDENTITY_GRACE: Duration = Duration::from_secs(60);
@@ -97,7 +98,10 @@ pub struct Daemon {
     config: Config,
     datapath: Datapath,
     engine: PolicyEngine,
-    alloc: LocalAllocator,
+    alloc: Arc<LocalAllocator>,
+    /// Bumped by every change of the engine; a policy job compiled at another generation is
+    /// compiled again.
+    generation: u64,
     state: State,
     sources: BTreeMap<PolicyId, PolicySource>,
     dir_files: BTreeMap<String, String>,
@@ -116,7 +120,7 @@ impl Daemon {
             netns::blackhole_route(&cidr)?;
         }
         let state = State::load(&config.state_dir)?;
-        let alloc = LocalAllocator::new(0, IDENTITY_GRACE);
+        let alloc = Arc::new(LocalAllocator::new(0, IDENTITY_GRACE));
         let mut items = Vec::new();
         for rec in state.endpoints.values() {
             items.push((rec.identity, rec.labels()?));
@@ -136,6 +140,7 @@ impl Daemon {
             datapath,
             engine,
             alloc,
+            generation: 0,
             state,
             sources: BTreeMap::new(),
             dir_files: BTreeMap::new(),
@@ -152,10 +157,18 @@ impl Daemon {
             }
         }
         d.engine.upsert_policies(docs);
-        if d.config.policy_dir.is_some()
-            && let Err(e) = d.load_dir_into_engine()
-        {
-            tracing::warn!(error = %e, "policy directory not loaded; it is retried when it changes");
+        match d.read_policy_dir() {
+            Ok(Some((docs, files))) => {
+                for doc in &docs {
+                    d.sources.insert(doc.id.clone(), PolicySource::Dir);
+                }
+                d.engine.upsert_policies(docs);
+                d.dir_files = files.into_iter().collect();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "policy directory not loaded; it is retried when it changes");
+            }
         }
         d.reconcile()?;
         Ok(d)
@@ -488,62 +501,236 @@ impl Daemon {
     // ---- policies ----
 
     /// Imports policy files (origin, YAML) through the API: all are parsed first; one
-    /// invalid document rejects the import with nothing applied.
+    /// invalid document rejects the import with nothing applied. Compiles in place; the API
+    /// compiles off the writer with [`Daemon::prepare_policy`] and [`PolicyJob::compile`].
     pub fn import_policies(
         &mut self,
         files: Vec<(String, String)>,
     ) -> Result<(Vec<String>, usize), NetdError> {
-        let docs = parse_all(&files)?;
-        if docs.is_empty() {
-            return Err(NetdError::invalid(
-                "files",
-                files
-                    .iter()
-                    .map(|(o, _)| o.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                "no policy document found",
-            ));
-        }
-        let ids: Vec<String> = docs.iter().map(|d| d.id.to_string()).collect();
-        for f in &mut self.state.imported {
-            f.policies.retain(|p| !ids.contains(p));
-        }
-        self.state.imported.retain(|f| !f.policies.is_empty());
-        for (origin, yaml) in files {
-            let policies: Vec<String> = docs
-                .iter()
-                .filter(|d| d.origin == origin)
-                .map(|d| d.id.to_string())
-                .collect();
-            if !policies.is_empty() {
-                self.state.imported.push(ImportedFile {
-                    origin,
-                    yaml,
-                    policies,
-                });
-            }
-        }
-        for d in &docs {
-            self.sources.insert(d.id.clone(), PolicySource::Api);
-        }
-        let deltas = self.engine.upsert_policies(docs);
-        let n = self.apply_policy_change(identities_of(&deltas))?;
-        Ok((ids, n))
+        let op = parse_import(files)?;
+        let c = self.prepare_policy(op).compile()?;
+        self.commit_policy(c)
     }
 
     /// Deletes a policy by `name`, `namespace/name` or `Kind/namespace/name`.
     pub fn delete_policy(&mut self, name: &str) -> Result<(String, usize), NetdError> {
         let id = self.resolve_policy(name)?;
-        let text = id.to_string();
-        for f in &mut self.state.imported {
-            f.policies.retain(|p| *p != text);
+        let c = self.prepare_policy(PolicyOp::Delete(id)).compile()?;
+        let (mut ids, n) = self.commit_policy(c)?;
+        Ok((ids.pop().unwrap_or_default(), n))
+    }
+
+    /// A policy change ready to compile on a copy of the engine.
+    pub fn prepare_policy(&self, op: PolicyOp) -> PolicyJob {
+        PolicyJob {
+            generation: self.generation,
+            op,
+            engine: self.engine.clone(),
+            cidr_identities: self.state.cidr_identities.clone(),
+            dir_ids: self
+                .sources
+                .iter()
+                .filter(|(_, s)| **s == PolicySource::Dir)
+                .map(|(id, _)| id.clone())
+                .collect(),
+            alloc: Arc::clone(&self.alloc),
         }
-        self.state.imported.retain(|f| !f.policies.is_empty());
-        self.sources.remove(&id);
-        let deltas = self.engine.delete_policy(&id);
-        let n = self.apply_policy_change(identities_of(&deltas))?;
-        Ok((text, n))
+    }
+
+    /// Applies a compiled change whole or not at all: the engine's key changes become one
+    /// plan over every affected endpoint; if the policy map cannot take its new keys nothing
+    /// is written and the error says how many are needed and free; a failed write rolls the
+    /// kernel back. Only then do the engine, the state file and the snapshot change. Returns
+    /// the ids of the policies changed and how many endpoints were updated.
+    pub fn commit_policy(&mut self, c: Compiled) -> Result<(Vec<String>, usize), NetdError> {
+        let c = if c.generation == self.generation {
+            c
+        } else {
+            // The engine changed while this compiled (an endpoint came or went): compile the
+            // same operation again on the current engine.
+            let op = c.op.clone();
+            c.abort();
+            self.prepare_policy(op).compile()?
+        };
+        match self.apply_compiled(&c) {
+            Ok(n) => {
+                let ids = self.finish_policy(c)?;
+                Ok((ids, n))
+            }
+            Err(e) => {
+                c.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// The kernel part of [`Daemon::commit_policy`]; on error the kernel is as before.
+    fn apply_compiled(&mut self, c: &Compiled) -> Result<usize, NetdError> {
+        // Fold the deltas: per endpoint identity, each key's final value.
+        let mut wanted: BTreeMap<u32, BTreeMap<PolicyKey, Option<PolicyEntry>>> = BTreeMap::new();
+        for d in &c.deltas {
+            for e in &d.endpoints {
+                let m = wanted.entry(e.endpoint.get()).or_default();
+                for ch in e.changes.iter() {
+                    m.insert(ch.key, ch.new);
+                }
+            }
+        }
+        let targets: Vec<EndpointRecord> = self
+            .state
+            .endpoints
+            .values()
+            .filter(|r| wanted.contains_key(&r.identity))
+            .cloned()
+            .collect();
+        let mut changes = Vec::new();
+        for rec in &targets {
+            for (k, v) in wanted.get(&rec.identity).into_iter().flatten() {
+                let entry = to_datapath(k, &v.unwrap_or_default());
+                for key in entry.keys()? {
+                    changes.push((rec.endpoint_id, key, v.map(|_| entry.value())));
+                }
+            }
+        }
+        let plan = self.datapath.maps().policy.plan(changes);
+        self.datapath.maps().policy.check(&plan)?;
+
+        // Tighten enforcement where the new policy enforces more; relax after.
+        let mut flags = Vec::new();
+        for rec in &targets {
+            let Some(old) = self.datapath.maps().endpoints.get(rec.endpoint_id)? else {
+                continue;
+            };
+            let (ingress, egress) = enforcement_of(&c.engine, rec.identity);
+            flags.push((rec.endpoint_id, old, ingress, egress));
+        }
+        let mut undo = Undo::default();
+        let res = self.apply_kernel(c, plan, &flags, &mut undo);
+        if let Err(e) = res {
+            if let Err(r) = self.undo(undo) {
+                tracing::error!(error = %r, "undoing a failed policy change");
+            }
+            return Err(e);
+        }
+        let eps = &mut self.datapath.maps_mut().endpoints;
+        for (ep, old, ingress, egress) in &flags {
+            let cfg = EndpointConfig {
+                ingress_enforced: *ingress,
+                egress_enforced: *egress,
+                ..*old
+            };
+            // A relaxation that fails leaves the endpoint stricter: fail closed.
+            if let Err(e) = eps.set(*ep, cfg) {
+                tracing::warn!(endpoint_id = ep, error = %e, "relaxing enforcement flags");
+            }
+        }
+        Ok(targets.len())
+    }
+
+    fn apply_kernel(
+        &mut self,
+        c: &Compiled,
+        plan: sigil_datapath::PolicyPlan,
+        flags: &[(u32, EndpointConfig, bool, bool)],
+        undo: &mut Undo,
+    ) -> Result<(), NetdError> {
+        let maps = self.datapath.maps_mut();
+        for (ep, old, ingress, egress) in flags {
+            let cfg = EndpointConfig {
+                ingress_enforced: *ingress || old.ingress_enforced,
+                egress_enforced: *egress || old.egress_enforced,
+                ..*old
+            };
+            if cfg != *old {
+                maps.endpoints.set(*ep, cfg)?;
+                undo.flags.push((*ep, *old));
+            }
+        }
+        for (p, id) in &c.removed {
+            maps.ipcache.remove(p.addr(), p.prefix_len())?;
+            undo.ipcache_removed.push((*p, *id));
+        }
+        undo.applied = Some(maps.policy.apply_plan(plan)?);
+        for (p, id) in &c.added {
+            maps.ipcache.upsert(p.addr(), p.prefix_len(), *id)?;
+            undo.ipcache_added.push(*p);
+        }
+        Ok(())
+    }
+
+    fn undo(&mut self, undo: Undo) -> Result<(), NetdError> {
+        let maps = self.datapath.maps_mut();
+        for p in undo.ipcache_added.iter().rev() {
+            maps.ipcache.remove(p.addr(), p.prefix_len())?;
+        }
+        if let Some(a) = undo.applied {
+            maps.policy.rollback(a)?;
+        }
+        for (p, id) in undo.ipcache_removed.iter().rev() {
+            maps.ipcache.upsert(p.addr(), p.prefix_len(), *id)?;
+        }
+        for (ep, old) in undo.flags.iter().rev() {
+            maps.endpoints.set(*ep, *old)?;
+        }
+        Ok(())
+    }
+
+    /// After the kernel took a change: the engine, sources, files, state file, snapshot.
+    fn finish_policy(&mut self, c: Compiled) -> Result<Vec<String>, NetdError> {
+        for (_, id) in &c.removed {
+            self.alloc.release(nid(*id))?;
+        }
+        self.engine = c.engine;
+        self.state.cidr_identities = c.cidr_identities;
+        let ids = match c.op {
+            PolicyOp::Import { docs, files } => {
+                let ids: Vec<String> = docs.iter().map(|d| d.id.to_string()).collect();
+                for f in &mut self.state.imported {
+                    f.policies.retain(|p| !ids.contains(p));
+                }
+                self.state.imported.retain(|f| !f.policies.is_empty());
+                for (origin, yaml) in files {
+                    let policies: Vec<String> = docs
+                        .iter()
+                        .filter(|d| d.origin == origin)
+                        .map(|d| d.id.to_string())
+                        .collect();
+                    if !policies.is_empty() {
+                        self.state.imported.push(ImportedFile {
+                            origin,
+                            yaml,
+                            policies,
+                        });
+                    }
+                }
+                for d in &docs {
+                    self.sources.insert(d.id.clone(), PolicySource::Api);
+                }
+                ids
+            }
+            PolicyOp::Delete(id) => {
+                let text = id.to_string();
+                for f in &mut self.state.imported {
+                    f.policies.retain(|p| *p != text);
+                }
+                self.state.imported.retain(|f| !f.policies.is_empty());
+                self.sources.remove(&id);
+                vec![text]
+            }
+            PolicyOp::Dir { docs, files } => {
+                let new_ids: BTreeSet<PolicyId> = docs.iter().map(|d| d.id.clone()).collect();
+                self.sources
+                    .retain(|id, s| *s != PolicySource::Dir || new_ids.contains(id));
+                for id in &new_ids {
+                    self.sources.insert(id.clone(), PolicySource::Dir);
+                }
+                self.dir_files = files.into_iter().collect();
+                new_ids.iter().map(ToString::to_string).collect()
+            }
+        };
+        self.save()?;
+        self.publish();
+        Ok(ids)
     }
 
     /// Every installed policy (without YAML).
@@ -633,13 +820,23 @@ impl Daemon {
     /// Re-imports the watched directory as a whole: its policies replace the ones it gave
     /// before (removed files' policies are deleted). An invalid file changes nothing.
     pub fn sync_policy_dir(&mut self) -> Result<usize, NetdError> {
-        let affected = self.load_dir_into_engine()?;
-        self.apply_policy_change(affected)
+        let Some(op) = self.policy_dir_op()? else {
+            return Ok(0);
+        };
+        let c = self.prepare_policy(op).compile()?;
+        Ok(self.commit_policy(c)?.1)
     }
 
-    fn load_dir_into_engine(&mut self) -> Result<BTreeSet<u32>, NetdError> {
+    /// The watched directory read and parsed as a change (`None` without a directory).
+    pub fn policy_dir_op(&self) -> Result<Option<PolicyOp>, NetdError> {
+        Ok(self
+            .read_policy_dir()?
+            .map(|(docs, files)| PolicyOp::Dir { docs, files }))
+    }
+
+    fn read_policy_dir(&self) -> Result<Option<(Vec<Document>, Vec<(String, String)>)>, NetdError> {
         let Some(dir) = self.config.policy_dir.clone() else {
-            return Ok(BTreeSet::new());
+            return Ok(None);
         };
         let mut files = Vec::new();
         if dir.is_dir() {
@@ -649,38 +846,7 @@ impl Daemon {
             }
         }
         let docs = parse_all(&files)?;
-        let new_ids: BTreeSet<PolicyId> = docs.iter().map(|d| d.id.clone()).collect();
-        let stale: Vec<PolicyId> = self
-            .sources
-            .iter()
-            .filter(|(id, s)| **s == PolicySource::Dir && !new_ids.contains(*id))
-            .map(|(id, _)| id.clone())
-            .collect();
-        let mut affected = BTreeSet::new();
-        for id in &new_ids {
-            self.sources.insert(id.clone(), PolicySource::Dir);
-        }
-        affected.extend(identities_of(&self.engine.upsert_policies(docs)));
-        for id in stale {
-            self.sources.remove(&id);
-            affected.extend(identities_of(&self.engine.delete_policy(&id)));
-        }
-        self.dir_files = files.into_iter().collect();
-        Ok(affected)
-    }
-
-    /// After the engine changed policies: CIDR identities, maps, IPCache, state file.
-    fn apply_policy_change(&mut self, mut affected: BTreeSet<u32>) -> Result<usize, NetdError> {
-        let (added, removed) = self.sync_cidrs_tracking(&mut affected)?;
-        let ipc = &mut self.datapath.maps_mut().ipcache;
-        for (p, _) in &removed {
-            ipc.remove(p.addr(), p.prefix_len())?;
-        }
-        let n = self.install_identities(&affected)?;
-        self.release_cidrs(added, removed)?;
-        self.save()?;
-        self.publish();
-        Ok(n)
+        Ok(Some((docs, files)))
     }
 
     fn sync_cidrs(&mut self) -> Result<(CidrList, CidrList), NetdError> {
@@ -688,44 +854,22 @@ impl Daemon {
         self.sync_cidrs_tracking(&mut ignored)
     }
 
-    /// Allocates identities for CIDR prefixes policies name now and tells the engine; the
-    /// engine forgets those of prefixes no longer named. Returns (added, removed).
+    /// Allocates identities for CIDR prefixes policies name now; see [`crate::txn`].
     fn sync_cidrs_tracking(
         &mut self,
         affected: &mut BTreeSet<u32>,
     ) -> Result<(CidrList, CidrList), NetdError> {
-        let named = named_cidrs(self.engine.documents());
-        let mut added = Vec::new();
-        for p in &named {
-            let key = p.to_string();
-            if self.state.cidr_identities.contains_key(&key) {
-                continue;
-            }
-            let labels = cidr_labels(p)?;
-            let (id, fresh) = self.alloc.allocate(&labels)?;
-            if fresh {
-                affected.extend(identities_of(&self.engine.add_identity(id, labels)));
-            }
-            self.state.cidr_identities.insert(key, id.get());
-            added.push((*p, id.get()));
+        let mut deltas = Vec::new();
+        let res = crate::txn::sync_cidrs(
+            &mut self.engine,
+            &self.alloc,
+            &mut self.state.cidr_identities,
+            &mut deltas,
+        )?;
+        for d in &deltas {
+            affected.extend(identities_of(d));
         }
-        let mut removed = Vec::new();
-        let names: BTreeSet<String> = named.iter().map(ToString::to_string).collect();
-        let stale: Vec<(String, u32)> = self
-            .state
-            .cidr_identities
-            .iter()
-            .filter(|(k, _)| !names.contains(*k))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for (key, id) in stale {
-            self.state.cidr_identities.remove(&key);
-            affected.extend(identities_of(&self.engine.remove_identity(nid(id))));
-            if let Ok(p) = key.parse::<IpPrefix>() {
-                removed.push((p, id));
-            }
-        }
-        Ok((added, removed))
+        Ok(res)
     }
 
     /// IPCache entries of added prefixes (their identities are in the maps by now), and the
@@ -798,7 +942,8 @@ impl Daemon {
         self.state.save(&self.config.state_dir)
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.generation += 1;
         let mut snap = Snapshot::default();
         for (id, labels) in reserved_identities().into_iter().chain(self.alloc.list()) {
             snap.identities.insert(id.get(), label_strings(&labels));
@@ -827,8 +972,6 @@ impl Daemon {
         self.alloc.len()
     }
 }
-
-type CidrList = Vec<(IpPrefix, u32)>;
 
 /// Sorted `source:key=value` strings.
 pub fn label_strings(labels: &Labels) -> Vec<String> {
@@ -897,27 +1040,48 @@ pub fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// CIDR prefixes (and their exceptions) that policies name; `/0` is the world identity.
-fn named_cidrs<'a>(docs: impl Iterator<Item = &'a Document>) -> BTreeSet<IpPrefix> {
-    let mut out = BTreeSet::new();
-    for d in docs {
-        for r in &d.rules {
-            for e in &r.entries {
-                if let Peers::Only(sels) = &e.peers {
-                    for s in sels {
-                        if let PeerSelector::Cidr(c) = s {
-                            out.extend(
-                                std::iter::once(c.cidr)
-                                    .chain(c.except.iter().copied())
-                                    .filter(|p| !p.is_default()),
-                            );
-                        }
-                    }
-                }
-            }
-        }
+/// Parses an API import: every file first; no documents is an error naming the files.
+pub fn parse_import(files: Vec<(String, String)>) -> Result<PolicyOp, NetdError> {
+    let docs = parse_all(&files)?;
+    if docs.is_empty() {
+        return Err(NetdError::invalid(
+            "files",
+            files
+                .iter()
+                .map(|(o, _)| o.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            "no policy document found",
+        ));
     }
-    out
+    Ok(PolicyOp::Import { docs, files })
+}
+
+/// Whether each direction of an endpoint identity's map is in default deny (see
+/// [`crate::convert::enforcement`]).
+fn enforcement_of(engine: &PolicyEngine, identity: u32) -> (bool, bool) {
+    let open = |direction| {
+        let key = PolicyKey {
+            identity: 0,
+            direction,
+            protocol: 0,
+            port: 0,
+            port_prefix_len: 0,
+        };
+        engine
+            .map_entry(nid(identity), &key)
+            .is_some_and(|e| !e.deny)
+    };
+    (!open(Direction::Ingress), !open(Direction::Egress))
+}
+
+/// What a failed policy change undoes, newest first.
+#[derive(Default)]
+struct Undo {
+    flags: Vec<(u32, EndpointConfig)>,
+    ipcache_removed: CidrList,
+    applied: Option<sigil_datapath::Applied>,
+    ipcache_added: Vec<IpPrefix>,
 }
 
 fn validate_namespace(ns: &str) -> Result<(), NetdError> {

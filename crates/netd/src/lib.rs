@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod error;
 pub mod monitor;
 pub mod state;
+pub mod txn;
 pub mod watch;
 
 use std::path::Path;

@@ -46,7 +46,7 @@ pub fn is_endpoint_identity(id: u32) -> bool {
 type RuleId = u64;
 type MapId = usize;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum CPeers {
     Wildcard,
     Sels(Vec<SelId>),
@@ -61,7 +61,7 @@ struct Contrib {
     port: Option<PortKey>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CEntry {
     dir: Direction,
     peers: CPeers,
@@ -70,7 +70,7 @@ struct CEntry {
     l7_ports: Vec<PortKey>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CRule {
     subject: SelId,
     default_deny: PerDirection,
@@ -80,7 +80,7 @@ struct CRule {
 }
 
 /// The map shared by every endpoint selected by exactly `rules`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PolicyMap {
     rules: Vec<RuleId>,
     members: HashSet<u32, IntBuild>,
@@ -163,7 +163,10 @@ fn merge(mut c: Vec<(Prefix, Agg)>) -> Vec<(Prefix, Agg)> {
 }
 
 /// Compiles policies against identities into per-endpoint policy maps; see the module docs.
-#[derive(Debug, Default)]
+///
+/// `Clone` lets a caller compile a change on a copy and keep the original until the change
+/// has reached the kernel (a transaction).
+#[derive(Debug, Clone, Default)]
 pub struct PolicyEngine {
     mode: EnforcementMode,
     identities: HashMap<u32, Labels, IntBuild>,

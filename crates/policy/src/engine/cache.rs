@@ -69,7 +69,7 @@ fn hint(key: &CacheKey) -> Hint {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     key: CacheKey,
     hint: Hint,
@@ -78,7 +78,7 @@ struct Entry {
 }
 
 /// See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct SelectorCache {
     by_key: HashMap<CacheKey, SelId>,
     entries: HashMap<SelId, Entry, IntBuild>,
