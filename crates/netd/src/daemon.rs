@@ -33,9 +33,17 @@ use crate::txn::{CidrList, Compiled, PolicyJob, PolicyOp};
 /// How long a released identity number is held back before reuse.
 const IDENTITY_GRACE: Duration = Duration::from_secs(60);
 
-/// What the monitor needs to name things, published after every change.
+/// The daemon's state as readers see it, published after every change: the monitor names
+/// things with it and the API's read-only calls (status, endpoint and policy list/get) answer
+/// from it without waiting for the writer.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Endpoints by name, with their identity's labels.
+    pub endpoints: BTreeMap<String, (EndpointRecord, Vec<String>)>,
+    /// Installed policies, with the YAML of their files.
+    pub policies: Vec<PolicyInfo>,
+    /// Number of allocated identities (endpoints and CIDRs).
+    pub identity_count: usize,
     /// Identity → labels.
     pub identities: HashMap<u32, Vec<String>>,
     /// Address → endpoint name.
@@ -44,6 +52,81 @@ pub struct Snapshot {
     pub endpoint_ids: HashMap<u32, String>,
     /// Rule cookie → `Kind/namespace/name: rule path`.
     pub rules: HashMap<u32, String>,
+}
+
+impl Snapshot {
+    /// Every installed policy (without YAML).
+    pub fn list_policies(&self) -> Vec<PolicyInfo> {
+        self.policies
+            .iter()
+            .map(|p| PolicyInfo {
+                yaml: Arc::from(""),
+                ..p.clone()
+            })
+            .collect()
+    }
+
+    /// One policy by `name`, `namespace/name` or `Kind/namespace/name`, with its file's YAML.
+    pub fn get_policy(&self, name: &str) -> Result<PolicyInfo, NetdError> {
+        let id = resolve_policy(self.policies.iter().map(|p| &p.id), name)?;
+        self.policies
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| NetdError::NotFound {
+                what: "policy",
+                name: name.to_owned(),
+            })
+    }
+
+    /// The id of a policy given by `name`, `namespace/name` or `Kind/namespace/name`.
+    pub fn resolve_policy(&self, name: &str) -> Result<PolicyId, NetdError> {
+        resolve_policy(self.policies.iter().map(|p| &p.id), name)
+    }
+
+    /// One endpoint and its identity's labels.
+    pub fn get_endpoint(&self, name: &str) -> Result<&(EndpointRecord, Vec<String>), NetdError> {
+        self.endpoints.get(name).ok_or_else(|| NetdError::NotFound {
+            what: "endpoint",
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The one policy among `ids` that `name` names.
+fn resolve_policy<'a>(
+    ids: impl Iterator<Item = &'a PolicyId>,
+    name: &str,
+) -> Result<PolicyId, NetdError> {
+    let hits: Vec<PolicyId> = ids
+        .filter(|id| {
+            let full = id.to_string();
+            let short = match &id.namespace {
+                Some(ns) => format!("{ns}/{}", id.name),
+                None => id.name.clone(),
+            };
+            full == name || short == name || id.name == name
+        })
+        .cloned()
+        .collect();
+    match hits.as_slice() {
+        [] => Err(NetdError::NotFound {
+            what: "policy",
+            name: name.to_owned(),
+        }),
+        [one] => Ok(one.clone()),
+        many => Err(NetdError::invalid(
+            "name",
+            name,
+            format!(
+                "matches {}; give Kind/namespace/name",
+                many.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }
 
 /// Input of [`Daemon::create_endpoint`].
@@ -57,6 +140,14 @@ pub struct CreateEndpoint {
     pub namespace: String,
     /// SPIFFE ID (none when empty).
     pub spiffe_id: String,
+}
+
+/// What [`Daemon::try_commit_policy`] did.
+pub enum Committed {
+    /// Applied: the ids of the policies changed and the number of endpoints updated.
+    Done(Vec<String>, usize),
+    /// Not applied; compile this job again.
+    Stale(PolicyJob),
 }
 
 /// Where an installed policy came from.
@@ -89,8 +180,8 @@ pub struct PolicyInfo {
     pub origin: String,
     /// Number of rules.
     pub rules: usize,
-    /// YAML text of its file.
-    pub yaml: String,
+    /// YAML text of its file (shared by the file's policies).
+    pub yaml: Arc<str>,
 }
 
 /// The daemon.
@@ -543,25 +634,37 @@ impl Daemon {
     /// kernel back. Only then do the engine, the state file and the snapshot change. Returns
     /// the ids of the policies changed and how many endpoints were updated.
     pub fn commit_policy(&mut self, c: Compiled) -> Result<(Vec<String>, usize), NetdError> {
-        let c = if c.generation == self.generation {
-            c
-        } else {
-            // The engine changed while this compiled (an endpoint came or went): compile the
-            // same operation again on the current engine.
-            let op = c.op.clone();
-            c.abort();
-            self.prepare_policy(op).compile()?
-        };
+        let mut c = c;
+        loop {
+            match self.try_commit_policy(c)? {
+                Committed::Done(ids, n) => return Ok((ids, n)),
+                Committed::Stale(job) => c = job.compile()?,
+            }
+        }
+    }
+
+    /// [`Daemon::commit_policy`] without compiling: a change compiled against an engine that
+    /// has changed since (an endpoint came or went) comes back as a fresh job to compile again.
+    pub fn try_commit_policy(&mut self, c: Compiled) -> Result<Committed, NetdError> {
+        if c.generation != self.generation {
+            let op = c.into_op();
+            return Ok(Committed::Stale(self.prepare_policy(op)));
+        }
         match self.apply_compiled(&c) {
             Ok(n) => {
                 let ids = self.finish_policy(c)?;
-                Ok((ids, n))
+                Ok(Committed::Done(ids, n))
             }
             Err(e) => {
                 c.abort();
                 Err(e)
             }
         }
+    }
+
+    /// Marks the engine as changed: policy jobs compiled before are compiled again.
+    pub(crate) fn bump_generation(&mut self) {
+        self.generation += 1;
     }
 
     /// The kernel part of [`Daemon::commit_policy`]; on error the kernel is as before.
@@ -733,88 +836,8 @@ impl Daemon {
         Ok(ids)
     }
 
-    /// Every installed policy (without YAML).
-    pub fn list_policies(&self) -> Vec<PolicyInfo> {
-        self.engine
-            .documents()
-            .map(|d| self.info(d, false))
-            .collect()
-    }
-
-    /// One policy with the YAML of its file.
-    pub fn get_policy(&self, name: &str) -> Result<PolicyInfo, NetdError> {
-        let id = self.resolve_policy(name)?;
-        let doc = self
-            .engine
-            .documents()
-            .find(|d| d.id == id)
-            .ok_or_else(|| NetdError::NotFound {
-                what: "policy",
-                name: name.to_owned(),
-            })?;
-        Ok(self.info(doc, true))
-    }
-
-    fn info(&self, d: &Document, yaml: bool) -> PolicyInfo {
-        let source = self
-            .sources
-            .get(&d.id)
-            .copied()
-            .unwrap_or(PolicySource::Api);
-        let text = if !yaml {
-            String::new()
-        } else if source == PolicySource::Dir {
-            self.dir_files.get(&d.origin).cloned().unwrap_or_default()
-        } else {
-            let id = d.id.to_string();
-            self.state
-                .imported
-                .iter()
-                .find(|f| f.policies.contains(&id))
-                .map(|f| f.yaml.clone())
-                .unwrap_or_default()
-        };
-        PolicyInfo {
-            id: d.id.clone(),
-            source,
-            origin: d.origin.clone(),
-            rules: d.rules.len(),
-            yaml: text,
-        }
-    }
-
     fn resolve_policy(&self, name: &str) -> Result<PolicyId, NetdError> {
-        let hits: Vec<PolicyId> = self
-            .engine
-            .documents()
-            .map(|d| d.id.clone())
-            .filter(|id| {
-                let full = id.to_string();
-                let short = match &id.namespace {
-                    Some(ns) => format!("{ns}/{}", id.name),
-                    None => id.name.clone(),
-                };
-                full == name || short == name || id.name == name
-            })
-            .collect();
-        match hits.as_slice() {
-            [] => Err(NetdError::NotFound {
-                what: "policy",
-                name: name.to_owned(),
-            }),
-            [one] => Ok(one.clone()),
-            many => Err(NetdError::invalid(
-                "name",
-                name,
-                format!(
-                    "matches {}; give Kind/namespace/name",
-                    many.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        }
+        resolve_policy(self.engine.documents().map(|d| &d.id), name)
     }
 
     /// Re-imports the watched directory as a whole: its policies replace the ones it gave
@@ -835,18 +858,11 @@ impl Daemon {
     }
 
     fn read_policy_dir(&self) -> Result<Option<(Vec<Document>, Vec<(String, String)>)>, NetdError> {
-        let Some(dir) = self.config.policy_dir.clone() else {
-            return Ok(None);
-        };
-        let mut files = Vec::new();
-        if dir.is_dir() {
-            for p in yaml_files(&dir) {
-                let text = std::fs::read_to_string(&p).map_err(|e| NetdError::io(&p, e))?;
-                files.push((p.display().to_string(), text));
-            }
-        }
-        let docs = parse_all(&files)?;
-        Ok(Some((docs, files)))
+        self.config
+            .policy_dir
+            .as_deref()
+            .map(read_policy_dir)
+            .transpose()
     }
 
     fn sync_cidrs(&mut self) -> Result<(CidrList, CidrList), NetdError> {
@@ -956,6 +972,46 @@ impl Daemon {
         for (cookie, policy, path) in self.engine.rule_cookies() {
             snap.rules.insert(cookie, format!("{policy}: {path}"));
         }
+        for r in self.state.endpoints.values() {
+            let labels = snap
+                .identities
+                .get(&r.identity)
+                .cloned()
+                .unwrap_or_default();
+            snap.endpoints.insert(r.name.clone(), (r.clone(), labels));
+        }
+        snap.identity_count = self.alloc.len();
+        let mut api_yaml: HashMap<&str, Arc<str>> = HashMap::new();
+        for f in &self.state.imported {
+            let text: Arc<str> = Arc::from(f.yaml.as_str());
+            for p in &f.policies {
+                api_yaml.insert(p.as_str(), Arc::clone(&text));
+            }
+        }
+        let dir_yaml: HashMap<&str, Arc<str>> = self
+            .dir_files
+            .iter()
+            .map(|(o, y)| (o.as_str(), Arc::from(y.as_str())))
+            .collect();
+        for d in self.engine.documents() {
+            let source = self
+                .sources
+                .get(&d.id)
+                .copied()
+                .unwrap_or(PolicySource::Api);
+            let id = d.id.to_string();
+            let yaml = match source {
+                PolicySource::Dir => dir_yaml.get(d.origin.as_str()),
+                PolicySource::Api => api_yaml.get(id.as_str()),
+            };
+            snap.policies.push(PolicyInfo {
+                id: d.id.clone(),
+                source,
+                origin: d.origin.clone(),
+                rules: d.rules.len(),
+                yaml: yaml.cloned().unwrap_or_else(|| Arc::from("")),
+            });
+        }
         self.snapshot.store(Arc::new(snap));
     }
 
@@ -1038,6 +1094,19 @@ pub fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect();
     out.sort();
     out
+}
+
+/// Reads and parses the `*.yaml` files of a policy directory (a missing directory has none).
+pub fn read_policy_dir(dir: &Path) -> Result<(Vec<Document>, Vec<(String, String)>), NetdError> {
+    let mut files = Vec::new();
+    if dir.is_dir() {
+        for p in yaml_files(dir) {
+            let text = std::fs::read_to_string(&p).map_err(|e| NetdError::io(&p, e))?;
+            files.push((p.display().to_string(), text));
+        }
+    }
+    let docs = parse_all(&files)?;
+    Ok((docs, files))
 }
 
 /// Parses an API import: every file first; no documents is an error naming the files.

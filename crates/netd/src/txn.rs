@@ -105,9 +105,10 @@ impl Compiled {
         release_added(&self.alloc, &self.added);
     }
 
-    /// The operation.
-    pub fn op(&self) -> &PolicyOp {
-        &self.op
+    /// Gives back the identities (see [`Compiled::abort`]) and returns the operation.
+    pub fn into_op(self) -> PolicyOp {
+        release_added(&self.alloc, &self.added);
+        self.op
     }
 }
 
