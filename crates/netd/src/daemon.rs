@@ -206,7 +206,7 @@ impl Daemon {
         if config.bpf_pin_dir.starts_with("/sys/fs/bpf") {
             sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         }
-        let datapath = Datapath::load(&config.bpf_pin_dir)?;
+        let datapath = Datapath::load_with(&config.bpf_pin_dir, config.policy_map_max_entries)?;
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {
             netns::blackhole_route(&cidr)?;
         }
@@ -660,6 +660,17 @@ impl Daemon {
                 Err(e)
             }
         }
+    }
+
+    /// Test seam at the kernel writer: see [`sigil_datapath::PolicyMap::fail_writes_after`].
+    #[doc(hidden)]
+    pub fn fail_policy_writes_after(&mut self, n: Option<usize>) {
+        self.datapath.maps_mut().policy.fail_writes_after(n);
+    }
+
+    /// The datapath (for tests that compare the kernel before and after).
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
     }
 
     /// Marks the engine as changed: policy jobs compiled before are compiled again.

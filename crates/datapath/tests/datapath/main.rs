@@ -5,6 +5,7 @@ mod icmp;
 mod policy_map;
 mod spoof;
 mod support;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
