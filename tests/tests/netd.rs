@@ -1017,7 +1017,9 @@ fn an_import_the_policy_map_cannot_hold_is_refused_and_the_deny_stays_enforced()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the import should be refused");
     assert!(
-        err.contains("sigil_policy") && err.contains("new entries") && err.contains("of 48 are free"),
+        err.contains("sigil_policy")
+            && err.contains("new entries")
+            && err.contains("of 48 are free"),
         "{err}"
     );
 
@@ -1039,5 +1041,8 @@ fn an_import_the_policy_map_cannot_hold_is_refused_and_the_deny_stays_enforced()
         !probe(&api.netns, &web.ipv4, 7001, false),
         "the deny is still enforced"
     );
-    assert!(probe(&api.netns, &web.ipv4, 7000, false), "the allow still works");
+    assert!(
+        probe(&api.netns, &web.ipv4, 7000, false),
+        "the allow still works"
+    );
 }

@@ -242,9 +242,7 @@ impl Config {
         let enforcement = EnforcementMode::parse(&mode).with_context(|| {
             format!("enforcement: invalid value {mode:?} (default, always or never)")
         })?;
-        let policy_map_max_entries = args
-            .policy_map_max_entries
-            .or(file.policy_map_max_entries);
+        let policy_map_max_entries = args.policy_map_max_entries.or(file.policy_map_max_entries);
         if policy_map_max_entries == Some(0) {
             bail!("policy_map_max_entries: invalid value 0: must be at least 1");
         }

@@ -135,7 +135,9 @@ fn a_plan_the_map_cannot_hold_is_refused_with_nothing_written() {
     let first: Vec<PolicyEntry> = (0..5)
         .map(|i| entry(100 + i, PROTO_TCP, 80, i == 0, i))
         .collect();
-    let _ = policy.apply_plan(policy.plan(set(1, &first))).expect("fits");
+    let _ = policy
+        .apply_plan(policy.plan(set(1, &first)))
+        .expect("fits");
     let before = kernel(&dir);
 
     let more: Vec<PolicyEntry> = (0..4)
@@ -156,7 +158,10 @@ fn a_plan_the_map_cannot_hold_is_refused_with_nothing_written() {
         "{err}"
     );
     let text = err.to_string();
-    assert!(text.contains("needs 4 new entries") && text.contains("3 of 8 are free"), "{text}");
+    assert!(
+        text.contains("needs 4 new entries") && text.contains("3 of 8 are free"),
+        "{text}"
+    );
     assert_eq!(kernel(&dir), before, "nothing written");
 
     // Control: three more fit exactly.
