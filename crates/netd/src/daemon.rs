@@ -147,7 +147,7 @@ pub enum Committed {
     /// Applied: the ids of the policies changed and the number of endpoints updated.
     Done(Vec<String>, usize),
     /// Not applied; compile this job again.
-    Stale(PolicyJob),
+    Stale(Box<PolicyJob>),
 }
 
 /// Where an installed policy came from.
@@ -648,7 +648,7 @@ impl Daemon {
     pub fn try_commit_policy(&mut self, c: Compiled) -> Result<Committed, NetdError> {
         if c.generation != self.generation {
             let op = c.into_op();
-            return Ok(Committed::Stale(self.prepare_policy(op)));
+            return Ok(Committed::Stale(Box::new(self.prepare_policy(op))));
         }
         match self.apply_compiled(&c) {
             Ok(n) => {
@@ -868,7 +868,7 @@ impl Daemon {
             .map(|(docs, files)| PolicyOp::Dir { docs, files }))
     }
 
-    fn read_policy_dir(&self) -> Result<Option<(Vec<Document>, Vec<(String, String)>)>, NetdError> {
+    fn read_policy_dir(&self) -> Result<Option<ParsedFiles>, NetdError> {
         self.config
             .policy_dir
             .as_deref()
@@ -1107,8 +1107,11 @@ pub fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Parsed documents and the (origin, YAML) files they came from.
+pub type ParsedFiles = (Vec<Document>, Vec<(String, String)>);
+
 /// Reads and parses the `*.yaml` files of a policy directory (a missing directory has none).
-pub fn read_policy_dir(dir: &Path) -> Result<(Vec<Document>, Vec<(String, String)>), NetdError> {
+pub fn read_policy_dir(dir: &Path) -> Result<ParsedFiles, NetdError> {
     let mut files = Vec::new();
     if dir.is_dir() {
         for p in yaml_files(dir) {

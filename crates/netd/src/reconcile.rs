@@ -30,7 +30,7 @@ enum Command {
         reply: Reply<EndpointRecord>,
     },
     PreparePolicy(PolicyOp, oneshot::Sender<PolicyJob>),
-    CommitPolicy(Compiled, Reply<Committed>),
+    CommitPolicy(Box<Compiled>, Reply<Committed>),
 }
 
 /// The handle API handlers and watchers use: send changes, read snapshots. Cheap to clone.
@@ -84,7 +84,7 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
                 let _ = reply.send(d.prepare_policy(op));
             }
             Command::CommitPolicy(c, reply) => {
-                let _ = reply.send(d.try_commit_policy(c));
+                let _ = reply.send(d.try_commit_policy(*c));
             }
         }
     }
@@ -158,14 +158,17 @@ impl Handle {
             let compiled = tokio::task::spawn_blocking(move || job.compile())
                 .await
                 .map_err(|_| NetdError::Stopped { what: "compiler" })??;
-            match self.call(|r| Command::CommitPolicy(compiled, r)).await? {
+            match self
+                .call(|r| Command::CommitPolicy(Box::new(compiled), r))
+                .await?
+            {
                 Committed::Done(ids, n) => {
                     drop(permit);
                     return Ok((ids, n));
                 }
                 Committed::Stale(next) => {
                     tracing::debug!("policy change raced with an endpoint change; compiling again");
-                    job = next;
+                    job = *next;
                 }
             }
         }
