@@ -377,7 +377,11 @@ fn status_during_import(netd: &NetdProcess, file: &std::path::Path) -> Res<()> {
         p(&mut during, 50),
         p(&mut during, 99),
         during.len(),
-        if still_busy { ", all during the import" } else { ", import ended first" }
+        if still_busy {
+            ", all during the import"
+        } else {
+            ", import ended first"
+        }
     );
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! The daemon's state machine: endpoints, identities, policies, and the order in which their
 //! changes reach the kernel so that no update opens a window where traffic that the policy
-//! denies passes.
+//! denies passes. Only the reconciler ([`crate::reconcile`]) holds it.
 //!
 //! Orderings: an endpoint's own policy is in the map before its datapath is attached; other
 //! endpoints' maps learn a new identity before the IPCache hands it out; an address leaves the
-//! IPCache before the maps forget its identity; each endpoint's map is replaced with
-//! `replace_policy` (denies first, stale denies last) and its enforcement flags are tightened
-//! before and relaxed after.
+//! IPCache before the maps forget its identity. A change reaches the maps as the engine's key
+//! changes, planned over every affected endpoint at once and written (1) new or changed
+//! denies, (2) new or changed allows, (3) stale allows removed, (4) stale denies removed, with
+//! enforcement flags tightened before and relaxed after; a failed write undoes the earlier
+//! ones in reverse, through the same fail-closed states. Policy changes are transactions
+//! ([`crate::txn`]): the engine and the state change only after the kernel took every write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use sigil_datapath::netns::{self, EndpointSpec};
-use sigil_datapath::{Datapath, EndpointConfig};
+use sigil_datapath::{Datapath, EndpointConfig, PolicyPlan};
 use sigil_identity::{Allocator, LocalAllocator, reserved_identities};
 use sigil_labels::Labels;
 use sigil_policy::{
@@ -455,9 +458,7 @@ impl Daemon {
             return Err(e);
         }
         self.state.endpoints.insert(rec.name.clone(), rec.clone());
-        let mut affected = identities_of(&deltas);
-        affected.remove(&rec.identity);
-        self.install_identities(&affected)?;
+        self.apply_deltas(std::slice::from_ref(&deltas), Some(rec.identity))?;
         let ipc = &mut self.datapath.maps_mut().ipcache;
         ipc.upsert(IpAddr::V4(ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(ipv6), 128, rec.identity)?;
@@ -500,7 +501,7 @@ impl Daemon {
         self.datapath
             .maps_mut()
             .remove_endpoint_state(rec.endpoint_id)?;
-        self.install_identities(&identities_of(&deltas))?;
+        self.apply_deltas(std::slice::from_ref(&deltas), None)?;
         netns::delete_endpoint(name)?;
         self.save()?;
         self.publish();
@@ -557,7 +558,7 @@ impl Daemon {
         rec.identity = new.get();
         self.install_endpoint(&rec)?;
         self.state.endpoints.insert(name.to_owned(), rec.clone());
-        self.install_identities(&identities_of(&deltas))?;
+        self.apply_deltas(std::slice::from_ref(&deltas), Some(rec.identity))?;
         let ipc = &mut self.datapath.maps_mut().ipcache;
         ipc.upsert(IpAddr::V4(rec.ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(rec.ipv6), 128, rec.identity)?;
@@ -566,7 +567,7 @@ impl Daemon {
         } else {
             PolicyDeltas::default()
         };
-        self.install_identities(&identities_of(&gone))?;
+        self.apply_deltas(std::slice::from_ref(&gone), None)?;
         self.save()?;
         self.publish();
         tracing::info!(endpoint = %name, old = old.get(), new = new.get(), "endpoint relabelled");
@@ -680,9 +681,36 @@ impl Daemon {
 
     /// The kernel part of [`Daemon::commit_policy`]; on error the kernel is as before.
     fn apply_compiled(&mut self, c: &Compiled) -> Result<usize, NetdError> {
+        let (plan, flags, n) = self.plan_deltas(&c.engine, &c.deltas, None)?;
+        self.write_kernel(plan, &flags, &c.removed, &c.added)?;
+        Ok(n)
+    }
+
+    /// Applies engine deltas of an endpoint change (the engine already holds the change) to
+    /// the other endpoints' maps, key by key; `skip` is an identity whose endpoint was just
+    /// installed whole.
+    fn apply_deltas(
+        &mut self,
+        deltas: &[PolicyDeltas],
+        skip: Option<u32>,
+    ) -> Result<usize, NetdError> {
+        let (plan, flags, n) = self.plan_deltas(&self.engine, deltas, skip)?;
+        self.write_kernel(plan, &flags, &[], &[])?;
+        Ok(n)
+    }
+
+    /// The kernel writes of engine deltas (`engine` is the engine after them): one plan over
+    /// every endpoint holding a changed identity, checked against the map's free entries, and
+    /// each endpoint's enforcement flags. Returns them with the number of endpoints.
+    fn plan_deltas(
+        &self,
+        engine: &PolicyEngine,
+        deltas: &[PolicyDeltas],
+        skip: Option<u32>,
+    ) -> Result<(PolicyPlan, Vec<Flags>, usize), NetdError> {
         // Fold the deltas: per endpoint identity, each key's final value.
         let mut wanted: BTreeMap<u32, BTreeMap<PolicyKey, Option<PolicyEntry>>> = BTreeMap::new();
-        for d in &c.deltas {
+        for d in deltas {
             for e in &d.endpoints {
                 let m = wanted.entry(e.endpoint.get()).or_default();
                 for ch in e.changes.iter() {
@@ -690,12 +718,14 @@ impl Daemon {
                 }
             }
         }
-        let targets: Vec<EndpointRecord> = self
+        if let Some(id) = skip {
+            wanted.remove(&id);
+        }
+        let targets: Vec<&EndpointRecord> = self
             .state
             .endpoints
             .values()
             .filter(|r| wanted.contains_key(&r.identity))
-            .cloned()
             .collect();
         let mut changes = Vec::new();
         for rec in &targets {
@@ -706,66 +736,82 @@ impl Daemon {
                 }
             }
         }
-        let plan = self.datapath.maps().policy.plan(changes);
-        self.datapath.maps().policy.check(&plan)?;
-
-        // Tighten enforcement where the new policy enforces more; relax after.
+        let maps = self.datapath.maps();
+        let plan = maps.policy.plan(changes);
+        maps.policy.check(&plan)?;
         let mut flags = Vec::new();
         for rec in &targets {
-            let Some(old) = self.datapath.maps().endpoints.get(rec.endpoint_id)? else {
+            let Some(old) = maps.endpoints.get(rec.endpoint_id)? else {
                 continue;
             };
-            let (ingress, egress) = enforcement_of(&c.engine, rec.identity);
-            flags.push((rec.endpoint_id, old, ingress, egress));
+            let (ingress, egress) = enforcement_of(engine, rec.identity);
+            flags.push(Flags {
+                endpoint_id: rec.endpoint_id,
+                old,
+                ingress,
+                egress,
+            });
         }
+        Ok((plan, flags, targets.len()))
+    }
+
+    /// Writes a plan with its flags and IPCache changes; on error the kernel is as before.
+    /// Enforcement is tightened before the policy writes and relaxed after them.
+    fn write_kernel(
+        &mut self,
+        plan: PolicyPlan,
+        flags: &[Flags],
+        removed: &[(IpPrefix, u32)],
+        added: &[(IpPrefix, u32)],
+    ) -> Result<(), NetdError> {
         let mut undo = Undo::default();
-        let res = self.apply_kernel(c, plan, &flags, &mut undo);
-        if let Err(e) = res {
+        if let Err(e) = self.write_undoable(plan, flags, removed, added, &mut undo) {
             if let Err(r) = self.undo(undo) {
                 tracing::error!(error = %r, "undoing a failed policy change");
             }
             return Err(e);
         }
         let eps = &mut self.datapath.maps_mut().endpoints;
-        for (ep, old, ingress, egress) in &flags {
+        for f in flags {
             let cfg = EndpointConfig {
-                ingress_enforced: *ingress,
-                egress_enforced: *egress,
-                ..*old
+                ingress_enforced: f.ingress,
+                egress_enforced: f.egress,
+                ..f.old
             };
             // A relaxation that fails leaves the endpoint stricter: fail closed.
-            if let Err(e) = eps.set(*ep, cfg) {
-                tracing::warn!(endpoint_id = ep, error = %e, "relaxing enforcement flags");
+            if let Err(e) = eps.set(f.endpoint_id, cfg) {
+                tracing::warn!(endpoint_id = f.endpoint_id, error = %e, "relaxing enforcement flags");
             }
         }
-        Ok(targets.len())
+        Ok(())
     }
 
-    fn apply_kernel(
+    fn write_undoable(
         &mut self,
-        c: &Compiled,
-        plan: sigil_datapath::PolicyPlan,
-        flags: &[(u32, EndpointConfig, bool, bool)],
+        plan: PolicyPlan,
+        flags: &[Flags],
+        removed: &[(IpPrefix, u32)],
+        added: &[(IpPrefix, u32)],
         undo: &mut Undo,
     ) -> Result<(), NetdError> {
         let maps = self.datapath.maps_mut();
-        for (ep, old, ingress, egress) in flags {
+        for f in flags {
             let cfg = EndpointConfig {
-                ingress_enforced: *ingress || old.ingress_enforced,
-                egress_enforced: *egress || old.egress_enforced,
-                ..*old
+                ingress_enforced: f.ingress || f.old.ingress_enforced,
+                egress_enforced: f.egress || f.old.egress_enforced,
+                ..f.old
             };
-            if cfg != *old {
-                maps.endpoints.set(*ep, cfg)?;
-                undo.flags.push((*ep, *old));
+            if cfg != f.old {
+                maps.endpoints.set(f.endpoint_id, cfg)?;
+                undo.flags.push((f.endpoint_id, f.old));
             }
         }
-        for (p, id) in &c.removed {
+        for (p, id) in removed {
             maps.ipcache.remove(p.addr(), p.prefix_len())?;
             undo.ipcache_removed.push((*p, *id));
         }
         undo.applied = Some(maps.policy.apply_plan(plan)?);
-        for (p, id) in &c.added {
+        for (p, id) in added {
             maps.ipcache.upsert(p.addr(), p.prefix_len(), *id)?;
             undo.ipcache_added.push(*p);
         }
@@ -914,21 +960,6 @@ impl Daemon {
     }
 
     // ---- kernel ----
-
-    /// Replaces the maps of every endpoint holding one of `identities`; returns how many.
-    fn install_identities(&mut self, identities: &BTreeSet<u32>) -> Result<usize, NetdError> {
-        let targets: Vec<EndpointRecord> = self
-            .state
-            .endpoints
-            .values()
-            .filter(|r| identities.contains(&r.identity))
-            .cloned()
-            .collect();
-        for rec in &targets {
-            self.install_endpoint(rec)?;
-        }
-        Ok(targets.len())
-    }
 
     /// Makes the kernel's map and config of one endpoint the engine's; the config carries the
     /// endpoint's addresses, the only sources the datapath lets its packets have.
@@ -1156,6 +1187,14 @@ fn enforcement_of(engine: &PolicyEngine, identity: u32) -> (bool, bool) {
             .is_some_and(|e| !e.deny)
     };
     (!open(Direction::Ingress), !open(Direction::Egress))
+}
+
+/// An endpoint's enforcement flags before a change and after it.
+struct Flags {
+    endpoint_id: u32,
+    old: EndpointConfig,
+    ingress: bool,
+    egress: bool,
 }
 
 /// What a failed policy change undoes, newest first.
