@@ -65,6 +65,9 @@ struct Contrib {
 struct CEntry {
     dir: Direction,
     peers: CPeers,
+    /// The peer selectors sorted and deduplicated, for membership tests (an entry may name
+    /// thousands of CIDRs).
+    sel_index: Vec<SelId>,
     contribs: Vec<Contrib>,
     /// Port keys this (allow) entry puts L7 rules on.
     l7_ports: Vec<PortKey>,
@@ -385,13 +388,20 @@ impl PolicyEngine {
         };
         let mut own = Vec::new();
         if self.mode != EnforcementMode::Never {
+            // The few selectors matching `id`, each looked up in an entry's index: the cost
+            // does not grow with the number of selectors an entry names.
+            let mine = self
+                .identities
+                .get(&id)
+                .map(|l| self.cache.selectors_matching(id, l))
+                .unwrap_or_default();
             for rid in &m.rules {
                 let Some(rule) = self.rules.get(rid) else {
                     continue;
                 };
                 for e in rule.entries.iter().filter(|e| di(e.dir) == d) {
-                    if let CPeers::Sels(sels) = &e.peers
-                        && sels.iter().any(|s| self.cache.contains(*s, id))
+                    if matches!(e.peers, CPeers::Sels(_))
+                        && mine.iter().any(|s| e.sel_index.binary_search(s).is_ok())
                     {
                         own.extend(e.contribs.iter().map(|c| effective(c, &m.l7_ports[d])));
                     }
@@ -504,9 +514,16 @@ impl PolicyEngine {
                 let cookie = self.cookies.acquire(&doc.id, &e.path);
                 cookies.push(cookie);
                 let (contribs, l7_ports) = entry_contribs(e, cookie);
+                let mut sel_index = match &peers {
+                    CPeers::Sels(sels) => sels.clone(),
+                    CPeers::Wildcard => Vec::new(),
+                };
+                sel_index.sort_unstable();
+                sel_index.dedup();
                 entries.push(CEntry {
                     dir: e.direction,
                     peers,
+                    sel_index,
                     contribs,
                     l7_ports,
                 });

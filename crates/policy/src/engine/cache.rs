@@ -238,6 +238,14 @@ impl SelectorCache {
         out
     }
 
+    /// The selectors that match identity `id` (with `labels`), sorted.
+    pub(crate) fn selectors_matching(&self, id: u32, labels: &Labels) -> Vec<SelId> {
+        self.candidates(labels)
+            .into_iter()
+            .filter(|s| self.contains(*s, id))
+            .collect()
+    }
+
     fn candidates(&self, labels: &Labels) -> Vec<SelId> {
         let mut c: Vec<SelId> = self.scan.iter().copied().collect();
         for l in labels.iter() {
