@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod error;
 pub mod monitor;
 pub mod reconcile;
+pub mod snapshot;
 pub mod state;
 pub mod txn;
 pub mod watch;
