@@ -17,6 +17,10 @@ use crate::txn::{Compiled, PolicyJob, PolicyOp};
 /// Commands queued for the writer before senders wait.
 const QUEUE: usize = 64;
 
+/// Compilations of one change that may go stale (an endpoint change landed meanwhile) before
+/// the writer compiles it itself, so endpoint churn cannot starve a policy change.
+const STALE_RETRIES: usize = 3;
+
 type Reply<T> = oneshot::Sender<Result<T, NetdError>>;
 
 /// A desired-state change for the writer, with where its answer goes.
@@ -30,7 +34,12 @@ enum Command {
         reply: Reply<EndpointRecord>,
     },
     PreparePolicy(PolicyOp, oneshot::Sender<PolicyJob>),
-    CommitPolicy(Box<Compiled>, Reply<Committed>),
+    /// A compiled change; with `inline`, a stale one is compiled again by the writer itself.
+    CommitPolicy {
+        compiled: Box<Compiled>,
+        inline: bool,
+        reply: Reply<Committed>,
+    },
 }
 
 /// The handle API handlers and watchers use: send changes, read snapshots. Cheap to clone.
@@ -83,8 +92,18 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
             Command::PreparePolicy(op, reply) => {
                 let _ = reply.send(d.prepare_policy(op));
             }
-            Command::CommitPolicy(c, reply) => {
-                let _ = reply.send(d.try_commit_policy(*c));
+            Command::CommitPolicy {
+                compiled,
+                inline,
+                reply,
+            } => {
+                let res = if inline {
+                    d.commit_policy(*compiled)
+                        .map(|(ids, n)| Committed::Done(ids, n))
+                } else {
+                    d.try_commit_policy(*compiled)
+                };
+                let _ = reply.send(res);
             }
         }
     }
@@ -140,7 +159,8 @@ impl Handle {
 
     /// Applies a policy change whole or not at all: the writer hands out a copy of the engine,
     /// the change compiles on the worker, and the writer applies it to the kernel. A change
-    /// that raced with an endpoint change compiles again. Returns the policies changed and
+    /// that raced with an endpoint change compiles again (the fourth time in the writer, so
+    /// endpoint churn cannot starve it). Returns the policies changed and
     /// the number of endpoints updated.
     pub async fn change_policy(&self, op: PolicyOp) -> Result<(Vec<String>, usize), NetdError> {
         let permit = self
@@ -154,14 +174,19 @@ impl Handle {
             .await
             .map_err(stopped)?;
         let mut job = rx.await.map_err(stopped)?;
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             let compiled = tokio::task::spawn_blocking(move || job.compile())
                 .await
                 .map_err(|_| NetdError::Stopped { what: "compiler" })??;
-            match self
-                .call(|r| Command::CommitPolicy(Box::new(compiled), r))
-                .await?
-            {
+            let inline = attempt > STALE_RETRIES;
+            let commit = |reply| Command::CommitPolicy {
+                compiled: Box::new(compiled),
+                inline,
+                reply,
+            };
+            match self.call(commit).await? {
                 Committed::Done(ids, n) => {
                     drop(permit);
                     return Ok((ids, n));
