@@ -498,7 +498,7 @@ impl Daemon {
         self.state.save(&self.config.state_dir)
     }
 
-    fn publish(&mut self) {
+    pub(super) fn publish(&mut self) {
         self.generation += 1;
         let mut snap = Snapshot::default();
         for (id, labels) in reserved_identities().into_iter().chain(self.alloc.list()) {

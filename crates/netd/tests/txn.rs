@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use sigil_datapath::{Datapath, Maps};
+use std::collections::BTreeMap;
+
+use sigil_datapath::{Datapath, Maps, PolicyKey, PolicyValue, intent_of, normalize};
+use sigil_identity::NumericIdentity;
 use sigil_netd::config::RunArgs;
 use sigil_netd::daemon::CreateEndpoint;
 use sigil_netd::{Config, Daemon};
@@ -58,6 +61,27 @@ fn kernel(pin_dir: &Path, eps: &[u32]) -> String {
     cfg.sort_by_key(|(id, _)| *id);
     let pol: Vec<_> = eps.iter().map(|e| maps.policy.installed(*e)).collect();
     format!("{ipc:?}\n{cfg:?}\n{pol:?}")
+}
+
+/// Every endpoint's kernel entries equal what installing the engine's whole map would write:
+/// the key-by-key updates lose nothing.
+fn assert_kernel_is_the_engine(d: &Daemon, pin_dir: &Path) {
+    let maps = Maps::open_pinned(pin_dir).expect("maps");
+    let snap = d.snapshot().load_full();
+    for (rec, _) in snap.endpoints.values() {
+        let engine_map = d
+            .engine()
+            .policy_map(NumericIdentity::new(rec.identity))
+            .unwrap_or_default();
+        let entries: Vec<_> = engine_map
+            .iter()
+            .map(|(k, e)| sigil_netd::convert::to_datapath(k, e))
+            .collect();
+        let want = normalize(&intent_of(&entries).expect("valid"));
+        let got: BTreeMap<PolicyKey, PolicyValue> =
+            maps.policy.installed(rec.endpoint_id).into_iter().collect();
+        assert_eq!(got, want, "endpoint {}", rec.name);
+    }
 }
 
 /// Policies, identities and endpoints as readers see them.
@@ -161,10 +185,93 @@ fn a_write_failing_anywhere_in_an_import_rolls_everything_back() {
         "{after}"
     );
     assert_ne!(kernel(&pin_dir, &eps), kernel_before);
+    assert_kernel_is_the_engine(&d, &pin_dir);
     let maps = Maps::open_pinned(&pin_dir).expect("maps");
     let cidr = maps
         .ipcache
         .lookup("198.18.2.7".parse().expect("addr"))
         .expect("lookup");
     assert!(cidr.is_some(), "the CIDR identity reached the IPCache");
+}
+
+#[test]
+fn a_change_compiled_while_an_endpoint_came_is_compiled_again_and_covers_it() {
+    if !can_run() {
+        return;
+    }
+    let pid = std::process::id();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sigil-netdstale-{pid}"));
+    let (v4, v6) = ("10.211.8.0/24", "fd00:d308::/64");
+    let names: Vec<String> = ["sw", "sa", "sn"]
+        .iter()
+        .map(|t| format!("{t}{}", pid % 100_000))
+        .collect();
+    let _cleanup = Cleanup {
+        endpoints: names.clone(),
+        routes: vec![v4.to_owned(), v6.to_owned()],
+        pin_dir: pin_dir.clone(),
+    };
+    let config = Config::from_args(&RunArgs {
+        node_name: Some("stale".into()),
+        pod_cidr: Some(v4.into()),
+        pod_cidr_v6: Some(v6.into()),
+        bpf_pin_dir: Some(pin_dir.clone()),
+        api_socket: Some(tmp.path().join("run").join("netd.sock")),
+        state_dir: Some(tmp.path().join("state")),
+        ..RunArgs::default()
+    })
+    .expect("config");
+    let mut d = Daemon::start(config).expect("start");
+    let ep = |d: &mut Daemon, name: &str, labels: &[&str]| {
+        d.create_endpoint(CreateEndpoint {
+            name: name.to_owned(),
+            labels: labels.iter().map(ToString::to_string).collect(),
+            ..CreateEndpoint::default()
+        })
+        .expect("endpoint")
+    };
+    ep(&mut d, &names[0], &["app=web"]);
+    ep(&mut d, &names[1], &["app=api"]);
+    d.import_policies(vec![("base.yaml".into(), BASE.into())])
+        .expect("base");
+    let identities_before = d.snapshot().load().identity_count;
+
+    // Compile against the engine as it is, then let an endpoint come before the commit.
+    let op = sigil_netd::daemon::parse_import(vec![("change.yaml".into(), CHANGE.into())])
+        .expect("parse");
+    let compiled = d.prepare_policy(op).compile().expect("compile");
+    // Its own identity (another label), selected by the same policies.
+    let newcomer = ep(&mut d, &names[2], &["app=web", "tier=new"]);
+    let job = match d.try_commit_policy(compiled).expect("commit") {
+        sigil_netd::daemon::Committed::Stale(job) => job,
+        sigil_netd::daemon::Committed::Done(..) => panic!("a stale compilation was applied"),
+    };
+    // The stale compilation gave its CIDR identities back.
+    assert_eq!(d.snapshot().load().identity_count, identities_before + 1);
+    match d
+        .try_commit_policy(job.compile().expect("compile again"))
+        .expect("commit")
+    {
+        sigil_netd::daemon::Committed::Done(ids, n) => {
+            assert_eq!(ids.len(), 3, "{ids:?}");
+            assert_eq!(n, 3, "web, api and the newcomer updated");
+        }
+        sigil_netd::daemon::Committed::Stale(_) => panic!("stale twice without a change"),
+    }
+    assert_eq!(
+        d.snapshot().load().identity_count,
+        identities_before + 1 + 3
+    );
+    assert_kernel_is_the_engine(&d, &pin_dir);
+    let maps = Maps::open_pinned(&pin_dir).expect("maps");
+    assert!(
+        maps.policy
+            .installed(newcomer.endpoint_id)
+            .iter()
+            .any(|(k, v)| k.direction() == sigil_datapath::Direction::Egress
+                && !v.deny
+                && k.remote_identity() >= 1 << 24),
+        "the newcomer's egress allows the CIDR identities"
+    );
 }

@@ -70,8 +70,11 @@ impl Daemon {
     /// [`Daemon::commit_policy`] without compiling: a change compiled against an engine that
     /// has changed since (an endpoint came or went) comes back as a fresh job to compile again.
     pub fn try_commit_policy(&mut self, c: Compiled) -> Result<Committed, NetdError> {
+        // A change not committed gives its CIDR identities back; publishing again drops them
+        // from the snapshot, which may have shown them while the change compiled.
         if c.generation != self.generation {
             let op = c.into_op();
+            self.publish();
             return Ok(Committed::Stale(Box::new(self.prepare_policy(op))));
         }
         match self.apply_compiled(&c) {
@@ -81,6 +84,7 @@ impl Daemon {
             }
             Err(e) => {
                 c.abort();
+                self.publish();
                 Err(e)
             }
         }
