@@ -1045,4 +1045,15 @@ fn an_import_the_policy_map_cannot_hold_is_refused_and_the_deny_stays_enforced()
         probe(&api.netns, &web.ipv4, 7000, false),
         "the allow still works"
     );
+
+    // Control: an import the map can hold applies, and leaves the deny in place.
+    let small = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web-out\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDRSet:\n    - cidr: 198.18.0.0/24\n    - cidr: 198.18.1.0/24\n";
+    let small_file = netd.root.path().join("small.yaml");
+    std::fs::write(&small_file, small).expect("write");
+    netd.cli_ok(&["policy", "import", &small_file.display().to_string()])
+        .expect("an import that fits");
+    let list = netd.cli_ok(&["policy", "list"]).expect("list");
+    assert!(list.contains("web-out"), "{list}");
+    assert!(!probe(&api.netns, &web.ipv4, 7001, false), "deny kept");
+    assert!(probe(&api.netns, &web.ipv4, 7000, false), "allow kept");
 }
