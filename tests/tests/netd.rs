@@ -1,6 +1,7 @@
 //! sigil-netd end to end, as root in real network namespaces: endpoints with TCP/UDP echo
 //! servers, a connectivity matrix checked against `policy trace`, cutting an established
-//! connection, kill -9 and restart, and bad input leaving the kernel unchanged.
+//! connection, kill -9 and restart, bad input leaving the kernel unchanged, and an import the
+//! kernel policy map cannot hold refused whole.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
