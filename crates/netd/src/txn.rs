@@ -48,7 +48,8 @@ pub struct PolicyJob {
 }
 
 /// A compiled change: the new engine and the deltas from the current one. Not yet in the
-/// kernel; [`Compiled::abort`] gives back the identities it allocated.
+/// kernel; dropped without a commit (aborted, stale, or its caller gone), it gives back the
+/// identities it allocated.
 pub struct Compiled {
     pub(crate) generation: u64,
     pub(crate) op: PolicyOp,
@@ -56,10 +57,9 @@ pub struct Compiled {
     pub(crate) cidr_identities: BTreeMap<String, u32>,
     pub(crate) deltas: Vec<PolicyDeltas>,
     /// CIDR identities allocated for prefixes named now.
-    pub(crate) added: CidrList,
+    pub(crate) added: Allocated,
     /// CIDR identities of prefixes no longer named (released on commit).
     pub(crate) removed: CidrList,
-    pub(crate) alloc: Arc<LocalAllocator>,
 }
 
 impl PolicyJob {
@@ -92,9 +92,8 @@ impl PolicyJob {
             engine,
             cidr_identities,
             deltas,
-            added,
+            added: Allocated { list: added, alloc },
             removed,
-            alloc,
         })
     }
 }
@@ -102,13 +101,37 @@ impl PolicyJob {
 impl Compiled {
     /// Gives back the CIDR identities this change allocated (it will not be committed).
     pub fn abort(self) {
-        release_added(&self.alloc, &self.added);
+        drop(self);
     }
 
     /// Gives back the identities (see [`Compiled::abort`]) and returns the operation.
     pub fn into_op(self) -> PolicyOp {
-        release_added(&self.alloc, &self.added);
         self.op
+    }
+}
+
+/// CIDR identities a change allocated: given back when dropped, unless the change committed
+/// ([`Allocated::keep`]).
+pub struct Allocated {
+    list: CidrList,
+    alloc: Arc<LocalAllocator>,
+}
+
+impl Allocated {
+    /// The (prefix, identity) pairs.
+    pub(crate) fn list(&self) -> &CidrList {
+        &self.list
+    }
+
+    /// Keeps the identities (the change committed).
+    pub(crate) fn keep(mut self) {
+        self.list.clear();
+    }
+}
+
+impl Drop for Allocated {
+    fn drop(&mut self) {
+        release_added(&self.alloc, &self.list);
     }
 }
 

@@ -99,12 +99,13 @@ impl Daemon {
     /// The kernel part of [`Daemon::commit_policy`]; on error the kernel is as before.
     fn apply_compiled(&mut self, c: &Compiled) -> Result<usize, NetdError> {
         let (plan, flags, n) = self.plan_deltas(&c.engine, &c.deltas, None)?;
-        self.write_kernel(plan, &flags, &c.removed, &c.added)?;
+        self.write_kernel(plan, &flags, &c.removed, c.added.list())?;
         Ok(n)
     }
 
     /// After the kernel took a change: the engine, sources, files, state file, snapshot.
     fn finish_policy(&mut self, c: Compiled) -> Result<Vec<String>, NetdError> {
+        c.added.keep();
         for (_, id) in &c.removed {
             self.alloc.release(nid(*id))?;
         }
