@@ -6,7 +6,7 @@
 //! endpoints' maps learn a new identity before the IPCache hands it out; an address leaves the
 //! IPCache before the maps forget its identity. A change reaches the maps as the engine's key
 //! changes, planned over every affected endpoint at once and written (1) new or changed
-//! denies, (2) new or changed allows, (3) stale allows removed, (4) stale denies removed, with
+//! denies, (2) stale allows removed, (3) new or changed allows, (4) stale denies removed, with
 //! enforcement flags tightened before and relaxed after; a failed write undoes the earlier
 //! ones in reverse, through the same fail-closed states. Policy changes are transactions
 //! ([`crate::txn`]): the engine and the state change only after the kernel took every write.

@@ -157,59 +157,7 @@ impl PolicyMap {
         &self,
         changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyValue>)>,
     ) -> PolicyPlan {
-        let mut by_group: BTreeMap<
-            (u32, u32, Direction),
-            BTreeMap<PolicyKey, Option<PolicyValue>>,
-        > = BTreeMap::new();
-        for (ep, key, value) in changes {
-            by_group
-                .entry((ep, key.remote_identity, key.direction))
-                .or_default()
-                .insert(key, value);
-        }
-        let empty_intent = BTreeMap::new();
-        let empty_installed = BTreeMap::new();
-        let mut plan = PolicyPlan::default();
-        for ((ep, identity, direction), changes) in by_group {
-            let intent = self.intent.get(&ep).unwrap_or(&empty_intent);
-            let installed = self.installed.get(&ep).unwrap_or(&empty_installed);
-            let range = group_range(identity, direction);
-            let mut group: BTreeMap<PolicyKey, PolicyValue> =
-                intent.range(range.clone()).map(|(k, v)| (*k, *v)).collect();
-            for (k, v) in changes {
-                let old = intent.get(&k).copied();
-                if old != v {
-                    plan.intent.push((ep, k, old, v));
-                }
-                match v {
-                    Some(v) => group.insert(k, v),
-                    None => group.remove(&k),
-                };
-            }
-            let target = normalize_installed(&group);
-            for (k, v) in &target {
-                let old = installed.get(k).copied();
-                if old != Some(*v) {
-                    plan.writes.push(Write {
-                        endpoint: ep,
-                        key: *k,
-                        old,
-                        new: Some(*v),
-                    });
-                }
-            }
-            for (k, old) in installed.range(range) {
-                if !target.contains_key(k) {
-                    plan.writes.push(Write {
-                        endpoint: ep,
-                        key: *k,
-                        old: Some(*old),
-                        new: None,
-                    });
-                }
-            }
-        }
-        plan
+        plan_from(&self.intent, &self.installed, changes)
     }
 
     /// Whether the map has room for the plan's new keys ([`DatapathError::PolicyMapFull`]
@@ -228,7 +176,7 @@ impl PolicyMap {
     }
 
     /// Applies a plan to the kernel over all its endpoints in the fail-closed order: (1) new
-    /// or changed denies, (2) new or changed allows, (3) stale allows removed, (4) stale denies
+    /// or changed denies, (2) stale allows removed, (3) new or changed allows, (4) stale denies
     /// removed. It first checks that the map can take the plan's new keys
     /// ([`DatapathError::PolicyMapFull`], nothing written). If a write fails, the writes done
     /// are undone in reverse order, which passes back through the same fail-closed states, and
@@ -236,14 +184,7 @@ impl PolicyMap {
     pub fn apply_plan(&mut self, plan: PolicyPlan) -> Result<Applied, DatapathError> {
         self.check(&plan)?;
         let PolicyPlan { writes, intent } = plan;
-        let phase = |w: &Write| match (w.old, w.new) {
-            (_, Some(n)) if n.value.deny => 0,
-            (_, Some(_)) => 1,
-            (Some(o), None) if !o.value.deny => 2,
-            _ => 3,
-        };
-        let mut ordered = writes;
-        ordered.sort_by_key(|w| phase(w));
+        let ordered = ordered(writes);
         let total = ordered.len();
         let mut done: Vec<Write> = Vec::with_capacity(total);
         for w in ordered {
@@ -467,6 +408,81 @@ impl PolicyMap {
     }
 }
 
+/// [`PolicyMap::plan`] over the mirrors `intents` and `installs`.
+fn plan_from(
+    intents: &HashMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
+    installs: &HashMap<u32, BTreeMap<PolicyKey, Installed>>,
+    changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyValue>)>,
+) -> PolicyPlan {
+    let mut by_group: BTreeMap<(u32, u32, Direction), BTreeMap<PolicyKey, Option<PolicyValue>>> =
+        BTreeMap::new();
+    for (ep, key, value) in changes {
+        by_group
+            .entry((ep, key.remote_identity, key.direction))
+            .or_default()
+            .insert(key, value);
+    }
+    let empty_intent = BTreeMap::new();
+    let empty_installed = BTreeMap::new();
+    let mut plan = PolicyPlan::default();
+    for ((ep, identity, direction), changes) in by_group {
+        let intent = intents.get(&ep).unwrap_or(&empty_intent);
+        let installed = installs.get(&ep).unwrap_or(&empty_installed);
+        let range = group_range(identity, direction);
+        let mut group: BTreeMap<PolicyKey, PolicyValue> =
+            intent.range(range.clone()).map(|(k, v)| (*k, *v)).collect();
+        for (k, v) in changes {
+            let old = intent.get(&k).copied();
+            if old != v {
+                plan.intent.push((ep, k, old, v));
+            }
+            match v {
+                Some(v) => group.insert(k, v),
+                None => group.remove(&k),
+            };
+        }
+        let target = normalize_installed(&group);
+        for (k, v) in &target {
+            let old = installed.get(k).copied();
+            if old != Some(*v) {
+                plan.writes.push(Write {
+                    endpoint: ep,
+                    key: *k,
+                    old,
+                    new: Some(*v),
+                });
+            }
+        }
+        for (k, old) in installed.range(range) {
+            if !target.contains_key(k) {
+                plan.writes.push(Write {
+                    endpoint: ep,
+                    key: *k,
+                    old: Some(*old),
+                    new: None,
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// A plan's writes in the fail-closed order: new or changed denies, stale allows removed,
+/// new or changed allows, stale denies removed (stable within each phase). Stale allows go
+/// before new allows because a stale allow more specific than a new deny would win the
+/// kernel's longest-prefix lookup; the price is that traffic both policies allow through
+/// different keys drops between the two phases.
+fn ordered(mut writes: Vec<Write>) -> Vec<Write> {
+    let phase = |w: &Write| match (w.old, w.new) {
+        (_, Some(n)) if n.value.deny => 0,
+        (Some(o), None) if !o.value.deny => 1,
+        (_, Some(_)) => 2,
+        _ => 3,
+    };
+    writes.sort_by_key(phase);
+    writes
+}
+
 /// Every key of one (identity, direction) group, in key order.
 fn group_range(identity: u32, direction: Direction) -> std::ops::RangeInclusive<PolicyKey> {
     let key = |protocol, port, port_prefix_len| PolicyKey {
@@ -487,5 +503,123 @@ fn remove(
         Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(DatapathError::map(NAME, "delete", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use proptest::prelude::*;
+
+    use super::{Installed, ordered, plan_from};
+    use crate::policy::{
+        Direction, PROTO_TCP, PolicyEntry, PolicyKey, PolicyValue, decide, intent_of,
+        normalize_installed,
+    };
+
+    fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+        (
+            0u32..3,
+            prop_oneof![Just(0u8), Just(PROTO_TCP)],
+            prop_oneof![Just(0u8), Just(14u8), Just(16u8)],
+            0u16..8,
+            any::<bool>(),
+            0u32..3,
+        )
+            .prop_map(|(remote, protocol, len, port, deny, cookie)| {
+                let len = if protocol == 0 { 0 } else { len };
+                let port = if len == 0 {
+                    0
+                } else {
+                    (8000 + port) & (u16::MAX << (16 - len))
+                };
+                PolicyEntry {
+                    remote_identity: remote,
+                    direction: Direction::Ingress,
+                    protocol,
+                    port,
+                    port_prefix_len: len,
+                    deny,
+                    l7_redirect: false,
+                    auth_required: false,
+                    rule_cookie: cookie,
+                }
+            })
+    }
+
+    fn verdicts(map: &BTreeMap<PolicyKey, PolicyValue>) -> Vec<u32> {
+        let mut out = Vec::new();
+        for identity in 0..3 {
+            for protocol in [PROTO_TCP, 17] {
+                for port in [8000u16, 8001, 8004, 8007, 9000] {
+                    let d = decide(
+                        map,
+                        identity,
+                        Direction::Ingress,
+                        protocol,
+                        port,
+                        true,
+                        true,
+                    );
+                    out.push(d.drop_reason);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Writing a plan key by key in its order never lets a flow through that both the old
+        /// and the new policy drop, lets nothing the new policy denies explicitly through once
+        /// the denies and stale-allow removals are written, and ends at the new policy.
+        #[test]
+        fn every_step_of_a_plan_fails_closed(
+            old in prop::collection::vec(arb_entry(), 0..8),
+            new in prop::collection::vec(arb_entry(), 0..8),
+        ) {
+            let old = intent_of(&old).expect("valid");
+            let new = intent_of(&new).expect("valid");
+            let installed: BTreeMap<PolicyKey, Installed> = normalize_installed(&old);
+            let intents = HashMap::from([(1u32, old.clone())]);
+            let installs = HashMap::from([(1u32, installed.clone())]);
+            let changes = old
+                .keys()
+                .filter(|k| !new.contains_key(k))
+                .map(|k| (1u32, *k, None))
+                .chain(new.iter().map(|(k, v)| (1u32, *k, Some(*v))));
+            let plan = plan_from(&intents, &installs, changes);
+            let value = |m: &BTreeMap<PolicyKey, Installed>| -> BTreeMap<PolicyKey, PolicyValue> {
+                m.iter().map(|(k, i)| (*k, i.value)).collect()
+            };
+            let before = verdicts(&value(&installed));
+            let after = verdicts(&value(&normalize_installed(&new)));
+            let mut state = installed;
+            let writes = ordered(plan.writes);
+            // Writes of the first two phases: new or changed denies, stale allows removed.
+            let closing = writes
+                .iter()
+                .filter(|w| {
+                    w.new.is_some_and(|n| n.value.deny)
+                        || (w.new.is_none() && w.old.is_some_and(|o| !o.value.deny))
+                })
+                .count();
+            for (i, w) in writes.iter().enumerate() {
+                match w.new {
+                    Some(v) => state.insert(w.key, v),
+                    None => state.remove(&w.key),
+                };
+                let now = verdicts(&value(&state));
+                for (j, v) in now.iter().enumerate() {
+                    if before[j] != 0 && after[j] != 0 {
+                        prop_assert_ne!(*v, 0, "flow {} allowed after write {}", j, i);
+                    }
+                    if i + 1 >= closing && after[j] == 181 {
+                        prop_assert_ne!(*v, 0, "flow {} allowed after the closing phases", j);
+                    }
+                }
+            }
+            prop_assert_eq!(state, normalize_installed(&new));
+        }
     }
 }
