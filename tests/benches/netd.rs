@@ -278,6 +278,112 @@ fn main() -> Res<()> {
         "netd RSS {before} KiB → {after} KiB after {n} endpoints: {:.1} KiB per endpoint",
         (after.saturating_sub(before)) as f64 / f64::from(n)
     );
+    status_during_import(&netd, &file)
+}
+
+/// Opens a gRPC channel to netd's API socket.
+async fn dial(socket: &std::path::Path) -> Res<tonic::transport::Channel> {
+    let path = socket.to_path_buf();
+    Ok(tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?)
+}
+
+/// `n` `GetStatus` calls, each on its own connection as a CLI call makes one, 20 ms apart,
+/// while `busy` says to go on (`None`: all `n`); latencies in ms.
+async fn status_calls(
+    socket: &std::path::Path,
+    n: usize,
+    busy: Option<&std::sync::atomic::AtomicBool>,
+) -> Res<Vec<f64>> {
+    use sigil_proto::netd::v1 as pb;
+    let mut lat = Vec::new();
+    while lat.len() < n && busy.is_none_or(|b| b.load(std::sync::atomic::Ordering::SeqCst)) {
+        let t = Instant::now();
+        let mut c = pb::status_client::StatusClient::new(dial(socket).await?);
+        let r = c.get_status(pb::GetStatusRequest {}).await?;
+        drop(r);
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(lat)
+}
+
+fn p(lat: &mut [f64], q: usize) -> f64 {
+    lat.sort_by(f64::total_cmp);
+    lat.get((lat.len() * q / 100).min(lat.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// `netd status` latency while a 20 000-CIDR policy import compiles and is written (issue 9),
+/// beside the same calls on an idle netd.
+fn status_during_import(netd: &NetdProcess, file: &std::path::Path) -> Res<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut idle = rt.block_on(status_calls(&netd.api_socket, 50, None))?;
+    let cidrs: String = (0..20_000u32)
+        .map(|i| format!("    - cidr: 11.{}.{}.0/24\n", i / 256, i % 256))
+        .collect();
+    let doc = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: cidrs20k\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  egress:\n  - toCIDRSet:\n{cidrs}"
+    );
+    std::fs::write(file, doc)?;
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let importer = {
+        let busy = std::sync::Arc::clone(&busy);
+        let sigil = sigil_bin();
+        let (file, socket) = (file.to_path_buf(), netd.api_socket.clone());
+        std::thread::spawn(move || -> Res<f64> {
+            let t = Instant::now();
+            let out = Command::new(sigil)
+                .args(["policy", "import"])
+                .arg(&file)
+                .arg("--api-socket")
+                .arg(&socket)
+                .output()?;
+            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            anyhow::ensure!(
+                out.status.success(),
+                "20 000-CIDR import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(t.elapsed().as_secs_f64())
+        })
+    };
+    // Give the import a moment to reach the compiler.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut during = rt.block_on(status_calls(&netd.api_socket, 50, Some(&busy)))?;
+    let still_busy = busy.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "\nnetd status (gRPC, new connection per call), idle: p50 {:.1} ms, p99 {:.1} ms ({} calls)",
+        p(&mut idle, 50),
+        p(&mut idle, 99),
+        idle.len()
+    );
+    println!(
+        "netd status during a 20 000-CIDR import: p50 {:.1} ms, p99 {:.1} ms ({} calls{})",
+        p(&mut during, 50),
+        p(&mut during, 99),
+        during.len(),
+        if still_busy {
+            ", all while the import ran"
+        } else {
+            ", the import ended first"
+        }
+    );
+    let import_s = importer
+        .join()
+        .map_err(|_| anyhow::anyhow!("import thread panicked"))??;
+    println!("20 000-CIDR import (CLI round trip): {import_s:.1} s");
     Ok(())
 }
 

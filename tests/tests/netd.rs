@@ -1,6 +1,7 @@
 //! sigil-netd end to end, as root in real network namespaces: endpoints with TCP/UDP echo
 //! servers, a connectivity matrix checked against `policy trace`, cutting an established
-//! connection, kill -9 and restart, and bad input leaving the kernel unchanged.
+//! connection, kill -9 and restart, bad input leaving the kernel unchanged, and an import the
+//! kernel policy map cannot hold refused whole.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -917,4 +918,143 @@ fn ipv6_extension_headers_do_not_bypass_an_ingress_deny() {
         connect_with_dstopts(&cl.netns, &sv6, 8080, Duration::from_secs(5)),
         "destination options to the allowed port"
     );
+}
+
+/// `NetdProcess` started with extra `netd run` flags (here a small policy map).
+fn start_netd_with(tag: &str, a: u8, b: u8, extra: &[&str]) -> NetdProcess {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut n = NetdProcess {
+        child: None,
+        api_socket: root.path().join("run").join("netd.sock"),
+        state_dir: root.path().join("state"),
+        policy_dir: root.path().join("policies"),
+        pin_dir: std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/sigil-e2e-{}-{tag}",
+            std::process::id()
+        )),
+        pod_cidr: format!("10.{a}.{b}.0/24"),
+        pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
+        log: root.path().join("netd.log"),
+        root,
+    };
+    std::fs::create_dir_all(&n.policy_dir).expect("policy dir");
+    let log = std::fs::File::create(&n.log).expect("log");
+    let child = Command::new(sigil_bin())
+        .args(["netd", "run", "--node-name", "e2e"])
+        .arg("--api-socket")
+        .arg(&n.api_socket)
+        .arg("--state-dir")
+        .arg(&n.state_dir)
+        .arg("--policy-dir")
+        .arg(&n.policy_dir)
+        .arg("--bpf-pin-dir")
+        .arg(&n.pin_dir)
+        .args(["--pod-cidr", &n.pod_cidr, "--pod-cidr-v6", &n.pod_cidr_v6])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn netd");
+    n.child = Some(child);
+    let start = Instant::now();
+    while !(n.api_socket.exists()
+        && n.cli(&["netd", "status"])
+            .map(|o| o.status.success())
+            .unwrap_or(false))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "netd not ready; log:\n{}",
+            n.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    n
+}
+
+/// The attack of issue 9: fill the kernel policy map with an import so that it fails
+/// half-way. The import is refused before any write, with the numbers; policies, engine and
+/// kernel are unchanged, and the installed deny still drops real traffic while the allow
+/// beside it (the control) still passes.
+#[test]
+fn an_import_the_policy_map_cannot_hold_is_refused_and_the_deny_stays_enforced() {
+    if !can_run() {
+        return;
+    }
+    let netd = start_netd_with("full", 210, 6, &["--policy-map-max-entries", "48"]);
+    let web = create(&netd, "fullweb", "web", None);
+    let api = create(&netd, "fullapi", "api", None);
+    let mut children = Children::default();
+    for port in [7000, 7001] {
+        children.echo(&web.netns, port);
+    }
+    wait_servers(&api.netns, &[(&web.ipv4, 7000), (&web.ipv4, 7001)]);
+
+    let base = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web-in\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: api}}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: api}}]\n    toPorts: [{ports: [{port: \"7001\", protocol: TCP}]}]\n";
+    let base_file = netd.root.path().join("base.yaml");
+    std::fs::write(&base_file, base).expect("write");
+    netd.cli_ok(&["policy", "import", &base_file.display().to_string()])
+        .expect("base import");
+    assert!(probe(&api.netns, &web.ipv4, 7000, false), "allow works");
+    assert!(!probe(&api.netns, &web.ipv4, 7001, false), "deny works");
+    let kernel_before = kernel_state(&netd, &[web.endpoint_id, api.endpoint_id]);
+    let list_before = netd.cli_ok(&["policy", "list"]).expect("list");
+
+    // 60 CIDRs for web's egress: more keys than the 48-entry map has left. The same file
+    // also replaces web-in without its deny, which a half-applied import would have lifted.
+    let cidrs: Vec<String> = (0..60)
+        .map(|i| format!("      - cidr: 198.18.{i}.0/24"))
+        .collect();
+    let big = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web-in\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: api}}}}]\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web-out\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  egress:\n  - toCIDRSet:\n{}\n",
+        cidrs.join("\n")
+    );
+    let big_file = netd.root.path().join("big.yaml");
+    std::fs::write(&big_file, big).expect("write");
+    let out = netd
+        .cli(&["policy", "import", &big_file.display().to_string()])
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the import should be refused");
+    assert!(
+        err.contains("sigil_policy")
+            && err.contains("new entries")
+            && err.contains("of 48 are free"),
+        "{err}"
+    );
+
+    assert_eq!(
+        netd.cli_ok(&["policy", "list"]).expect("list"),
+        list_before,
+        "policies changed"
+    );
+    let web_in = netd
+        .cli_ok(&["policy", "get", "web-in"])
+        .expect("get web-in");
+    assert!(web_in.contains("ingressDeny"), "{web_in}");
+    assert_eq!(
+        kernel_state(&netd, &[web.endpoint_id, api.endpoint_id]),
+        kernel_before,
+        "kernel changed"
+    );
+    assert!(
+        !probe(&api.netns, &web.ipv4, 7001, false),
+        "the deny is still enforced"
+    );
+    assert!(
+        probe(&api.netns, &web.ipv4, 7000, false),
+        "the allow still works"
+    );
+
+    // Control: an import the map can hold applies, and leaves the deny in place.
+    let small = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web-out\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDRSet:\n    - cidr: 198.18.0.0/24\n    - cidr: 198.18.1.0/24\n";
+    let small_file = netd.root.path().join("small.yaml");
+    std::fs::write(&small_file, small).expect("write");
+    netd.cli_ok(&["policy", "import", &small_file.display().to_string()])
+        .expect("an import that fits");
+    let list = netd.cli_ok(&["policy", "list"]).expect("list");
+    assert!(list.contains("web-out"), "{list}");
+    assert!(!probe(&api.netns, &web.ipv4, 7001, false), "deny kept");
+    assert!(probe(&api.netns, &web.ipv4, 7000, false), "allow kept");
 }

@@ -32,6 +32,47 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+    /// A policy change needs more new entries than the policy map has room for; nothing was
+    /// written.
+    #[error(
+        "eBPF map sigil_policy cannot take the change: it needs {needed} new entries and {free} of {max_entries} are free"
+    )]
+    PolicyMapFull {
+        /// New keys the change writes (before stale keys are removed).
+        needed: usize,
+        /// Entries still free.
+        free: usize,
+        /// The map's capacity.
+        max_entries: u32,
+    },
+    /// A policy write failed part-way; the entries already written were undone.
+    #[error(
+        "writing the policy map failed after {written} of {total} writes (rolled back): {source}"
+    )]
+    PolicyRolledBack {
+        /// Writes done before the failure.
+        written: usize,
+        /// Writes the change had.
+        total: usize,
+        /// The failed write.
+        #[source]
+        source: Box<DatapathError>,
+    },
+    /// A policy write failed and undoing the earlier writes failed too: the kernel holds a mix.
+    #[error("writing the policy map failed ({failed}) and the rollback failed too: {source}")]
+    PolicyRollbackFailed {
+        /// The first failure.
+        failed: String,
+        /// The rollback failure.
+        #[source]
+        source: Box<DatapathError>,
+    },
+    /// A write failure injected by a test (see [`crate::PolicyMap::fail_writes_after`]).
+    #[error("injected failure of policy map write {write}")]
+    InjectedFailure {
+        /// The write that failed (0-based).
+        write: usize,
+    },
     /// A map is missing from the object or the pin directory.
     #[error("eBPF map {name} not found in {where_}")]
     MapMissing {

@@ -24,10 +24,10 @@ pub use maps::{
     MAP_EVENTS, MAP_FRAG, MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
 };
 pub use policy::{
-    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
-    DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap, PolicyValue,
-    decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
+    Applied, DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR,
+    DROP_INVALID_SIP, DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap,
+    PolicyPlan, PolicyValue, decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
 };
 
 /// Identity the datapath gives addresses missing from the IPCache.

@@ -47,6 +47,15 @@ impl Datapath {
     ///
     /// `pin_dir` must be on a bpf filesystem; it is created if missing.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_with(pin_dir, None)
+    }
+
+    /// [`Datapath::load`], with the policy map created with `policy_max_entries` entries
+    /// instead of the object's 1 048 576 (a map already pinned keeps its size).
+    pub fn load_with(
+        pin_dir: &Path,
+        policy_max_entries: Option<u32>,
+    ) -> Result<Self, DatapathError> {
         std::fs::create_dir_all(pin_dir)
             .map_err(|e| DatapathError::io(format!("creating pin dir {}", pin_dir.display()), e))?;
         if !is_bpffs(pin_dir)? {
@@ -55,13 +64,15 @@ impl Datapath {
             });
         }
         check_pins(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(OBJECT)
-            .map_err(|e| DatapathError::Load {
-                pin_dir: pin_dir.to_path_buf(),
-                source: Box::new(e),
-            })?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        if let Some(n) = policy_max_entries {
+            loader.map_max_entries(crate::maps::MAP_POLICY, n);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| DatapathError::Load {
+            pin_dir: pin_dir.to_path_buf(),
+            source: Box::new(e),
+        })?;
         for (name, _, _) in HOOKS {
             let prog = program(&mut ebpf, name)?;
             prog.load().map_err(|e| prog_err(name, e))?;

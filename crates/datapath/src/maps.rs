@@ -129,21 +129,7 @@ impl Maps {
     /// Opens the maps pinned under `pin_dir` without loading programs (CLI tools, monitors).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         check_pins(pin_dir)?;
-        let mut open = |name: &'static str| -> Result<Map, DatapathError> {
-            let path = pin_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|e| {
-                if is_not_found(&e) {
-                    DatapathError::MapMissing {
-                        name,
-                        where_: pin_dir.display().to_string(),
-                    }
-                } else {
-                    DatapathError::map(name, "open pin", e)
-                }
-            })?;
-            Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open pin", e))
-        };
-        Self::from_maps(&mut open)
+        Self::from_maps(&mut |name| open_pin(pin_dir, name))
     }
 
     pub(crate) fn from_maps(
@@ -172,6 +158,34 @@ impl Maps {
         self.counters.remove_endpoint(endpoint_id)?;
         self.conntrack.flush_endpoint(endpoint_id)?;
         Ok(())
+    }
+}
+
+/// Opens one pinned map.
+fn open_pin(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        if is_not_found(&e) {
+            DatapathError::MapMissing {
+                name,
+                where_: pin_dir.display().to_string(),
+            }
+        } else {
+            DatapathError::map(name, "open pin", e)
+        }
+    })?;
+    Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open pin", e))
+}
+
+impl Counters {
+    /// Opens only the pinned counter maps (readers that need no other map, such as a status
+    /// call that must not wait for the policy map's writer).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        check_pins(pin_dir)?;
+        Ok(Counters::new(
+            typed(MAP_COUNTERS, open_pin(pin_dir, MAP_COUNTERS)?)?,
+            typed(MAP_EV_LOST, open_pin(pin_dir, MAP_EV_LOST)?)?,
+        ))
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod map;
 
-pub use map::PolicyMap;
+pub use map::{Applied, PolicyMap, PolicyPlan};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -4,34 +4,52 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use sigil_datapath::Counters;
 use sigil_proto::netd::v1 as pb;
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use crate::daemon::{CreateEndpoint, Daemon, PolicyInfo};
-use crate::error::NetdError;
+use crate::config::Config;
+use crate::daemon::{CreateEndpoint, PolicyInfo, parse_import};
+use crate::reconcile::Handle;
 use crate::state::EndpointRecord;
+use crate::txn::PolicyOp;
 
-/// The API's handle on the daemon; cheap to clone.
+/// The API: changes go to the reconciler, reads come from its published snapshot. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Api {
-    daemon: Arc<Mutex<Daemon>>,
+    handle: Handle,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
 }
 
 impl Api {
-    /// An API over `daemon`, streaming `events` to monitors.
-    pub fn new(daemon: Arc<Mutex<Daemon>>, events: broadcast::Sender<pb::Event>) -> Self {
-        Self { daemon, events }
+    /// An API over the reconciler `handle`, reading the lost-event counter from `counters`
+    /// and streaming `events` to monitors.
+    pub fn new(
+        handle: Handle,
+        config: Arc<Config>,
+        counters: Counters,
+        events: broadcast::Sender<pb::Event>,
+    ) -> Self {
+        Self {
+            handle,
+            config,
+            counters: Arc::new(counters),
+            events,
+        }
     }
 
-    /// Runs a blocking daemon operation (netlink, `ip`, map syscalls) under the lock.
-    async fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Daemon) -> Result<T, NetdError>,
-    ) -> Result<T, Status> {
-        let mut d = self.daemon.lock().await;
-        tokio::task::block_in_place(|| f(&mut d)).map_err(Status::from)
+    fn endpoint(&self, rec: &EndpointRecord) -> pb::Endpoint {
+        let snap = self.handle.snapshot();
+        let labels = snap
+            .identities
+            .get(&rec.identity)
+            .cloned()
+            .unwrap_or_default();
+        endpoint_pb(rec, labels)
     }
 }
 
@@ -61,7 +79,7 @@ fn policy_pb(p: PolicyInfo) -> pb::Policy {
         source: p.source.as_str().to_owned(),
         origin: p.origin,
         rules: u32::try_from(p.rules).unwrap_or(u32::MAX),
-        yaml: p.yaml,
+        yaml: p.yaml.to_string(),
     }
 }
 
@@ -76,29 +94,27 @@ impl pb::endpoints_server::Endpoints for Api {
         req: Request<pb::CreateEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
-        self.with(|d| {
-            let rec = d.create_endpoint(CreateEndpoint {
+        let rec = self
+            .handle
+            .create_endpoint(CreateEndpoint {
                 name: r.name,
                 labels: r.labels,
                 namespace: r.namespace,
                 spiffe_id: r.spiffe_id,
-            })?;
-            let labels = d.identity_labels(rec.identity);
-            Ok(endpoint_pb(&rec, labels))
-        })
-        .await
-        .map(Response::new)
+            })
+            .await?;
+        Ok(Response::new(self.endpoint(&rec)))
     }
 
     async fn list_endpoints(
         &self,
         _: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
-        let d = self.daemon.lock().await;
-        let endpoints = d
-            .list_endpoints()
-            .iter()
-            .map(|r| endpoint_pb(r, d.identity_labels(r.identity)))
+        let snap = self.handle.snapshot();
+        let endpoints = snap
+            .endpoints
+            .values()
+            .map(|(r, labels)| endpoint_pb(r, labels.clone()))
             .collect();
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
     }
@@ -108,12 +124,9 @@ impl pb::endpoints_server::Endpoints for Api {
         req: Request<pb::GetEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
         let name = req.into_inner().name;
-        let d = self.daemon.lock().await;
-        let r = d.get_endpoint(&name)?;
-        Ok(Response::new(endpoint_pb(
-            &r,
-            d.identity_labels(r.identity),
-        )))
+        let snap = self.handle.snapshot();
+        let (r, labels) = snap.get_endpoint(&name)?;
+        Ok(Response::new(endpoint_pb(r, labels.clone())))
     }
 
     async fn delete_endpoint(
@@ -121,7 +134,7 @@ impl pb::endpoints_server::Endpoints for Api {
         req: Request<pb::DeleteEndpointRequest>,
     ) -> Result<Response<pb::DeleteEndpointResponse>, Status> {
         let name = req.into_inner().name;
-        self.with(|d| d.delete_endpoint(&name)).await?;
+        self.handle.delete_endpoint(name).await?;
         Ok(Response::new(pb::DeleteEndpointResponse {}))
     }
 
@@ -130,13 +143,8 @@ impl pb::endpoints_server::Endpoints for Api {
         req: Request<pb::SetLabelsRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
-        self.with(|d| {
-            let rec = d.set_labels(&r.name, &r.set, &r.remove)?;
-            let labels = d.identity_labels(rec.identity);
-            Ok(endpoint_pb(&rec, labels))
-        })
-        .await
-        .map(Response::new)
+        let rec = self.handle.set_labels(r.name, r.set, r.remove).await?;
+        Ok(Response::new(self.endpoint(&rec)))
     }
 }
 
@@ -146,13 +154,17 @@ impl pb::policies_server::Policies for Api {
         &self,
         req: Request<pb::ImportPoliciesRequest>,
     ) -> Result<Response<pb::ImportPoliciesResponse>, Status> {
-        let files = req
+        let files: Vec<(String, String)> = req
             .into_inner()
             .files
             .into_iter()
             .map(|f| (f.origin, f.yaml))
             .collect();
-        let (policies, n) = self.with(|d| d.import_policies(files)).await?;
+        // Parsing a large import is CPU work too: off the async workers.
+        let op = tokio::task::spawn_blocking(move || parse_import(files))
+            .await
+            .map_err(|_| Status::unavailable("netd is stopping"))??;
+        let (policies, n) = self.handle.change_policy(op).await?;
         Ok(Response::new(pb::ImportPoliciesResponse {
             policies,
             endpoints_updated: count(n),
@@ -164,9 +176,10 @@ impl pb::policies_server::Policies for Api {
         req: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let name = req.into_inner().name;
-        let (policy, n) = self.with(|d| d.delete_policy(&name)).await?;
+        let id = self.handle.snapshot().resolve_policy(&name)?;
+        let (mut ids, n) = self.handle.change_policy(PolicyOp::Delete(id)).await?;
         Ok(Response::new(pb::DeletePolicyResponse {
-            policy,
+            policy: ids.pop().unwrap_or_default(),
             endpoints_updated: count(n),
         }))
     }
@@ -175,8 +188,8 @@ impl pb::policies_server::Policies for Api {
         &self,
         _: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let d = self.daemon.lock().await;
-        let policies = d.list_policies().into_iter().map(policy_pb).collect();
+        let snap = self.handle.snapshot();
+        let policies = snap.list_policies().into_iter().map(policy_pb).collect();
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
     }
 
@@ -185,8 +198,8 @@ impl pb::policies_server::Policies for Api {
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
         let name = req.into_inner().name;
-        let d = self.daemon.lock().await;
-        Ok(Response::new(policy_pb(d.get_policy(&name)?)))
+        let snap = self.handle.snapshot();
+        Ok(Response::new(policy_pb(snap.get_policy(&name)?)))
     }
 }
 
@@ -223,8 +236,8 @@ impl pb::status_server::Status for Api {
         &self,
         _: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let d = self.daemon.lock().await;
-        let c = d.config();
+        let snap = self.handle.snapshot();
+        let c = &self.config;
         Ok(Response::new(pb::StatusResponse {
             node_name: c.node_name.clone(),
             pod_cidr: c.pod_cidr.to_string(),
@@ -236,10 +249,10 @@ impl pb::status_server::Status for Api {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             enforcement: format!("{:?}", c.enforcement).to_lowercase(),
-            endpoints: count(d.list_endpoints().len()),
-            identities: count(d.identity_count()),
-            policies: count(d.engine().documents().count()),
-            lost_events: d.lost_events(),
+            endpoints: count(snap.endpoints.len()),
+            identities: count(snap.identity_count),
+            policies: count(snap.policies.len()),
+            lost_events: self.counters.lost_events().unwrap_or(0),
         }))
     }
 }

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Capacity of the kernel policy map when netd creates it (default 1048576; a map already
+    /// pinned keeps its size).
+    #[arg(long)]
+    pub policy_map_max_entries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +69,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     enforcement: Option<String>,
     log_level: Option<String>,
+    policy_map_max_entries: Option<u32>,
 }
 
 /// A validated configuration.
@@ -88,6 +93,8 @@ pub struct Config {
     pub enforcement: EnforcementMode,
     /// Log level.
     pub log_level: String,
+    /// Policy map capacity when it is created (`None`: the object's 1 048 576).
+    pub policy_map_max_entries: Option<u32>,
 }
 
 /// A pod CIDR of one family: network address and prefix length.
@@ -235,7 +242,12 @@ impl Config {
         let enforcement = EnforcementMode::parse(&mode).with_context(|| {
             format!("enforcement: invalid value {mode:?} (default, always or never)")
         })?;
+        let policy_map_max_entries = args.policy_map_max_entries.or(file.policy_map_max_entries);
+        if policy_map_max_entries == Some(0) {
+            bail!("policy_map_max_entries: invalid value 0: must be at least 1");
+        }
         Ok(Self {
+            policy_map_max_entries,
             node_name,
             pod_cidr,
             pod_cidr_v6,

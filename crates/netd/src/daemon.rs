@@ -1,12 +1,15 @@
 //! The daemon's state machine: endpoints, identities, policies, and the order in which their
 //! changes reach the kernel so that no update opens a window where traffic that the policy
-//! denies passes.
+//! denies passes. Only the reconciler ([`crate::reconcile`]) holds it.
 //!
 //! Orderings: an endpoint's own policy is in the map before its datapath is attached; other
 //! endpoints' maps learn a new identity before the IPCache hands it out; an address leaves the
-//! IPCache before the maps forget its identity; each endpoint's map is replaced with
-//! `replace_policy` (denies first, stale denies last) and its enforcement flags are tightened
-//! before and relaxed after.
+//! IPCache before the maps forget its identity. A change reaches the maps as the engine's key
+//! changes, planned over every affected endpoint at once and written (1) new or changed
+//! denies, (2) stale allows removed, (3) new or changed allows, (4) stale denies removed, with
+//! enforcement flags tightened before and relaxed after; a failed write undoes the earlier
+//! ones in reverse, through the same fail-closed states. Policy changes are transactions
+//! ([`crate::txn`]): the engine and the state change only after the kernel took every write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -15,35 +18,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use sigil_datapath::Datapath;
 use sigil_datapath::netns::{self, EndpointSpec};
-use sigil_datapath::{Datapath, EndpointConfig};
 use sigil_identity::{Allocator, LocalAllocator, reserved_identities};
 use sigil_labels::Labels;
-use sigil_policy::{
-    Document, IpPrefix, PeerSelector, Peers, PolicyDeltas, PolicyEngine, PolicyError, PolicyId,
-    parse_documents,
-};
+use sigil_policy::{IpPrefix, PolicyDeltas, PolicyEngine, PolicyId, parse_documents};
 
 use crate::config::Config;
-use crate::convert::{enforcement, to_datapath};
 use crate::error::NetdError;
-use crate::state::{EndpointRecord, ImportedFile, State, cidr_labels, identity_labels, nid};
+use crate::state::{EndpointRecord, State, cidr_labels, identity_labels, nid};
+use crate::txn::CidrList;
+
+mod kernel;
+mod policies;
+
+pub use crate::snapshot::{PolicyInfo, PolicySource, Snapshot};
+pub use policies::{Committed, ParsedFiles, parse_import, read_policy_dir, yaml_files};
 
 /// How long a released identity number is held back before reuse.
 const IDENTITY_GRACE: Duration = Duration::from_secs(60);
-
-/// What the monitor needs to name things, published after every change.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// Identity → labels.
-    pub identities: HashMap<u32, Vec<String>>,
-    /// Address → endpoint name.
-    pub addresses: HashMap<IpAddr, String>,
-    /// Datapath endpoint id → endpoint name.
-    pub endpoint_ids: HashMap<u32, String>,
-    /// Rule cookie → `Kind/namespace/name: rule path`.
-    pub rules: HashMap<u32, String>,
-}
 
 /// Input of [`Daemon::create_endpoint`].
 #[derive(Debug, Clone, Default)]
@@ -58,46 +51,15 @@ pub struct CreateEndpoint {
     pub spiffe_id: String,
 }
 
-/// Where an installed policy came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicySource {
-    /// Imported through the API.
-    Api,
-    /// The watched directory.
-    Dir,
-}
-
-impl PolicySource {
-    /// `api` or `dir`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Api => "api",
-            Self::Dir => "dir",
-        }
-    }
-}
-
-/// An installed policy, as listed.
-#[derive(Debug, Clone)]
-pub struct PolicyInfo {
-    /// Its id.
-    pub id: PolicyId,
-    /// Where it came from.
-    pub source: PolicySource,
-    /// File name.
-    pub origin: String,
-    /// Number of rules.
-    pub rules: usize,
-    /// YAML text of its file.
-    pub yaml: String,
-}
-
 /// The daemon.
 pub struct Daemon {
     config: Config,
     datapath: Datapath,
     engine: PolicyEngine,
-    alloc: LocalAllocator,
+    alloc: Arc<LocalAllocator>,
+    /// Bumped by every change of the engine; a policy job compiled at another generation is
+    /// compiled again.
+    generation: u64,
     state: State,
     sources: BTreeMap<PolicyId, PolicySource>,
     dir_files: BTreeMap<String, String>,
@@ -111,12 +73,12 @@ impl Daemon {
         if config.bpf_pin_dir.starts_with("/sys/fs/bpf") {
             sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         }
-        let datapath = Datapath::load(&config.bpf_pin_dir)?;
+        let datapath = Datapath::load_with(&config.bpf_pin_dir, config.policy_map_max_entries)?;
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {
             netns::blackhole_route(&cidr)?;
         }
         let state = State::load(&config.state_dir)?;
-        let alloc = LocalAllocator::new(0, IDENTITY_GRACE);
+        let alloc = Arc::new(LocalAllocator::new(0, IDENTITY_GRACE));
         let mut items = Vec::new();
         for rec in state.endpoints.values() {
             items.push((rec.identity, rec.labels()?));
@@ -136,6 +98,7 @@ impl Daemon {
             datapath,
             engine,
             alloc,
+            generation: 0,
             state,
             sources: BTreeMap::new(),
             dir_files: BTreeMap::new(),
@@ -152,10 +115,18 @@ impl Daemon {
             }
         }
         d.engine.upsert_policies(docs);
-        if d.config.policy_dir.is_some()
-            && let Err(e) = d.load_dir_into_engine()
-        {
-            tracing::warn!(error = %e, "policy directory not loaded; it is retried when it changes");
+        match d.read_policy_dir() {
+            Ok(Some((docs, files))) => {
+                for doc in &docs {
+                    d.sources.insert(doc.id.clone(), PolicySource::Dir);
+                }
+                d.engine.upsert_policies(docs);
+                d.dir_files = files.into_iter().collect();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "policy directory not loaded; it is retried when it changes");
+            }
         }
         d.reconcile()?;
         Ok(d)
@@ -351,9 +322,7 @@ impl Daemon {
             return Err(e);
         }
         self.state.endpoints.insert(rec.name.clone(), rec.clone());
-        let mut affected = identities_of(&deltas);
-        affected.remove(&rec.identity);
-        self.install_identities(&affected)?;
+        self.apply_deltas(std::slice::from_ref(&deltas), Some(rec.identity))?;
         let ipc = &mut self.datapath.maps_mut().ipcache;
         ipc.upsert(IpAddr::V4(ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(ipv6), 128, rec.identity)?;
@@ -396,7 +365,7 @@ impl Daemon {
         self.datapath
             .maps_mut()
             .remove_endpoint_state(rec.endpoint_id)?;
-        self.install_identities(&identities_of(&deltas))?;
+        self.apply_deltas(std::slice::from_ref(&deltas), None)?;
         netns::delete_endpoint(name)?;
         self.save()?;
         self.publish();
@@ -453,7 +422,7 @@ impl Daemon {
         rec.identity = new.get();
         self.install_endpoint(&rec)?;
         self.state.endpoints.insert(name.to_owned(), rec.clone());
-        self.install_identities(&identities_of(&deltas))?;
+        self.apply_deltas(std::slice::from_ref(&deltas), Some(rec.identity))?;
         let ipc = &mut self.datapath.maps_mut().ipcache;
         ipc.upsert(IpAddr::V4(rec.ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(rec.ipv6), 128, rec.identity)?;
@@ -462,7 +431,7 @@ impl Daemon {
         } else {
             PolicyDeltas::default()
         };
-        self.install_identities(&identities_of(&gone))?;
+        self.apply_deltas(std::slice::from_ref(&gone), None)?;
         self.save()?;
         self.publish();
         tracing::info!(endpoint = %name, old = old.get(), new = new.get(), "endpoint relabelled");
@@ -487,245 +456,26 @@ impl Daemon {
 
     // ---- policies ----
 
-    /// Imports policy files (origin, YAML) through the API: all are parsed first; one
-    /// invalid document rejects the import with nothing applied.
-    pub fn import_policies(
-        &mut self,
-        files: Vec<(String, String)>,
-    ) -> Result<(Vec<String>, usize), NetdError> {
-        let docs = parse_all(&files)?;
-        if docs.is_empty() {
-            return Err(NetdError::invalid(
-                "files",
-                files
-                    .iter()
-                    .map(|(o, _)| o.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                "no policy document found",
-            ));
-        }
-        let ids: Vec<String> = docs.iter().map(|d| d.id.to_string()).collect();
-        for f in &mut self.state.imported {
-            f.policies.retain(|p| !ids.contains(p));
-        }
-        self.state.imported.retain(|f| !f.policies.is_empty());
-        for (origin, yaml) in files {
-            let policies: Vec<String> = docs
-                .iter()
-                .filter(|d| d.origin == origin)
-                .map(|d| d.id.to_string())
-                .collect();
-            if !policies.is_empty() {
-                self.state.imported.push(ImportedFile {
-                    origin,
-                    yaml,
-                    policies,
-                });
-            }
-        }
-        for d in &docs {
-            self.sources.insert(d.id.clone(), PolicySource::Api);
-        }
-        let deltas = self.engine.upsert_policies(docs);
-        let n = self.apply_policy_change(identities_of(&deltas))?;
-        Ok((ids, n))
+    /// The datapath (for tests that compare the kernel before and after).
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
     }
 
-    /// Deletes a policy by `name`, `namespace/name` or `Kind/namespace/name`.
-    pub fn delete_policy(&mut self, name: &str) -> Result<(String, usize), NetdError> {
-        let id = self.resolve_policy(name)?;
-        let text = id.to_string();
-        for f in &mut self.state.imported {
-            f.policies.retain(|p| *p != text);
-        }
-        self.state.imported.retain(|f| !f.policies.is_empty());
-        self.sources.remove(&id);
-        let deltas = self.engine.delete_policy(&id);
-        let n = self.apply_policy_change(identities_of(&deltas))?;
-        Ok((text, n))
+    /// Marks the engine as changed: policy jobs compiled before are compiled again.
+    pub(crate) fn bump_generation(&mut self) {
+        self.generation += 1;
     }
 
-    /// Every installed policy (without YAML).
-    pub fn list_policies(&self) -> Vec<PolicyInfo> {
-        self.engine
-            .documents()
-            .map(|d| self.info(d, false))
-            .collect()
-    }
-
-    /// One policy with the YAML of its file.
-    pub fn get_policy(&self, name: &str) -> Result<PolicyInfo, NetdError> {
-        let id = self.resolve_policy(name)?;
-        let doc = self
-            .engine
-            .documents()
-            .find(|d| d.id == id)
-            .ok_or_else(|| NetdError::NotFound {
-                what: "policy",
-                name: name.to_owned(),
-            })?;
-        Ok(self.info(doc, true))
-    }
-
-    fn info(&self, d: &Document, yaml: bool) -> PolicyInfo {
-        let source = self
-            .sources
-            .get(&d.id)
-            .copied()
-            .unwrap_or(PolicySource::Api);
-        let text = if !yaml {
-            String::new()
-        } else if source == PolicySource::Dir {
-            self.dir_files.get(&d.origin).cloned().unwrap_or_default()
-        } else {
-            let id = d.id.to_string();
-            self.state
-                .imported
-                .iter()
-                .find(|f| f.policies.contains(&id))
-                .map(|f| f.yaml.clone())
-                .unwrap_or_default()
-        };
-        PolicyInfo {
-            id: d.id.clone(),
-            source,
-            origin: d.origin.clone(),
-            rules: d.rules.len(),
-            yaml: text,
-        }
-    }
-
-    fn resolve_policy(&self, name: &str) -> Result<PolicyId, NetdError> {
-        let hits: Vec<PolicyId> = self
-            .engine
-            .documents()
-            .map(|d| d.id.clone())
-            .filter(|id| {
-                let full = id.to_string();
-                let short = match &id.namespace {
-                    Some(ns) => format!("{ns}/{}", id.name),
-                    None => id.name.clone(),
-                };
-                full == name || short == name || id.name == name
-            })
-            .collect();
-        match hits.as_slice() {
-            [] => Err(NetdError::NotFound {
-                what: "policy",
-                name: name.to_owned(),
-            }),
-            [one] => Ok(one.clone()),
-            many => Err(NetdError::invalid(
-                "name",
-                name,
-                format!(
-                    "matches {}; give Kind/namespace/name",
-                    many.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        }
-    }
-
-    /// Re-imports the watched directory as a whole: its policies replace the ones it gave
-    /// before (removed files' policies are deleted). An invalid file changes nothing.
-    pub fn sync_policy_dir(&mut self) -> Result<usize, NetdError> {
-        let affected = self.load_dir_into_engine()?;
-        self.apply_policy_change(affected)
-    }
-
-    fn load_dir_into_engine(&mut self) -> Result<BTreeSet<u32>, NetdError> {
-        let Some(dir) = self.config.policy_dir.clone() else {
-            return Ok(BTreeSet::new());
-        };
-        let mut files = Vec::new();
-        if dir.is_dir() {
-            for p in yaml_files(&dir) {
-                let text = std::fs::read_to_string(&p).map_err(|e| NetdError::io(&p, e))?;
-                files.push((p.display().to_string(), text));
-            }
-        }
-        let docs = parse_all(&files)?;
-        let new_ids: BTreeSet<PolicyId> = docs.iter().map(|d| d.id.clone()).collect();
-        let stale: Vec<PolicyId> = self
-            .sources
-            .iter()
-            .filter(|(id, s)| **s == PolicySource::Dir && !new_ids.contains(*id))
-            .map(|(id, _)| id.clone())
-            .collect();
-        let mut affected = BTreeSet::new();
-        for id in &new_ids {
-            self.sources.insert(id.clone(), PolicySource::Dir);
-        }
-        affected.extend(identities_of(&self.engine.upsert_policies(docs)));
-        for id in stale {
-            self.sources.remove(&id);
-            affected.extend(identities_of(&self.engine.delete_policy(&id)));
-        }
-        self.dir_files = files.into_iter().collect();
-        Ok(affected)
-    }
-
-    /// After the engine changed policies: CIDR identities, maps, IPCache, state file.
-    fn apply_policy_change(&mut self, mut affected: BTreeSet<u32>) -> Result<usize, NetdError> {
-        let (added, removed) = self.sync_cidrs_tracking(&mut affected)?;
-        let ipc = &mut self.datapath.maps_mut().ipcache;
-        for (p, _) in &removed {
-            ipc.remove(p.addr(), p.prefix_len())?;
-        }
-        let n = self.install_identities(&affected)?;
-        self.release_cidrs(added, removed)?;
-        self.save()?;
-        self.publish();
-        Ok(n)
-    }
-
+    /// Allocates identities for the CIDR prefixes policies name (on start, before every map is
+    /// installed whole); see [`crate::txn::sync_cidrs`].
     fn sync_cidrs(&mut self) -> Result<(CidrList, CidrList), NetdError> {
-        let mut ignored = BTreeSet::new();
-        self.sync_cidrs_tracking(&mut ignored)
-    }
-
-    /// Allocates identities for CIDR prefixes policies name now and tells the engine; the
-    /// engine forgets those of prefixes no longer named. Returns (added, removed).
-    fn sync_cidrs_tracking(
-        &mut self,
-        affected: &mut BTreeSet<u32>,
-    ) -> Result<(CidrList, CidrList), NetdError> {
-        let named = named_cidrs(self.engine.documents());
-        let mut added = Vec::new();
-        for p in &named {
-            let key = p.to_string();
-            if self.state.cidr_identities.contains_key(&key) {
-                continue;
-            }
-            let labels = cidr_labels(p)?;
-            let (id, fresh) = self.alloc.allocate(&labels)?;
-            if fresh {
-                affected.extend(identities_of(&self.engine.add_identity(id, labels)));
-            }
-            self.state.cidr_identities.insert(key, id.get());
-            added.push((*p, id.get()));
-        }
-        let mut removed = Vec::new();
-        let names: BTreeSet<String> = named.iter().map(ToString::to_string).collect();
-        let stale: Vec<(String, u32)> = self
-            .state
-            .cidr_identities
-            .iter()
-            .filter(|(k, _)| !names.contains(*k))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for (key, id) in stale {
-            self.state.cidr_identities.remove(&key);
-            affected.extend(identities_of(&self.engine.remove_identity(nid(id))));
-            if let Ok(p) = key.parse::<IpPrefix>() {
-                removed.push((p, id));
-            }
-        }
-        Ok((added, removed))
+        let mut deltas = Vec::new();
+        crate::txn::sync_cidrs(
+            &mut self.engine,
+            &self.alloc,
+            &mut self.state.cidr_identities,
+            &mut deltas,
+        )
     }
 
     /// IPCache entries of added prefixes (their identities are in the maps by now), and the
@@ -744,61 +494,12 @@ impl Daemon {
 
     // ---- kernel ----
 
-    /// Replaces the maps of every endpoint holding one of `identities`; returns how many.
-    fn install_identities(&mut self, identities: &BTreeSet<u32>) -> Result<usize, NetdError> {
-        let targets: Vec<EndpointRecord> = self
-            .state
-            .endpoints
-            .values()
-            .filter(|r| identities.contains(&r.identity))
-            .cloned()
-            .collect();
-        for rec in &targets {
-            self.install_endpoint(rec)?;
-        }
-        Ok(targets.len())
-    }
-
-    /// Makes the kernel's map and config of one endpoint the engine's; the config carries the
-    /// endpoint's addresses, the only sources the datapath lets its packets have.
-    fn install_endpoint(&mut self, rec: &EndpointRecord) -> Result<(), NetdError> {
-        let (endpoint_id, identity) = (rec.endpoint_id, rec.identity);
-        let map = self.engine.policy_map(nid(identity)).unwrap_or_default();
-        let entries: Vec<_> = map.iter().map(|(k, e)| to_datapath(k, e)).collect();
-        let (ingress, egress) = enforcement(&map);
-        let maps = self.datapath.maps_mut();
-        let old = maps.endpoints.get(endpoint_id)?;
-        let (old_in, old_eg) =
-            old.map_or((true, true), |c| (c.ingress_enforced, c.egress_enforced));
-        maps.endpoints.set(
-            endpoint_id,
-            EndpointConfig {
-                identity,
-                ingress_enforced: ingress || old_in,
-                egress_enforced: egress || old_eg,
-                ipv4: Some(rec.ipv4),
-                ipv6: Some(rec.ipv6),
-            },
-        )?;
-        maps.policy.replace_policy(endpoint_id, &entries)?;
-        maps.endpoints.set(
-            endpoint_id,
-            EndpointConfig {
-                identity,
-                ingress_enforced: ingress,
-                egress_enforced: egress,
-                ipv4: Some(rec.ipv4),
-                ipv6: Some(rec.ipv6),
-            },
-        )?;
-        Ok(())
-    }
-
     fn save(&self) -> Result<(), NetdError> {
         self.state.save(&self.config.state_dir)
     }
 
-    fn publish(&self) {
+    pub(super) fn publish(&mut self) {
+        self.generation += 1;
         let mut snap = Snapshot::default();
         for (id, labels) in reserved_identities().into_iter().chain(self.alloc.list()) {
             snap.identities.insert(id.get(), label_strings(&labels));
@@ -810,6 +511,46 @@ impl Daemon {
         }
         for (cookie, policy, path) in self.engine.rule_cookies() {
             snap.rules.insert(cookie, format!("{policy}: {path}"));
+        }
+        for r in self.state.endpoints.values() {
+            let labels = snap
+                .identities
+                .get(&r.identity)
+                .cloned()
+                .unwrap_or_default();
+            snap.endpoints.insert(r.name.clone(), (r.clone(), labels));
+        }
+        snap.identity_count = self.alloc.len();
+        let mut api_yaml: HashMap<&str, Arc<str>> = HashMap::new();
+        for f in &self.state.imported {
+            let text: Arc<str> = Arc::from(f.yaml.as_str());
+            for p in &f.policies {
+                api_yaml.insert(p.as_str(), Arc::clone(&text));
+            }
+        }
+        let dir_yaml: HashMap<&str, Arc<str>> = self
+            .dir_files
+            .iter()
+            .map(|(o, y)| (o.as_str(), Arc::from(y.as_str())))
+            .collect();
+        for d in self.engine.documents() {
+            let source = self
+                .sources
+                .get(&d.id)
+                .copied()
+                .unwrap_or(PolicySource::Api);
+            let id = d.id.to_string();
+            let yaml = match source {
+                PolicySource::Dir => dir_yaml.get(d.origin.as_str()),
+                PolicySource::Api => api_yaml.get(id.as_str()),
+            };
+            snap.policies.push(PolicyInfo {
+                id: d.id.clone(),
+                source,
+                origin: d.origin.clone(),
+                rules: d.rules.len(),
+                yaml: yaml.cloned().unwrap_or_else(|| Arc::from("")),
+            });
         }
         self.snapshot.store(Arc::new(snap));
     }
@@ -828,17 +569,11 @@ impl Daemon {
     }
 }
 
-type CidrList = Vec<(IpPrefix, u32)>;
-
 /// Sorted `source:key=value` strings.
 pub fn label_strings(labels: &Labels) -> Vec<String> {
     let mut v: Vec<String> = labels.iter().map(ToString::to_string).collect();
     v.sort();
     v
-}
-
-fn identities_of(d: &PolicyDeltas) -> BTreeSet<u32> {
-    d.endpoints.iter().map(|e| e.endpoint.get()).collect()
 }
 
 /// The key of `[source:]key=value` (empty when there is none).
@@ -850,74 +585,6 @@ fn label_key(text: &str) -> String {
         _ => text,
     };
     rest.split('=').next().unwrap_or("").to_owned()
-}
-
-fn parse_all(files: &[(String, String)]) -> Result<Vec<Document>, NetdError> {
-    let mut docs: Vec<Document> = Vec::new();
-    let mut errors = Vec::new();
-    for (origin, yaml) in files {
-        match parse_documents(yaml, origin) {
-            Ok(d) => docs.extend(d),
-            Err(PolicyError::Invalid { errors: e }) => errors.extend(e),
-            Err(other) => return Err(other.into()),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(PolicyError::Invalid { errors }.into());
-    }
-    let mut seen: BTreeMap<PolicyId, String> = BTreeMap::new();
-    for d in &docs {
-        if let Some(first) = seen.insert(d.id.clone(), d.origin.clone()) {
-            return Err(PolicyError::Duplicate {
-                id: d.id.to_string(),
-                first,
-                second: d.origin.clone(),
-            }
-            .into());
-        }
-    }
-    Ok(docs)
-}
-
-/// The `*.yaml` / `*.yml` files directly in `dir`, sorted.
-pub fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| e == "yaml" || e == "yml")
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// CIDR prefixes (and their exceptions) that policies name; `/0` is the world identity.
-fn named_cidrs<'a>(docs: impl Iterator<Item = &'a Document>) -> BTreeSet<IpPrefix> {
-    let mut out = BTreeSet::new();
-    for d in docs {
-        for r in &d.rules {
-            for e in &r.entries {
-                if let Peers::Only(sels) = &e.peers {
-                    for s in sels {
-                        if let PeerSelector::Cidr(c) = s {
-                            out.extend(
-                                std::iter::once(c.cidr)
-                                    .chain(c.except.iter().copied())
-                                    .filter(|p| !p.is_default()),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 fn validate_namespace(ns: &str) -> Result<(), NetdError> {
@@ -984,17 +651,5 @@ mod tests {
         let e = validate_spiffe_id("http://x").expect_err("scheme");
         assert!(e.to_string().contains("spiffe_id"), "{e}");
         validate_spiffe_id("spiffe://example.org/ns/default/sa/web").expect("valid id");
-    }
-
-    #[test]
-    fn duplicate_policies_across_files_are_refused() {
-        let doc = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: a\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints:\n    - {}\n";
-        let files = vec![
-            ("one.yaml".to_owned(), doc.to_owned()),
-            ("two.yaml".to_owned(), doc.to_owned()),
-        ];
-        let e = parse_all(&files).expect_err("duplicate");
-        assert!(e.to_string().contains("defined twice"), "{e}");
-        assert_eq!(parse_all(&files[..1]).expect("one").len(), 1);
     }
 }

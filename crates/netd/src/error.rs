@@ -44,6 +44,12 @@ pub enum NetdError {
     #[error("identity: {0}")]
     Identity(#[from] sigil_identity::IdentityError),
     /// The datapath (maps, programs, namespaces) failed.
+    /// The reconciler or the policy compiler stopped (netd is shutting down).
+    #[error("netd is stopping: {what} is no longer running")]
+    Stopped {
+        /// Which part.
+        what: &'static str,
+    },
     #[error("datapath: {0}")]
     Datapath(#[from] sigil_datapath::DatapathError),
     /// Restoring identities from the state file gave other numbers than recorded.
@@ -102,7 +108,14 @@ impl From<NetdError> for tonic::Status {
             }
             NetdError::NotFound { .. } => tonic::Status::not_found(msg),
             NetdError::AlreadyExists { .. } => tonic::Status::already_exists(msg),
-            NetdError::AddressesExhausted { .. } => tonic::Status::resource_exhausted(msg),
+            NetdError::AddressesExhausted { .. }
+            | NetdError::Datapath(sigil_datapath::DatapathError::PolicyMapFull { .. }) => {
+                tonic::Status::resource_exhausted(msg)
+            }
+            NetdError::Datapath(sigil_datapath::DatapathError::PolicyRolledBack { .. }) => {
+                tonic::Status::aborted(msg)
+            }
+            NetdError::Stopped { .. } => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }
     }

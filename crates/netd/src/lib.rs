@@ -10,7 +10,10 @@ pub mod convert;
 pub mod daemon;
 pub mod error;
 pub mod monitor;
+pub mod reconcile;
+pub mod snapshot;
 pub mod state;
+pub mod txn;
 pub mod watch;
 
 use std::path::Path;
@@ -18,7 +21,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use sigil_proto::netd::v1 as pb;
-use tokio::sync::{Mutex, broadcast, watch as tokio_watch};
+use tokio::sync::{broadcast, watch as tokio_watch};
 
 pub use config::{Config, RunArgs};
 pub use daemon::Daemon;
@@ -67,18 +70,24 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
     sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
-    let daemon = tokio::task::block_in_place(|| Daemon::start(config)).context("starting netd")?;
-    let snapshot = daemon.snapshot();
+    let config = Arc::new(config);
+    let daemon = tokio::task::block_in_place(|| Daemon::start((*config).clone()))
+        .context("starting netd")?;
     let endpoints = daemon.list_endpoints().len();
-    let daemon = Arc::new(Mutex::new(daemon));
+    let (handle, reconciler) = reconcile::spawn(daemon).context("starting the reconciler")?;
     let (events_tx, _) = broadcast::channel(4096);
     let reader = sigil_datapath::EventReader::open_pinned(&pin_dir)
         .context("opening the event ring buffer")?;
-    let monitor = tokio::spawn(monitor::run(reader, snapshot, events_tx.clone()));
-    let watcher =
-        policy_dir.map(|dir| tokio::spawn(watch::run(dir, Arc::clone(&daemon), stop.clone())));
+    let counters =
+        sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?;
+    let monitor = tokio::spawn(monitor::run(
+        reader,
+        handle.snapshot_cell(),
+        events_tx.clone(),
+    ));
+    let watcher = policy_dir.map(|dir| tokio::spawn(watch::run(dir, handle.clone(), stop.clone())));
     let listener = api_listener(&socket)?;
-    let api = api::Api::new(Arc::clone(&daemon), events_tx);
+    let api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
     let router = tonic::transport::Server::builder()
         .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
@@ -101,6 +110,9 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     if let Some(w) = watcher {
         let _ = w.await;
     }
+    // Every handle is gone with the server and the watcher: the reconciler finishes the
+    // change in hand and stops.
+    let _ = tokio::task::spawn_blocking(move || reconciler.join()).await;
     let _ = std::fs::remove_file(&socket);
     served.context("API server")?;
     tracing::info!("sigil-netd stopped; the datapath stays attached");

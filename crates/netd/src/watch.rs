@@ -3,12 +3,14 @@
 //! bind mounts and network filesystems); a change re-imports the whole directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
-use crate::daemon::{Daemon, yaml_files};
+use crate::daemon::{read_policy_dir, yaml_files};
+use crate::error::NetdError;
+use crate::reconcile::Handle;
+use crate::txn::PolicyOp;
 
 /// Polling interval.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -28,7 +30,7 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 }
 
 /// Polls `dir` until `stop` turns true.
-pub async fn run(dir: PathBuf, daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+pub async fn run(dir: PathBuf, handle: Handle, mut stop: watch::Receiver<bool>) {
     let mut last = fingerprint(&dir);
     loop {
         tokio::select! {
@@ -40,8 +42,7 @@ pub async fn run(dir: PathBuf, daemon: Arc<Mutex<Daemon>>, mut stop: watch::Rece
             continue;
         }
         last = now;
-        let mut d = daemon.lock().await;
-        match tokio::task::block_in_place(|| d.sync_policy_dir()) {
+        match reload(&dir, &handle).await {
             Ok(n) => {
                 tracing::info!(dir = %dir.display(), endpoints_updated = n, "policy directory re-imported")
             }
@@ -50,4 +51,15 @@ pub async fn run(dir: PathBuf, daemon: Arc<Mutex<Daemon>>, mut stop: watch::Rece
             }
         }
     }
+}
+
+/// Reads the directory (off the async workers) and applies it as one change.
+async fn reload(dir: &Path, handle: &Handle) -> Result<usize, NetdError> {
+    let d = dir.to_path_buf();
+    let (docs, files) = tokio::task::spawn_blocking(move || read_policy_dir(&d))
+        .await
+        .map_err(|_| NetdError::Stopped {
+            what: "policy directory reader",
+        })??;
+    Ok(handle.change_policy(PolicyOp::Dir { docs, files }).await?.1)
 }

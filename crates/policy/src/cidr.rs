@@ -67,6 +67,25 @@ impl IpPrefix {
         }
     }
 
+    /// Bounds, in this type's order, of every prefix inside this one: each prefix `p` with
+    /// `self.contains(&p)` lies in `lo..=hi` (the range may hold others too; filter it).
+    pub(crate) fn inner_bounds(&self) -> (IpPrefix, IpPrefix) {
+        let last = match self.addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) | !mask32(self.len)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) | !mask128(self.len)).into()),
+        };
+        (
+            IpPrefix {
+                addr: self.addr,
+                len: 0,
+            },
+            IpPrefix {
+                addr: last,
+                len: u8::MAX,
+            },
+        )
+    }
+
     /// Whether the two prefixes share any address (for prefixes: one contains the other).
     pub fn overlaps(&self, other: &IpPrefix) -> bool {
         self.contains(other) || other.contains(self)

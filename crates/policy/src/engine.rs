@@ -46,7 +46,7 @@ pub fn is_endpoint_identity(id: u32) -> bool {
 type RuleId = u64;
 type MapId = usize;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum CPeers {
     Wildcard,
     Sels(Vec<SelId>),
@@ -61,16 +61,19 @@ struct Contrib {
     port: Option<PortKey>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CEntry {
     dir: Direction,
     peers: CPeers,
+    /// The peer selectors sorted and deduplicated, for membership tests (an entry may name
+    /// thousands of CIDRs).
+    sel_index: Vec<SelId>,
     contribs: Vec<Contrib>,
     /// Port keys this (allow) entry puts L7 rules on.
     l7_ports: Vec<PortKey>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CRule {
     subject: SelId,
     default_deny: PerDirection,
@@ -80,7 +83,7 @@ struct CRule {
 }
 
 /// The map shared by every endpoint selected by exactly `rules`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PolicyMap {
     rules: Vec<RuleId>,
     members: HashSet<u32, IntBuild>,
@@ -163,7 +166,10 @@ fn merge(mut c: Vec<(Prefix, Agg)>) -> Vec<(Prefix, Agg)> {
 }
 
 /// Compiles policies against identities into per-endpoint policy maps; see the module docs.
-#[derive(Debug, Default)]
+///
+/// `Clone` lets a caller compile a change on a copy and keep the original until the change
+/// has reached the kernel (a transaction).
+#[derive(Debug, Clone, Default)]
 pub struct PolicyEngine {
     mode: EnforcementMode,
     identities: HashMap<u32, Labels, IntBuild>,
@@ -382,13 +388,20 @@ impl PolicyEngine {
         };
         let mut own = Vec::new();
         if self.mode != EnforcementMode::Never {
+            // The few selectors matching `id`, each looked up in an entry's index: the cost
+            // does not grow with the number of selectors an entry names.
+            let mine = self
+                .identities
+                .get(&id)
+                .map(|l| self.cache.selectors_matching(id, l))
+                .unwrap_or_default();
             for rid in &m.rules {
                 let Some(rule) = self.rules.get(rid) else {
                     continue;
                 };
                 for e in rule.entries.iter().filter(|e| di(e.dir) == d) {
-                    if let CPeers::Sels(sels) = &e.peers
-                        && sels.iter().any(|s| self.cache.contains(*s, id))
+                    if matches!(e.peers, CPeers::Sels(_))
+                        && mine.iter().any(|s| e.sel_index.binary_search(s).is_ok())
                     {
                         own.extend(e.contribs.iter().map(|c| effective(c, &m.l7_ports[d])));
                     }
@@ -501,9 +514,16 @@ impl PolicyEngine {
                 let cookie = self.cookies.acquire(&doc.id, &e.path);
                 cookies.push(cookie);
                 let (contribs, l7_ports) = entry_contribs(e, cookie);
+                let mut sel_index = match &peers {
+                    CPeers::Sels(sels) => sels.clone(),
+                    CPeers::Wildcard => Vec::new(),
+                };
+                sel_index.sort_unstable();
+                sel_index.dedup();
                 entries.push(CEntry {
                     dir: e.direction,
                     peers,
+                    sel_index,
                     contribs,
                     l7_ports,
                 });

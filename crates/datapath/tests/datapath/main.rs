@@ -6,6 +6,7 @@ mod nd;
 mod policy_map;
 mod spoof;
 mod support;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};

@@ -1,12 +1,15 @@
 //! The selector cache: each distinct selector in use and the set of identities it matches,
 //! kept current as identities come and go. Selectors and identities are both indexed by one
 //! `key=value` label, so adding an identity tests only the selectors that could match it and
-//! adding a selector tests only the identities that could match it.
+//! adding a selector tests only the identities that could match it. CIDR selectors and CIDR
+//! identities are indexed by prefix the same way, so an import of many CIDRs does not test
+//! every CIDR identity against every CIDR selector.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sigil_labels::{Labels, NAMESPACE_KEY, Operator, Selector};
 
+use crate::cidr::IpPrefix;
 use crate::model::{Entity, PeerSelector};
 
 use super::key::IntBuild;
@@ -35,6 +38,8 @@ impl CacheKey {
 enum Hint {
     /// Only identities carrying this label key with this value can match.
     Label(String, String),
+    /// Only CIDR identities whose prefix lies in this one can match.
+    Cidr(IpPrefix),
     /// Any identity may match: test them all.
     Scan,
     /// Nothing matches.
@@ -51,7 +56,9 @@ fn hint(key: &CacheKey) -> Hint {
                 other => Hint::Label(other.as_str().to_owned(), String::new()),
             };
         }
-        CacheKey::Peer(PeerSelector::Cidr(_)) => return Hint::Scan,
+        // A `/0` also matches `reserved:world`, which has no prefix.
+        CacheKey::Peer(PeerSelector::Cidr(c)) if c.cidr.is_default() => return Hint::Scan,
+        CacheKey::Peer(PeerSelector::Cidr(c)) => return Hint::Cidr(c.cidr),
         CacheKey::Peer(PeerSelector::Fqdn(_)) => return Hint::Never,
     };
     let mut eq = sel
@@ -69,7 +76,7 @@ fn hint(key: &CacheKey) -> Hint {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     key: CacheKey,
     hint: Hint,
@@ -78,7 +85,7 @@ struct Entry {
 }
 
 /// See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct SelectorCache {
     by_key: HashMap<CacheKey, SelId>,
     entries: HashMap<SelId, Entry, IntBuild>,
@@ -86,6 +93,9 @@ pub(crate) struct SelectorCache {
     by_label: HashMap<(String, String), Vec<SelId>>,
     scan: HashSet<SelId, IntBuild>,
     idents_by_label: HashMap<(String, String), HashSet<u32, IntBuild>>,
+    by_cidr: HashMap<IpPrefix, Vec<SelId>>,
+    /// CIDR identities by their most specific prefix.
+    idents_by_cidr: BTreeMap<IpPrefix, HashSet<u32, IntBuild>>,
 }
 
 impl SelectorCache {
@@ -118,6 +128,20 @@ impl SelectorCache {
                     .entry((k.clone(), v.clone()))
                     .or_default()
                     .push(id);
+            }
+            Hint::Cidr(c) => {
+                let (lo, hi) = c.inner_bounds();
+                for (p, ids) in self.idents_by_cidr.range(lo..=hi) {
+                    if !c.contains(p) {
+                        continue;
+                    }
+                    for &i in ids {
+                        if identities.get(&i).is_some_and(|l| key.matches(i, l)) {
+                            matches.insert(i);
+                        }
+                    }
+                }
+                self.by_cidr.entry(*c).or_default().push(id);
             }
             Hint::Scan => {
                 for (&i, l) in identities {
@@ -160,6 +184,14 @@ impl SelectorCache {
                         list.retain(|&s| s != id);
                         if list.is_empty() {
                             self.by_label.remove(&lk);
+                        }
+                    }
+                }
+                Hint::Cidr(c) => {
+                    if let Some(list) = self.by_cidr.get_mut(&c) {
+                        list.retain(|&s| s != id);
+                        if list.is_empty() {
+                            self.by_cidr.remove(&c);
                         }
                     }
                 }
@@ -206,11 +238,27 @@ impl SelectorCache {
         out
     }
 
+    /// The selectors that match identity `id` (with `labels`), sorted.
+    pub(crate) fn selectors_matching(&self, id: u32, labels: &Labels) -> Vec<SelId> {
+        self.candidates(labels)
+            .into_iter()
+            .filter(|s| self.contains(*s, id))
+            .collect()
+    }
+
     fn candidates(&self, labels: &Labels) -> Vec<SelId> {
         let mut c: Vec<SelId> = self.scan.iter().copied().collect();
         for l in labels.iter() {
             if let Some(list) = self.by_label.get(&(l.key.clone(), l.value.clone())) {
                 c.extend(list);
+            }
+        }
+        if let Some(p) = IpPrefix::of_labels(labels) {
+            for len in 0..=p.prefix_len() {
+                if let Some(list) = IpPrefix::new(p.addr(), len).and_then(|a| self.by_cidr.get(&a))
+                {
+                    c.extend(list);
+                }
             }
         }
         c.sort_unstable();
@@ -225,6 +273,9 @@ impl SelectorCache {
                 .entry((l.key.clone(), l.value.clone()))
                 .or_default()
                 .insert(id);
+        }
+        if let Some(p) = IpPrefix::of_labels(labels) {
+            self.idents_by_cidr.entry(p).or_default().insert(id);
         }
         let mut hit = Vec::new();
         for sel in self.candidates(labels) {
@@ -247,6 +298,14 @@ impl SelectorCache {
                 if set.is_empty() {
                     self.idents_by_label.remove(&lk);
                 }
+            }
+        }
+        if let Some(p) = IpPrefix::of_labels(labels)
+            && let Some(set) = self.idents_by_cidr.get_mut(&p)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.idents_by_cidr.remove(&p);
             }
         }
         let mut hit = Vec::new();

@@ -11,7 +11,7 @@ use crate::model::PolicyId;
 
 use super::key::IntBuild;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Named {
     policy: PolicyId,
     path: String,
@@ -20,7 +20,7 @@ struct Named {
 
 /// Cookie → rule, reference counted (a rule may be installed twice while a policy is being
 /// replaced, and several entries of one rule may share a path).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct CookieRegistry {
     by_cookie: HashMap<u32, Named, IntBuild>,
 }

@@ -1,0 +1,141 @@
+//! What readers see: the daemon's state published after every change (endpoints, policies,
+//! identities, names for the monitor), read without waiting for the reconciler.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use sigil_policy::PolicyId;
+
+use crate::error::NetdError;
+use crate::state::EndpointRecord;
+
+/// The daemon's state as readers see it, published after every change: the monitor names
+/// things with it and the API's read-only calls (status, endpoint and policy list/get) answer
+/// from it without waiting for the writer.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Endpoints by name, with their identity's labels.
+    pub endpoints: BTreeMap<String, (EndpointRecord, Vec<String>)>,
+    /// Installed policies, with the YAML of their files.
+    pub policies: Vec<PolicyInfo>,
+    /// Number of allocated identities (endpoints and CIDRs).
+    pub identity_count: usize,
+    /// Identity → labels.
+    pub identities: HashMap<u32, Vec<String>>,
+    /// Address → endpoint name.
+    pub addresses: HashMap<IpAddr, String>,
+    /// Datapath endpoint id → endpoint name.
+    pub endpoint_ids: HashMap<u32, String>,
+    /// Rule cookie → `Kind/namespace/name: rule path`.
+    pub rules: HashMap<u32, String>,
+}
+
+impl Snapshot {
+    /// Every installed policy (without YAML).
+    pub fn list_policies(&self) -> Vec<PolicyInfo> {
+        self.policies
+            .iter()
+            .map(|p| PolicyInfo {
+                yaml: Arc::from(""),
+                ..p.clone()
+            })
+            .collect()
+    }
+
+    /// One policy by `name`, `namespace/name` or `Kind/namespace/name`, with its file's YAML.
+    pub fn get_policy(&self, name: &str) -> Result<PolicyInfo, NetdError> {
+        let id = resolve_policy(self.policies.iter().map(|p| &p.id), name)?;
+        self.policies
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| NetdError::NotFound {
+                what: "policy",
+                name: name.to_owned(),
+            })
+    }
+
+    /// The id of a policy given by `name`, `namespace/name` or `Kind/namespace/name`.
+    pub fn resolve_policy(&self, name: &str) -> Result<PolicyId, NetdError> {
+        resolve_policy(self.policies.iter().map(|p| &p.id), name)
+    }
+
+    /// One endpoint and its identity's labels.
+    pub fn get_endpoint(&self, name: &str) -> Result<&(EndpointRecord, Vec<String>), NetdError> {
+        self.endpoints.get(name).ok_or_else(|| NetdError::NotFound {
+            what: "endpoint",
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The one policy among `ids` that `name` names.
+pub(crate) fn resolve_policy<'a>(
+    ids: impl Iterator<Item = &'a PolicyId>,
+    name: &str,
+) -> Result<PolicyId, NetdError> {
+    let hits: Vec<PolicyId> = ids
+        .filter(|id| {
+            let full = id.to_string();
+            let short = match &id.namespace {
+                Some(ns) => format!("{ns}/{}", id.name),
+                None => id.name.clone(),
+            };
+            full == name || short == name || id.name == name
+        })
+        .cloned()
+        .collect();
+    match hits.as_slice() {
+        [] => Err(NetdError::NotFound {
+            what: "policy",
+            name: name.to_owned(),
+        }),
+        [one] => Ok(one.clone()),
+        many => Err(NetdError::invalid(
+            "name",
+            name,
+            format!(
+                "matches {}; give Kind/namespace/name",
+                many.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+/// Where an installed policy came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySource {
+    /// Imported through the API.
+    Api,
+    /// The watched directory.
+    Dir,
+}
+
+impl PolicySource {
+    /// `api` or `dir`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Dir => "dir",
+        }
+    }
+}
+
+/// An installed policy, as listed.
+#[derive(Debug, Clone)]
+pub struct PolicyInfo {
+    /// Its id.
+    pub id: PolicyId,
+    /// Where it came from.
+    pub source: PolicySource,
+    /// File name.
+    pub origin: String,
+    /// Number of rules.
+    pub rules: usize,
+    /// YAML text of its file (shared by the file's policies).
+    pub yaml: Arc<str>,
+}
