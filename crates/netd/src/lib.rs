@@ -88,9 +88,9 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
     let mut stop_server = stop.clone();
     let served = router
         .serve_with_incoming_shutdown(
-            sigil_h2_authority::normalize_incoming(
-                sigil_daemon::accept::unix_incoming(listener, "netd API"),
-            ),
+            sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
+                listener, "netd API",
+            )),
             async move {
                 let _ = stop_server.wait_for(|s| *s).await;
             },
