@@ -155,6 +155,21 @@ pub fn unix_incoming(
     listener: UnixListener,
     what: &'static str,
 ) -> impl Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+    unix_incoming_with(listener, what, |s| s)
+}
+
+/// [`unix_incoming`] that runs `on_accept` on each connection inside the accept loop, right after
+/// `accept()` returns and before the connection waits for tonic to pull it: what it records about
+/// the peer (credentials, pidfd, executable) is as close to `connect()` as the server gets.
+pub fn unix_incoming_with<T, F>(
+    listener: UnixListener,
+    what: &'static str,
+    on_accept: F,
+) -> impl Stream<Item = std::io::Result<T>> + Send + 'static
+where
+    T: Send + 'static,
+    F: Fn(UnixStream) -> T + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
@@ -167,7 +182,7 @@ pub fn unix_incoming(
             match accepted {
                 Ok((s, _)) => {
                     backoff.reset();
-                    if tx.send(Ok(s)).await.is_err() {
+                    if tx.send(Ok(on_accept(s))).await.is_err() {
                         break;
                     }
                 }
