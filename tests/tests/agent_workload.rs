@@ -861,7 +861,7 @@ async fn svid_over(
 /// A server, an agent, a registered tool (a copy of `sigil-test-peer` at its own path) with an entry
 /// selecting `unix:path:<tool>`, and another binary (the original `sigil-test-peer`).
 struct ToolSetup {
-    _server: ServerProcess,
+    server: ServerProcess,
     agent: AgentProcess,
     _dir: tempfile::TempDir,
     tool: std::path::PathBuf,
@@ -888,7 +888,7 @@ fn tool_setup() -> anyhow::Result<ToolSetup> {
         &[],
     );
     Ok(ToolSetup {
-        _server: server,
+        server,
         agent,
         _dir: dir,
         tool,
@@ -991,5 +991,99 @@ async fn exec_after_connect_is_refused() -> anyhow::Result<()> {
         .expect_err("exec after connect must not be attested as the new binary");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("another executable"), "{err:?}");
+    Ok(())
+}
+
+/// Attack: the registered tool opens a FetchX509SVID stream as itself (attested), then execs another
+/// binary while the stream lives on (the test holds a copy of the connection, as a forked child would).
+/// The next push (a new entry for the tool) must not reach it: the agent re-checks the executable before
+/// each push and ends the stream with Unauthenticated. Control: the same flow without the exec keeps
+/// receiving, and gets the new entry's SVID.
+#[tokio::test]
+async fn exec_after_attestation_ends_open_streams() -> anyhow::Result<()> {
+    if !root_or_skip("exec_after_attestation_ends_open_streams") {
+        return Ok(());
+    }
+    let t = tool_setup()?;
+    let sock = t.agent.socket.display().to_string();
+    let open = |p: &Peer| -> anyhow::Result<_> {
+        let conn = p.connection()?;
+        Ok(async move {
+            let mut client = client_over(conn).await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match client
+                    .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+                    .await
+                {
+                    Ok(s) => {
+                        let mut s = s.into_inner();
+                        let first = s.message().await?.expect("first message");
+                        return anyhow::Ok((s, first));
+                    }
+                    Err(e)
+                        if Instant::now() < deadline
+                            && e.code() == tonic::Code::PermissionDenied =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        })
+    };
+    let tool_peer = || -> anyhow::Result<Peer> {
+        Peer::start({
+            let mut c = std::process::Command::new(&t.tool);
+            c.args(["connect", &sock]);
+            c
+        })
+    };
+    let control = tool_peer()?;
+    let mut attacker = tool_peer()?;
+    let (mut control_stream, first) = open(&control)?.await?;
+    assert_eq!(first.svids.len(), 1);
+    let (mut attacker_stream, first) = open(&attacker)?.await?;
+    assert_eq!(first.svids[0].spiffe_id, t.id);
+
+    use std::io::Write;
+    writeln!(attacker.stdin, "exec {}", t.other.display())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attacker.exe() != t.other.display().to_string() {
+        assert!(Instant::now() < deadline, "the peer did not exec");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A push: a second identity for the tool.
+    let second = format!("spiffe://{TD}/tool-second");
+    entry(
+        &t.server,
+        &second,
+        &agent_id(&t.agent),
+        &format!("unix:path:{}", t.tool.display()),
+        &[],
+    );
+    // Control: the tool that did not exec receives it.
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = control_stream.message().await?.expect("stream open");
+            if m.svids.iter().any(|s| s.spiffe_id == second) {
+                return anyhow::Ok(m);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the control stream did not receive the new SVID"))??;
+    assert_eq!(got.svids.len(), 2);
+    // Attack: the exec'd process gets no SVID, only the end of the stream.
+    let end = tokio::time::timeout(Duration::from_secs(20), attacker_stream.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("the exec'd peer's stream neither ended nor failed"))?;
+    match end {
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+            assert!(e.message().contains("another executable"), "{e:?}");
+        }
+        Ok(m) => panic!("the exec'd peer must get no further SVID, got {m:?}"),
+    }
     Ok(())
 }
