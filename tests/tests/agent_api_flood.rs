@@ -270,7 +270,7 @@ async fn sustained_floods_from_other_sources_neither_starve_nor_exhaust_the_serv
                         open.pop_front();
                     }
                 }
-                if made % 50 == 0 {
+                if made.is_multiple_of(50) {
                     tokio::task::yield_now().await;
                 }
             }
