@@ -17,10 +17,10 @@ pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let p = path.clone();
             async move {
-                sigil_daemon::check_socket(&p).map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
+                let stream = sigil_daemon::connect_trusted(&p)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }))
         .await

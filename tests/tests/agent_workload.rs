@@ -496,13 +496,16 @@ async fn removed_entries_drop_their_svids_from_open_streams() -> anyhow::Result<
     Ok(())
 }
 
-/// Attack on the agent's reaction to refusals: the server's refusal messages contain the word "banned"
-/// (here, in the trust domain name), yet an evicted x509pop agent attests again and keeps serving, because
-/// it acts on the machine-readable reason only. Banning it stops it with the ban reason.
-#[tokio::test]
-async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Result<()> {
-    const BTD: &str = "not-banned.example.org";
-    let dir = tempfile::tempdir()?;
+/// An x509pop node CA and a node certificate under `dir`: (CA, node chain, node key, SHA-1 fingerprint).
+fn x509pop_node(
+    dir: &std::path::Path,
+    cn: &str,
+) -> anyhow::Result<(
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+)> {
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -515,13 +518,13 @@ async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Res
     let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     node_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "banned-node");
+        .push(rcgen::DnType::CommonName, cn);
     node_params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     let node = node_params.signed_by(&node_key, &issuer)?;
     let (ca_path, cert_path, key_path) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("node.pem"),
-        dir.path().join("node-key.pem"),
+        dir.join("ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node-key.pem"),
     );
     std::fs::write(&ca_path, ca.pem())?;
     std::fs::write(&cert_path, node.pem())?;
@@ -530,6 +533,123 @@ async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Res
         use sha1::Digest;
         hex::encode(sha1::Sha1::digest(node.der()))
     };
+    Ok((ca_path, cert_path, key_path, fp))
+}
+
+/// An evicted x509pop agent whose first attempts to attest again fail (the server restarted without
+/// x509pop, then is down for a moment) keeps retrying and serves once the server accepts it again;
+/// before, the first failed attempt stopped the agent.
+#[tokio::test]
+async fn evicted_agent_retries_attestation_through_server_restarts() -> anyhow::Result<()> {
+    const RTD: &str = "retry.example.org";
+    let dir = tempfile::tempdir()?;
+    let (ca_path, cert_path, key_path, fp) = x509pop_node(dir.path(), "retry-node")?;
+    let with_x509pop: Vec<String> = [
+        "--trust-domain",
+        RTD,
+        "--x509pop-ca-bundle",
+        ca_path.to_str().expect("utf8"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut server =
+        ServerProcess::start(&with_x509pop.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let agent =
+        AgentProcess::start_x509pop(&server, &cert_path, &key_path, &["--trust-domain", RTD])?;
+    let agent_spiffe = format!("spiffe://{RTD}/sigil/agent/x509pop/{fp}");
+    let me = format!("unix:uid:{}", uid());
+    entry(
+        &server,
+        &format!("spiffe://{RTD}/before"),
+        &agent_spiffe,
+        &me,
+        &[],
+    );
+    wait_svid(&agent.endpoint()).await?;
+
+    // The server restarts without x509pop and evicts the agent: every attempt to attest again fails.
+    server.kill9();
+    server.extra = vec!["--trust-domain".into(), RTD.into()];
+    server.spawn()?;
+    let out = server.cli(&["agent", "evict", "--spiffe-id", &agent_spiffe])?;
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent
+        .log_text()
+        .matches("attesting again after eviction failed")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted agent did not retry; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Then the server is down for a moment, and comes back with x509pop.
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        agent
+            .log_text()
+            .matches("attesting again after eviction failed")
+            .count()
+            >= 2
+            && !agent.log_text().contains("cannot attest again"),
+        "{}",
+        agent.log_text()
+    );
+    server.extra = with_x509pop;
+    server.spawn()?;
+    let after = format!("spiffe://{RTD}/after");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server
+        .cli(&["agent", "show", "--spiffe-id", &agent_spiffe])?
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted agent did not attest again; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    entry(&server, &after, &agent_spiffe, &me, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let client = WorkloadApiClient::connect_to(agent.endpoint()).await?;
+        let ids: Vec<String> = match client.fetch_x509_context().await {
+            Ok(ctx) => ctx
+                .svids()
+                .iter()
+                .map(|s| s.spiffe_id().to_string())
+                .collect(),
+            Err(_) => vec![],
+        };
+        if ids.contains(&after) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SVID for an entry created after the re-attestation ({ids:?}); log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Attack on the agent's reaction to refusals: the server's refusal messages contain the word "banned"
+/// (here, in the trust domain name), yet an evicted x509pop agent attests again and keeps serving, because
+/// it acts on the machine-readable reason only. Banning it stops it with the ban reason.
+#[tokio::test]
+async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Result<()> {
+    const BTD: &str = "not-banned.example.org";
+    let dir = tempfile::tempdir()?;
+    let (ca_path, cert_path, key_path, fp) = x509pop_node(dir.path(), "banned-node")?;
 
     let server = ServerProcess::start(&[
         "--trust-domain",
@@ -741,7 +861,7 @@ async fn svid_over(
 /// A server, an agent, a registered tool (a copy of `sigil-test-peer` at its own path) with an entry
 /// selecting `unix:path:<tool>`, and another binary (the original `sigil-test-peer`).
 struct ToolSetup {
-    _server: ServerProcess,
+    server: ServerProcess,
     agent: AgentProcess,
     _dir: tempfile::TempDir,
     tool: std::path::PathBuf,
@@ -768,7 +888,7 @@ fn tool_setup() -> anyhow::Result<ToolSetup> {
         &[],
     );
     Ok(ToolSetup {
-        _server: server,
+        server,
         agent,
         _dir: dir,
         tool,
@@ -871,5 +991,99 @@ async fn exec_after_connect_is_refused() -> anyhow::Result<()> {
         .expect_err("exec after connect must not be attested as the new binary");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("another executable"), "{err:?}");
+    Ok(())
+}
+
+/// Attack: the registered tool opens a FetchX509SVID stream as itself (attested), then execs another
+/// binary while the stream lives on (the test holds a copy of the connection, as a forked child would).
+/// The next push (a new entry for the tool) must not reach it: the agent re-checks the executable before
+/// each push and ends the stream with Unauthenticated. Control: the same flow without the exec keeps
+/// receiving, and gets the new entry's SVID.
+#[tokio::test]
+async fn exec_after_attestation_ends_open_streams() -> anyhow::Result<()> {
+    if !root_or_skip("exec_after_attestation_ends_open_streams") {
+        return Ok(());
+    }
+    let t = tool_setup()?;
+    let sock = t.agent.socket.display().to_string();
+    let open = |p: &Peer| -> anyhow::Result<_> {
+        let conn = p.connection()?;
+        Ok(async move {
+            let mut client = client_over(conn).await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match client
+                    .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+                    .await
+                {
+                    Ok(s) => {
+                        let mut s = s.into_inner();
+                        let first = s.message().await?.expect("first message");
+                        return anyhow::Ok((s, first));
+                    }
+                    Err(e)
+                        if Instant::now() < deadline
+                            && e.code() == tonic::Code::PermissionDenied =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        })
+    };
+    let tool_peer = || -> anyhow::Result<Peer> {
+        Peer::start({
+            let mut c = std::process::Command::new(&t.tool);
+            c.args(["connect", &sock]);
+            c
+        })
+    };
+    let control = tool_peer()?;
+    let mut attacker = tool_peer()?;
+    let (mut control_stream, first) = open(&control)?.await?;
+    assert_eq!(first.svids.len(), 1);
+    let (mut attacker_stream, first) = open(&attacker)?.await?;
+    assert_eq!(first.svids[0].spiffe_id, t.id);
+
+    use std::io::Write;
+    writeln!(attacker.stdin, "exec {}", t.other.display())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attacker.exe() != t.other.display().to_string() {
+        assert!(Instant::now() < deadline, "the peer did not exec");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A push: a second identity for the tool.
+    let second = format!("spiffe://{TD}/tool-second");
+    entry(
+        &t.server,
+        &second,
+        &agent_id(&t.agent),
+        &format!("unix:path:{}", t.tool.display()),
+        &[],
+    );
+    // Control: the tool that did not exec receives it.
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = control_stream.message().await?.expect("stream open");
+            if m.svids.iter().any(|s| s.spiffe_id == second) {
+                return anyhow::Ok(m);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the control stream did not receive the new SVID"))??;
+    assert_eq!(got.svids.len(), 2);
+    // Attack: the exec'd process gets no SVID, only the end of the stream.
+    let end = tokio::time::timeout(Duration::from_secs(20), attacker_stream.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("the exec'd peer's stream neither ended nor failed"))?;
+    match end {
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+            assert!(e.message().contains("another executable"), "{e:?}");
+        }
+        Ok(m) => panic!("the exec'd peer must get no further SVID, got {m:?}"),
+    }
     Ok(())
 }

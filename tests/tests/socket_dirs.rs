@@ -404,6 +404,55 @@ fn cli_refuses_a_socket_of_another_user() -> anyhow::Result<()> {
                 )
                 .output()?,
         );
+        // The race the path check alone leaves open: the socket the CLI checked is root's, but the one
+        // it connects to is served by nobody. Root chowns nobody's socket file to itself, so the path
+        // check passes; the peer's credentials (SO_PEERCRED) still say nobody and are refused.
+        std::os::unix::fs::chown(&relay_socket, Some(0), Some(0))?;
+        assert!(sigil_daemon::check_socket(&relay_socket).is_ok());
+        let want_peer = [
+            format!(
+                "{}: served by a process of uid {NOBODY}",
+                relay_socket.display()
+            ),
+            "refusing to use it".to_string(),
+        ];
+        let check_peer = |out: Output| {
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!out.status.success(), "root's CLI must refuse:\n{err}");
+            for w in &want_peer {
+                assert!(err.contains(w.as_str()), "stderr must name {w:?}:\n{err}");
+            }
+        };
+        check_peer(
+            Command::new(sigil_bin())
+                .args(["server", "healthcheck", "--admin-socket"])
+                .arg(&relay_socket)
+                .output()?,
+        );
+        check_peer(
+            Command::new(sigil_bin())
+                .args(["agent", "api", "fetch", "x509"])
+                .env(
+                    "SPIFFE_ENDPOINT_SOCKET",
+                    format!("unix://{}", relay_socket.display()),
+                )
+                .output()?,
+        );
+        // The connector on its own (the one the CLI and the tests' admin client use).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        match rt.block_on(sigil_daemon::connect_trusted(&relay_socket)) {
+            Err(sigil_daemon::DirError::UntrustedPeer { peer, .. }) => assert_eq!(peer, NOBODY),
+            other => panic!("nobody's socket must be refused by its peer, got {other:?}"),
+        }
+        let e = rt
+            .block_on(sigil_e2e::admin_channel(&relay_socket))
+            .expect_err("the tests' admin client must refuse nobody's socket too");
+        assert!(
+            format!("{e:#}").contains("served by a process of uid"),
+            "{e:#}"
+        );
         // Control: root's own server and agent are used.
         let server = ServerProcess::start(&[])?;
         let out = server.cli(&["server", "healthcheck"])?;

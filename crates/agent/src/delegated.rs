@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::Cache;
 use crate::manager::Manager;
-use crate::workload::{attest_caller, jwt_jwks, spawn_watch, x509_der};
+use crate::workload::{attest_caller, caller as caller_identity, jwt_jwks, spawn_watch, x509_der};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -119,7 +119,7 @@ impl DelegatedApi {
         let cache = self.cache().clone();
         let c2 = cache.clone();
         let delegates = self.manager.config.authorized_delegates.clone();
-        Ok(spawn_watch(cache, move || {
+        Ok(spawn_watch(caller_identity(req)?, cache, move || {
             if let Err(s) = check_delegate(&c2, &delegates, &caller) {
                 return Some(Err(s));
             }
@@ -181,6 +181,7 @@ impl dpb::delegated_identity_server::DelegatedIdentity for DelegatedApi {
     ) -> Result<Response<Self::SubscribeToX509SVIDsStream>, Status> {
         let caller = attest_caller(&self.attestor, &req).await?;
         self.authorize(&caller)?;
+        let peer = caller_identity(&req)?;
         let r = req.into_inner();
         let target = self.target_selectors(&r.selectors, r.pid).await?;
         let cache = self.cache().clone();
@@ -188,7 +189,7 @@ impl dpb::delegated_identity_server::DelegatedIdentity for DelegatedApi {
         let delegates = self.manager.config.authorized_delegates.clone();
         let mut guard: Option<crate::cache::Interest> = None;
         let mut guarded: Vec<String> = Vec::new();
-        Ok(Response::new(spawn_watch(cache, move || {
+        Ok(Response::new(spawn_watch(peer, cache, move || {
             if let Err(s) = check_delegate(&c2, &delegates, &caller) {
                 return Some(Err(s));
             }

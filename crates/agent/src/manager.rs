@@ -2,6 +2,7 @@
 //! server, bundles, and minting/rotating workload SVIDs in batches of CSRs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -17,7 +18,8 @@ use tonic::transport::Channel;
 use crate::cache::{Cache, CachedSvid, entry_from_pb};
 use crate::config::{AgentConfig, NodeAttestation};
 use crate::node::{
-    AgentIdentity, Connector, Refusal, Store, identity_from_result, key_and_csr, refusal,
+    AgentIdentity, AttestRefused, Connector, Refusal, Store, identity_from_result, key_and_csr,
+    refusal,
 };
 
 /// CSRs per BatchNewX509SVID call.
@@ -39,6 +41,8 @@ pub struct Manager {
     pub client: ArcSwapOption<NodeClient<Channel>>,
     /// Serializes (re-)attestation and renewal.
     attest_lock: Mutex<()>,
+    /// Counts successful attestations, so that a task waiting to re-attest sees that another did.
+    attestations: AtomicU64,
     /// Tells the sync loop to reconnect (after renewal).
     pub reconnect: Notify,
     /// Set when the agent must stop (banned, or evicted without a way to attest again).
@@ -85,6 +89,7 @@ impl Manager {
             identity: ArcSwapOption::empty(),
             client: ArcSwapOption::empty(),
             attest_lock: Mutex::new(()),
+            attestations: AtomicU64::new(0),
             reconnect: Notify::new(),
             fatal: tokio::sync::watch::channel(None).0,
         });
@@ -123,6 +128,7 @@ impl Manager {
         set.insert(own);
         self.cache.set_bundles(set);
         self.identity.store(Some(Arc::new(id)));
+        self.attestations.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -161,13 +167,38 @@ impl Manager {
             Refusal::Evicted(m) => {
                 tracing::warn!(reason = %m, "the server no longer knows this agent; attesting again");
                 self.store.clear_identity();
-                if let Err(e) = self.attest_fresh(true).await {
-                    let msg = format!("evicted and cannot attest again: {e:#}");
-                    self.fatal.send_replace(Some(msg.clone()));
-                    bail!(msg);
-                }
-                Ok(())
+                self.reattest().await
             }
+        }
+    }
+
+    /// Attests again after an eviction, retrying with backoff (200 ms doubling to 5 s) through network
+    /// errors and server restarts; gives up only when the server bans the agent or the method cannot
+    /// be repeated (a spent join token).
+    async fn reattest(&self) -> anyhow::Result<()> {
+        let seen = self.attestations.load(Ordering::SeqCst);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.attestations.load(Ordering::SeqCst) != seen {
+                // Another task (sync or renewal) attested meanwhile.
+                return Ok(());
+            }
+            let Err(e) = self.attest_fresh(true).await else {
+                return Ok(());
+            };
+            let banned = e
+                .downcast_ref::<AttestRefused>()
+                .and_then(|r| refusal(&r.0))
+                .is_some_and(|r| matches!(r, Refusal::Banned(_)));
+            let repeatable = matches!(self.config.attestation, NodeAttestation::X509Pop { .. });
+            if banned || !repeatable {
+                let msg = format!("evicted and cannot attest again: {e:#}");
+                self.fatal.send_replace(Some(msg.clone()));
+                bail!(msg);
+            }
+            tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "attesting again after eviction failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -57,6 +57,24 @@ pub enum Refusal {
     Evicted(String),
 }
 
+/// The server refused node attestation; the status is kept so that a ban can be told from an error
+/// worth retrying.
+#[derive(Debug)]
+pub struct AttestRefused(pub tonic::Status);
+
+impl std::fmt::Display for AttestRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node attestation refused: {} ({:?})",
+            self.0.message(),
+            self.0.code()
+        )
+    }
+}
+
+impl std::error::Error for AttestRefused {}
+
 /// Classifies a server error by the machine-readable reason it carries (a `google.rpc.ErrorInfo` status
 /// detail, see [`sigil_proto::agent_refusal`]); the message text is never consulted.
 pub fn refusal(status: &tonic::Status) -> Option<Refusal> {
@@ -425,15 +443,13 @@ pub async fn attest(
     let mut inbound = client
         .attest_agent(outbound)
         .await
-        .map_err(|s| anyhow::anyhow!("node attestation refused: {} ({:?})", s.message(), s.code()))?
+        .map_err(AttestRefused)?
         .into_inner();
     loop {
         let msg = inbound
             .message()
             .await
-            .map_err(|s| {
-                anyhow::anyhow!("node attestation refused: {} ({:?})", s.message(), s.code())
-            })?
+            .map_err(AttestRefused)?
             .context("attestation ended without a result")?;
         match msg.step {
             Some(pb::attest_agent_response::Step::Challenge(nonce)) => {

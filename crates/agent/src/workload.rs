@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use sigil_attestor::{PeerInfo, WorkloadAttestor};
+use sigil_attestor::{PeerIdentity, PeerInfo, WorkloadAttestor};
 use sigil_datastore::{Entry, Selector};
 use sigil_proto::workload as wpb;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
@@ -52,15 +52,7 @@ pub async fn attest_caller<T>(
     attestor: &Arc<dyn WorkloadAttestor>,
     req: &Request<T>,
 ) -> Result<Vec<Selector>, Status> {
-    let peer = req
-        .extensions()
-        .get::<PeerInfo>()
-        .ok_or_else(|| Status::internal("no peer credentials on this connection"))?;
-    let peer = peer
-        .0
-        .as_ref()
-        .map_err(|e| Status::unauthenticated(format!("cannot identify the caller: {e}")))?
-        .clone();
+    let peer = caller(req)?;
     let attestor = attestor.clone();
     // Bound the blocking work (it reads /proc and may hash an executable): a burst of callers must not
     // spawn hundreds of threads.
@@ -75,6 +67,27 @@ pub async fn attest_caller<T>(
     sels.sort();
     sels.dedup();
     Ok(sels)
+}
+
+/// The identity of the caller, captured when its connection was accepted.
+pub fn caller<T>(req: &Request<T>) -> Result<Arc<PeerIdentity>, Status> {
+    let peer = req
+        .extensions()
+        .get::<PeerInfo>()
+        .ok_or_else(|| Status::internal("no peer credentials on this connection"))?;
+    peer.0
+        .as_ref()
+        .map_err(|e| Status::unauthenticated(format!("cannot identify the caller: {e}")))
+        .cloned()
+}
+
+/// Refuses to push to a caller that no longer runs the executable it was attested with (it exec'd
+/// after the stream opened, or died and left the connection to a child): one `fstat` through its pidfd.
+fn still_attested(peer: &PeerIdentity) -> Result<(), Status> {
+    peer.ensure_same_exe().map_err(|e| {
+        tracing::debug!(pid = peer.pid, error = %e, "stream ended: the caller changed");
+        Status::unauthenticated(format!("workload attestation no longer holds: {e}"))
+    })
 }
 
 fn concat(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<u8> {
@@ -194,7 +207,9 @@ impl WorkloadApi {
 }
 
 /// Runs a stream that recomputes a message whenever the cache changes and sends it when it differs.
-pub fn spawn_watch<T, F>(cache: Arc<Cache>, mut compute: F) -> BoxStream<T>
+/// Before each computation the caller `peer` must still run the executable it was attested with;
+/// otherwise the stream ends with `Unauthenticated`.
+pub fn spawn_watch<T, F>(peer: Arc<PeerIdentity>, cache: Arc<Cache>, mut compute: F) -> BoxStream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: FnMut() -> Option<Result<T, Status>> + Send + 'static,
@@ -205,7 +220,11 @@ where
         let mut last: Option<T> = None;
         loop {
             version.mark_unchanged();
-            match compute() {
+            let next = match still_attested(&peer) {
+                Ok(()) => compute(),
+                Err(status) => Some(Err(status)),
+            };
+            match next {
                 Some(Ok(msg)) if last.as_ref() != Some(&msg) => {
                     if tx.send(Ok(msg.clone())).await.is_err() {
                         return;
@@ -244,7 +263,7 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let mut guard: Option<crate::cache::Interest> = None;
         let mut guarded_ids: Vec<String> = Vec::new();
         let c2 = cache.clone();
-        let stream = spawn_watch(cache, move || {
+        let stream = spawn_watch(caller(&req)?, cache, move || {
             let entries = c2.matching(&selectors, true);
             if entries.is_empty() {
                 return Some(Err(Status::permission_denied(
@@ -273,14 +292,18 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         self.entries_for(&selectors).await?;
         let cache = self.cache().clone();
         let c2 = cache.clone();
-        Ok(Response::new(spawn_watch(cache, move || {
-            Some(caller_bundles(&c2, &selectors, x509_der).map(|bundles| {
-                wpb::X509BundlesResponse {
-                    crl: vec![],
-                    bundles,
-                }
-            }))
-        })))
+        Ok(Response::new(spawn_watch(
+            caller(&req)?,
+            cache,
+            move || {
+                Some(caller_bundles(&c2, &selectors, x509_der).map(|bundles| {
+                    wpb::X509BundlesResponse {
+                        crl: vec![],
+                        bundles,
+                    }
+                }))
+            },
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -335,12 +358,16 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         self.entries_for(&selectors).await?;
         let cache = self.cache().clone();
         let c2 = cache.clone();
-        Ok(Response::new(spawn_watch(cache, move || {
-            Some(
-                caller_bundles(&c2, &selectors, jwt_jwks)
-                    .map(|bundles| wpb::JwtBundlesResponse { bundles }),
-            )
-        })))
+        Ok(Response::new(spawn_watch(
+            caller(&req)?,
+            cache,
+            move || {
+                Some(
+                    caller_bundles(&c2, &selectors, jwt_jwks)
+                        .map(|bundles| wpb::JwtBundlesResponse { bundles }),
+                )
+            },
+        )))
     }
 
     async fn validate_jwtsvid(

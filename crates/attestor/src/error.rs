@@ -56,4 +56,19 @@ pub enum AttestError {
         "pid {pid}: the process runs another executable than when it connected (exec after connect); reconnect after exec"
     )]
     ExeChanged { pid: i32 },
+    /// The peer's executable cannot be read now, so it cannot be shown to be the one it connected with.
+    #[error("pid {pid}: cannot read the executable the process runs now ({reason}); refusing")]
+    ExeUnknownNow { pid: i32, reason: String },
+    /// The executable snapshot was read through another procfs than the attestor reads, so the two
+    /// cannot be compared; refused rather than the exec check skipped.
+    #[error(
+        "pid {pid}: the executable was recorded through {} but the attestor reads {}; cannot check for an exec after connect",
+        snapshot.display(),
+        attestor.display()
+    )]
+    ExeSnapshotElsewhere {
+        pid: i32,
+        snapshot: PathBuf,
+        attestor: PathBuf,
+    },
 }

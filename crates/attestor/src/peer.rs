@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::libc;
@@ -30,6 +30,9 @@ pub struct PeerIdentity {
     /// The executable the peer ran when it was identified (connect/accept time), or why it could not be
     /// read; attestation refuses a peer that runs another executable by the time it calls.
     exe_at_connect: Result<ExeId, String>,
+    /// The procfs the snapshot was read through (`/proc` unless a test retook it through a fake one);
+    /// later checks read the same one.
+    snapshot_root: PathBuf,
 }
 
 /// Which file an executable is: device and inode, from `fstat` of `/proc/<pid>/exe`.
@@ -46,9 +49,9 @@ pub(crate) const PROC_ROOT: &str = "/proc";
 
 /// The executable `pid` runs now, read through a `/proc/<pid>` directory opened before the pidfd is
 /// checked alive (see `UnixAttestor::attest` for why that order ties the read to the process).
-fn exe_of(pid: i32, pidfd: Option<&OwnedFd>) -> Result<ExeId, String> {
+fn exe_of(proc_root: &Path, pid: i32, pidfd: Option<&OwnedFd>) -> Result<ExeId, String> {
     use std::os::unix::fs::MetadataExt;
-    let dir = ProcDir::open(Path::new(PROC_ROOT), pid).map_err(|e| e.to_string())?;
+    let dir = ProcDir::open(proc_root, pid).map_err(|e| e.to_string())?;
     let alive = |fd: Option<&OwnedFd>| match fd {
         Some(fd) => {
             let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
@@ -65,7 +68,7 @@ fn exe_of(pid: i32, pidfd: Option<&OwnedFd>) -> Result<ExeId, String> {
             f.metadata().map_err(|source| AttestError::Proc {
                 pid,
                 op: "reading",
-                path: Path::new(PROC_ROOT).join(pid.to_string()).join("exe"),
+                path: proc_root.join(pid.to_string()).join("exe"),
                 source,
             })
         })
@@ -117,13 +120,14 @@ impl PeerIdentity {
         // Taken now, as close to connect as the agent gets: a process that connects and then execs another
         // binary (or hands the socket to a child and execs) is refused later instead of attested as that
         // binary. What a process runs before the agent accepts is still its own choice (see docs/agent.md).
-        let exe_at_connect = exe_of(pid, pidfd.as_ref());
+        let exe_at_connect = exe_of(Path::new(PROC_ROOT), pid, pidfd.as_ref());
         Ok(PeerIdentity {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
             exe_at_connect,
+            snapshot_root: PathBuf::from(PROC_ROOT),
         })
     }
 
@@ -136,13 +140,14 @@ impl PeerIdentity {
             return Err(AttestError::InvalidPid { pid });
         }
         let pidfd = pidfd_open(pid).map_err(|source| AttestError::PidfdOpen { pid, source })?;
-        let exe_at_connect = exe_of(pid, Some(&pidfd));
+        let exe_at_connect = exe_of(Path::new(PROC_ROOT), pid, Some(&pidfd));
         let identity = PeerIdentity {
             pid,
             uid: 0,
             gid: 0,
             pidfd: Some(pidfd),
             exe_at_connect,
+            snapshot_root: PathBuf::from(PROC_ROOT),
         };
         // The same open-then-check-alive order as attestation: see `UnixAttestor::attest`.
         let status = ProcDir::open(Path::new("/proc"), pid)
@@ -184,6 +189,45 @@ impl PeerIdentity {
             .as_ref()
             .copied()
             .map_err(String::as_str)
+    }
+
+    /// The procfs the executable snapshot was read through.
+    pub fn snapshot_root(&self) -> &Path {
+        &self.snapshot_root
+    }
+
+    /// Takes the executable snapshot again through another procfs (a test's fake one), so that an
+    /// attestor reading that procfs compares like with like.
+    pub fn with_exe_snapshot_through(self, proc_root: impl Into<PathBuf>) -> Self {
+        let snapshot_root = proc_root.into();
+        let exe_at_connect = exe_of(&snapshot_root, self.pid, self.pidfd.as_ref());
+        PeerIdentity {
+            exe_at_connect,
+            snapshot_root,
+            ..self
+        }
+    }
+
+    /// Whether the peer still runs the executable it ran when it was identified: one `fstat` of
+    /// `/proc/<pid>/exe`, read through a directory tied to the process by its pidfd. Streams that keep
+    /// pushing SVIDs call this before each push, so a process that execs after attestation stops
+    /// receiving them.
+    pub fn ensure_same_exe(&self) -> Result<(), AttestError> {
+        let then = self
+            .exe_at_connect()
+            .map_err(|reason| AttestError::ExeUnknownAtConnect {
+                pid: self.pid,
+                reason: reason.to_string(),
+            })?;
+        match exe_of(&self.snapshot_root, self.pid, self.pidfd.as_ref()) {
+            Ok(now) if now == then => Ok(()),
+            Ok(_) => Err(AttestError::ExeChanged { pid: self.pid }),
+            Err(_) if !self.is_alive() => Err(AttestError::ProcessExited { pid: self.pid }),
+            Err(reason) => Err(AttestError::ExeUnknownNow {
+                pid: self.pid,
+                reason,
+            }),
+        }
     }
 
     /// The pidfd for the peer process, if the kernel provided one.

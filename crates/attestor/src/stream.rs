@@ -104,12 +104,13 @@ impl AsyncWrite for AttestedUnixStream {
 
 /// The connections of `listener`, each wrapped with its peer's identity, for tonic's `serve_with_incoming`.
 ///
-/// Accept errors back off (10 ms doubling to 1 s) and are logged at most once a second
-/// ([`sigil_daemon::accept::unix_incoming`]), so exhausted descriptors never make the loop spin.
+/// The identity (credentials, pidfd, executable) is captured inside the accept loop right after
+/// `accept()` ([`sigil_daemon::accept::unix_incoming_with`]), not when tonic pulls the connection, so a
+/// process that execs after connecting is seen with the executable it connected with. Accept errors
+/// back off (10 ms doubling to 1 s) and are logged at most once a second, so exhausted descriptors never
+/// make the loop spin.
 pub fn accept_stream(
     listener: UnixListener,
 ) -> impl Stream<Item = io::Result<AttestedUnixStream>> + Send + 'static {
-    use futures::StreamExt;
-    sigil_daemon::accept::unix_incoming(listener, "Workload API")
-        .map(|r| r.map(AttestedUnixStream::new))
+    sigil_daemon::accept::unix_incoming_with(listener, "Workload API", AttestedUnixStream::new)
 }

@@ -240,11 +240,16 @@ impl UnixAttestor {
 }
 
 impl UnixAttestor {
-    /// Refuses a peer whose executable is not the one it ran when it connected. The snapshot was read from
-    /// `/proc`; an attestor reading another procfs (a test's fake one) has nothing comparable to check.
+    /// Refuses a peer whose executable is not the one it ran when it connected. The snapshot must have been
+    /// read through the procfs this attestor reads (a test's fake one: see
+    /// [`PeerIdentity::with_exe_snapshot_through`]); otherwise the peer is refused, never the check skipped.
     fn check_exe_unchanged(&self, peer: &PeerIdentity, now: &ExeKey) -> Result<(), AttestError> {
-        if self.proc_root != std::path::Path::new(crate::peer::PROC_ROOT) {
-            return Ok(());
+        if self.proc_root != peer.snapshot_root() {
+            return Err(AttestError::ExeSnapshotElsewhere {
+                pid: peer.pid,
+                snapshot: peer.snapshot_root().to_path_buf(),
+                attestor: self.proc_root.clone(),
+            });
         }
         match peer.exe_at_connect() {
             Ok(then) if then.dev == now.dev && then.ino == now.ino => Ok(()),

@@ -215,6 +215,15 @@ fn fake_procfs_drives_groups_path_and_hash() {
         .with_max_hash_bytes(12)
         .with_proc_root(root.path());
 
+    // A snapshot taken through the real /proc cannot be compared with the fake procfs: refused, the exec
+    // check is never skipped.
+    let err = attestor.attest(&me).unwrap_err();
+    assert!(
+        matches!(&err, AttestError::ExeSnapshotElsewhere { snapshot, attestor, .. }
+            if snapshot == Path::new("/proc") && attestor == root.path()),
+        "{err:?}"
+    );
+    let me = me.with_exe_snapshot_through(root.path());
     let got = strings(&attestor.attest(&me).unwrap());
     let sha = sha256_file(&exe);
     assert_eq!(
@@ -261,4 +270,32 @@ fn fake_procfs_drives_groups_path_and_hash() {
         matches!(&err, AttestError::Proc { op: "opening", path, .. } if path == &empty.path().join(me.pid.to_string())),
         "{err:?}"
     );
+}
+
+/// The stream re-check: the executable seen through the (fake) procfs changes to another file → refused;
+/// unchanged → accepted.
+#[test]
+fn ensure_same_exe_sees_an_exec() {
+    let root = tempfile::tempdir().unwrap();
+    let me = PeerIdentity::from_pid(std::process::id() as i32).unwrap();
+    let pid_dir = root.path().join(me.pid.to_string());
+    std::fs::create_dir(&pid_dir).unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::write(&a, b"a").unwrap();
+    std::fs::write(&b, b"b").unwrap();
+    symlink(&a, pid_dir.join("exe")).unwrap();
+    let me = me.with_exe_snapshot_through(root.path());
+    me.ensure_same_exe().unwrap();
+    std::fs::remove_file(pid_dir.join("exe")).unwrap();
+    symlink(&b, pid_dir.join("exe")).unwrap();
+    let err = me.ensure_same_exe().unwrap_err();
+    assert!(
+        matches!(err, AttestError::ExeChanged { pid } if pid == me.pid),
+        "{err:?}"
+    );
+    // The real /proc: this test process has not exec'd.
+    PeerIdentity::from_pid(std::process::id() as i32)
+        .unwrap()
+        .ensure_same_exe()
+        .unwrap();
 }

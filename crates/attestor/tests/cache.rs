@@ -124,6 +124,8 @@ fn a_changed_executable_is_read_again() {
     let exe = root.path().join("workload");
     std::fs::write(&exe, b"version 1\n").unwrap();
     symlink(&exe, pid_dir.join("exe")).unwrap();
+    // The exec-after-connect snapshot is taken through the same fake procfs the attestor reads.
+    let me = me.with_exe_snapshot_through(root.path());
     let attestor = UnixAttestor::default().with_proc_root(root.path());
     let stats = |a: &UnixAttestor| {
         let CacheStats {

@@ -64,31 +64,51 @@ impl DialError {
 /// Opens a gRPC channel over a Unix socket; the error is the innermost cause, for the caller to word.
 ///
 /// The socket must belong to root or to this user, behind directories only they can change
-/// ([`sigil_daemon::check_socket`]): a socket planted by another user could be a relay serving
-/// identities from another CA. The check is repeated on every (re)connection.
+/// ([`sigil_daemon::check_socket`]), and once connected the process serving it must run as root or
+/// as this user (`SO_PEERCRED`, [`sigil_daemon::check_peer`]): a socket planted by another user could
+/// be a relay serving identities from another CA. Both checks are repeated on every (re)connection.
 pub async fn dial(socket: &Path) -> Result<Channel, DialError> {
     let path = socket.to_path_buf();
-    trusted(&path).map_err(DialError::Untrusted)?;
     // The URI only satisfies tonic's builder: the connector below dials the socket whatever it says.
     let endpoint = Endpoint::from_static("http://[::]:50051");
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move {
-                trusted(&path).map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-            }
+            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_unix(&path).await?)) }
         }))
         .await
-        .map_err(|e| DialError::Unreachable(root_cause(&e)))
+        .map_err(|e| match untrusted(&e) {
+            Some(cause) => DialError::Untrusted(cause),
+            None => DialError::Unreachable(root_cause(&e)),
+        })
 }
 
-/// Refuses a socket that is not root's or ours; a missing one is left for `connect` to report.
-fn trusted(path: &Path) -> Result<(), String> {
-    match sigil_daemon::check_socket(path) {
-        Ok(()) | Err(sigil_daemon::DirError::MissingSocket { .. }) => Ok(()),
-        Err(e) => Err(e.to_string()),
+/// The connector of [`dial`]: path check, `connect`, peer-credential check. A refusal travels as an
+/// `io::Error` wrapping the [`sigil_daemon::DirError`], so that [`dial`] can tell it from a failure to
+/// connect.
+pub async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    sigil_daemon::connect_trusted(path)
+        .await
+        .map_err(|e| match e {
+            sigil_daemon::DirError::Io { error, .. } => error,
+            e => std::io::Error::other(e),
+        })
+}
+
+/// The refusal of a socket by [`connect_unix`] somewhere in `e`'s chain, as its message.
+fn untrusted(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(d) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<sigil_daemon::DirError>())
+        {
+            return Some(d.to_string());
+        }
+        cur = c.source();
     }
+    None
 }
 
 /// The innermost error: tonic's own layers only say "transport error".

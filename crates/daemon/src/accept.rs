@@ -2,8 +2,8 @@
 //! rate-limited warnings, the open-file limit raised at start-up, and a TCP acceptor that runs each
 //! handshake (TLS) in its own task with a timeout and a cap on handshakes in progress.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on handshakes in progress.
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 256;
+/// Default cap on handshakes in progress from one source address.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 32;
+/// Default cap on open connections (handshaking or established) from one source address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 128;
 /// At most one warning of a kind per this interval; the rest are counted.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -155,6 +159,21 @@ pub fn unix_incoming(
     listener: UnixListener,
     what: &'static str,
 ) -> impl Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+    unix_incoming_with(listener, what, |s| s)
+}
+
+/// [`unix_incoming`] that runs `on_accept` on each connection inside the accept loop, right after
+/// `accept()` returns and before the connection waits for tonic to pull it: what it records about
+/// the peer (credentials, pidfd, executable) is as close to `connect()` as the server gets.
+pub fn unix_incoming_with<T, F>(
+    listener: UnixListener,
+    what: &'static str,
+    on_accept: F,
+) -> impl Stream<Item = std::io::Result<T>> + Send + 'static
+where
+    T: Send + 'static,
+    F: Fn(UnixStream) -> T + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
@@ -167,7 +186,7 @@ pub fn unix_incoming(
             match accepted {
                 Ok((s, _)) => {
                     backoff.reset();
-                    if tx.send(Ok(s)).await.is_err() {
+                    if tx.send(Ok(on_accept(s))).await.is_err() {
                         break;
                     }
                 }
@@ -188,8 +207,12 @@ pub fn unix_incoming(
 pub struct HandshakeLimits {
     /// A connection whose handshake has not completed by then is closed.
     pub timeout: Duration,
-    /// Most handshakes in progress; at the cap the oldest is dropped for the new one.
+    /// Most handshakes in progress; at the cap one of the source holding the most is dropped.
     pub max_pending: usize,
+    /// Most handshakes in progress from one source; at the cap that source's oldest is dropped.
+    pub max_pending_per_source: usize,
+    /// Most open connections (handshaking or established) from one source; more are closed at once.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for HandshakeLimits {
@@ -197,6 +220,8 @@ impl Default for HandshakeLimits {
         HandshakeLimits {
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending: DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
         }
     }
 }
@@ -206,30 +231,146 @@ impl HandshakeLimits {
     /// half-open connections can never take the descriptors that the other sockets and files need.
     pub fn within_fd_limit(self, nofile: u64) -> Self {
         let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(1);
+        let max_pending = self.max_pending.min(quarter);
         HandshakeLimits {
-            timeout: self.timeout,
-            max_pending: self.max_pending.min(quarter),
+            max_pending,
+            max_pending_per_source: self.max_pending_per_source.min(max_pending),
+            ..self
         }
     }
 }
 
-/// Handshakes in progress, oldest first, so the oldest can be dropped.
+/// The source a connection is accounted to: its IPv4 address, or the /64 of its IPv6 address (one
+/// host usually holds a whole /64).
+pub fn source_of(addr: &SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
+/// Open connections per source, shared by the accept loop and the [`SourceGuard`]s.
+type SourceCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One open connection counted against its source's `max_connections_per_source`; the count drops
+/// when the guard does. [`handshake_incoming`] hands one to each handshake: keep it in the stream
+/// type that carries the connection (so it lives exactly as long as the connection).
+#[derive(Debug)]
+pub struct SourceGuard {
+    counts: SourceCounts,
+    source: IpAddr,
+}
+
+impl SourceGuard {
+    /// Counts a connection from `source` unless it already has `max` open: then `None`.
+    fn try_new(counts: &SourceCounts, source: IpAddr, max: usize) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(source).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            counts: counts.clone(),
+            source,
+        })
+    }
+
+    /// The source the connection is counted against.
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Handshakes in progress, oldest first, and which source each came from, so that the one to drop
+/// can be taken from the source holding the most.
 #[derive(Default)]
 struct Pending {
     next_id: u64,
-    tasks: BTreeMap<u64, tokio::task::AbortHandle>,
+    tasks: BTreeMap<u64, (tokio::task::AbortHandle, IpAddr)>,
+    by_source: HashMap<IpAddr, BTreeSet<u64>>,
+}
+
+impl Pending {
+    fn insert(&mut self, id: u64, task: tokio::task::AbortHandle, source: IpAddr) {
+        self.tasks.insert(id, (task, source));
+        self.by_source.entry(source).or_default().insert(id);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<tokio::task::AbortHandle> {
+        let (task, source) = self.tasks.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&source) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(task)
+    }
+
+    fn count(&self, source: &IpAddr) -> usize {
+        self.by_source.get(source).map_or(0, BTreeSet::len)
+    }
+
+    /// Drops the oldest handshake of `source`; false if it has none.
+    fn evict_oldest_of(&mut self, source: &IpAddr) -> bool {
+        let oldest = self
+            .by_source
+            .get(source)
+            .and_then(|ids| ids.first().copied());
+        match oldest.and_then(|id| self.remove(id)) {
+            Some(t) => {
+                t.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops the oldest handshake of the source holding the most (so a flood from one source
+    /// evicts its own handshakes, not everyone's); false if there is none.
+    fn evict_from_largest(&mut self) -> bool {
+        let largest = self
+            .by_source
+            .iter()
+            .max_by_key(|(_, ids)| ids.len())
+            .map(|(s, _)| *s);
+        largest.is_some_and(|s| self.evict_oldest_of(&s))
+    }
 }
 
 /// Accepts TCP connections on `listener` and runs `handshake` on each in its own task, yielding the
 /// completed streams (for tonic's `serve_with_incoming`).
 ///
 /// The accept loop never spins: after an error it backs off (10 ms doubling to 1 s); when the process
-/// is out of descriptors it first drops the oldest handshake in progress to free one. A handshake
-/// that does not complete within `limits.timeout` is closed. At most `limits.max_pending` handshakes
-/// run at once: beyond that the oldest is dropped, so a flood of idle connections cannot keep a new
-/// client waiting, and costs one descriptor each for at most the timeout. Accept and handshake
-/// failures are logged at most once a second each, with the count of the ones suppressed. The loop
-/// ends when the returned stream is dropped.
+/// is out of descriptors it first drops a handshake in progress (of the source holding the most) to
+/// free one. A handshake that does not complete within `limits.timeout` is closed. Sources (IPv4
+/// address, IPv6 /64) are accounted separately: one source has at most
+/// `limits.max_pending_per_source` handshakes in progress (beyond that its own oldest is dropped) and
+/// at most `limits.max_connections_per_source` connections open, handshaking or established (beyond
+/// that new ones are closed at once); the [`SourceGuard`] given to `handshake` holds the connection's
+/// place and must travel with the stream it returns. At most `limits.max_pending` handshakes run at
+/// once: beyond that one of the source holding the most is dropped, so a flood from a few sources
+/// cannot keep other clients waiting. Accept, refusal and handshake failures are logged at most once a
+/// second each, with the count of the ones suppressed. The loop ends when the returned stream is
+/// dropped.
 pub fn handshake_incoming<S, E, F, Fut>(
     listener: TcpListener,
     limits: HandshakeLimits,
@@ -239,14 +380,18 @@ pub fn handshake_incoming<S, E, F, Fut>(
 where
     S: Send + 'static,
     E: std::fmt::Display + Send + 'static,
-    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr, SourceGuard) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<S, E>> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<S>>(64);
     let max_pending = limits.max_pending.max(1);
+    let per_source = limits.max_pending_per_source.max(1);
+    let max_conns = limits.max_connections_per_source.max(1);
     tokio::spawn(async move {
         let pending = Arc::new(Mutex::new(Pending::default()));
+        let counts = SourceCounts::default();
         let accept_warn = Warn::new();
+        let refuse_warn = Warn::new();
         let evict_warn = Warn::new();
         let handshake_warn = Warn::new();
         let mut backoff = Backoff::default();
@@ -261,7 +406,11 @@ where
                     x
                 }
                 Err(e) => {
-                    let freed = is_resource_error(&e) && evict_oldest(&pending);
+                    let freed = is_resource_error(&e)
+                        && pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .evict_from_largest();
                     if let Some(suppressed) = accept_warn.allow() {
                         tracing::warn!(api = what, error = %e, suppressed, freed_oldest_handshake = freed, "accept failed; backing off");
                     }
@@ -274,23 +423,38 @@ where
                     continue;
                 }
             };
+            let source = source_of(&addr);
+            let Some(guard) = SourceGuard::try_new(&counts, source, max_conns) else {
+                drop(sock);
+                if let Some(suppressed) = refuse_warn.allow() {
+                    tracing::warn!(api = what, peer = %addr, %source, max_connections_per_source = max_conns, suppressed, "too many connections from one source; closed the new one");
+                }
+                continue;
+            };
             let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
-            if p.tasks.len() >= max_pending {
-                if let Some((_, oldest)) = p.tasks.pop_first() {
-                    oldest.abort();
-                }
-                if let Some(suppressed) = evict_warn.allow() {
-                    tracing::warn!(
-                        api = what,
-                        max_pending,
-                        suppressed,
-                        "too many handshakes in progress; dropped the oldest"
-                    );
-                }
+            let dropped = if p.count(&source) >= per_source {
+                p.evict_oldest_of(&source).then_some("the source's oldest")
+            } else if p.tasks.len() >= max_pending {
+                p.evict_from_largest()
+                    .then_some("the oldest of the source with the most")
+            } else {
+                None
+            };
+            if let Some(which) = dropped
+                && let Some(suppressed) = evict_warn.allow()
+            {
+                tracing::warn!(
+                    api = what,
+                    %source,
+                    max_pending,
+                    max_pending_per_source = per_source,
+                    suppressed,
+                    "too many handshakes in progress; dropped {which}"
+                );
             }
             let id = p.next_id;
             p.next_id += 1;
-            let fut = handshake(sock, addr);
+            let fut = handshake(sock, addr, guard);
             let tx = tx.clone();
             let pending_t = pending.clone();
             let warn = handshake_warn.clone();
@@ -302,8 +466,7 @@ where
                 pending_t
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .tasks
-                    .remove(&id);
+                    .remove(id);
                 match outcome {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
@@ -320,26 +483,14 @@ where
                     }
                 }
             });
-            p.tasks.insert(id, task.abort_handle());
+            p.insert(id, task.abort_handle(), source);
             drop(p);
         }
         // The stream was dropped: stop the handshakes still running.
         let p = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in p.tasks.values() {
+        for (t, _) in p.tasks.values() {
             t.abort();
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// Drops the oldest handshake in progress; false if there was none.
-fn evict_oldest(pending: &Mutex<Pending>) -> bool {
-    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
-    match p.tasks.pop_first() {
-        Some((_, t)) => {
-            t.abort();
-            true
-        }
-        None => false,
-    }
 }

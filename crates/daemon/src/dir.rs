@@ -101,6 +101,19 @@ pub enum DirError {
         /// This process's effective uid.
         me: u32,
     },
+    /// The process serving the connected socket runs as a user other than root and us: the socket
+    /// was swapped in between the path check and `connect`.
+    #[error(
+        "{path}: served by a process of uid {peer}, neither root nor this user (uid {me}); refusing to use it"
+    )]
+    UntrustedPeer {
+        /// The path.
+        path: String,
+        /// The peer's uid (`SO_PEERCRED`).
+        peer: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
     /// A system call failed.
     // The OS error is part of the message and deliberately not a `source`, so that a chain printed
     // with `{:#}` shows it once.
@@ -351,6 +364,37 @@ pub fn check_socket(socket: &Path) -> Result<(), DirError> {
         return Err(DirError::UntrustedSocket {
             path: name(),
             owner: m.uid(),
+            me,
+        });
+    }
+    Ok(())
+}
+
+/// Connects to the Unix socket at `socket` as a client that must not be served by another user: the
+/// path is checked first ([`check_socket`]; a missing socket is left for `connect` to report), and
+/// after connecting the server's credentials (`SO_PEERCRED`) must be root's or ours, so a socket
+/// swapped in between the check and `connect` (e.g. in a sticky `/tmp`) is refused too.
+pub async fn connect_trusted(socket: &Path) -> Result<tokio::net::UnixStream, DirError> {
+    match check_socket(socket) {
+        Ok(()) | Err(DirError::MissingSocket { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(io_err(socket))?;
+    check_peer(socket, &stream)?;
+    Ok(stream)
+}
+
+/// Refuses a connected stream whose server runs as a user other than root and this process's
+/// effective uid (`SO_PEERCRED`, recorded by the kernel when the server called `listen`).
+pub fn check_peer(socket: &Path, stream: &tokio::net::UnixStream) -> Result<(), DirError> {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred().map_err(io_err(socket))?.uid();
+    if !trusted_owner(peer, me) {
+        return Err(DirError::UntrustedPeer {
+            path: socket.display().to_string(),
+            peer,
             me,
         });
     }

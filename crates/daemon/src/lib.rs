@@ -6,7 +6,7 @@ pub mod accept;
 pub mod dir;
 
 pub use accept::raise_fd_limit;
-pub use dir::{DirError, check_socket, own_dir};
+pub use dir::{DirError, check_peer, check_socket, connect_trusted, own_dir};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use sigil_daemon::accept::{HandshakeLimits, RateLimit, handshake_incoming};
+use sigil_daemon::accept::{HandshakeLimits, RateLimit, SourceGuard, handshake_incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
@@ -32,12 +32,22 @@ async fn listener(
     limits: HandshakeLimits,
 ) -> (
     std::net::SocketAddr,
-    impl tokio_stream::Stream<Item = std::io::Result<TcpStream>>,
+    impl tokio_stream::Stream<Item = std::io::Result<(TcpStream, SourceGuard)>>,
 ) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let incoming = handshake_incoming(l, limits, "test", |s, _| one_byte_handshake(s));
-    (addr, incoming)
+    // On 0.0.0.0 so that clients can come from several loopback addresses (sources).
+    let l = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let incoming = handshake_incoming(l, limits, "test", |s, _, g| async move {
+        Ok::<_, std::io::Error>((one_byte_handshake(s).await?, g))
+    });
+    (std::net::SocketAddr::from(([127, 0, 0, 1], port)), incoming)
+}
+
+/// A connection to `addr` from the loopback address `from` (127.0.0.0/8 all reach this host).
+async fn connect_from(from: [u8; 4], addr: std::net::SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(std::net::SocketAddr::from((from, 0))).expect("bind");
+    s.connect(addr).await.expect("connect")
 }
 
 #[tokio::test]
@@ -45,6 +55,7 @@ async fn idle_connections_are_closed_after_the_timeout_and_good_ones_pass() {
     let limits = HandshakeLimits {
         timeout: Duration::from_millis(300),
         max_pending: 64,
+        ..Default::default()
     };
     let (addr, incoming) = listener(limits).await;
     let mut incoming = Box::pin(incoming);
@@ -74,6 +85,8 @@ async fn at_the_cap_the_oldest_handshake_is_dropped_for_a_new_client() {
     let limits = HandshakeLimits {
         timeout: Duration::from_secs(60),
         max_pending: 8,
+        max_pending_per_source: 8,
+        ..Default::default()
     };
     let (addr, incoming) = listener(limits).await;
     let mut incoming = Box::pin(incoming);
@@ -104,6 +117,103 @@ async fn at_the_cap_the_oldest_handshake_is_dropped_for_a_new_client() {
         dropped < 40,
         "a pending handshake within the cap was dropped too"
     );
+}
+
+/// Attack: a flood of idle connections from one source (127.0.0.2) while a client from another source
+/// (127.0.0.1) is mid-handshake. Only the flooding source's own handshakes are dropped; before, every
+/// new connection evicted the oldest handshake, whoever's it was. Control: the other client is served.
+#[tokio::test]
+async fn a_flooding_source_drops_only_its_own_handshakes() {
+    let limits = HandshakeLimits {
+        timeout: Duration::from_secs(60),
+        max_pending: 8,
+        max_pending_per_source: 4,
+        max_connections_per_source: 1000,
+    };
+    let (addr, incoming) = listener(limits).await;
+    let mut incoming = Box::pin(incoming);
+    let mut good = connect_from([127, 0, 0, 1], addr).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(connect_from([127, 0, 0, 2], addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    good.write_all(b"H").await.expect("hello");
+    let served = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+    assert!(
+        matches!(&served, Ok(Some(Ok((_, g)))) if g.source() == std::net::Ipv4Addr::new(127, 0, 0, 1)),
+        "the other source's handshake was dropped by the flood"
+    );
+    let mut dropped = 0;
+    for s in flood.iter_mut() {
+        if closed(s, Duration::from_millis(50)).await {
+            dropped += 1;
+        }
+    }
+    assert_eq!(
+        dropped, 36,
+        "the flooding source keeps its 4 newest handshakes"
+    );
+}
+
+/// Attack: one source (127.0.0.3) completes handshakes and holds the connections. Beyond
+/// `max_connections_per_source` its new connections are closed at once; once it closes some, it may
+/// connect again. Control: another source (127.0.0.1) is served meanwhile.
+#[tokio::test]
+async fn established_connections_are_capped_per_source() {
+    let limits = HandshakeLimits {
+        timeout: Duration::from_secs(60),
+        max_connections_per_source: 5,
+        ..Default::default()
+    };
+    let (addr, incoming) = listener(limits).await;
+    let mut incoming = Box::pin(incoming);
+    let mut held = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = connect_from([127, 0, 0, 3], addr).await;
+        let _ = c.write_all(b"H").await;
+        clients.push(c);
+    }
+    while let Ok(Some(Ok(s))) =
+        tokio::time::timeout(Duration::from_millis(500), incoming.next()).await
+    {
+        held.push(s);
+    }
+    assert_eq!(held.len(), 5, "served beyond the per-source cap");
+    let mut refused = 0;
+    for c in clients.iter_mut() {
+        if closed(c, Duration::from_millis(50)).await {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 5, "the connections beyond the cap were not closed");
+    // Control: another source is served.
+    let mut other = connect_from([127, 0, 0, 1], addr).await;
+    other.write_all(b"H").await.expect("hello");
+    let served = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+    assert!(matches!(served, Ok(Some(Ok(_)))), "another source kept out");
+    // Closing held connections frees the source's places.
+    held.truncate(3);
+    let mut again = connect_from([127, 0, 0, 3], addr).await;
+    again.write_all(b"H").await.expect("hello");
+    let served = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+    assert!(
+        matches!(served, Ok(Some(Ok(_)))),
+        "a freed place was not reused"
+    );
+}
+
+#[test]
+fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+    use sigil_daemon::accept::source_of;
+    let a = |s: &str| source_of(&s.parse().expect("addr"));
+    assert_eq!(a("10.1.2.3:5"), a("10.1.2.3:6"));
+    assert_ne!(a("10.1.2.3:5"), a("10.1.2.4:5"));
+    assert_eq!(a("[2001:db8::1]:5"), a("[2001:db8::ffff:1]:5"));
+    assert_ne!(a("[2001:db8::1]:5"), a("[2001:db8:0:1::1]:5"));
+    assert_eq!(a("[::ffff:10.1.2.3]:5"), a("10.1.2.3:7"));
 }
 
 #[test]

@@ -42,11 +42,13 @@ async fn out_of_descriptors_the_loop_backs_off_and_still_serves() {
     let limits = HandshakeLimits {
         timeout: Duration::from_secs(2),
         max_pending: 1000,
+        max_pending_per_source: 1000,
+        max_connections_per_source: 1000,
     };
-    let incoming = handshake_incoming(l, limits, "test", |mut s: TcpStream, _| async move {
+    let incoming = handshake_incoming(l, limits, "test", |mut s: TcpStream, _, g| async move {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
-        Ok::<_, std::io::Error>(s)
+        Ok::<_, std::io::Error>((s, g))
     });
     let mut incoming = Box::pin(incoming);
     let cpu_start = cpu();

@@ -8,15 +8,17 @@
 //! kept. The authority means nothing on a local socket (tonic ignores it; callers are identified by their
 //! peer credentials), so nothing is lost.
 //!
-//! Header blocks are HPACK-decoded with a table that follows the client's encoder, and re-encoded with
-//! literals that are never indexed, so `h2`'s decoder table stays empty and consistent whatever the client
-//! did. Every other frame, and all bytes from server to client, pass through unchanged.
+//! Header blocks are HPACK-decoded with a table that follows the client's encoder, and re-encoded as
+//! literals without indexing (HPACK's `0000` prefix), so `h2`'s decoder table stays empty and consistent
+//! whatever the client did. Every other frame, and all bytes from server to client, pass through unchanged.
 
 mod io;
 mod normalize;
 
 pub use io::{AuthorityNormalizer, normalize_incoming};
-pub use normalize::{MAX_CONTINUATIONS, MAX_HEADER_BLOCK, Normalizer, REPLACEMENT_AUTHORITY};
+pub use normalize::{
+    MAX_CONTINUATIONS, MAX_FRAME_PAYLOAD, MAX_HEADER_BLOCK, Normalizer, REPLACEMENT_AUTHORITY,
+};
 
 /// Why a client's byte stream cannot be passed on to the HTTP/2 server; the connection is closed.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,21 @@ pub enum Error {
         stream: u32,
         /// What is wrong.
         reason: &'static str,
+    },
+    /// A HEADERS or CONTINUATION frame longer than the SETTINGS_MAX_FRAME_SIZE the server advertises
+    /// (the default, 16 384): HTTP/2's FRAME_SIZE_ERROR.
+    #[error(
+        "frame of type {frame_type} on stream {stream} is {len} bytes, more than the maximum frame size {limit}"
+    )]
+    FrameTooLarge {
+        /// Stream of the frame.
+        stream: u32,
+        /// Frame type (1 HEADERS, 9 CONTINUATION).
+        frame_type: u8,
+        /// Its payload length.
+        len: usize,
+        /// The maximum frame size.
+        limit: usize,
     },
     /// An earlier error already closed this connection.
     #[error("the connection was closed after an earlier error")]

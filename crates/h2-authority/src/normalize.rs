@@ -15,7 +15,7 @@ const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 /// The largest frame payload `h2` accepts unless it advertised more: SETTINGS_MAX_FRAME_SIZE's initial
 /// value, which tonic and hyper leave as is.
-const MAX_FRAME_PAYLOAD: usize = 16_384;
+pub const MAX_FRAME_PAYLOAD: usize = 16_384;
 /// HPACK's dynamic table size limit: SETTINGS_HEADER_TABLE_SIZE's initial value. tonic offers no way to
 /// change what h2 advertises, so a client's encoder may use at most this much; a size update above it is an
 /// HPACK error for h2 as for us.
@@ -225,6 +225,16 @@ impl Normalizer {
                     stream: header.stream,
                     size,
                     limit: MAX_HEADER_BLOCK,
+                });
+            }
+            // h2 advertises the default SETTINGS_MAX_FRAME_SIZE, so it would refuse a longer frame with
+            // FRAME_SIZE_ERROR; re-splitting it here would hide that from h2.
+            if header.len > MAX_FRAME_PAYLOAD {
+                return Err(Error::FrameTooLarge {
+                    stream: header.stream,
+                    frame_type: header.kind,
+                    len: header.len,
+                    limit: MAX_FRAME_PAYLOAD,
                 });
             }
             self.pending.clear();

@@ -7,7 +7,9 @@
 mod support;
 
 use proptest::prelude::*;
-use sigil_h2_authority::{Error, MAX_CONTINUATIONS, MAX_HEADER_BLOCK, Normalizer};
+use sigil_h2_authority::{
+    Error, MAX_CONTINUATIONS, MAX_FRAME_PAYLOAD, MAX_HEADER_BLOCK, Normalizer,
+};
 use support::*;
 
 /// A client stream: preface, empty SETTINGS, then `frames`.
@@ -346,6 +348,52 @@ fn header_blocks_are_bounded_as_received() {
         n.feed(&head, &mut out).unwrap_err(),
         Error::HeaderBlockTooLarge { .. }
     ));
+}
+
+/// A HEADERS or CONTINUATION frame one byte over the maximum frame size h2 advertises closes the
+/// connection (h2 would answer FRAME_SIZE_ERROR; re-splitting it would hide that). Control: frames of
+/// exactly the maximum size pass.
+#[test]
+fn header_frames_over_the_maximum_frame_size_are_refused() {
+    let over = vec![0u8; MAX_FRAME_PAYLOAD + 1];
+    for frames in [
+        vec![frame(HEADERS, END_HEADERS, 1, &over)],
+        vec![
+            frame(HEADERS, 0, 1, &[0u8; 10]),
+            frame(CONTINUATION, END_HEADERS, 1, &over),
+        ],
+    ] {
+        let err = run(&client(&frames), 4096).unwrap_err();
+        assert!(
+            matches!(err, Error::FrameTooLarge { stream: 1, len, limit, .. }
+                if len == MAX_FRAME_PAYLOAD + 1 && limit == MAX_FRAME_PAYLOAD),
+            "{err:?}"
+        );
+    }
+    // Control: a block whose frames are exactly the maximum size is accepted.
+    let mut list = grpc_request("/c.sock", "/svc/M");
+    for i in 0..40 {
+        list.push((format!("x-meta-{i}").into_bytes(), vec![b'v'; 1000]));
+    }
+    let mut enc = loona_hpack::Encoder::new();
+    let block = encode(&mut enc, &list);
+    assert!(block.len() > MAX_FRAME_PAYLOAD);
+    let mut frames: Vec<Vec<u8>> = block
+        .chunks(MAX_FRAME_PAYLOAD)
+        .enumerate()
+        .map(|(i, c)| {
+            let (kind, flags) = if i == 0 {
+                (HEADERS, END_STREAM)
+            } else {
+                (CONTINUATION, 0)
+            };
+            frame(kind, flags, 1, c)
+        })
+        .collect();
+    let last = frames.len() - 1;
+    frames[last][4] |= END_HEADERS;
+    let out = normalized(&client(&frames));
+    assert_eq!(decode_blocks(&out)[0].2, expected(&list));
 }
 
 #[test]

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Most agent API TLS handshakes in progress at once; beyond it the oldest is dropped.
     #[arg(long)]
     pub max_pending_handshakes: Option<usize>,
+    /// Most agent API connections open at once from one source address (IPv6: one /64); more are
+    /// closed at accept.
+    #[arg(long)]
+    pub max_connections_per_source: Option<usize>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -88,6 +92,7 @@ struct FileConfig {
     x509pop_ca_bundle: Option<PathBuf>,
     handshake_timeout: Option<String>,
     max_pending_handshakes: Option<usize>,
+    max_connections_per_source: Option<usize>,
     log_level: Option<String>,
     log_format: Option<String>,
 }
@@ -231,9 +236,18 @@ impl ServerConfig {
         if max_pending == 0 {
             bail!("max_pending_handshakes: invalid value 0 (must be at least 1)");
         }
+        let max_connections_per_source = args
+            .max_connections_per_source
+            .or(file.max_connections_per_source)
+            .unwrap_or(sigil_daemon::accept::DEFAULT_MAX_CONNECTIONS_PER_SOURCE);
+        if max_connections_per_source == 0 {
+            bail!("max_connections_per_source: invalid value 0 (must be at least 1)");
+        }
         let handshake_limits = sigil_daemon::accept::HandshakeLimits {
             timeout: handshake_timeout,
             max_pending,
+            max_connections_per_source,
+            ..Default::default()
         };
         let log_level = args
             .log_level

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::Stream;
-use sigil_daemon::accept::{HandshakeLimits, handshake_incoming};
+use sigil_daemon::accept::{HandshakeLimits, SourceGuard, handshake_incoming};
 use sigil_tls::{PeerPolicy, SpiffeClientVerifier};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -65,10 +65,12 @@ pub fn tls_acceptor(state: &Arc<State>) -> anyhow::Result<AgentApiTls> {
     })
 }
 
-/// A TLS connection that tells tonic who the peer is.
+/// A TLS connection that tells tonic who the peer is, holding its place in its source's connection
+/// count until it is closed.
 pub struct PeerStream {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    _source: SourceGuard,
 }
 
 impl Connected for PeerStream {
@@ -121,13 +123,14 @@ impl tokio::io::AsyncWrite for PeerStream {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, each bounded by the handshake
-/// timeout, at most `limits.max_pending` at once (see [`sigil_daemon::accept::handshake_incoming`]).
+/// timeout, at most `limits.max_pending` at once, with per-source caps on handshakes and open
+/// connections (see [`sigil_daemon::accept::handshake_incoming`]).
 pub fn tls_incoming(
     tcp: TcpListener,
     tls: AgentApiTls,
 ) -> impl Stream<Item = Result<PeerStream, std::io::Error>> {
     let acceptor = tls.acceptor;
-    handshake_incoming(tcp, tls.limits, "agent API", move |sock, addr| {
+    handshake_incoming(tcp, tls.limits, "agent API", move |sock, addr, source| {
         let acceptor = acceptor.clone();
         async move {
             let _ = sock.set_nodelay(true);
@@ -145,6 +148,7 @@ pub fn tls_incoming(
             Ok::<_, std::io::Error>(PeerStream {
                 inner: stream,
                 info,
+                _source: source,
             })
         }
     })
