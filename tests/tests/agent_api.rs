@@ -91,6 +91,25 @@ impl Fixture {
     }
 }
 
+/// Renews the test agent's SVID and returns the new one without installing it.
+async fn renew(
+    agent: &TestAgent,
+) -> anyhow::Result<(
+    Vec<CertificateDer<'static>>,
+    rustls_pki_types::PrivatePkcs8KeyDer<'static>,
+)> {
+    let kc = key_and_csr(None)?;
+    let renewed = agent
+        .client()
+        .await?
+        .renew_agent(pb::RenewAgentRequest { csr: kc.csr })
+        .await?
+        .into_inner()
+        .result
+        .expect("result");
+    Ok((chain_of(&renewed.svid_chain), kc.key))
+}
+
 fn chain_of(v: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
     v.iter().map(|c| CertificateDer::from(c.clone())).collect()
 }
@@ -325,22 +344,30 @@ async fn banned_agent_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn renewal_replaces_the_agent_svid() -> anyhow::Result<()> {
+async fn renewal_replaces_the_agent_svid_once_it_is_used() -> anyhow::Result<()> {
     let f = fixture(&[]).await?;
     let token = f.token().await?;
     let mut agent = f.agent();
     agent.attest_join_token(&token).await?;
-    let kc = key_and_csr(None)?;
-    let renewed = agent
+    // An agent that dies after the server issued its new SVID but before storing it keeps working with the
+    // SVID it has, and can renew again; the unused SVID of that first renewal is then worthless.
+    let lost = renew(&agent).await?;
+    agent
         .client()
         .await?
-        .renew_agent(pb::RenewAgentRequest { csr: kc.csr })
+        .fetch_bundles(pb::FetchBundlesRequest {})
+        .await?;
+    let next = renew(&agent).await?;
+    let old = agent.svid.replace(lost);
+    let err = agent
+        .client()
         .await?
-        .into_inner()
-        .result
-        .expect("result");
-    let old = agent.svid.take();
-    agent.svid = Some((chain_of(&renewed.svid_chain), kc.key));
+        .fetch_bundles(pb::FetchBundlesRequest {})
+        .await
+        .expect_err("svid of a superseded renewal");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // Using the new SVID makes it the only one.
+    agent.svid = Some(next);
     agent
         .client()
         .await?

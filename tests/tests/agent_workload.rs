@@ -389,7 +389,10 @@ async fn rotation_server_outage_and_agent_restart() -> anyhow::Result<()> {
 
     // Server down: cached SVIDs keep flowing to new clients.
     server.kill9();
-    let svid = wait_svid(&agent.endpoint()).await?;
+    let svid = match wait_svid(&agent.endpoint()).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e}\nagent log:\n{}", agent.log_text()),
+    };
     assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/rot"));
     // Server back: rotation resumes on the same stream, the agent untouched.
     server.spawn()?;
@@ -416,7 +419,10 @@ async fn rotation_server_outage_and_agent_restart() -> anyhow::Result<()> {
         "{}",
         agent.log_text()
     );
-    let svid = wait_svid(&agent.endpoint()).await?;
+    let svid = match wait_svid(&agent.endpoint()).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e}\nagent log:\n{}", agent.log_text()),
+    };
     assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/rot"));
     let out = server.cli(&["agent", "list", "--output", "json"])?;
     let text = String::from_utf8_lossy(&out.stdout);

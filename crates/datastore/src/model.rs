@@ -104,6 +104,11 @@ pub struct AttestedAgent {
     pub selectors: Vec<Selector>,
     /// Whether the agent may attest again with the same identity.
     pub can_reattest: bool,
+    /// Serial of an X.509-SVID issued by a renewal that the agent has not presented yet. Until it does,
+    /// both this and `serial` authenticate the agent, so an agent that dies between the server's commit
+    /// and its own write of the new SVID is not locked out (SPIRE keeps the same pair).
+    #[serde(default)]
+    pub pending_serial: Option<String>,
 }
 
 /// Which agents to list; `None` fields do not filter.

@@ -188,6 +188,19 @@ impl DataStore for SqliteStore {
         records::update_agent_svid(&self.write(), id, serial, expires_at)
     }
 
+    fn record_agent_renewal(
+        &self,
+        id: &SpiffeId,
+        new_serial: &str,
+        expires_at: i64,
+    ) -> Result<(), DataStoreError> {
+        records::record_agent_renewal(&self.write(), id, new_serial, expires_at)
+    }
+
+    fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, DataStoreError> {
+        records::promote_agent_serial(&self.write(), id, serial)
+    }
+
     fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<(), DataStoreError> {
         records::set_agent_banned(&self.write(), id, banned)
     }

@@ -64,6 +64,18 @@ pub trait DataStore: Send + Sync {
         expires_at: i64,
     ) -> Result<(), DataStoreError>;
 
+    /// Records a renewed agent X.509-SVID as pending: the current serial stays valid until the agent
+    /// presents the new one ([`DataStore::promote_agent_serial`]).
+    fn record_agent_renewal(
+        &self,
+        id: &SpiffeId,
+        new_serial: &str,
+        expires_at: i64,
+    ) -> Result<(), DataStoreError>;
+
+    /// Makes `serial` the agent's current serial if it is the pending one; returns whether it was.
+    fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, DataStoreError>;
+
     /// Bans or unbans an agent.
     fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<(), DataStoreError>;
 

@@ -32,6 +32,7 @@ fn agent(path: &str, attestation_type: &str) -> AttestedAgent {
         banned: false,
         selectors: vec![Selector::parse("aws:region:eu").unwrap()],
         can_reattest: true,
+        pending_serial: None,
     }
 }
 

@@ -98,9 +98,25 @@ impl NodeApi {
             ));
         }
         if record.serial != serial {
-            return Err(Status::permission_denied(format!(
-                "agent {id}: SVID serial {serial} is not the agent's current one"
-            )));
+            // The SVID of a renewal the agent has not used yet becomes current when it is first presented;
+            // until then the previous one keeps working (an agent that died before storing it recovers).
+            let pending = record.pending_serial.as_deref() == Some(serial.as_str());
+            let promoted = pending && {
+                let state = self.state.clone();
+                let (id2, serial2) = (id.clone(), serial.clone());
+                blocking(move || {
+                    state
+                        .ds
+                        .promote_agent_serial(&id2, &serial2)
+                        .map_err(ds_status)
+                })
+                .await?
+            };
+            if !promoted {
+                return Err(Status::permission_denied(format!(
+                    "agent {id}: SVID serial {serial} is not the agent's current one"
+                )));
+            }
         }
         // After a trust-domain migration, an agent attested in the old domain acts as its new-domain twin.
         let td = self.state.trust_domain();
@@ -155,6 +171,7 @@ impl NodeApi {
                     banned: false,
                     selectors,
                     can_reattest,
+                    pending_serial: None,
                 })
                 .map_err(ds_status)?;
             Ok(svid)
@@ -424,7 +441,7 @@ impl pb::node_server::Node for NodeApi {
                 .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
             state
                 .ds
-                .update_agent_svid(&id, &svid.serial_hex, unix(svid.expires_at))
+                .record_agent_renewal(&id, &svid.serial_hex, unix(svid.expires_at))
                 .map_err(ds_status)?;
             Ok(svid)
         })

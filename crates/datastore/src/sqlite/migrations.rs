@@ -72,6 +72,8 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 ) STRICT;
 "#,
+    // Version 2. The serial of a renewed agent SVID not yet presented (see `AttestedAgent::pending_serial`).
+    "ALTER TABLE agents ADD COLUMN pending_serial TEXT;",
 ];
 
 /// Brings the schema up to `migrations.len()`, one transaction per step; refuses a newer schema.

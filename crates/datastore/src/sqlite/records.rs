@@ -36,11 +36,13 @@ pub(super) fn upsert_agent(conn: &Connection, agent: &AttestedAgent) -> Result<(
         source,
     })?;
     conn.prepare_cached(
-        "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, banned, selectors, can_reattest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, banned, selectors, can_reattest,
+             pending_serial)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type,
              serial = excluded.serial, expires_at = excluded.expires_at, banned = excluded.banned,
-             selectors = excluded.selectors, can_reattest = excluded.can_reattest",
+             selectors = excluded.selectors, can_reattest = excluded.can_reattest,
+             pending_serial = excluded.pending_serial",
     )?
     .execute(params![
         agent.spiffe_id.as_str(),
@@ -50,12 +52,12 @@ pub(super) fn upsert_agent(conn: &Connection, agent: &AttestedAgent) -> Result<(
         agent.banned,
         selectors,
         agent.can_reattest,
+        agent.pending_serial,
     ])?;
     Ok(())
 }
 
-const AGENT_COLUMNS: &str =
-    "spiffe_id, attestation_type, serial, expires_at, banned, selectors, can_reattest";
+const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, banned, selectors, can_reattest, pending_serial";
 
 fn read_agent(row: &Row<'_>) -> Result<AttestedAgent, DataStoreError> {
     let id: String = row.get(0)?;
@@ -77,6 +79,7 @@ fn read_agent(row: &Row<'_>) -> Result<AttestedAgent, DataStoreError> {
         banned: row.get(4)?,
         selectors,
         can_reattest: row.get(6)?,
+        pending_serial: row.get(7)?,
     })
 }
 
@@ -125,6 +128,34 @@ pub(super) fn update_agent_svid(
         .prepare_cached("UPDATE agents SET serial = ?2, expires_at = ?3 WHERE spiffe_id = ?1")?
         .execute(params![id.as_str(), serial, expires_at])?;
     require_changed(changed, "agent", id)
+}
+
+pub(super) fn record_agent_renewal(
+    conn: &Connection,
+    id: &SpiffeId,
+    new_serial: &str,
+    expires_at: i64,
+) -> Result<(), DataStoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE agents SET pending_serial = ?2, expires_at = ?3 WHERE spiffe_id = ?1",
+        )?
+        .execute(params![id.as_str(), new_serial, expires_at])?;
+    require_changed(changed, "agent", id)
+}
+
+pub(super) fn promote_agent_serial(
+    conn: &Connection,
+    id: &SpiffeId,
+    serial: &str,
+) -> Result<bool, DataStoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE agents SET serial = pending_serial, pending_serial = NULL
+             WHERE spiffe_id = ?1 AND pending_serial = ?2",
+        )?
+        .execute(params![id.as_str(), serial])?;
+    Ok(changed == 1)
 }
 
 pub(super) fn set_agent_banned(
