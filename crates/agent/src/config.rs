@@ -57,6 +57,9 @@ pub struct AgentRunArgs {
     /// Most SVIDs kept for entries no workload is using.
     #[arg(long)]
     pub x509_svid_cache_max_size: Option<usize>,
+    /// Bound on finishing in-flight calls (open Workload API streams) after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -80,6 +83,7 @@ struct FileConfig {
     admin_socket_path: Option<PathBuf>,
     authorized_delegates: Option<Vec<String>>,
     x509_svid_cache_max_size: Option<usize>,
+    drain_timeout: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
 }
@@ -123,6 +127,8 @@ pub struct AgentConfig {
     pub authorized_delegates: Vec<SpiffeId>,
     /// SVID cache bound for unused entries.
     pub svid_cache_max: usize,
+    /// Bound on finishing in-flight calls after SIGTERM.
+    pub drain_timeout: std::time::Duration,
     /// Log level.
     pub log_level: String,
     /// JSON logs.
@@ -201,7 +207,16 @@ impl AgentConfig {
             (args.log_format.clone(), file.log_format),
         )?;
         let log_json = log_format == sigil_daemon::LogFormat::Json;
+        let drain_timeout = l
+            .parse(
+                "drain_timeout",
+                args.drain_timeout.clone(),
+                file.drain_timeout,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
         Ok(AgentConfig {
+            drain_timeout,
             server_address,
             trust_domain,
             trust_bundle,
