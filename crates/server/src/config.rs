@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Bound on finishing in-flight calls after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
 }
 
 /// The TOML file's shape (every key optional; unknown keys are rejected).
@@ -91,6 +94,7 @@ struct FileConfig {
     max_pending_handshakes: Option<usize>,
     log_level: Option<String>,
     log_format: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 pub use sigil_daemon::LogFormat;
@@ -124,6 +128,8 @@ pub struct ServerConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Bound on finishing in-flight calls after SIGTERM.
+    pub drain_timeout: Duration,
 }
 
 fn parse_duration(field: &str, value: &str) -> anyhow::Result<Duration> {
@@ -218,7 +224,16 @@ impl ServerConfig {
             (args.log_level.clone(), file.log_level),
             (args.log_format.clone(), file.log_format),
         )?;
-                Ok(ServerConfig {
+                let drain_timeout = l
+            .parse(
+                "drain_timeout",
+                args.drain_timeout.clone(),
+                file.drain_timeout,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
+        Ok(ServerConfig {
+            drain_timeout,
             data_dir,
             trust_domain,
             bind,

@@ -94,6 +94,8 @@ pub async fn serve(
             let _ = stop_node.wait_for(|s| *s).await;
         },
     ));
+    let ready = sigil_daemon::Readiness::new();
+    ready.set_ready();
     tracing::info!(
         trust_domain = %td,
         agent_api = %bound,
@@ -116,8 +118,21 @@ pub async fn serve(
     });
 
     let _ = stop.wait_for(|s| *s).await;
+    ready.set_not_ready();
     ticker.abort();
-    let (a, n) = tokio::join!(admin_task, node_task);
+    // No new connections; calls in flight get the drain timeout, then end with their connections.
+    let (admin_abort, node_abort) = (admin_task.abort_handle(), node_task.abort_handle());
+    let joined = async { tokio::join!(admin_task, node_task) };
+    let (a, n) = match sigil_daemon::drain("server APIs", joined, state.config.drain_timeout).await {
+        Some(both) => both,
+        None => {
+            admin_abort.abort();
+            node_abort.abort();
+            let _ = std::fs::remove_file(&state.config.admin_socket);
+            tracing::info!("sigil-server stopped");
+            return Ok(());
+        }
+    };
     let _ = std::fs::remove_file(&state.config.admin_socket);
     a.context("admin API task")?.context("admin API")?;
     n.context("agent API task")?.context("agent API")?;
