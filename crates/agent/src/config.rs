@@ -148,12 +148,18 @@ impl AgentConfig {
             None => FileConfig::default(),
         };
         let l = sigil_daemon::Layers::new("agent", args.config.as_deref());
-        let server_address = l.get("server_address", args.server_address.clone(), file.server_address)?
+        let server_address = l
+            .get(
+                "server_address",
+                args.server_address.clone(),
+                file.server_address,
+            )?
             .unwrap_or_else(|| "127.0.0.1:8081".to_string());
         if !server_address.contains(':') {
             bail!("server_address: invalid value {server_address:?} (want HOST:PORT)");
         }
-        let td = l.get("trust_domain", args.trust_domain.clone(), file.trust_domain)?
+        let td = l
+            .get("trust_domain", args.trust_domain.clone(), file.trust_domain)?
             .unwrap_or_else(|| "identity.example.com".to_string());
         let trust_domain = TrustDomain::parse(&td)
             .with_context(|| format!("trust_domain: invalid value {td:?}"))?;
@@ -178,11 +184,18 @@ impl AgentConfig {
             }
             (None, None, None) => NodeAttestation::None,
         };
-        let data_dir = l.get("data_dir", args.data_dir.clone(), file.data_dir)?
+        let data_dir = l
+            .get("data_dir", args.data_dir.clone(), file.data_dir)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let socket_path = l.get("socket_path", args.socket_path.clone(), file.socket_path)?
+        let socket_path = l
+            .get("socket_path", args.socket_path.clone(), file.socket_path)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
-        let admin_socket_path = l.get("admin_socket_path", args.admin_socket_path.clone(), file.admin_socket_path)?
+        let admin_socket_path = l
+            .get(
+                "admin_socket_path",
+                args.admin_socket_path.clone(),
+                file.admin_socket_path,
+            )?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH));
         check_socket_dirs(&socket_path, &admin_socket_path)?;
         let mut delegates_raw = args.authorized_delegates.clone();
@@ -197,7 +210,12 @@ impl AgentConfig {
                 })?,
             );
         }
-        let svid_cache_max = l.get("x509_svid_cache_max_size", args.x509_svid_cache_max_size, file.x509_svid_cache_max_size)?
+        let svid_cache_max = l
+            .get(
+                "x509_svid_cache_max_size",
+                args.x509_svid_cache_max_size,
+                file.x509_svid_cache_max_size,
+            )?
             .unwrap_or(DEFAULT_SVID_CACHE_MAX);
         if svid_cache_max == 0 {
             bail!("x509_svid_cache_max_size: invalid value 0 (must be at least 1)");

@@ -208,9 +208,7 @@ fn split_cidr(field: &str, s: &str) -> anyhow::Result<(IpAddr, u8)> {
 impl Config {
     /// Merges the file named by `--config` (if any) with the flags and validates the result.
     pub fn from_args(args: &RunArgs) -> anyhow::Result<Self> {
-        Self::from_layers(args, |path| {
-            sigil_daemon::Layers::new("netd", path)
-        })
+        Self::from_layers(args, |path| sigil_daemon::Layers::new("netd", path))
     }
 
     /// As [`Config::from_args`], with the environment layer built by `layers` (tests give their own).
@@ -238,9 +236,15 @@ impl Config {
                 Ok,
             )?;
         let pod_cidr_v6 = l
-            .parse("pod_cidr_v6", args.pod_cidr_v6.clone(), file.pod_cidr_v6, |v| {
-                PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", v).map_err(|e| reason("pod_cidr_v6", v, e))
-            })?
+            .parse(
+                "pod_cidr_v6",
+                args.pod_cidr_v6.clone(),
+                file.pod_cidr_v6,
+                |v| {
+                    PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", v)
+                        .map_err(|e| reason("pod_cidr_v6", v, e))
+                },
+            )?
             .map_or_else(
                 || PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", DEFAULT_POD_CIDR_V6),
                 Ok,
@@ -255,9 +259,12 @@ impl Config {
             );
         }
         let enforcement = l
-            .parse("enforcement", args.enforcement.clone(), file.enforcement, |v| {
-                EnforcementMode::parse(v).ok_or("default, always or never")
-            })?
+            .parse(
+                "enforcement",
+                args.enforcement.clone(),
+                file.enforcement,
+                |v| EnforcementMode::parse(v).ok_or("default, always or never"),
+            )?
             .unwrap_or(EnforcementMode::Default);
         let policy_map_max_entries = l.get(
             "policy_map_max_entries",
@@ -416,8 +423,11 @@ mod tests {
             e.to_string(),
             "log_level: invalid value \"loud\" from flag: error, warn, info, debug or trace"
         );
-        let e = Config::from_layers(&RunArgs::default(), env(&[("SIGIL_NETD_LOG_FORMAT", "xml")]))
-            .expect_err("format");
+        let e = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_LOG_FORMAT", "xml")]),
+        )
+        .expect_err("format");
         assert_eq!(
             e.to_string(),
             "log_format: invalid value \"xml\" from environment variable SIGIL_NETD_LOG_FORMAT: text or json"

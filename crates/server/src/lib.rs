@@ -123,7 +123,8 @@ pub async fn serve(
     // No new connections; calls in flight get the drain timeout, then end with their connections.
     let (admin_abort, node_abort) = (admin_task.abort_handle(), node_task.abort_handle());
     let joined = async { tokio::join!(admin_task, node_task) };
-    let (a, n) = match sigil_daemon::drain("server APIs", joined, state.config.drain_timeout).await {
+    let (a, n) = match sigil_daemon::drain("server APIs", joined, state.config.drain_timeout).await
+    {
         Some(both) => both,
         None => {
             admin_abort.abort();
