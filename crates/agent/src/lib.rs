@@ -8,7 +8,6 @@ pub mod manager;
 pub mod node;
 pub mod workload;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,21 +23,6 @@ pub fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// Binds a Unix socket after creating its directory with `dir_mode` (every directory above it must be
-/// root's or ours) and replacing a stale socket file (see [`sigil_daemon::bind_unix`]).
-pub fn bind_socket(
-    path: &Path,
-    dir_mode: u32,
-    sock_mode: u32,
-) -> anyhow::Result<tokio::net::UnixListener> {
-    let key = if sock_mode == 0o600 {
-        "admin_socket_path"
-    } else {
-        "socket_path"
-    };
-    Ok(sigil_daemon::bind_unix(key, path, dir_mode, sock_mode)?)
 }
 
 /// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
