@@ -39,11 +39,17 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     // Every workload stream holds a socket.
     sigil_daemon::raise_fd_limit();
     let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
-    serve(config, attestor).await
+    serve(config, attestor, sigil_daemon::Runtime::default()).await
 }
 
 /// Starts the agent with the given workload attestor and serves until a signal or a fatal condition.
-pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> anyhow::Result<()> {
+/// `rt.ready` turns true once both APIs serve, false when draining begins; subsystems register their
+/// metrics into `rt.metrics`.
+pub async fn serve(
+    config: AgentConfig,
+    attestor: Arc<dyn WorkloadAttestor>,
+    rt: sigil_daemon::Runtime,
+) -> anyhow::Result<()> {
     let bundles = Arc::new(arc_swap::ArcSwap::from_pointee(
         sigil_spiffe::bundle::BundleSet::new(),
     ));
@@ -95,7 +101,7 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
             .await
             .context("admin API")
     });
-    let ready = sigil_daemon::Readiness::new();
+    let ready = rt.ready;
     ready.set_ready();
     tracing::info!(
         socket = %config.socket_path.display(),

@@ -12,7 +12,9 @@ pub mod runtime;
 pub use accept::raise_fd_limit;
 pub use dir::{DirError, check_socket, own_dir};
 pub use layer::{LayerError, Layers, Source};
-pub use runtime::{BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, bind_unix, drain};
+pub use runtime::{
+    BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, Runtime, bind_unix, drain,
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

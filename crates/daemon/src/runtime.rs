@@ -169,6 +169,15 @@ pub fn parse_drain_timeout(value: &str) -> Result<Duration, String> {
     }
 }
 
+/// What a daemon creates once at start and passes down to its servers and subsystems.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    /// Whether the daemon serves.
+    pub ready: Readiness,
+    /// The one metrics registry.
+    pub metrics: Metrics,
+}
+
 /// The daemon's one Prometheus registry, created at start and passed down: each subsystem registers
 /// its metrics under its own prefix (e.g. `sigil_agent`).
 #[derive(Debug, Clone, Default)]

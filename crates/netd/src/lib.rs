@@ -45,18 +45,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    let metrics = sigil_daemon::Metrics::new();
-    serve(config, stop_rx, sigil_daemon::Readiness::new(), metrics).await
+    serve(config, stop_rx, sigil_daemon::Runtime::default()).await
 }
 
-/// Starts the daemon with `config` and serves until `stop` turns true; `ready` turns true once the
+/// Starts the daemon with `config` and serves until `stop` turns true; `rt.ready` turns true once the
 /// API serves and false when draining begins. In-flight calls then get `drain_timeout` to finish.
+/// Subsystems register their metrics into `rt.metrics`.
 pub async fn serve(
     config: Config,
     mut stop: tokio_watch::Receiver<bool>,
-    ready: sigil_daemon::Readiness,
-    _metrics: sigil_daemon::Metrics,
+    rt: sigil_daemon::Runtime,
 ) -> anyhow::Result<()> {
+    let ready = rt.ready;
     let socket = config.api_socket.clone();
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();

@@ -304,16 +304,12 @@ async fn readiness_is_true_only_while_the_api_serves() {
         ..RunArgs::default()
     })
     .expect("config");
-    let ready = sigil_daemon::Readiness::new();
+    let rt = sigil_daemon::Runtime::default();
+    let ready = rt.ready.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     assert!(!ready.is_ready(), "ready before serving");
     assert!(!socket.exists(), "socket before serving");
-    let served = tokio::spawn(sigil_netd::serve(
-        config,
-        stop_rx,
-        ready.clone(),
-        sigil_daemon::Metrics::new(),
-    ));
+    let served = tokio::spawn(sigil_netd::serve(config, stop_rx, rt));
     tokio::time::timeout(std::time::Duration::from_secs(60), ready.wait_ready())
         .await
         .expect("ready within 60 s");

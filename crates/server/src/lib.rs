@@ -38,14 +38,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    serve(config, Arc::new(SystemClock), stop_rx).await
+    serve(
+        config,
+        Arc::new(SystemClock),
+        stop_rx,
+        sigil_daemon::Runtime::default(),
+    )
+    .await
 }
 
-/// Serves both APIs with the given clock until `stop` turns true.
+/// Serves both APIs with the given clock until `stop` turns true; `rt.ready` turns true once both
+/// serve, false when draining begins; subsystems register their metrics into `rt.metrics`.
 pub async fn serve(
     config: ServerConfig,
     clock: Arc<dyn Clock>,
     mut stop: watch::Receiver<bool>,
+    rt: sigil_daemon::Runtime,
 ) -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || State::open(config, clock))
         .await
@@ -94,7 +102,7 @@ pub async fn serve(
             let _ = stop_node.wait_for(|s| *s).await;
         },
     ));
-    let ready = sigil_daemon::Readiness::new();
+    let ready = rt.ready;
     ready.set_ready();
     tracing::info!(
         trust_domain = %td,
