@@ -1091,5 +1091,63 @@ async fn exec_after_attestation_ends_open_streams() -> anyhow::Result<()> {
         }
         Ok(m) => panic!("the exec'd peer must get no further SVID, got {m:?}"),
     }
+
+/// Graceful drain: on SIGTERM the agent stops accepting but keeps an open Workload API stream for the
+/// drain timeout (it does not cut it at once), then ends it and exits 0. Control: before the signal
+/// the stream serves normally.
+#[tokio::test]
+async fn sigterm_drains_open_streams_then_exits_zero() -> anyhow::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let mut agent = AgentProcess::start(&server, &["--drain-timeout", "3s"])?;
+    let me = format!("unix:uid:{}", uid());
+    entry(
+        &server,
+        &format!("spiffe://{TD}/drain"),
+        &agent_id(&agent),
+        &me,
+        &[],
+    );
+    wait_svid(&agent.endpoint()).await?;
+    let mut raw = raw_client(&agent).await?;
+    let mut stream = raw
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await??
+        .expect("first message");
+    assert_eq!(first.svids.len(), 1);
+
+    let pid = agent.child.as_ref().expect("running").id();
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    // During the drain the stream stays open: no end, no error, for a good part of the 3 s.
+    let during = tokio::time::timeout(Duration::from_millis(1500), stream.message()).await;
+    assert!(
+        during.is_err(),
+        "the open stream ended at once on SIGTERM: {during:?}"
+    );
+    // After the drain timeout the stream ends and the process exits 0.
+    let status = agent.wait_exit(Duration::from_secs(15))?;
+    assert!(
+        status.success(),
+        "agent exit: {status}; log:\n{}",
+        agent.log_text()
+    );
+    let waited = signalled.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(12),
+        "exit after {waited:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await?;
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no further message after the drain: {end:?}"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("drain timeout reached"), "{log}");
     Ok(())
 }

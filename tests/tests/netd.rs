@@ -1059,3 +1059,43 @@ fn an_import_the_policy_map_cannot_hold_is_refused_and_the_deny_stays_enforced()
     assert!(!probe(&api.netns, &web.ipv4, 7001, false), "deny kept");
     assert!(probe(&api.netns, &web.ipv4, 7000, false), "allow kept");
 }
+
+/// The real `sigil netd run` refuses a bad log level (flag) or log format (environment) before
+/// touching the system, naming the key, the value and where it came from; a valid pair passes
+/// this check (it then fails on the next key checked, a bad `drain_timeout`).
+#[test]
+fn netd_rejects_invalid_log_options_naming_key_source_and_value() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(sigil_bin())
+            .args(["netd", "run"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("sigil");
+        assert!(!out.status.success(), "netd started with {args:?} {env:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&["--log-level", "loud"], &[]);
+    assert!(
+        err.contains("log_level: invalid value \"loud\" from flag"),
+        "{err}"
+    );
+    let err = run(&[], &[("SIGIL_NETD_LOG_FORMAT", "xml")]);
+    assert!(
+        err.contains(
+            "log_format: invalid value \"xml\" from environment variable SIGIL_NETD_LOG_FORMAT"
+        ),
+        "{err}"
+    );
+    // Control: valid options get past the check to the next key checked (a bad drain_timeout).
+    let err = run(
+        &["--log-level", "debug", "--drain-timeout", "soon"],
+        &[("SIGIL_NETD_LOG_FORMAT", "json")],
+    );
+    assert!(
+        err.contains("drain_timeout: invalid value \"soon\" from flag") && !err.contains("log_"),
+        "{err}"
+    );
+}

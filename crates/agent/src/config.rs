@@ -1,4 +1,5 @@
-//! sigil-agent's configuration: a TOML file, overridden by flags, validated once at start.
+//! sigil-agent's configuration: a TOML file, overridden by `SIGIL_AGENT_<KEY>`
+//! environment variables, overridden by flags (see [`sigil_daemon::Layers`]), validated once at start.
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,9 @@ pub struct AgentRunArgs {
     /// Most SVIDs kept for entries no workload is using.
     #[arg(long)]
     pub x509_svid_cache_max_size: Option<usize>,
+    /// Bound on finishing in-flight calls (open Workload API streams) after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -79,6 +83,7 @@ struct FileConfig {
     admin_socket_path: Option<PathBuf>,
     authorized_delegates: Option<Vec<String>>,
     x509_svid_cache_max_size: Option<usize>,
+    drain_timeout: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
 }
@@ -122,6 +127,8 @@ pub struct AgentConfig {
     pub authorized_delegates: Vec<SpiffeId>,
     /// SVID cache bound for unused entries.
     pub svid_cache_max: usize,
+    /// Bound on finishing in-flight calls after SIGTERM.
+    pub drain_timeout: std::time::Duration,
     /// Log level.
     pub log_level: String,
     /// JSON logs.
@@ -140,27 +147,28 @@ impl AgentConfig {
             }
             None => FileConfig::default(),
         };
-        let server_address = args
-            .server_address
-            .clone()
-            .or(file.server_address)
+        let l = sigil_daemon::Layers::new("agent", args.config.as_deref());
+        let server_address = l
+            .get(
+                "server_address",
+                args.server_address.clone(),
+                file.server_address,
+            )?
             .unwrap_or_else(|| "127.0.0.1:8081".to_string());
         if !server_address.contains(':') {
             bail!("server_address: invalid value {server_address:?} (want HOST:PORT)");
         }
-        let td = args
-            .trust_domain
-            .clone()
-            .or(file.trust_domain)
+        let td = l
+            .get("trust_domain", args.trust_domain.clone(), file.trust_domain)?
             .unwrap_or_else(|| "identity.example.com".to_string());
         let trust_domain = TrustDomain::parse(&td)
             .with_context(|| format!("trust_domain: invalid value {td:?}"))?;
-        let trust_bundle = args.trust_bundle.clone().or(file.trust_bundle);
+        let trust_bundle = l.get("trust_bundle", args.trust_bundle.clone(), file.trust_bundle)?;
         let insecure_bootstrap =
             args.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
-        let join_token = args.join_token.clone().or(file.join_token);
-        let cert = args.x509pop_cert.clone().or(file.x509pop_cert);
-        let key = args.x509pop_key.clone().or(file.x509pop_key);
+        let join_token = l.get("join_token", args.join_token.clone(), file.join_token)?;
+        let cert = l.get("x509pop_cert", args.x509pop_cert.clone(), file.x509pop_cert)?;
+        let key = l.get("x509pop_key", args.x509pop_key.clone(), file.x509pop_key)?;
         let attestation = match (join_token, cert, key) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
                 bail!("join_token / x509pop_cert: choose one node attestation method, not both")
@@ -176,20 +184,18 @@ impl AgentConfig {
             }
             (None, None, None) => NodeAttestation::None,
         };
-        let data_dir = args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
+        let data_dir = l
+            .get("data_dir", args.data_dir.clone(), file.data_dir)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let socket_path = args
-            .socket_path
-            .clone()
-            .or(file.socket_path)
+        let socket_path = l
+            .get("socket_path", args.socket_path.clone(), file.socket_path)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
-        let admin_socket_path = args
-            .admin_socket_path
-            .clone()
-            .or(file.admin_socket_path)
+        let admin_socket_path = l
+            .get(
+                "admin_socket_path",
+                args.admin_socket_path.clone(),
+                file.admin_socket_path,
+            )?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH));
         check_socket_dirs(&socket_path, &admin_socket_path)?;
         let mut delegates_raw = args.authorized_delegates.clone();
@@ -204,26 +210,31 @@ impl AgentConfig {
                 })?,
             );
         }
-        let svid_cache_max = args
-            .x509_svid_cache_max_size
-            .or(file.x509_svid_cache_max_size)
+        let svid_cache_max = l
+            .get(
+                "x509_svid_cache_max_size",
+                args.x509_svid_cache_max_size,
+                file.x509_svid_cache_max_size,
+            )?
             .unwrap_or(DEFAULT_SVID_CACHE_MAX);
         if svid_cache_max == 0 {
             bail!("x509_svid_cache_max_size: invalid value 0 (must be at least 1)");
         }
-        let log_level = args
-            .log_level
-            .clone()
-            .or(file.log_level)
-            .unwrap_or_else(|| "info".into());
-        let log_level = sigil_daemon::parse_log_level(&log_level)?;
-        let lf = args
-            .log_format
-            .clone()
-            .or(file.log_format)
-            .unwrap_or_else(|| "text".into());
-        let log_json = sigil_daemon::parse_log_format(&lf)? == sigil_daemon::LogFormat::Json;
+        let (log_level, log_format) = l.log_options(
+            (args.log_level.clone(), file.log_level),
+            (args.log_format.clone(), file.log_format),
+        )?;
+        let log_json = log_format == sigil_daemon::LogFormat::Json;
+        let drain_timeout = l
+            .parse(
+                "drain_timeout",
+                args.drain_timeout.clone(),
+                file.drain_timeout,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
         Ok(AgentConfig {
+            drain_timeout,
             server_address,
             trust_domain,
             trust_bundle,

@@ -8,7 +8,6 @@ pub mod manager;
 pub mod node;
 pub mod workload;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,31 +25,6 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Binds a Unix socket after creating its directory with `dir_mode` (every directory above it must be
-/// root's or ours, see [`sigil_daemon::own_dir`]) and replacing a stale socket file.
-pub fn bind_socket(
-    path: &Path,
-    dir_mode: u32,
-    sock_mode: u32,
-) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no directory", path.display()))?;
-    sigil_daemon::own_dir(dir, dir_mode)?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use by a running agent", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode))?;
-    Ok(l)
-}
-
 /// Runs `sigil agent run` until SIGTERM or SIGINT, or until the agent must stop (banned, evicted).
 pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::from_args(&args)?;
@@ -65,18 +39,24 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     // Every workload stream holds a socket.
     sigil_daemon::raise_fd_limit();
     let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
-    serve(config, attestor).await
+    serve(config, attestor, sigil_daemon::Runtime::default()).await
 }
 
 /// Starts the agent with the given workload attestor and serves until a signal or a fatal condition.
-pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> anyhow::Result<()> {
+/// `rt.ready` turns true once both APIs serve, false when draining begins; subsystems register their
+/// metrics into `rt.metrics`.
+pub async fn serve(
+    config: AgentConfig,
+    attestor: Arc<dyn WorkloadAttestor>,
+    rt: sigil_daemon::Runtime,
+) -> anyhow::Result<()> {
     let bundles = Arc::new(arc_swap::ArcSwap::from_pointee(
         sigil_spiffe::bundle::BundleSet::new(),
     ));
     let cache = cache::Cache::new(config.trust_domain.clone(), bundles, config.svid_cache_max);
-    let public = bind_socket(&config.socket_path, 0o755, 0o777).context("socket_path")?;
+    let public = sigil_daemon::bind_unix("socket_path", &config.socket_path, 0o755, 0o777)?;
     let admin_listener =
-        bind_socket(&config.admin_socket_path, 0o700, 0o600).context("admin_socket_path")?;
+        sigil_daemon::bind_unix("admin_socket_path", &config.admin_socket_path, 0o700, 0o600)?;
     let manager = manager::Manager::start(config.clone(), cache.clone()).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(manager.clone().run_sync());
@@ -90,7 +70,9 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
         .context("gRPC reflection")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut s1 = stop_rx.clone();
-    tasks.spawn(async move {
+    // The servers apart from the background tasks: on stop they get the drain timeout.
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(workload))
             .add_service(reflection)
@@ -105,7 +87,7 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
     });
     let mut s2 = stop_rx.clone();
     let delegated = delegated::DelegatedApi::new(manager.clone(), attestor.clone());
-    tasks.spawn(async move {
+    servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(delegated.into_server())
             .serve_with_incoming_shutdown(
@@ -119,6 +101,8 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
             .await
             .context("admin API")
     });
+    let ready = rt.ready;
+    ready.set_ready();
     tracing::info!(
         socket = %config.socket_path.display(),
         admin_socket = %config.admin_socket_path.display(),
@@ -131,17 +115,35 @@ pub async fn serve(config: AgentConfig, attestor: Arc<dyn WorkloadAttestor>) -> 
             let msg = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
             Err(anyhow::anyhow!("sigil-agent stopping: {msg}"))
         }
-        Some(r) = tasks.join_next() => match r {
-            Ok(Ok(())) => Err(anyhow::anyhow!("an agent task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("an agent task failed: {e}")),
-        },
+        Some(r) = tasks.join_next() => task_outcome(r),
+        Some(r) = servers.join_next() => task_outcome(r),
     };
+    ready.set_not_ready();
+    // Stop accepting; calls in flight (open Workload API streams) get the drain timeout, then end
+    // with their connections.
     let _ = stop_tx.send(true);
+    let drained = sigil_daemon::drain(
+        "agent APIs",
+        async { while servers.join_next().await.is_some() {} },
+        config.drain_timeout,
+    )
+    .await;
+    if drained.is_none() {
+        servers.abort_all();
+        while servers.join_next().await.is_some() {}
+    }
     tasks.abort_all();
     let _ = std::fs::remove_file(&config.socket_path);
     let _ = std::fs::remove_file(&config.admin_socket_path);
     outcome
+}
+
+fn task_outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match r {
+        Ok(Ok(())) => Err(anyhow::anyhow!("an agent task ended unexpectedly")),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!("an agent task failed: {e}")),
+    }
 }
 
 pub mod delegated;

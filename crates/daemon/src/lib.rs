@@ -1,12 +1,20 @@
-//! What sigil's daemons (server, agent, netd) share: parsing the log options, setting up logging on
-//! stderr, waiting for SIGTERM or SIGINT, trusted socket and data directories (every ancestor
-//! checked), and listeners that neither spin nor flood the log under a connection flood.
+//! What sigil's daemons (server, agent, netd) share: configuration layered the same way (TOML file,
+//! `SIGIL_<DAEMON>_<KEY>` environment, flags) with the same log options, logging on stderr, waiting
+//! for SIGTERM or SIGINT and draining, trusted socket and data directories (every ancestor checked)
+//! and one socket-binding helper, readiness, one Prometheus registry, and listeners that neither
+//! spin nor flood the log under a connection flood.
 
 pub mod accept;
 pub mod dir;
+pub mod layer;
+pub mod runtime;
 
 pub use accept::raise_fd_limit;
 pub use dir::{DirError, check_peer, check_socket, connect_trusted, own_dir};
+pub use layer::{LayerError, Layers, Source};
+pub use runtime::{
+    BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, Runtime, bind_unix, drain,
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

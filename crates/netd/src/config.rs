@@ -1,4 +1,5 @@
-//! sigil-netd's configuration: a TOML file, overridden by flags, validated once at start.
+//! sigil-netd's configuration: a TOML file, overridden by `SIGIL_NETD_<KEY>` environment variables,
+//! overridden by flags (see [`sigil_daemon::Layers`]), validated once at start.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -51,6 +52,12 @@ pub struct RunArgs {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Bound on finishing in-flight API calls after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
     /// Capacity of the kernel policy map when netd creates it (default 1048576; a map already
     /// pinned keeps its size).
     #[arg(long)]
@@ -69,6 +76,8 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     enforcement: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
+    drain_timeout: Option<String>,
     policy_map_max_entries: Option<u32>,
 }
 
@@ -93,6 +102,10 @@ pub struct Config {
     pub enforcement: EnforcementMode,
     /// Log level.
     pub log_level: String,
+    /// Log format.
+    pub log_format: sigil_daemon::LogFormat,
+    /// Bound on finishing in-flight API calls after SIGTERM.
+    pub drain_timeout: std::time::Duration,
     /// Policy map capacity when it is created (`None`: the object's 1 048 576).
     pub policy_map_max_entries: Option<u32>,
 }
@@ -195,38 +208,49 @@ fn split_cidr(field: &str, s: &str) -> anyhow::Result<(IpAddr, u8)> {
 impl Config {
     /// Merges the file named by `--config` (if any) with the flags and validates the result.
     pub fn from_args(args: &RunArgs) -> anyhow::Result<Self> {
+        Self::from_layers(args, |path| sigil_daemon::Layers::new("netd", path))
+    }
+
+    /// As [`Config::from_args`], with the environment layer built by `layers` (tests give their own).
+    pub fn from_layers(
+        args: &RunArgs,
+        layers: impl FnOnce(Option<&Path>) -> sigil_daemon::Layers,
+    ) -> anyhow::Result<Self> {
         let file = match &args.config {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
         };
-        let node_name = args
-            .node_name
-            .clone()
-            .or(file.node_name)
+        let l = layers(args.config.as_deref());
+        let node_name = l
+            .get("node_name", args.node_name.clone(), file.node_name)?
             .unwrap_or_else(hostname);
         if node_name.is_empty() {
             bail!("node_name: invalid value \"\": must not be empty");
         }
-        let pod_cidr = PodCidr::<Ipv4Addr>::parse(
-            "pod_cidr",
-            &args
-                .pod_cidr
-                .clone()
-                .or(file.pod_cidr)
-                .unwrap_or_else(|| DEFAULT_POD_CIDR.to_owned()),
-        )?;
-        let pod_cidr_v6 = PodCidr::<Ipv6Addr>::parse(
-            "pod_cidr_v6",
-            &args
-                .pod_cidr_v6
-                .clone()
-                .or(file.pod_cidr_v6)
-                .unwrap_or_else(|| DEFAULT_POD_CIDR_V6.to_owned()),
-        )?;
-        let api_socket = args
-            .api_socket
-            .clone()
-            .or(file.api_socket)
+        let pod_cidr = l
+            .parse("pod_cidr", args.pod_cidr.clone(), file.pod_cidr, |v| {
+                PodCidr::<Ipv4Addr>::parse("pod_cidr", v).map_err(|e| reason("pod_cidr", v, e))
+            })?
+            .map_or_else(
+                || PodCidr::<Ipv4Addr>::parse("pod_cidr", DEFAULT_POD_CIDR),
+                Ok,
+            )?;
+        let pod_cidr_v6 = l
+            .parse(
+                "pod_cidr_v6",
+                args.pod_cidr_v6.clone(),
+                file.pod_cidr_v6,
+                |v| {
+                    PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", v)
+                        .map_err(|e| reason("pod_cidr_v6", v, e))
+                },
+            )?
+            .map_or_else(
+                || PodCidr::<Ipv6Addr>::parse("pod_cidr_v6", DEFAULT_POD_CIDR_V6),
+                Ok,
+            )?;
+        let api_socket = l
+            .get("api_socket", args.api_socket.clone(), file.api_socket)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET));
         if api_socket.parent().is_none_or(|p| p.as_os_str().is_empty()) {
             bail!(
@@ -234,43 +258,61 @@ impl Config {
                 api_socket.display()
             );
         }
-        let mode = args
-            .enforcement
-            .clone()
-            .or(file.enforcement)
-            .unwrap_or_else(|| "default".to_owned());
-        let enforcement = EnforcementMode::parse(&mode).with_context(|| {
-            format!("enforcement: invalid value {mode:?} (default, always or never)")
-        })?;
-        let policy_map_max_entries = args.policy_map_max_entries.or(file.policy_map_max_entries);
+        let enforcement = l
+            .parse(
+                "enforcement",
+                args.enforcement.clone(),
+                file.enforcement,
+                |v| EnforcementMode::parse(v).ok_or("default, always or never"),
+            )?
+            .unwrap_or(EnforcementMode::Default);
+        let policy_map_max_entries = l.get(
+            "policy_map_max_entries",
+            args.policy_map_max_entries,
+            file.policy_map_max_entries,
+        )?;
         if policy_map_max_entries == Some(0) {
             bail!("policy_map_max_entries: invalid value 0: must be at least 1");
         }
+        let (log_level, log_format) = l.log_options(
+            (args.log_level.clone(), file.log_level),
+            (args.log_format.clone(), file.log_format),
+        )?;
+        let drain_timeout = l
+            .parse(
+                "drain_timeout",
+                args.drain_timeout.clone(),
+                file.drain_timeout,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
         Ok(Self {
             policy_map_max_entries,
             node_name,
             pod_cidr,
             pod_cidr_v6,
-            bpf_pin_dir: args
-                .bpf_pin_dir
-                .clone()
-                .or(file.bpf_pin_dir)
+            bpf_pin_dir: l
+                .get("bpf_pin_dir", args.bpf_pin_dir.clone(), file.bpf_pin_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
-            policy_dir: args.policy_dir.clone().or(file.policy_dir),
+            policy_dir: l.get("policy_dir", args.policy_dir.clone(), file.policy_dir)?,
             api_socket,
-            state_dir: args
-                .state_dir
-                .clone()
-                .or(file.state_dir)
+            state_dir: l
+                .get("state_dir", args.state_dir.clone(), file.state_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             enforcement,
-            log_level: args
-                .log_level
-                .clone()
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
+            log_level,
+            log_format,
+            drain_timeout,
         })
     }
+}
+
+/// The reason alone of a field parser's error (the layer's error names the field and value itself).
+fn reason(field: &str, value: &str, e: anyhow::Error) -> String {
+    let full = format!("{e:#}");
+    full.strip_prefix(&format!("{field}: invalid value {value:?}: "))
+        .map(str::to_owned)
+        .unwrap_or(full)
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -322,5 +364,93 @@ mod tests {
         };
         let e = Config::from_args(&bad).expect_err("enforcement");
         assert!(e.to_string().contains("enforcement") && e.to_string().contains("sometimes"));
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl FnOnce(Option<&Path>) -> sigil_daemon::Layers {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |path| sigil_daemon::Layers::with_env("netd", path, map)
+    }
+
+    #[test]
+    fn environment_sits_between_file_and_flags() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("netd.toml");
+        std::fs::write(
+            &file,
+            "node_name = \"a\"\nlog_level = \"warn\"\nlog_format = \"json\"\n",
+        )
+        .expect("write");
+        let args = RunArgs {
+            config: Some(file.clone()),
+            ..RunArgs::default()
+        };
+        let c = Config::from_layers(&args, env(&[])).expect("file only");
+        assert_eq!((c.node_name.as_str(), c.log_level.as_str()), ("a", "warn"));
+        assert_eq!(c.log_format, sigil_daemon::LogFormat::Json);
+        assert_eq!(c.drain_timeout, sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
+        let vars = [
+            ("SIGIL_NETD_NODE_NAME", "b"),
+            ("SIGIL_NETD_DRAIN_TIMEOUT", "250ms"),
+            ("SIGIL_NETD_POLICY_MAP_MAX_ENTRIES", "64"),
+        ];
+        let c = Config::from_layers(&args, env(&vars)).expect("env");
+        assert_eq!(c.node_name, "b");
+        assert_eq!(c.drain_timeout, std::time::Duration::from_millis(250));
+        assert_eq!(c.policy_map_max_entries, Some(64));
+        let flagged = RunArgs {
+            node_name: Some("c".into()),
+            ..args.clone()
+        };
+        assert_eq!(
+            Config::from_layers(&flagged, env(&vars))
+                .expect("flag")
+                .node_name,
+            "c"
+        );
+    }
+
+    #[test]
+    fn invalid_log_options_name_the_key_the_source_and_the_value() {
+        let bad_level = RunArgs {
+            log_level: Some("loud".into()),
+            ..RunArgs::default()
+        };
+        let e = Config::from_layers(&bad_level, env(&[])).expect_err("level");
+        assert_eq!(
+            e.to_string(),
+            "log_level: invalid value \"loud\" from flag: error, warn, info, debug or trace"
+        );
+        let e = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_LOG_FORMAT", "xml")]),
+        )
+        .expect_err("format");
+        assert_eq!(
+            e.to_string(),
+            "log_format: invalid value \"xml\" from environment variable SIGIL_NETD_LOG_FORMAT: text or json"
+        );
+        let e = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_POD_CIDR", "10.0.0.1/24")]),
+        )
+        .expect_err("cidr");
+        assert_eq!(
+            e.to_string(),
+            "pod_cidr: invalid value \"10.0.0.1/24\" from environment variable SIGIL_NETD_POD_CIDR: host bits are set"
+        );
+        let e = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_POLICY_MAP_MAX_ENTRIES", "lots")]),
+        )
+        .expect_err("number");
+        assert!(
+            e.to_string().starts_with(
+                "policy_map_max_entries: invalid value \"lots\" from environment variable"
+            ),
+            "{e}"
+        );
     }
 }

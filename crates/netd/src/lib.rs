@@ -29,43 +29,34 @@ pub use error::NetdError;
 
 /// Binds the API socket: a stale socket replaced, the socket 0600. Its directory (by default /run/sigil,
 /// which also leads to the agent's public Workload API socket) is made 0755, ours, reached only
-/// through directories of root or ours (see [`sigil_daemon::own_dir`]); the socket's own mode keeps
+/// through directories of root or ours (see [`sigil_daemon::bind_unix`]); the socket's own mode keeps
 /// other users out.
 pub fn api_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .with_context(|| format!("api_socket: {} has no directory", path.display()))?;
-    sigil_daemon::own_dir(dir, 0o755).context("api_socket")?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("api_socket: {} is in use by a running netd", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("api_socket: cannot remove stale {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("api_socket: cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("api_socket: cannot chmod {}", path.display()))?;
-    Ok(l)
+    Ok(sigil_daemon::bind_unix("api_socket", path, 0o755, 0o600)?)
 }
 
 /// Runs `sigil netd run` until SIGTERM or SIGINT. The datapath stays attached afterwards.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
-    sigil_daemon::init_logging(&config.log_level, sigil_daemon::LogFormat::Text);
+    sigil_daemon::init_logging(&config.log_level, config.log_format);
     sigil_daemon::raise_fd_limit();
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     tokio::spawn(async move {
         sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    serve(config, stop_rx).await
+    serve(config, stop_rx, sigil_daemon::Runtime::default()).await
 }
 
-/// Starts the daemon with `config` and serves until `stop` turns true.
-pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Starts the daemon with `config` and serves until `stop` turns true; `rt.ready` turns true once the
+/// API serves and false when draining begins. In-flight calls then get `drain_timeout` to finish.
+/// Subsystems register their metrics into `rt.metrics`.
+pub async fn serve(
+    config: Config,
+    mut stop: tokio_watch::Receiver<bool>,
+    rt: sigil_daemon::Runtime,
+) -> anyhow::Result<()> {
+    let ready = rt.ready;
     let socket = config.api_socket.clone();
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
@@ -93,18 +84,38 @@ pub async fn serve(config: Config, mut stop: tokio_watch::Receiver<bool>) -> any
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api));
-    tracing::info!(api_socket = %socket.display(), pin_dir = %pin_dir.display(), endpoints, "sigil-netd ready");
     let mut stop_server = stop.clone();
-    let served = router
-        .serve_with_incoming_shutdown(
-            sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
-                listener, "netd API",
-            )),
-            async move {
-                let _ = stop_server.wait_for(|s| *s).await;
-            },
-        )
-        .await;
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
+        sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
+            listener, "netd API",
+        )),
+        async move {
+            let _ = stop_server.wait_for(|s| *s).await;
+        },
+    ));
+    ready.set_ready();
+    tracing::info!(api_socket = %socket.display(), pin_dir = %pin_dir.display(), endpoints, "sigil-netd ready");
+    let served = tokio::select! {
+        r = &mut server => Some(r),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    ready.set_not_ready();
+    let served = match served {
+        Some(r) => r,
+        // Stopped: no new connections; calls in flight (an event stream, an import) get the drain
+        // timeout, then the server is dropped with them.
+        None => match sigil_daemon::drain("netd API", &mut server, config.drain_timeout).await {
+            Some(r) => r,
+            None => {
+                server.abort();
+                // Wait until the aborted server is dropped: it holds handles the reconciler
+                // waits on.
+                let _ = (&mut server).await;
+                Ok(Ok(()))
+            }
+        },
+    };
+    let served = served.map_err(|e| anyhow::anyhow!("API server task: {e}"))?;
     let _ = stop.wait_for(|s| *s).await;
     monitor.abort();
     if let Some(w) = watcher {

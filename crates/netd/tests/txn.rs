@@ -275,3 +275,51 @@ fn a_change_compiled_while_an_endpoint_came_is_compiled_again_and_covers_it() {
         "the newcomer's egress allows the CIDR identities"
     );
 }
+
+/// Readiness follows the API: false before `serve` has its listener serving, true while it serves
+/// (the socket answers), false again once a stop begins the drain; the stop ends `serve` cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_true_only_while_the_api_serves() {
+    if !can_run() {
+        return;
+    }
+    let pid = std::process::id();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sigil-netdready-{pid}"));
+    let (v4, v6) = ("10.212.7.0/24", "fd00:d308::/64");
+    let _cleanup = Cleanup {
+        endpoints: vec![],
+        routes: vec![v4.to_owned(), v6.to_owned()],
+        pin_dir: pin_dir.clone(),
+    };
+    let socket = tmp.path().join("run").join("netd.sock");
+    let config = Config::from_args(&RunArgs {
+        node_name: Some("ready".into()),
+        pod_cidr: Some(v4.into()),
+        pod_cidr_v6: Some(v6.into()),
+        bpf_pin_dir: Some(pin_dir.clone()),
+        api_socket: Some(socket.clone()),
+        state_dir: Some(tmp.path().join("state")),
+        drain_timeout: Some("2s".into()),
+        ..RunArgs::default()
+    })
+    .expect("config");
+    let rt = sigil_daemon::Runtime::default();
+    let ready = rt.ready.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    assert!(!ready.is_ready(), "ready before serving");
+    assert!(!socket.exists(), "socket before serving");
+    let served = tokio::spawn(sigil_netd::serve(config, stop_rx, rt));
+    tokio::time::timeout(std::time::Duration::from_secs(60), ready.wait_ready())
+        .await
+        .expect("ready within 60 s");
+    std::os::unix::net::UnixStream::connect(&socket).expect("the API socket answers once ready");
+    stop_tx.send(true).expect("stop");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), served)
+        .await
+        .expect("stopped within the drain timeout")
+        .expect("joined");
+    out.expect("serve ends cleanly");
+    assert!(!ready.is_ready(), "still ready after stopping");
+    assert!(!socket.exists(), "socket left after stopping");
+}

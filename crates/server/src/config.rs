@@ -1,4 +1,5 @@
-//! sigil-server's configuration: a TOML file, overridden by flags, validated once at start.
+//! sigil-server's configuration: a TOML file, overridden by `SIGIL_SERVER_<KEY>`
+//! environment variables, overridden by flags (see [`sigil_daemon::Layers`]), validated once at start.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,9 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Bound on finishing in-flight calls after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
 }
 
 /// The TOML file's shape (every key optional; unknown keys are rejected).
@@ -95,6 +99,7 @@ struct FileConfig {
     max_connections_per_source: Option<usize>,
     log_level: Option<String>,
     log_format: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 pub use sigil_daemon::LogFormat;
@@ -128,6 +133,8 @@ pub struct ServerConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Bound on finishing in-flight calls after SIGTERM.
+    pub drain_timeout: Duration,
 }
 
 fn parse_duration(field: &str, value: &str) -> anyhow::Result<Duration> {
@@ -146,30 +153,23 @@ impl ServerConfig {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let data_dir = args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
+        let l = sigil_daemon::Layers::new("server", args.config.as_deref());
+        let data_dir = l
+            .get("data_dir", args.data_dir.clone(), file.data_dir)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let td_str = args
-            .trust_domain
-            .clone()
-            .or(file.trust_domain)
+        let td_str = l
+            .get("trust_domain", args.trust_domain.clone(), file.trust_domain)?
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
         let trust_domain = TrustDomain::parse(&td_str)
             .with_context(|| format!("trust_domain: invalid value {td_str:?}"))?;
-        let bind_str = args
-            .bind
-            .clone()
-            .or(file.bind)
+        let bind_str = l
+            .get("bind", args.bind.clone(), file.bind)?
             .unwrap_or_else(|| DEFAULT_BIND.to_string());
         let bind: SocketAddr = bind_str
             .parse()
             .with_context(|| format!("bind: invalid address {bind_str:?} (want IP:PORT)"))?;
-        let admin_socket = args
-            .admin_socket
-            .clone()
-            .or(file.admin_socket)
+        let admin_socket = l
+            .get("admin_socket", args.admin_socket.clone(), file.admin_socket)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
         if admin_socket
             .parent()
@@ -180,36 +180,37 @@ impl ServerConfig {
                 admin_socket.display()
             );
         }
-        let kt = args
-            .ca_key_type
-            .clone()
-            .or(file.ca_key_type)
+        let kt = l
+            .get("ca_key_type", args.ca_key_type.clone(), file.ca_key_type)?
             .unwrap_or_else(|| "ec-p256".to_string());
         let ca_key_type: KeyType = kt.parse().map_err(|_| {
             anyhow::anyhow!("ca_key_type: invalid value {kt:?} (ec-p256, ec-p384 or rsa-2048)")
         })?;
         let ca_ttl = parse_duration(
             "ca_ttl",
-            &args.ca_ttl.clone().or(file.ca_ttl).unwrap_or("24h".into()),
+            &l.get("ca_ttl", args.ca_ttl.clone(), file.ca_ttl)?
+                .unwrap_or("24h".into()),
         )?;
         let x509_svid_ttl = parse_duration(
             "x509_svid_ttl",
-            &args
-                .x509_svid_ttl
-                .clone()
-                .or(file.x509_svid_ttl)
-                .unwrap_or("1h".into()),
+            &l.get(
+                "x509_svid_ttl",
+                args.x509_svid_ttl.clone(),
+                file.x509_svid_ttl,
+            )?
+            .unwrap_or("1h".into()),
         )?;
         let jwt_svid_ttl = parse_duration(
             "jwt_svid_ttl",
-            &args
-                .jwt_svid_ttl
-                .clone()
-                .or(file.jwt_svid_ttl)
+            &l.get("jwt_svid_ttl", args.jwt_svid_ttl.clone(), file.jwt_svid_ttl)?
                 .unwrap_or("5m".into()),
         )?;
-        let upstream_cert = args.upstream_cert.clone().or(file.upstream_cert);
-        let upstream_key = args.upstream_key.clone().or(file.upstream_key);
+        let upstream_cert = l.get(
+            "upstream_cert",
+            args.upstream_cert.clone(),
+            file.upstream_cert,
+        )?;
+        let upstream_key = l.get("upstream_key", args.upstream_key.clone(), file.upstream_key)?;
         let upstream = match (upstream_cert, upstream_key) {
             (Some(cert_chain_pem), Some(key_pem)) => Some(UpstreamAuthority {
                 cert_chain_pem,
@@ -225,13 +226,20 @@ impl ServerConfig {
                 k.display()
             ),
         };
-        let handshake_timeout = match args.handshake_timeout.clone().or(file.handshake_timeout) {
+        let handshake_timeout = match l.get(
+            "handshake_timeout",
+            args.handshake_timeout.clone(),
+            file.handshake_timeout,
+        )? {
             Some(v) => parse_duration("handshake_timeout", &v)?,
             None => sigil_daemon::accept::DEFAULT_HANDSHAKE_TIMEOUT,
         };
-        let max_pending = args
-            .max_pending_handshakes
-            .or(file.max_pending_handshakes)
+        let max_pending = l
+            .get(
+                "max_pending_handshakes",
+                args.max_pending_handshakes,
+                file.max_pending_handshakes,
+            )?
             .unwrap_or(sigil_daemon::accept::DEFAULT_MAX_PENDING_HANDSHAKES);
         if max_pending == 0 {
             bail!("max_pending_handshakes: invalid value 0 (must be at least 1)");
@@ -249,19 +257,20 @@ impl ServerConfig {
             max_connections_per_source,
             ..Default::default()
         };
-        let log_level = args
-            .log_level
-            .clone()
-            .or(file.log_level)
-            .unwrap_or_else(|| "info".to_string());
-        let log_level = sigil_daemon::parse_log_level(&log_level)?;
-        let lf = args
-            .log_format
-            .clone()
-            .or(file.log_format)
-            .unwrap_or_else(|| "text".to_string());
-        let log_format = sigil_daemon::parse_log_format(&lf)?;
+        let (log_level, log_format) = l.log_options(
+            (args.log_level.clone(), file.log_level),
+            (args.log_format.clone(), file.log_format),
+        )?;
+        let drain_timeout = l
+            .parse(
+                "drain_timeout",
+                args.drain_timeout.clone(),
+                file.drain_timeout,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
         Ok(ServerConfig {
+            drain_timeout,
             data_dir,
             trust_domain,
             bind,
@@ -271,7 +280,11 @@ impl ServerConfig {
             x509_svid_ttl,
             jwt_svid_ttl,
             upstream,
-            x509pop_ca_bundle: args.x509pop_ca_bundle.clone().or(file.x509pop_ca_bundle),
+            x509pop_ca_bundle: l.get(
+                "x509pop_ca_bundle",
+                args.x509pop_ca_bundle.clone(),
+                file.x509pop_ca_bundle,
+            )?,
             handshake_limits,
             log_level,
             log_format,

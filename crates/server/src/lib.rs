@@ -38,14 +38,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sigil_daemon::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    serve(config, Arc::new(SystemClock), stop_rx).await
+    serve(
+        config,
+        Arc::new(SystemClock),
+        stop_rx,
+        sigil_daemon::Runtime::default(),
+    )
+    .await
 }
 
-/// Serves both APIs with the given clock until `stop` turns true.
+/// Serves both APIs with the given clock until `stop` turns true; `rt.ready` turns true once both
+/// serve, false when draining begins; subsystems register their metrics into `rt.metrics`.
 pub async fn serve(
     config: ServerConfig,
     clock: Arc<dyn Clock>,
     mut stop: watch::Receiver<bool>,
+    rt: sigil_daemon::Runtime,
 ) -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || State::open(config, clock))
         .await
@@ -94,6 +102,8 @@ pub async fn serve(
             let _ = stop_node.wait_for(|s| *s).await;
         },
     ));
+    let ready = rt.ready;
+    ready.set_ready();
     tracing::info!(
         trust_domain = %td,
         agent_api = %bound,
@@ -116,8 +126,22 @@ pub async fn serve(
     });
 
     let _ = stop.wait_for(|s| *s).await;
+    ready.set_not_ready();
     ticker.abort();
-    let (a, n) = tokio::join!(admin_task, node_task);
+    // No new connections; calls in flight get the drain timeout, then end with their connections.
+    let (admin_abort, node_abort) = (admin_task.abort_handle(), node_task.abort_handle());
+    let joined = async { tokio::join!(admin_task, node_task) };
+    let (a, n) = match sigil_daemon::drain("server APIs", joined, state.config.drain_timeout).await
+    {
+        Some(both) => both,
+        None => {
+            admin_abort.abort();
+            node_abort.abort();
+            let _ = std::fs::remove_file(&state.config.admin_socket);
+            tracing::info!("sigil-server stopped");
+            return Ok(());
+        }
+    };
     let _ = std::fs::remove_file(&state.config.admin_socket);
     a.context("admin API task")?.context("admin API")?;
     n.context("agent API task")?.context("agent API")?;

@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use futures::Stream;
 use sigil_daemon::accept::{HandshakeLimits, SourceGuard, handshake_incoming};
 use sigil_tls::{PeerPolicy, SpiffeClientVerifier};
@@ -13,30 +12,12 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::node::PeerInfo;
-use crate::state::{State, private_dir};
+use crate::state::State;
 
-/// Binds the admin socket: the directory is made 0700, a stale socket file is replaced, the socket is 0600.
+/// Binds the admin socket: the directory is made 0700, a stale socket file is replaced, the socket is
+/// 0600 (see [`sigil_daemon::bind_unix`]).
 pub fn admin_listener(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .with_context(|| format!("admin_socket: {} has no directory", path.display()))?;
-    private_dir(dir).with_context(|| format!("admin_socket: directory {}", dir.display()))?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "admin_socket: {} is in use by a running server",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("admin_socket: cannot remove stale {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("admin_socket: cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("admin_socket: cannot chmod {}", path.display()))?;
-    Ok(l)
+    Ok(sigil_daemon::bind_unix("admin_socket", path, 0o700, 0o600)?)
 }
 
 /// The agent API's TLS acceptor and the bounds on its handshakes.
