@@ -1,5 +1,6 @@
 //! sigil-server's SQL store (registration entries, attested agents, join tokens, bundles, CA journal),
 //! SQLite by default, behind the [`DataStore`] trait so other databases can follow.
+#![forbid(unsafe_code)]
 
 mod error;
 mod model;

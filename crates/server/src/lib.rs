@@ -1,5 +1,6 @@
 //! sigil-server: the trust-domain authority. It owns the CA, the registration entries and node
 //! attestation, and serves the admin API (Unix socket) and the agent API (TLS 1.3 over TCP).
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod catalog;

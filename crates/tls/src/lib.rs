@@ -1,4 +1,5 @@
 //! rustls configurations that authenticate peers by SPIFFE X.509-SVIDs against a live set of bundles.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::sync::Arc;
