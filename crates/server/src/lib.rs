@@ -3,11 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent_api;
 pub mod catalog;
 pub mod config;
 pub mod listen;
 pub mod migrate;
-pub mod node;
 pub mod state;
 pub mod validate;
 
@@ -72,7 +72,7 @@ pub async fn serve(
         .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
         .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin));
     let node_router = tonic::transport::Server::builder().add_service(
-        agent_pb::node_server::NodeServer::new(node::NodeApi::new(state.clone()))
+        agent_pb::node_server::NodeServer::new(agent_api::NodeApi::new(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     );
