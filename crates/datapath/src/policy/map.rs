@@ -200,11 +200,11 @@ impl PolicyMap {
                     Ok(()) => Err(DatapathError::PolicyRolledBack {
                         written,
                         total,
-                        source: Box::new(e),
+                        cause: Box::new(e),
                     }),
                     Err(r) => Err(DatapathError::PolicyRollbackFailed {
                         failed: e.to_string(),
-                        source: Box::new(r),
+                        cause: Box::new(r),
                     }),
                 };
             }
