@@ -205,3 +205,12 @@ impl DatapathError {
         }
     }
 }
+
+/// Whether a map operation failed because the key is absent.
+pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
