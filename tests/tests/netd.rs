@@ -925,6 +925,7 @@ fn start_netd_with(tag: &str, a: u8, b: u8, extra: &[&str]) -> NetdProcess {
     let root = tempfile::tempdir().expect("tmp");
     let mut n = NetdProcess {
         child: None,
+        netns: None,
         api_socket: root.path().join("run").join("netd.sock"),
         state_dir: root.path().join("state"),
         policy_dir: root.path().join("policies"),

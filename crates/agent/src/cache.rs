@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use sigil_datastore::{Entry, Selector};
 use sigil_proto::admin::v1 as apb;
+use sigil_registry::{Entry, Selector};
 use sigil_spiffe::bundle::BundleSet;
 use sigil_spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{Notify, watch};

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sigil_attestor::{PeerIdentity, WorkloadAttestor};
-use sigil_datastore::{Entry, Selector};
 use sigil_proto::spire::api::agent::delegatedidentity::v1 as dpb;
 use sigil_proto::spire::api::types as tpb;
+use sigil_registry::{Entry, Selector};
 use tonic::{Request, Response, Status};
 
 use crate::cache::Cache;

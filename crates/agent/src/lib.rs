@@ -1,6 +1,7 @@
 //! sigil-agent: attests the node to sigil-server, keeps the entries authorized for it, mints and rotates
 //! workload SVIDs (keys made here, only CSRs sent), and serves the SPIFFE Workload API (public socket) and
 //! SPIRE's Delegated Identity API (admin socket).
+#![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod config;

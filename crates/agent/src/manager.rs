@@ -360,7 +360,7 @@ impl Manager {
     async fn mint(
         &self,
         client: &mut NodeClient<Channel>,
-        entries: &[Arc<sigil_datastore::Entry>],
+        entries: &[Arc<sigil_registry::Entry>],
     ) -> Result<Vec<CachedSvid>, tonic::Status> {
         let mut keys = Vec::with_capacity(entries.len());
         let mut params = Vec::with_capacity(entries.len());
@@ -406,7 +406,7 @@ impl Manager {
     /// Fetches (or reuses) a JWT-SVID for an entry.
     pub async fn jwt_svid(
         &self,
-        entry: &sigil_datastore::Entry,
+        entry: &sigil_registry::Entry,
         audience: &[String],
     ) -> Result<crate::cache::CachedJwt, tonic::Status> {
         if let Some(j) = self.cache.jwt(&entry.id, audience, now()) {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sigil_attestor::{PeerIdentity, PeerInfo, WorkloadAttestor};
-use sigil_datastore::{Entry, Selector};
 use sigil_proto::workload as wpb;
+use sigil_registry::{Entry, Selector};
 use sigil_spiffe::bundle::{Bundle, BundleSet};
 use sigil_spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::mpsc;

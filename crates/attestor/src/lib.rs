@@ -12,7 +12,7 @@ mod unix;
 
 pub use error::AttestError;
 pub use peer::PeerIdentity;
-pub use sigil_datastore::Selector;
+pub use sigil_registry::Selector;
 pub use stream::{AttestedUnixStream, PeerInfo, accept_stream};
 pub use unix::{CacheStats, DEFAULT_MAX_HASH_BYTES, MIN_CACHEABLE_AGE, UnixAttestor};
 

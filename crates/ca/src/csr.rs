@@ -74,6 +74,6 @@ pub fn csr_spiffe_id(csr_der: &[u8]) -> Result<SpiffeId, CaError> {
     };
     SpiffeId::parse(uri).map_err(|source| CaError::CsrSpiffeId {
         value: uri.to_string(),
-        source,
+        cause: source,
     })
 }

@@ -22,12 +22,11 @@ pub enum CaError {
     #[error("{what} TTL must be greater than zero (got {ttl:?})")]
     ZeroTtl { what: &'static str, ttl: Duration },
     /// A file or directory operation failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A private key file could not be parsed (its content is never shown).
     #[error("key file {path}: {reason}")]
@@ -77,12 +76,8 @@ pub enum CaError {
     #[error("CSR must carry exactly one URI SAN, found {count}")]
     CsrUriSanCount { count: usize },
     /// The CSR's URI SAN is not a SPIFFE ID.
-    #[error("CSR URI SAN {value:?} is not a SPIFFE ID: {source}")]
-    CsrSpiffeId {
-        value: String,
-        #[source]
-        source: SpiffeIdError,
-    },
+    #[error("CSR URI SAN {value:?} is not a SPIFFE ID: {cause}")]
+    CsrSpiffeId { value: String, cause: SpiffeIdError },
     /// A workload SVID was requested for an ID without a path.
     #[error("{id}: a workload SVID needs a SPIFFE ID with a path")]
     SpiffeIdWithoutPath { id: SpiffeId },

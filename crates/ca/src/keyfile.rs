@@ -26,7 +26,7 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), CaError> {
         Ok(_) => Err(CaError::Io {
             action: "using key directory",
             path: dir.to_path_buf(),
-            source: std::io::Error::other("not a directory"),
+            cause: std::io::Error::other("not a directory"),
         }),
         Err(_) => DirBuilder::new()
             .recursive(true)
@@ -35,7 +35,7 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), CaError> {
             .map_err(|source| CaError::Io {
                 action: "creating key directory",
                 path: dir.to_path_buf(),
-                source,
+                cause: source,
             }),
     }
 }
@@ -71,7 +71,7 @@ pub(crate) fn write_key(dir: &Path, name: &str, key: &KeyPair) -> Result<(), CaE
         move |source| CaError::Io {
             action,
             path: p,
-            source,
+            cause: source,
         }
     };
     // A temp file left by a crash mid-write is stale; create_new below needs it gone.
@@ -108,7 +108,7 @@ pub(crate) fn read_key_path(path: &Path) -> Result<KeyPair, CaError> {
     let pem = fs::read_to_string(path).map_err(|source| CaError::Io {
         action: "reading key file",
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     // The parser's message is dropped: it may quote bytes of the key.
     KeyPair::from_pem(&pem).map_err(|_| CaError::KeyFile {

@@ -3,6 +3,7 @@
 //!
 //! The crate is synchronous: state sits behind std locks that are never held across an `.await`
 //! by callers, and every state change is written to a [`JournalStore`] before it becomes visible.
+#![forbid(unsafe_code)]
 
 mod authority;
 mod ca;

@@ -41,7 +41,7 @@ impl Upstream {
         let pem = std::fs::read(path).map_err(|source| CaError::Io {
             action: "reading upstream certificate chain",
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         let chain = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()

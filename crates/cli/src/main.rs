@@ -1,5 +1,6 @@
 //! `sigil`: runs sigil-server and sigil-agent, administers the server over its admin API (a gRPC Unix
 //! socket), and calls the agent's Workload API as a workload would.
+#![forbid(unsafe_code)]
 
 mod client;
 mod cmd;

@@ -6,31 +6,28 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// The embedded eBPF object could not be loaded into the kernel.
-    #[error("loading the eBPF object with maps pinned under {pin_dir}: {source}")]
+    #[error("loading the eBPF object with maps pinned under {pin_dir}: {cause}")]
     Load {
         /// The pin directory in use.
         pin_dir: PathBuf,
         /// aya's error.
-        #[source]
-        source: Box<aya::EbpfError>,
+        cause: Box<aya::EbpfError>,
     },
     /// A program from the object is missing or could not be loaded or pinned.
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}: {cause}")]
     Program {
         /// Program name.
         name: &'static str,
         /// aya's error.
-        #[source]
-        source: Box<aya::programs::ProgramError>,
+        cause: Box<aya::programs::ProgramError>,
     },
     /// Pinning an object in bpffs failed.
-    #[error("pinning {path}: {source}")]
+    #[error("pinning {path}: {cause}")]
     Pin {
         /// The pin path.
         path: PathBuf,
         /// aya's error.
-        #[source]
-        source: Box<aya::pin::PinError>,
+        cause: Box<aya::pin::PinError>,
     },
     /// A policy change needs more new entries than the policy map has room for; nothing was
     /// written.
@@ -47,7 +44,7 @@ pub enum DatapathError {
     },
     /// A policy write failed part-way; the entries already written were undone.
     #[error(
-        "writing the policy map failed after {written} of {total} writes (rolled back): {source}"
+        "writing the policy map failed after {written} of {total} writes (rolled back): {cause}"
     )]
     PolicyRolledBack {
         /// Writes done before the failure.
@@ -55,17 +52,15 @@ pub enum DatapathError {
         /// Writes the change had.
         total: usize,
         /// The failed write.
-        #[source]
-        source: Box<DatapathError>,
+        cause: Box<DatapathError>,
     },
     /// A policy write failed and undoing the earlier writes failed too: the kernel holds a mix.
-    #[error("writing the policy map failed ({failed}) and the rollback failed too: {source}")]
+    #[error("writing the policy map failed ({failed}) and the rollback failed too: {cause}")]
     PolicyRollbackFailed {
         /// The first failure.
         failed: String,
         /// The rollback failure.
-        #[source]
-        source: Box<DatapathError>,
+        cause: Box<DatapathError>,
     },
     /// A write failure injected by a test (see [`crate::PolicyMap::fail_writes_after`]).
     #[error("injected failure of policy map write {write}")]
@@ -82,15 +77,14 @@ pub enum DatapathError {
         where_: String,
     },
     /// A map operation failed.
-    #[error("eBPF map {name}: {op}: {source}")]
+    #[error("eBPF map {name}: {op}: {cause}")]
     Map {
         /// Map name.
         name: &'static str,
         /// What was being done.
         op: &'static str,
         /// aya's error.
-        #[source]
-        source: Box<aya::maps::MapError>,
+        cause: Box<aya::maps::MapError>,
     },
     /// A map pinned by an earlier version has a layout this version cannot use.
     #[error(
@@ -123,7 +117,7 @@ pub enum DatapathError {
         path: PathBuf,
     },
     /// Attaching or detaching a TC program on an interface failed.
-    #[error("TC {hook} hook on interface {interface}: {op}: {source}")]
+    #[error("TC {hook} hook on interface {interface}: {op}: {cause}")]
     Tc {
         /// Interface name.
         interface: String,
@@ -132,17 +126,15 @@ pub enum DatapathError {
         /// What was being done.
         op: &'static str,
         /// aya's error.
-        #[source]
-        source: Box<aya::programs::ProgramError>,
+        cause: Box<aya::programs::ProgramError>,
     },
     /// Adding the clsact qdisc failed.
-    #[error("adding the clsact qdisc to {interface}: {source}")]
+    #[error("adding the clsact qdisc to {interface}: {cause}")]
     Clsact {
         /// Interface name.
         interface: String,
         /// aya's error.
-        #[source]
-        source: Box<aya::programs::tc::TcError>,
+        cause: Box<aya::programs::tc::TcError>,
     },
     /// A field of a request is out of range or malformed.
     #[error("invalid {field} {value:?}: {reason}")]
@@ -163,13 +155,12 @@ pub enum DatapathError {
         want: usize,
     },
     /// A filesystem or socket operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done, with the path or name.
         context: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A netlink, namespace or sysctl operation of the endpoint plumbing failed.
     #[error(transparent)]
@@ -191,7 +182,7 @@ impl DatapathError {
         Self::Map {
             name,
             op,
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 
@@ -210,7 +201,16 @@ impl DatapathError {
     pub(crate) fn io(context: impl ToString, source: std::io::Error) -> Self {
         Self::Io {
             context: context.to_string(),
-            source,
+            cause: source,
         }
+    }
+}
+
+/// Whether a map operation failed because the key is absent.
+pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
     }
 }

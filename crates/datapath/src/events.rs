@@ -7,7 +7,7 @@
 //! ([`crate::Counters::lost_events`]) instead of slowing the datapath.
 
 use std::mem::size_of;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
 use aya::maps::{Map, MapData, RingBuf};
@@ -15,53 +15,12 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::abi::{EventRaw, read_record};
+use crate::codes::{
+    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, Verdict, addr_from,
+};
 use crate::error::DatapathError;
 use crate::maps::MAP_EVENTS;
-use crate::policy::{
-    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
-    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction,
-};
-
-/// The datapath's verdict on a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Verdict {
-    /// Allowed by policy (original direction).
-    Allowed,
-    /// Dropped.
-    Dropped,
-    /// Allowed as a reply of a tracked connection.
-    AllowedReply,
-}
-
-impl Verdict {
-    /// The byte the datapath uses.
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Self::Allowed => 0,
-            Self::Dropped => 1,
-            Self::AllowedReply => 2,
-        }
-    }
-
-    /// Parses the datapath's byte.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Allowed),
-            1 => Some(Self::Dropped),
-            2 => Some(Self::AllowedReply),
-            _ => None,
-        }
-    }
-
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Allowed => "allowed",
-            Self::Dropped => "dropped",
-            Self::AllowedReply => "allowed-reply",
-        }
-    }
-}
 
 /// Cilium's name of a drop reason code.
 pub fn drop_reason_name(code: u32) -> &'static str {
@@ -140,14 +99,6 @@ impl Event {
     }
 }
 
-pub(crate) fn addr_from(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == 4 {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    }
-}
-
 /// Reads events from the pinned ring buffer.
 ///
 /// A ring buffer has one consumer position: two readers on the same pin split the events
@@ -214,7 +165,7 @@ impl EventReader {
 mod tests {
     use super::*;
     use crate::abi::c;
-    use crate::policy::PROTO_TCP;
+    use crate::codes::PROTO_TCP;
 
     /// Writes `value` where clang put C field `name` of `struct event`.
     fn put(b: &mut [u8], name: &str, value: &[u8]) {

@@ -6,6 +6,7 @@
 //! The endpoint id everywhere is the ifindex of the endpoint's host-side veth.
 
 mod abi;
+mod codes;
 mod error;
 mod events;
 mod loader;
@@ -13,8 +14,13 @@ mod maps;
 pub mod netns;
 mod policy;
 
+pub use codes::{
+    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
+    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict,
+};
 pub use error::DatapathError;
-pub use events::{Event, EventReader, Verdict, drop_reason_name};
+pub use events::{Event, EventReader, drop_reason_name};
 pub use loader::{
     Datapath, PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, TC_HANDLE, TC_PRIORITY, ensure_bpffs, is_bpffs,
 };
@@ -24,10 +30,8 @@ pub use maps::{
     MAP_EVENTS, MAP_FRAG, MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
 };
 pub use policy::{
-    Applied, DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR,
-    DROP_INVALID_SIP, DROP_POLICY_DENIED, DROP_POLICY_DENY, Decision, Direction, PORT_PROTOCOLS,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyMap,
-    PolicyPlan, PolicyValue, decide, intent_of, lpm_lookup, normalize, port_range_prefixes,
+    Applied, Decision, PolicyEntry, PolicyKey, PolicyMap, PolicyPlan, PolicyValue, decide,
+    intent_of, lpm_lookup, normalize, port_range_prefixes,
 };
 
 /// Identity the datapath gives addresses missing from the IPCache.

@@ -71,7 +71,7 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| DatapathError::Load {
             pin_dir: pin_dir.to_path_buf(),
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
         for (name, _, _) in HOOKS {
             let prog = program(&mut ebpf, name)?;
@@ -83,7 +83,7 @@ impl Datapath {
             let _ = std::fs::remove_file(&tmp);
             prog.pin(&tmp).map_err(|e| DatapathError::Pin {
                 path: tmp.clone(),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
             let path = pin_dir.join(name);
             std::fs::rename(&tmp, &path).map_err(|e| {
@@ -134,7 +134,7 @@ impl Datapath {
             if !exists {
                 return Err(DatapathError::Clsact {
                     interface: interface.to_owned(),
-                    source: Box::new(e),
+                    cause: Box::new(e),
                 });
             }
         }
@@ -168,7 +168,7 @@ impl Datapath {
                             interface: interface.to_owned(),
                             hook,
                             op: "attach",
-                            source: Box::new(create_err),
+                            cause: Box::new(create_err),
                         })?
                 }
             };
@@ -176,7 +176,7 @@ impl Datapath {
                 interface: interface.to_owned(),
                 hook,
                 op: "take link",
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
             // Dropping the link would delete the filter; the point is that it outlives us.
             std::mem::forget(link);
@@ -203,7 +203,7 @@ impl Datapath {
                         interface: interface.to_owned(),
                         hook,
                         op: "detach",
-                        source: Box::new(e),
+                        cause: Box::new(e),
                     });
                 }
             }
@@ -282,7 +282,7 @@ fn program<'a>(
         .program_mut(name)
         .ok_or_else(|| DatapathError::Program {
             name,
-            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+            cause: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
         })?;
     prog.try_into().map_err(|e| prog_err(name, e))
 }
@@ -290,6 +290,6 @@ fn program<'a>(
 fn prog_err(name: &'static str, e: aya::programs::ProgramError) -> DatapathError {
     DatapathError::Program {
         name,
-        source: Box::new(e),
+        cause: Box::new(e),
     }
 }

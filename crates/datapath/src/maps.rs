@@ -230,13 +230,7 @@ pub(crate) fn check_pins(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-pub(crate) fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
-}
+pub(crate) use crate::error::is_not_found;
 
 /// Nanoseconds of CLOCK_BOOTTIME, the clock of event timestamps, conntrack and auth expiry.
 pub fn boot_time_ns() -> u64 {

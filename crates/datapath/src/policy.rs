@@ -10,82 +10,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use crate::abi::{PolicyKeyData, PolicyValueRaw};
+use crate::codes::{
+    DROP_AUTH_REQUIRED, DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, PORT_PROTOCOLS,
+};
 use crate::error::DatapathError;
-
-/// IANA protocol number of TCP.
-pub const PROTO_TCP: u8 = 6;
-/// IANA protocol number of UDP.
-pub const PROTO_UDP: u8 = 17;
-/// IANA protocol number of SCTP.
-pub const PROTO_SCTP: u8 = 132;
-/// IANA protocol number of ICMP.
-pub const PROTO_ICMP: u8 = 1;
-/// IANA protocol number of ICMPv6.
-pub const PROTO_ICMPV6: u8 = 58;
-
-/// Protocols that a protocol-ANY entry with a port expands into (the ones with ports).
-pub const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
 
 /// Bits of the key that every entry covers: endpoint id, remote identity, direction.
 const BASE_PREFIX: u32 = 8 * std::mem::offset_of!(PolicyKeyData, protocol) as u32;
 
-/// Drop reason: the packet left an endpoint with a source address that is not the endpoint's
-/// (Cilium's 132).
-pub const DROP_INVALID_SIP: u32 = 132;
-/// Drop reason: the upper-layer header (ports) is missing or truncated (Cilium's 134).
-pub const DROP_INVALID: u32 = 134;
-/// Drop reason: IPv6 extension headers that cannot be walked within the bound, or that end
-/// before the upper-layer header (Cilium's 156).
-pub const DROP_INVALID_EXTHDR: u32 = 156;
-/// Drop reason: a non-first fragment whose first fragment was not seen (or was dropped), on an
-/// enforced direction (Cilium's 175).
-pub const DROP_FRAG_NOT_FOUND: u32 = 175;
-/// Drop reason: no allow entry matched and the direction is in default deny (Cilium's 133).
-pub const DROP_POLICY_DENIED: u32 = 133;
-/// Drop reason: an explicit deny entry matched (Cilium's 181).
-pub const DROP_POLICY_DENY: u32 = 181;
-/// Drop reason: the allow entry requires authentication and none is recorded (Cilium's 189).
-pub const DROP_AUTH_REQUIRED: u32 = 189;
-
 /// `flags` bit of an allow entry that a covering deny turned into a deny (see [`normalize`]).
 pub(crate) const FLAG_DEMOTED: u8 = 1;
-
-/// Direction of traffic relative to the endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    /// Into the endpoint (remote is the source).
-    Ingress,
-    /// Out of the endpoint (remote is the destination).
-    Egress,
-}
-
-impl Direction {
-    /// The byte the datapath uses (0 ingress, 1 egress).
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Self::Ingress => 0,
-            Self::Egress => 1,
-        }
-    }
-
-    /// Parses the datapath's byte.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Ingress),
-            1 => Some(Self::Egress),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ingress => "ingress",
-            Self::Egress => "egress",
-        })
-    }
-}
 
 /// One policy entry of an endpoint, as the policy engine hands it over.
 ///

@@ -9,12 +9,12 @@ use sigil_spiffe::SpiffeId;
 pub enum DataStoreError {
     /// The database itself reported an error.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// The database file could not be opened or configured.
-    #[error("cannot open database {}: {source}", path.display())]
+    #[error("cannot open database {}: {cause}", path.display())]
     Open {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// No record of this kind has this ID.
     #[error("{kind} {id:?} not found")]
@@ -50,10 +50,10 @@ pub enum DataStoreError {
     #[error("corrupt data in {what}: {value:?}")]
     Corrupt { what: String, value: String },
     /// A value could not be encoded for storage.
-    #[error("cannot encode {what}: {source}")]
+    #[error("cannot encode {what}: {cause}")]
     Encode {
         what: &'static str,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     /// The database was written by a newer sigil whose schema this build does not know.
     #[error(
@@ -63,4 +63,11 @@ pub enum DataStoreError {
     /// A page token that this store did not hand out.
     #[error("bad page token {token:?}")]
     BadPageToken { token: String },
+}
+
+// Not `#[from]`: that would make the wrapped error `source()` too, and it is already in the message.
+impl From<rusqlite::Error> for DataStoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        DataStoreError::Sqlite(e)
+    }
 }

@@ -35,7 +35,7 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, DataStoreError> {
         let open_err = |source| DataStoreError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let mut writer = Connection::open(path).map_err(open_err)?;
         configure(&writer).map_err(open_err)?;

@@ -11,6 +11,7 @@
 //! Header blocks are HPACK-decoded with a table that follows the client's encoder, and re-encoded as
 //! literals without indexing (HPACK's `0000` prefix), so `h2`'s decoder table stays empty and consistent
 //! whatever the client did. Every other frame, and all bytes from server to client, pass through unchanged.
+#![forbid(unsafe_code)]
 
 mod io;
 mod normalize;

@@ -7,6 +7,7 @@
 //! the wire), and node-local CIDR identities have bit 24 set. A single cluster therefore holds at
 //! most 65 280 label identities, as in Cilium; CIDR identities come from a separate pool of
 //! 2^24 - 1 numbers, so a node can hold well over 100 000 identities in total.
+#![forbid(unsafe_code)]
 
 pub mod allocator;
 pub mod error;

@@ -1,5 +1,6 @@
 //! Cilium-style labels (`source:key=value`), label sets, the identity-relevant label filter and
 //! label selectors: the vocabulary that identities and network policies are written in.
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod filter;

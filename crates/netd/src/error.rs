@@ -39,19 +39,19 @@ pub enum NetdError {
     },
     /// The policy documents were refused (nothing was applied).
     #[error("policy: {0}")]
-    Policy(#[from] sigil_policy::PolicyError),
+    Policy(sigil_policy::PolicyError),
     /// Identity allocation failed.
     #[error("identity: {0}")]
-    Identity(#[from] sigil_identity::IdentityError),
-    /// The datapath (maps, programs, namespaces) failed.
+    Identity(sigil_identity::IdentityError),
     /// The reconciler or the policy compiler stopped (netd is shutting down).
     #[error("netd is stopping: {what} is no longer running")]
     Stopped {
         /// Which part.
         what: &'static str,
     },
+    /// The datapath (maps, programs, namespaces) failed.
     #[error("datapath: {0}")]
-    Datapath(#[from] sigil_datapath::DatapathError),
+    Datapath(sigil_datapath::DatapathError),
     /// Restoring identities from the state file gave other numbers than recorded.
     #[error("restoring identity {want} for labels {labels}: the allocator gave {got}")]
     Restore {
@@ -63,12 +63,12 @@ pub enum NetdError {
         labels: String,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The state file does not parse.
     #[error("state file {path}: {message}")]
@@ -94,7 +94,7 @@ impl NetdError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }
@@ -118,5 +118,52 @@ impl From<NetdError> for tonic::Status {
             NetdError::Stopped { .. } => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }
+    }
+}
+
+// Not `#[from]`: the messages already print the wrapped errors (see the errors convention).
+impl From<sigil_policy::PolicyError> for NetdError {
+    fn from(e: sigil_policy::PolicyError) -> Self {
+        NetdError::Policy(e)
+    }
+}
+
+impl From<sigil_identity::IdentityError> for NetdError {
+    fn from(e: sigil_identity::IdentityError) -> Self {
+        NetdError::Identity(e)
+    }
+}
+
+impl From<sigil_datapath::DatapathError> for NetdError {
+    fn from(e: sigil_datapath::DatapathError) -> Self {
+        NetdError::Datapath(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The binaries print errors as anyhow chains (`{:#}`): a cause must appear once, whether it is
+    /// in a message or a `source()`, through typed wrappers (netd → datapath) and added context.
+    #[test]
+    fn an_anyhow_chain_prints_each_cause_once() {
+        let io = || std::io::Error::other("disk on fire");
+        let direct = anyhow::Error::new(NetdError::io("/var/lib/sigil/state.json", io()))
+            .context("saving the state file");
+        let wrapped = anyhow::Error::new(NetdError::from(sigil_datapath::DatapathError::Io {
+            context: "creating the endpoint netns".into(),
+            cause: io(),
+        }))
+        .context("adding endpoint 7");
+        for e in [direct, wrapped] {
+            let text = format!("{e:#}");
+            assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
+        }
+        let text = format!(
+            "{:#}",
+            anyhow::Error::new(NetdError::io("/x", io())).context("saving")
+        );
+        assert_eq!(text, "saving: /x: disk on fire");
     }
 }

@@ -3,6 +3,7 @@
 //! eBPF datapath of `sigil-datapath`, streams verdict events, and serves a gRPC API on a Unix
 //! socket. Maps and programs stay pinned and attached while the daemon is down; on start it
 //! adopts them and reconciles with its state file.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;

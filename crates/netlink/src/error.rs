@@ -4,15 +4,14 @@
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     /// The kernel (or a system call) refused an operation.
-    #[error("{op} {object}: {source}")]
+    #[error("{op} {object}: {cause}")]
     Kernel {
         /// What was being done, e.g. `adding veth`.
         op: &'static str,
         /// The object and its namespace, e.g. `lxc0a1b in netns sigil-x`.
         object: String,
         /// The error, as an OS error when the kernel gave an errno.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A link an operation refers to does not exist.
     #[error("{op}: no link {link} in {ns}")]
@@ -59,14 +58,14 @@ impl NetlinkError {
         Self::Kernel {
             op,
             object: object.to_string(),
-            source,
+            cause: source,
         }
     }
 
     /// The errno behind a kernel error, if any.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Self::Kernel { source, .. } => source.raw_os_error(),
+            Self::Kernel { cause: source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

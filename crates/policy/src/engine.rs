@@ -22,11 +22,11 @@ use crate::model::{
     Action, Direction, Document, EnforcementMode, PerDirection, PolicyId, PortKey, Ports,
     RuleEntry, Verdict,
 };
-use cache::{CacheKey, SelId, SelectorCache};
+use cache::{CacheKey, SelectorCache, SelectorId};
 use cookie::CookieRegistry;
 use delta::diff_into;
-use key::{Agg, IntBuild, Prefix, range_prefixes};
-use map::{DirMap, Wild, resolve_identity};
+use key::{IntHashBuilder, Prefix, PrefixVerdict, range_prefixes};
+use map::{DirMap, WildcardContributions, resolve_identity};
 
 pub use delta::{EndpointDelta, KeyChange, PolicyDeltas};
 pub use key::{PolicyEntry, PolicyKey};
@@ -46,38 +46,43 @@ pub fn is_endpoint_identity(id: u32) -> bool {
 type RuleId = u64;
 type MapId = usize;
 
+/// The peers of a compiled rule entry: any identity, or those matched by the listed selectors.
 #[derive(Debug, Clone)]
-enum CPeers {
+enum CompiledPeers {
+    /// Every identity (the entry names no peer selector).
     Wildcard,
-    Sels(Vec<SelId>),
+    /// Identities matched by any of these cached selectors.
+    Selectors(Vec<SelectorId>),
 }
 
 /// What one port rule (or "all ports") of an entry adds at one prefix; `port` is the port
 /// filter key, used to apply the port's L7 marking.
 #[derive(Debug, Clone, Copy)]
-struct Contrib {
+struct Contribution {
     prefix: Prefix,
-    agg: Agg,
+    agg: PrefixVerdict,
     port: Option<PortKey>,
 }
 
+/// One entry (allow or deny, one direction) of a rule, compiled to selector ids and contributions.
 #[derive(Debug, Clone)]
-struct CEntry {
+struct CompiledEntry {
     dir: Direction,
-    peers: CPeers,
+    peers: CompiledPeers,
     /// The peer selectors sorted and deduplicated, for membership tests (an entry may name
     /// thousands of CIDRs).
-    sel_index: Vec<SelId>,
-    contribs: Vec<Contrib>,
+    selector_index: Vec<SelectorId>,
+    contribs: Vec<Contribution>,
     /// Port keys this (allow) entry puts L7 rules on.
     l7_ports: Vec<PortKey>,
 }
 
+/// One installed rule: the selector of the endpoints it applies to and its compiled entries.
 #[derive(Debug, Clone)]
-struct CRule {
-    subject: SelId,
+struct CompiledRule {
+    subject: SelectorId,
     default_deny: PerDirection,
-    entries: Vec<CEntry>,
+    entries: Vec<CompiledEntry>,
     /// The cookies registered for this rule's entries, released with it.
     cookies: Vec<u32>,
 }
@@ -86,22 +91,23 @@ struct CRule {
 #[derive(Debug, Clone)]
 struct PolicyMap {
     rules: Vec<RuleId>,
-    members: HashSet<u32, IntBuild>,
+    members: HashSet<u32, IntHashBuilder>,
     dirs: [DirMap; 2],
-    wild: [Wild; 2],
+    wild: [WildcardContributions; 2],
     l7_ports: [HashSet<PortKey>; 2],
 }
 
-fn di(d: Direction) -> usize {
+/// Index of a direction in the per-direction arrays (`[ingress, egress]`).
+fn dir_index(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
     }
 }
 
-fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contrib>, Vec<PortKey>) {
+fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contribution>, Vec<PortKey>) {
     let allow = e.action == Action::Allow;
-    let agg = Agg {
+    let agg = PrefixVerdict {
         allow,
         deny: !allow,
         l7: false,
@@ -111,7 +117,7 @@ fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contrib>, Vec<PortKey>) {
     };
     match &e.ports {
         Ports::Any => (
-            vec![Contrib {
+            vec![Contribution {
                 prefix: Prefix::ANY,
                 agg,
                 port: None,
@@ -124,7 +130,7 @@ fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contrib>, Vec<PortKey>) {
             for pr in list {
                 for key @ (proto, lo, hi) in pr.port_keys() {
                     for prefix in range_prefixes(proto, lo, hi) {
-                        out.push(Contrib {
+                        out.push(Contribution {
                             prefix,
                             agg,
                             port: Some(key),
@@ -141,11 +147,11 @@ fn entry_contribs(e: &RuleEntry, cookie: u32) -> (Vec<Contrib>, Vec<PortKey>) {
 }
 
 /// A contribution as it applies in a map whose L7-marked ports are `l7`.
-fn effective(c: &Contrib, l7: &HashSet<PortKey>) -> (Prefix, Agg) {
+fn effective(c: &Contribution, l7: &HashSet<PortKey>) -> (Prefix, PrefixVerdict) {
     let marked = c.agg.allow && c.port.is_some_and(|k| l7.contains(&k));
     (
         c.prefix,
-        Agg {
+        PrefixVerdict {
             l7: marked,
             ..c.agg
         },
@@ -153,9 +159,9 @@ fn effective(c: &Contrib, l7: &HashSet<PortKey>) -> (Prefix, Agg) {
 }
 
 /// Merges contributions with equal prefixes.
-fn merge(mut c: Vec<(Prefix, Agg)>) -> Vec<(Prefix, Agg)> {
+fn merge(mut c: Vec<(Prefix, PrefixVerdict)>) -> Vec<(Prefix, PrefixVerdict)> {
     c.sort_unstable_by_key(|(p, _)| *p);
-    let mut out: Vec<(Prefix, Agg)> = Vec::with_capacity(c.len());
+    let mut out: Vec<(Prefix, PrefixVerdict)> = Vec::with_capacity(c.len());
     for (p, a) in c {
         match out.last_mut() {
             Some((lp, la)) if *lp == p => *la = la.or(a),
@@ -172,20 +178,20 @@ fn merge(mut c: Vec<(Prefix, Agg)>) -> Vec<(Prefix, Agg)> {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyEngine {
     mode: EnforcementMode,
-    identities: HashMap<u32, Labels, IntBuild>,
+    identities: HashMap<u32, Labels, IntHashBuilder>,
     docs: BTreeMap<PolicyId, Document>,
     policy_rules: HashMap<PolicyId, Vec<RuleId>>,
-    rules: HashMap<RuleId, CRule>,
+    rules: HashMap<RuleId, CompiledRule>,
     next_rule: RuleId,
     cookies: CookieRegistry,
     cache: SelectorCache,
-    subject_users: HashMap<SelId, Vec<RuleId>>,
-    peer_users: HashMap<SelId, Vec<(RuleId, Direction)>>,
+    subject_users: HashMap<SelectorId, Vec<RuleId>>,
+    peer_users: HashMap<SelectorId, Vec<(RuleId, Direction)>>,
     maps: Vec<Option<PolicyMap>>,
     free_maps: Vec<MapId>,
     maps_by_rules: HashMap<Vec<RuleId>, MapId>,
     maps_by_rule: HashMap<RuleId, HashSet<MapId>>,
-    endpoints: HashMap<u32, MapId, IntBuild>,
+    endpoints: HashMap<u32, MapId, IntHashBuilder>,
 }
 
 impl PolicyEngine {
@@ -221,8 +227,8 @@ impl PolicyEngine {
             for d in Direction::BOTH {
                 diff_into(
                     d,
-                    old.dirs[di(d)].iter(),
-                    fresh.dirs[di(d)].iter(),
+                    old.dirs[dir_index(d)].iter(),
+                    fresh.dirs[dir_index(d)].iter(),
                     &mut changes,
                 );
             }
@@ -254,7 +260,7 @@ impl PolicyEngine {
     ) -> PolicyDeltas {
         let mut deltas = PolicyDeltas::default();
         let mut dirty: HashMap<(MapId, usize), Vec<u32>> = HashMap::new();
-        let mut new_endpoints: Vec<(u32, Vec<SelId>)> = Vec::new();
+        let mut new_endpoints: Vec<(u32, Vec<SelectorId>)> = Vec::new();
         for (nid, labels) in ids {
             let id = nid.get();
             if id == 0 {
@@ -272,7 +278,7 @@ impl PolicyEngine {
                 if let Some(users) = self.peer_users.get(&s) {
                     for (rid, d) in users {
                         for &mid in self.maps_by_rule.get(rid).into_iter().flatten() {
-                            dirty.entry((mid, di(*d))).or_default().push(id);
+                            dirty.entry((mid, dir_index(*d))).or_default().push(id);
                         }
                     }
                 }
@@ -305,7 +311,12 @@ impl PolicyEngine {
             };
             let mut changes = Vec::new();
             for d in Direction::BOTH {
-                diff_into(d, std::iter::empty(), m.dirs[di(d)].iter(), &mut changes);
+                diff_into(
+                    d,
+                    std::iter::empty(),
+                    m.dirs[dir_index(d)].iter(),
+                    &mut changes,
+                );
             }
             let changes: Arc<[KeyChange]> = changes.into();
             for id in ids {
@@ -328,7 +339,12 @@ impl PolicyEngine {
             if let Some(m) = self.maps[mid].as_mut() {
                 let mut changes = Vec::new();
                 for d in Direction::BOTH {
-                    diff_into(d, m.dirs[di(d)].iter(), std::iter::empty(), &mut changes);
+                    diff_into(
+                        d,
+                        m.dirs[dir_index(d)].iter(),
+                        std::iter::empty(),
+                        &mut changes,
+                    );
                 }
                 m.members.remove(&id);
                 deltas.push(id, &changes.into());
@@ -341,7 +357,7 @@ impl PolicyEngine {
             if let Some(users) = self.peer_users.get(&s) {
                 for (rid, d) in users {
                     for &mid in self.maps_by_rule.get(rid).into_iter().flatten() {
-                        dirty.entry((mid, di(*d))).or_default().push(id);
+                        dirty.entry((mid, dir_index(*d))).or_default().push(id);
                     }
                 }
             }
@@ -399,9 +415,11 @@ impl PolicyEngine {
                 let Some(rule) = self.rules.get(rid) else {
                     continue;
                 };
-                for e in rule.entries.iter().filter(|e| di(e.dir) == d) {
-                    if matches!(e.peers, CPeers::Sels(_))
-                        && mine.iter().any(|s| e.sel_index.binary_search(s).is_ok())
+                for e in rule.entries.iter().filter(|e| dir_index(e.dir) == d) {
+                    if matches!(e.peers, CompiledPeers::Selectors(_))
+                        && mine
+                            .iter()
+                            .any(|s| e.selector_index.binary_search(s).is_ok())
                     {
                         own.extend(e.contribs.iter().map(|c| effective(c, &m.l7_ports[d])));
                     }
@@ -493,7 +511,7 @@ impl PolicyEngine {
             let mut cookies = Vec::new();
             for e in &rule.entries {
                 let peers = if e.peers.is_wildcard() {
-                    CPeers::Wildcard
+                    CompiledPeers::Wildcard
                 } else {
                     let crate::model::Peers::Only(list) = &e.peers else {
                         continue;
@@ -509,28 +527,28 @@ impl PolicyEngine {
                             .push((rid, e.direction));
                         sels.push(s);
                     }
-                    CPeers::Sels(sels)
+                    CompiledPeers::Selectors(sels)
                 };
                 let cookie = self.cookies.acquire(&doc.id, &e.path);
                 cookies.push(cookie);
                 let (contribs, l7_ports) = entry_contribs(e, cookie);
-                let mut sel_index = match &peers {
-                    CPeers::Sels(sels) => sels.clone(),
-                    CPeers::Wildcard => Vec::new(),
+                let mut selector_index = match &peers {
+                    CompiledPeers::Selectors(sels) => sels.clone(),
+                    CompiledPeers::Wildcard => Vec::new(),
                 };
-                sel_index.sort_unstable();
-                sel_index.dedup();
-                entries.push(CEntry {
+                selector_index.sort_unstable();
+                selector_index.dedup();
+                entries.push(CompiledEntry {
                     dir: e.direction,
                     peers,
-                    sel_index,
+                    selector_index,
                     contribs,
                     l7_ports,
                 });
             }
             self.rules.insert(
                 rid,
-                CRule {
+                CompiledRule {
                     subject,
                     default_deny: rule.default_deny,
                     entries,
@@ -557,7 +575,7 @@ impl PolicyEngine {
             self.cookies.release(c);
         }
         for e in rule.entries {
-            if let CPeers::Sels(sels) = e.peers {
+            if let CompiledPeers::Selectors(sels) = e.peers {
                 for s in sels {
                     if let Some(users) = self.peer_users.get_mut(&s) {
                         users.retain(|(r, _)| *r != rid);
@@ -574,13 +592,13 @@ impl PolicyEngine {
     fn apply_rule_changes(&mut self, removed: &[RuleId], added: &[RuleId]) -> PolicyDeltas {
         let mut deltas = PolicyDeltas::default();
         let removed_set: HashSet<RuleId> = removed.iter().copied().collect();
-        let mut affected: HashSet<u32, IntBuild> = HashSet::default();
+        let mut affected: HashSet<u32, IntHashBuilder> = HashSet::default();
         for rid in removed {
             if let Some(rule) = self.rules.get(rid) {
                 affected.extend(self.cache.matches(rule.subject));
             }
         }
-        let mut gained: HashMap<u32, Vec<RuleId>, IntBuild> = HashMap::default();
+        let mut gained: HashMap<u32, Vec<RuleId>, IntHashBuilder> = HashMap::default();
         for rid in added {
             if let Some(rule) = self.rules.get(rid) {
                 for e in self.cache.matches(rule.subject) {
@@ -616,14 +634,14 @@ impl PolicyEngine {
             for d in Direction::BOTH {
                 let old_iter = old_mid
                     .and_then(|m| self.maps[m].as_ref())
-                    .map(|m| m.dirs[di(d)].iter());
+                    .map(|m| m.dirs[dir_index(d)].iter());
                 let Some(new_map) = self.maps[new_mid].as_ref() else {
                     continue;
                 };
                 diff_into(
                     d,
                     old_iter.into_iter().flatten(),
-                    new_map.dirs[di(d)].iter(),
+                    new_map.dirs[dir_index(d)].iter(),
                     &mut changes,
                 );
             }
@@ -714,20 +732,23 @@ impl PolicyEngine {
 
     fn build_map(&self, rules: Vec<RuleId>) -> PolicyMap {
         let mut dirs = [DirMap::default(), DirMap::default()];
-        let mut wilds = [Wild::default(), Wild::default()];
+        let mut wilds = [
+            WildcardContributions::default(),
+            WildcardContributions::default(),
+        ];
         let mut l7_ports: [HashSet<PortKey>; 2] = [HashSet::new(), HashSet::new()];
         for rule in rules.iter().filter_map(|r| self.rules.get(r)) {
             for e in &rule.entries {
-                l7_ports[di(e.dir)].extend(&e.l7_ports);
+                l7_ports[dir_index(e.dir)].extend(&e.l7_ports);
             }
         }
-        let allow_all = Agg {
+        let allow_all = PrefixVerdict {
             allow: true,
-            ..Agg::default()
+            ..PrefixVerdict::default()
         };
         for d in Direction::BOTH {
-            let wild = &mut wilds[di(d)];
-            let l7 = &l7_ports[di(d)];
+            let wild = &mut wilds[dir_index(d)];
+            let l7 = &l7_ports[dir_index(d)];
             if self.mode == EnforcementMode::Never {
                 wild.add(Prefix::ANY, allow_all);
             } else {
@@ -739,29 +760,30 @@ impl PolicyEngine {
                 if !enforced {
                     wild.add(Prefix::ANY, allow_all);
                 }
-                let mut per_id: HashMap<u32, Vec<(Prefix, Agg)>, IntBuild> = HashMap::default();
+                let mut per_id: HashMap<u32, Vec<(Prefix, PrefixVerdict)>, IntHashBuilder> =
+                    HashMap::default();
                 for rule in rules.iter().filter_map(|r| self.rules.get(r)) {
                     for e in rule.entries.iter().filter(|e| e.dir == d) {
                         match &e.peers {
-                            CPeers::Wildcard => {
+                            CompiledPeers::Wildcard => {
                                 for c in &e.contribs {
                                     let (p, a) = effective(c, l7);
                                     wild.add(p, a);
                                 }
                             }
-                            CPeers::Sels(sels) if sels.len() == 1 => {
-                                let contribs: Vec<(Prefix, Agg)> =
+                            CompiledPeers::Selectors(sels) if sels.len() == 1 => {
+                                let contribs: Vec<(Prefix, PrefixVerdict)> =
                                     e.contribs.iter().map(|c| effective(c, l7)).collect();
                                 for id in self.cache.matches(sels[0]) {
                                     per_id.entry(id).or_default().extend_from_slice(&contribs);
                                 }
                             }
-                            CPeers::Sels(sels) => {
+                            CompiledPeers::Selectors(sels) => {
                                 let mut ids: Vec<u32> =
                                     sels.iter().flat_map(|s| self.cache.matches(*s)).collect();
                                 ids.sort_unstable();
                                 ids.dedup();
-                                let contribs: Vec<(Prefix, Agg)> =
+                                let contribs: Vec<(Prefix, PrefixVerdict)> =
                                     e.contribs.iter().map(|c| effective(c, l7)).collect();
                                 for id in ids {
                                     per_id.entry(id).or_default().extend_from_slice(&contribs);
@@ -770,15 +792,15 @@ impl PolicyEngine {
                         }
                     }
                 }
-                let dm = &mut dirs[di(d)];
+                let dm = &mut dirs[dir_index(d)];
                 for (id, contribs) in per_id {
                     for (p, v) in resolve_identity(&merge(contribs), wild) {
                         dm.insert(id, p, v);
                     }
                 }
             }
-            let dm = &mut dirs[di(d)];
-            for (p, v) in wilds[di(d)].entries() {
+            let dm = &mut dirs[dir_index(d)];
+            for (p, v) in wilds[dir_index(d)].entries() {
                 dm.insert(0, p, v);
             }
         }
@@ -808,7 +830,7 @@ impl PolicyEngine {
         let mid = *self.endpoints.get(&endpoint.get())?;
         let m = self.maps.get(mid)?.as_ref()?;
         Some(
-            match m.dirs[di(direction)].lookup(remote.get(), proto, port) {
+            match m.dirs[dir_index(direction)].lookup(remote.get(), proto, port) {
                 Some(e) if !e.deny => Verdict {
                     allowed: true,
                     l7_redirect: e.l7_redirect,
@@ -826,7 +848,7 @@ impl PolicyEngine {
         let mut out = Vec::new();
         for d in Direction::BOTH {
             out.extend(
-                m.dirs[di(d)]
+                m.dirs[dir_index(d)]
                     .iter()
                     .map(|(id, p, v)| (PolicyKey::from_parts(id, d, p), v)),
             );
@@ -847,7 +869,7 @@ impl PolicyEngine {
             key.protocol,
             key.port,
         );
-        m.dirs[di(key.direction)].get(key.identity, p)
+        m.dirs[dir_index(key.direction)].get(key.identity, p)
     }
 
     /// Number of entries in an endpoint's map (0 when unknown).

@@ -21,12 +21,12 @@ pub enum PolicyError {
         errors: Vec<DocumentError>,
     },
     /// A policy file or directory could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Io {
         /// The path that failed.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The same policy (kind, namespace, name) appears twice in one import.
     #[error("policy {id} is defined twice: in {first} and in {second}")]

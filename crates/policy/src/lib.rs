@@ -36,7 +36,7 @@
 //! - YAML is read as YAML 1.2 (`no`, `on`, `n` are strings); duplicate keys are errors.
 //! - Enforcement `always`: every endpoint is default deny both ways; `never`: everything is
 //!   allowed, deny rules included.
-
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cidr;

@@ -33,18 +33,18 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Document>, PolicyError> {
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|source| PolicyError::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         if meta.is_dir() {
             let rd = std::fs::read_dir(path).map_err(|source| PolicyError::Io {
                 path: path.clone(),
-                source,
+                cause: source,
             })?;
             let mut found = Vec::new();
             for entry in rd {
                 let entry = entry.map_err(|source| PolicyError::Io {
                     path: path.clone(),
-                    source,
+                    cause: source,
                 })?;
                 let p = entry.path();
                 let is_yaml = p
@@ -66,7 +66,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Document>, PolicyError> {
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|source| PolicyError::Io {
             path: f.clone(),
-            source,
+            cause: source,
         })?;
         match parse_documents(&text, &f.display().to_string()) {
             Ok(d) => docs.extend(d),

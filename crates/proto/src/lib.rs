@@ -3,6 +3,7 @@
 //! The standard ones are wire compatible with their upstream definitions: [`workload`] is the
 //! SPIFFE Workload API, [`spire::api::agent::delegatedidentity::v1`] is SPIRE's Delegated Identity
 //! API. Module paths mirror protobuf packages because prost links packages with `super::` paths.
+#![forbid(unsafe_code)]
 
 pub mod spire;
 pub mod workload;

@@ -1,12 +1,14 @@
 //! sigil-server: the trust-domain authority. It owns the CA, the registration entries and node
 //! attestation, and serves the admin API (Unix socket) and the agent API (TLS 1.3 over TCP).
+#![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent_api;
 pub mod catalog;
 pub mod config;
+pub mod grpc;
 pub mod listen;
 pub mod migrate;
-pub mod node;
 pub mod state;
 pub mod validate;
 
@@ -79,7 +81,7 @@ pub async fn serve(
         .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
         .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin));
     let node_router = tonic::transport::Server::builder().add_service(
-        agent_pb::node_server::NodeServer::new(node::NodeApi::new(state.clone()))
+        agent_pb::node_server::NodeServer::new(agent_api::NodeApi::new(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     );

@@ -11,7 +11,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::node::PeerInfo;
+use crate::agent_api::PeerInfo;
 use crate::state::State;
 
 /// Binds the admin socket: the directory is made 0700, a stale socket file is replaced, the socket is

@@ -7,8 +7,8 @@ use sigil_datastore::{EntryFilter, StoredBundle};
 use sigil_spiffe::TrustDomain;
 use tonic::Status;
 
-use crate::admin::ds_status;
 use crate::catalog::Change;
+use crate::grpc::ds_status;
 use crate::state::{META_MIGRATED_FROM, META_TRUST_DOMAIN, State, open_ca, server_id};
 
 /// Moves the server from its current trust domain to `to`; returns the old domain and the entry count.

@@ -88,21 +88,16 @@ pub enum BundleError {
     #[error("PEM bundle holds no CERTIFICATE block")]
     NoPemCertificates,
     /// A bundle map key is not a trust domain name.
-    #[error("bundle map key {key:?} is not a trust domain: {source}")]
-    BadTrustDomain {
-        key: String,
-        #[source]
-        source: SpiffeIdError,
-    },
+    #[error("bundle map key {key:?} is not a trust domain: {cause}")]
+    BadTrustDomain { key: String, cause: SpiffeIdError },
     /// A bundle map names the same trust domain twice.
     #[error("bundle map names trust domain {trust_domain} more than once")]
     DuplicateTrustDomain { trust_domain: String },
     /// A bundle inside a bundle map was rejected.
-    #[error("bundle map entry {trust_domain}: {source}")]
+    #[error("bundle map entry {trust_domain}: {cause}")]
     InMap {
         trust_domain: String,
-        #[source]
-        source: Box<BundleError>,
+        cause: Box<BundleError>,
     },
 }
 
@@ -648,7 +643,7 @@ impl BundleSet {
         for (key, doc) in members.0 {
             let td = TrustDomain::parse(&key).map_err(|source| BundleError::BadTrustDomain {
                 key: key.clone(),
-                source,
+                cause: source,
             })?;
             if set.bundles.contains_key(&td) {
                 return Err(BundleError::DuplicateTrustDomain {
@@ -657,7 +652,7 @@ impl BundleSet {
             }
             let bundle = Bundle::from_value(td.clone(), &doc).map_err(|e| BundleError::InMap {
                 trust_domain: td.to_string(),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
             set.insert(bundle);
         }

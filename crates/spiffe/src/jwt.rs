@@ -165,12 +165,8 @@ pub enum JwtSvidError {
     #[error("JWT-SVID has no {claim:?} claim")]
     MissingClaim { claim: &'static str },
     /// `sub` is not a SPIFFE ID.
-    #[error("JWT-SVID sub {sub:?} is not a SPIFFE ID: {source}")]
-    BadSubject {
-        sub: String,
-        #[source]
-        source: SpiffeIdError,
-    },
+    #[error("JWT-SVID sub {sub:?} is not a SPIFFE ID: {cause}")]
+    BadSubject { sub: String, cause: SpiffeIdError },
     /// `sub` names a trust domain rather than a workload.
     #[error("JWT-SVID sub {sub} has no path")]
     SubjectWithoutPath { sub: SpiffeId },
@@ -316,13 +312,13 @@ fn parse_claims(claims: Map<String, Value>) -> Result<JwtSvidClaims, JwtSvidErro
         Some(other) => {
             return Err(JwtSvidError::BadSubject {
                 sub: json_kind(other),
-                source: SpiffeIdError::Empty,
+                cause: SpiffeIdError::Empty,
             });
         }
     };
     let spiffe_id = SpiffeId::parse(sub).map_err(|source| JwtSvidError::BadSubject {
         sub: sub.clone(),
-        source,
+        cause: source,
     })?;
     if spiffe_id.is_trust_domain_id() {
         return Err(JwtSvidError::SubjectWithoutPath { sub: spiffe_id });

@@ -1,4 +1,5 @@
 //! SPIFFE core: identifiers, SVID and bundle formats and their validation rules, without I/O.
+#![forbid(unsafe_code)]
 
 pub mod bundle;
 pub mod id;

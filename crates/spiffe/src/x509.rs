@@ -29,12 +29,8 @@ pub enum X509SvidError {
     #[error("leaf certificate {subject:?} must have exactly one URI SAN, found {count}")]
     LeafUriSanCount { subject: String, count: usize },
     /// A URI SAN is not a SPIFFE ID.
-    #[error("URI SAN {uri:?} is not a SPIFFE ID: {source}")]
-    NotSpiffeId {
-        uri: String,
-        #[source]
-        source: SpiffeIdError,
-    },
+    #[error("URI SAN {uri:?} is not a SPIFFE ID: {cause}")]
+    NotSpiffeId { uri: String, cause: SpiffeIdError },
     /// A leaf's SPIFFE ID must have a path: a bare trust domain ID names the trust domain itself.
     #[error("leaf SPIFFE ID {id} has no path")]
     LeafIdWithoutPath { id: SpiffeId },
@@ -136,7 +132,7 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, X509SvidE
 fn parse_uri(uri: &str) -> Result<SpiffeId, X509SvidError> {
     SpiffeId::parse(uri).map_err(|source| X509SvidError::NotSpiffeId {
         uri: uri.to_string(),
-        source,
+        cause: source,
     })
 }
 

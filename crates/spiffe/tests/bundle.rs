@@ -532,7 +532,7 @@ fn bundle_set_rejections() {
         BundleSet::from_json_map(br#"{"a.org": {"keys": 1}}"#),
         Err(BundleError::InMap {
             trust_domain: "a.org".into(),
-            source: Box::new(BundleError::BadKeys { found: "1".into() })
+            cause: Box::new(BundleError::BadKeys { found: "1".into() })
         })
     );
     assert!(matches!(

@@ -389,7 +389,7 @@ fn rejects_sub_that_is_not_a_spiffe_id() {
         validate(header(), c),
         Err(JwtSvidError::BadSubject {
             sub: "https://example.org/w".into(),
-            source: SpiffeIdError::WrongScheme {
+            cause: SpiffeIdError::WrongScheme {
                 value: "https://example.org/w".into()
             }
         })

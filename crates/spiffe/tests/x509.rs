@@ -143,7 +143,7 @@ fn non_spiffe_uri() {
         verify_leaf(p),
         Err(X509SvidError::NotSpiffeId {
             uri: "https://example.org/workload".into(),
-            source: SpiffeIdError::WrongScheme {
+            cause: SpiffeIdError::WrongScheme {
                 value: "https://example.org/workload".into()
             }
         })

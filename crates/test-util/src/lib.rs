@@ -1,5 +1,6 @@
 //! Shared test helpers: a controllable clock, free ports, launchers for sigil processes that wait on
 //! readiness checks instead of sleeping, network-namespace helpers and a multi-node topology.
+#![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod clock;

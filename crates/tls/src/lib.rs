@@ -1,4 +1,5 @@
 //! rustls configurations that authenticate peers by SPIFFE X.509-SVIDs against a live set of bundles.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ pub type SharedBundles = Arc<ArcSwap<BundleSet>>;
 pub enum TlsError {
     /// rustls rejected the configuration (e.g. a key that does not match the certificate).
     #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
 }
 
 /// Which peer SPIFFE IDs a verifier accepts.
@@ -292,4 +293,11 @@ pub fn peer_spiffe_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
     certs
         .first()
         .and_then(|c| sigil_spiffe::x509::spiffe_id_of_leaf(c).ok())
+}
+
+// Not `#[from]`: the message already prints the wrapped error (see the errors convention).
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Rustls(e)
+    }
 }

@@ -1,6 +1,7 @@
 //! A Workload API peer for the attestation tests: `connect SOCKET` connects to a Unix socket as this
 //! process and prints `connected FD`; then each stdin line `exec PATH` replaces the process with
 //! `PATH idle` (the test keeps a copy of the connection). `idle` waits for stdin to close.
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;

@@ -7,12 +7,8 @@ use aya::maps::{HashMap, MapData};
 use super::{MAP_CT, is_not_found};
 use crate::abi::CtKeyRaw;
 use crate::abi::CtValueRaw;
+use crate::codes::{CT_CLOSING, CT_SEEN_REPLY, Direction, addr_from};
 use crate::error::DatapathError;
-use crate::events::addr_from;
-use crate::policy::Direction;
-
-pub(crate) const CT_SEEN_REPLY: u8 = 1;
-pub(crate) const CT_CLOSING: u8 = 2;
 
 /// One tracked connection, keyed as seen in its opening direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,8 +4,8 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 
 use super::{MAP_COUNTERS, MAP_EV_LOST, is_not_found};
 use crate::abi::{CounterKeyRaw, CounterValueRaw};
+use crate::codes::Verdict;
 use crate::error::DatapathError;
-use crate::events::Verdict;
 
 /// Packets and bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

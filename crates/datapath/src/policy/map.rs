@@ -11,7 +11,7 @@ use super::{
 };
 use crate::abi::{PolicyKeyData, PolicyValueRaw};
 use crate::error::DatapathError;
-use crate::maps::is_not_found;
+use crate::error::is_not_found;
 
 const NAME: &str = "sigil_policy";
 
@@ -200,11 +200,11 @@ impl PolicyMap {
                     Ok(()) => Err(DatapathError::PolicyRolledBack {
                         written,
                         total,
-                        source: Box::new(e),
+                        cause: Box::new(e),
                     }),
                     Err(r) => Err(DatapathError::PolicyRollbackFailed {
                         failed: e.to_string(),
-                        source: Box::new(r),
+                        cause: Box::new(r),
                     }),
                 };
             }
@@ -513,9 +513,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{Installed, ordered, plan_from};
+    use crate::codes::{Direction, PROTO_TCP};
     use crate::policy::{
-        Direction, PROTO_TCP, PolicyEntry, PolicyKey, PolicyValue, decide, intent_of,
-        normalize_installed,
+        PolicyEntry, PolicyKey, PolicyValue, decide, intent_of, normalize_installed,
     };
 
     fn arb_entry() -> impl Strategy<Value = PolicyEntry> {

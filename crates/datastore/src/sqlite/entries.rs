@@ -59,7 +59,10 @@ struct Encoded<'a> {
 impl<'a> Encoded<'a> {
     fn new(entry: &'a Entry) -> Result<Self, DataStoreError> {
         let encode = |what, r: serde_json::Result<String>| {
-            r.map_err(|source| DataStoreError::Encode { what, source })
+            r.map_err(|source| DataStoreError::Encode {
+                what,
+                cause: source,
+            })
         };
         Ok(Encoded {
             spiffe_id: entry.spiffe_id.as_str(),
@@ -442,7 +445,7 @@ fn attach_selectors(
         let seqs: Vec<i64> = page.iter().map(|p| p.0).collect();
         let seqs = serde_json::to_string(&seqs).map_err(|source| DataStoreError::Encode {
             what: "page entry list",
-            source,
+            cause: source,
         })?;
         stmt = conn.prepare_cached(
             "SELECT entry_seq, kind, value FROM entry_selectors \

@@ -33,7 +33,7 @@ pub(super) fn upsert_agent(conn: &Connection, agent: &AttestedAgent) -> Result<(
     selectors.dedup();
     let selectors = serde_json::to_string(&selectors).map_err(|source| DataStoreError::Encode {
         what: "agent selectors",
-        source,
+        cause: source,
     })?;
     conn.prepare_cached(
         "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, banned, selectors, can_reattest,

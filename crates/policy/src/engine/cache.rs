@@ -12,10 +12,10 @@ use sigil_labels::{Labels, NAMESPACE_KEY, Operator, Selector};
 use crate::cidr::IpPrefix;
 use crate::model::{Entity, PeerSelector};
 
-use super::key::IntBuild;
+use super::key::IntHashBuilder;
 
 /// Handle of a cached selector.
-pub(crate) type SelId = u32;
+pub(crate) type SelectorId = u32;
 
 /// What is cached: a subject selector matches only endpoint identities, a peer selector any.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -81,21 +81,21 @@ struct Entry {
     key: CacheKey,
     hint: Hint,
     refs: usize,
-    matches: HashSet<u32, IntBuild>,
+    matches: HashSet<u32, IntHashBuilder>,
 }
 
 /// See the module documentation.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SelectorCache {
-    by_key: HashMap<CacheKey, SelId>,
-    entries: HashMap<SelId, Entry, IntBuild>,
-    next: SelId,
-    by_label: HashMap<(String, String), Vec<SelId>>,
-    scan: HashSet<SelId, IntBuild>,
-    idents_by_label: HashMap<(String, String), HashSet<u32, IntBuild>>,
-    by_cidr: HashMap<IpPrefix, Vec<SelId>>,
+    by_key: HashMap<CacheKey, SelectorId>,
+    entries: HashMap<SelectorId, Entry, IntHashBuilder>,
+    next: SelectorId,
+    by_label: HashMap<(String, String), Vec<SelectorId>>,
+    scan: HashSet<SelectorId, IntHashBuilder>,
+    idents_by_label: HashMap<(String, String), HashSet<u32, IntHashBuilder>>,
+    by_cidr: HashMap<IpPrefix, Vec<SelectorId>>,
     /// CIDR identities by their most specific prefix.
-    idents_by_cidr: BTreeMap<IpPrefix, HashSet<u32, IntBuild>>,
+    idents_by_cidr: BTreeMap<IpPrefix, HashSet<u32, IntHashBuilder>>,
 }
 
 impl SelectorCache {
@@ -103,8 +103,8 @@ impl SelectorCache {
     pub(crate) fn acquire(
         &mut self,
         key: CacheKey,
-        identities: &HashMap<u32, Labels, IntBuild>,
-    ) -> SelId {
+        identities: &HashMap<u32, Labels, IntHashBuilder>,
+    ) -> SelectorId {
         if let Some(&id) = self.by_key.get(&key) {
             if let Some(e) = self.entries.get_mut(&id) {
                 e.refs += 1;
@@ -167,7 +167,7 @@ impl SelectorCache {
     }
 
     /// Drops a reference; the selector leaves the cache with its last one.
-    pub(crate) fn release(&mut self, id: SelId) {
+    pub(crate) fn release(&mut self, id: SelectorId) {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -204,14 +204,14 @@ impl SelectorCache {
     }
 
     /// Whether selector `sel` matches identity `id`.
-    pub(crate) fn contains(&self, sel: SelId, id: u32) -> bool {
+    pub(crate) fn contains(&self, sel: SelectorId, id: u32) -> bool {
         self.entries
             .get(&sel)
             .is_some_and(|e| e.matches.contains(&id))
     }
 
     /// The identities selector `sel` matches.
-    pub(crate) fn matches(&self, sel: SelId) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn matches(&self, sel: SelectorId) -> impl Iterator<Item = u32> + '_ {
         self.entries
             .get(&sel)
             .into_iter()
@@ -219,7 +219,7 @@ impl SelectorCache {
     }
 
     /// How many identities selector `sel` matches.
-    pub(crate) fn match_count(&self, sel: SelId) -> usize {
+    pub(crate) fn match_count(&self, sel: SelectorId) -> usize {
         self.entries.get(&sel).map_or(0, |e| e.matches.len())
     }
 
@@ -239,15 +239,15 @@ impl SelectorCache {
     }
 
     /// The selectors that match identity `id` (with `labels`), sorted.
-    pub(crate) fn selectors_matching(&self, id: u32, labels: &Labels) -> Vec<SelId> {
+    pub(crate) fn selectors_matching(&self, id: u32, labels: &Labels) -> Vec<SelectorId> {
         self.candidates(labels)
             .into_iter()
             .filter(|s| self.contains(*s, id))
             .collect()
     }
 
-    fn candidates(&self, labels: &Labels) -> Vec<SelId> {
-        let mut c: Vec<SelId> = self.scan.iter().copied().collect();
+    fn candidates(&self, labels: &Labels) -> Vec<SelectorId> {
+        let mut c: Vec<SelectorId> = self.scan.iter().copied().collect();
         for l in labels.iter() {
             if let Some(list) = self.by_label.get(&(l.key.clone(), l.value.clone())) {
                 c.extend(list);
@@ -267,7 +267,7 @@ impl SelectorCache {
     }
 
     /// Records a new identity; returns the selectors that now match it.
-    pub(crate) fn add_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelId> {
+    pub(crate) fn add_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelectorId> {
         for l in labels.iter() {
             self.idents_by_label
                 .entry((l.key.clone(), l.value.clone()))
@@ -290,7 +290,7 @@ impl SelectorCache {
     }
 
     /// Forgets an identity; returns the selectors that matched it.
-    pub(crate) fn remove_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelId> {
+    pub(crate) fn remove_identity(&mut self, id: u32, labels: &Labels) -> Vec<SelectorId> {
         for l in labels.iter() {
             let lk = (l.key.clone(), l.value.clone());
             if let Some(set) = self.idents_by_label.get_mut(&lk) {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::model::PolicyId;
 
-use super::key::IntBuild;
+use super::key::IntHashBuilder;
 
 #[derive(Debug, Clone)]
 struct Named {
@@ -22,7 +22,7 @@ struct Named {
 /// replaced, and several entries of one rule may share a path).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CookieRegistry {
-    by_cookie: HashMap<u32, Named, IntBuild>,
+    by_cookie: HashMap<u32, Named, IntHashBuilder>,
 }
 
 /// FNV-1a: fixed across builds and Rust versions, unlike the std hasher.

@@ -160,9 +160,9 @@ pub struct PolicyEntry {
     pub rule_cookie: u32,
 }
 
-/// Flags of one or more rule contributions at one prefix, OR-ed.
+/// The allow/deny/L7/auth flags (and deciding cookies) of the rule contributions at one prefix, OR-ed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Agg {
+pub(crate) struct PrefixVerdict {
     pub(crate) allow: bool,
     pub(crate) deny: bool,
     pub(crate) l7: bool,
@@ -182,9 +182,9 @@ fn pick_cookie(a: u32, b: u32) -> u32 {
     }
 }
 
-impl Agg {
-    pub(crate) fn or(self, o: Agg) -> Agg {
-        Agg {
+impl PrefixVerdict {
+    pub(crate) fn or(self, o: PrefixVerdict) -> PrefixVerdict {
+        PrefixVerdict {
             allow: self.allow || o.allow,
             deny: self.deny || o.deny,
             l7: self.l7 || o.l7,
@@ -241,7 +241,7 @@ impl Hasher for IntHasher {
 }
 
 /// Hash builder for integer-keyed maps.
-pub(crate) type IntBuild = BuildHasherDefault<IntHasher>;
+pub(crate) type IntHashBuilder = BuildHasherDefault<IntHasher>;
 
 #[cfg(test)]
 mod tests {

@@ -14,12 +14,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::key::{Agg, IntBuild, LEVELS, PolicyEntry, Prefix, pack, unpack};
+use super::key::{IntHashBuilder, LEVELS, PolicyEntry, Prefix, PrefixVerdict, pack, unpack};
 
 /// Entries of one direction of one policy map.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct DirMap {
-    entries: HashMap<u64, PolicyEntry, IntBuild>,
+    entries: HashMap<u64, PolicyEntry, IntHashBuilder>,
     ordered: BTreeSet<u64>,
     spec_count: [u32; LEVELS],
     wild_count: [u32; LEVELS],
@@ -143,22 +143,22 @@ impl DirMap {
 
 /// The wildcard-identity contributions of one direction, by prefix.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Wild {
-    aggs: HashMap<Prefix, Agg>,
+pub(crate) struct WildcardContributions {
+    aggs: HashMap<Prefix, PrefixVerdict>,
     mask: u32,
 }
 
-impl Wild {
+impl WildcardContributions {
     /// Adds a contribution.
-    pub(crate) fn add(&mut self, p: Prefix, a: Agg) {
+    pub(crate) fn add(&mut self, p: Prefix, a: PrefixVerdict) {
         let e = self.aggs.entry(p).or_default();
         *e = e.or(a);
         self.mask |= 1 << p.level;
     }
 
     /// Every contribution whose prefix contains `q`, OR-ed.
-    pub(crate) fn fold_at(&self, q: Prefix) -> Agg {
-        let mut acc = Agg::default();
+    pub(crate) fn fold_at(&self, q: Prefix) -> PrefixVerdict {
+        let mut acc = PrefixVerdict::default();
         if self.mask == 0 {
             return acc;
         }
@@ -190,12 +190,15 @@ impl Wild {
 
 /// The entries of one remote identity, given its own contributions (`own`, merged per
 /// prefix) and the wildcard ones. See the module documentation for why this is exact.
-pub(crate) fn resolve_identity(own: &[(Prefix, Agg)], wild: &Wild) -> Vec<(Prefix, PolicyEntry)> {
+pub(crate) fn resolve_identity(
+    own: &[(Prefix, PrefixVerdict)],
+    wild: &WildcardContributions,
+) -> Vec<(Prefix, PolicyEntry)> {
     let mut out = Vec::with_capacity(own.len());
     let fold_own = |q: &Prefix| {
         own.iter()
             .filter(|(r, _)| r.contains(q))
-            .fold(Agg::default(), |acc, (_, a)| acc.or(*a))
+            .fold(PrefixVerdict::default(), |acc, (_, a)| acc.or(*a))
     };
     for (q, _) in own {
         out.push((*q, fold_own(q).or(wild.fold_at(*q)).entry()));
@@ -225,7 +228,7 @@ pub(crate) fn resolve_identity(own: &[(Prefix, Agg)], wild: &Wild) -> Vec<(Prefi
             continue;
         };
         let exact_first = mine.or(wild.fold_at(enclosing));
-        let same = |a: Agg| a.l7 == full.l7 && a.auth == full.auth;
+        let same = |a: PrefixVerdict| a.l7 == full.l7 && a.auth == full.auth;
         if !same(theirs) || !same(exact_first) {
             out.push((*w, full.entry()));
         }

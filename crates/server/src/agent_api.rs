@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::admin::{blocking, bundle_to_pb, ds_status};
 use crate::catalog::{AgentView, Change, Revocation};
+use crate::grpc::{blocking, bundle_to_pb, ds_status};
 use crate::state::{State, unix};
 use crate::validate::entry_to_pb;
 
