@@ -7,17 +7,17 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
     /// `getsockopt(SO_PEERCRED)` failed (e.g. the socket is not a connected Unix socket).
-    #[error("reading the peer credentials (SO_PEERCRED) of a Unix socket: {source}")]
-    PeerCred { source: io::Error },
+    #[error("reading the peer credentials (SO_PEERCRED) of a Unix socket: {cause}")]
+    PeerCred { cause: io::Error },
     /// The peer has no PID visible in this PID namespace (SO_PEERCRED reported pid 0).
     #[error("the peer's pid is {pid}: it is not visible in this PID namespace")]
     PidNotVisible { pid: i32 },
     /// `getsockopt(SO_PEERPIDFD)` failed for a reason other than the kernel not supporting it.
-    #[error("pid {pid}: getting a pidfd for the socket peer (SO_PEERPIDFD): {source}")]
-    PeerPidfd { pid: i32, source: io::Error },
+    #[error("pid {pid}: getting a pidfd for the socket peer (SO_PEERPIDFD): {cause}")]
+    PeerPidfd { pid: i32, cause: io::Error },
     /// `pidfd_open(pid)` failed (for a PID that does not exist: "No such process").
-    #[error("pid {pid}: pidfd_open: {source}")]
-    PidfdOpen { pid: i32, source: io::Error },
+    #[error("pid {pid}: pidfd_open: {cause}")]
+    PidfdOpen { pid: i32, cause: io::Error },
     /// A PID given by a caller is not a positive number.
     #[error("pid {pid}: not a valid process id (must be > 0)")]
     InvalidPid { pid: i32 },
@@ -32,12 +32,12 @@ pub enum AttestError {
     )]
     ProcessExited { pid: i32 },
     /// Opening, reading or resolving a file under `/proc/<pid>` failed.
-    #[error("pid {pid}: {op} {}: {source}", path.display())]
+    #[error("pid {pid}: {op} {}: {cause}", path.display())]
     Proc {
         pid: i32,
         op: &'static str,
         path: PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
     /// A `/proc/<pid>` file did not have the expected format.
     #[error("pid {pid}: {}: cannot parse {field} from {line:?}", path.display())]

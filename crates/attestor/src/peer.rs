@@ -69,7 +69,7 @@ fn exe_of(proc_root: &Path, pid: i32, pidfd: Option<&OwnedFd>) -> Result<ExeId, 
                 pid,
                 op: "reading",
                 path: proc_root.join(pid.to_string()).join("exe"),
-                source,
+                cause: source,
             })
         })
         .map_err(|e| e.to_string())?;
@@ -87,7 +87,7 @@ impl PeerIdentity {
     /// window, but one the newer kernel closes.
     pub fn from_unix_stream(s: &tokio::net::UnixStream) -> Result<Self, AttestError> {
         let cred = getsockopt(s, PeerCredentials)
-            .map_err(|e| AttestError::PeerCred { source: e.into() })?;
+            .map_err(|e| AttestError::PeerCred { cause: e.into() })?;
         let pid = cred.pid();
         let pidfd = match getsockopt(s, PeerPidfd) {
             Ok(fd) => Some(fd),
@@ -102,14 +102,14 @@ impl PeerIdentity {
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                         return Err(AttestError::ProcessExited { pid });
                     }
-                    Err(source) => return Err(AttestError::PidfdOpen { pid, source }),
+                    Err(cause) => return Err(AttestError::PidfdOpen { pid, cause }),
                 }
             }
             Err(Errno::ESRCH) => return Err(AttestError::ProcessExited { pid }),
             Err(e) => {
                 return Err(AttestError::PeerPidfd {
                     pid,
-                    source: e.into(),
+                    cause: e.into(),
                 });
             }
         };
@@ -139,7 +139,7 @@ impl PeerIdentity {
         if pid <= 0 {
             return Err(AttestError::InvalidPid { pid });
         }
-        let pidfd = pidfd_open(pid).map_err(|source| AttestError::PidfdOpen { pid, source })?;
+        let pidfd = pidfd_open(pid).map_err(|cause| AttestError::PidfdOpen { pid, cause })?;
         let exe_at_connect = exe_of(Path::new(PROC_ROOT), pid, Some(&pidfd));
         let identity = PeerIdentity {
             pid,
@@ -285,7 +285,7 @@ mod tests {
         // Above the kernel's PID_MAX_LIMIT (4194304), so no process can have it.
         let err = PeerIdentity::from_pid(i32::MAX).unwrap_err();
         assert!(
-            matches!(&err, AttestError::PidfdOpen { pid, source } if *pid == i32::MAX && source.raw_os_error() == Some(libc::ESRCH)),
+            matches!(&err, AttestError::PidfdOpen { pid, cause } if *pid == i32::MAX && cause.raw_os_error() == Some(libc::ESRCH)),
             "{err:?}"
         );
         assert!(err.to_string().contains(&i32::MAX.to_string()), "{err}");

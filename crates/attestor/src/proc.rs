@@ -48,7 +48,7 @@ impl ProcDir {
             pid,
             op: "opening",
             path: path.clone(),
-            source: e.into(),
+            cause: e.into(),
         })?;
         Ok(ProcDir { pid, path, fd })
     }
@@ -58,7 +58,7 @@ impl ProcDir {
             pid: self.pid,
             op,
             path: self.path.join(name),
-            source: e.into(),
+            cause: e.into(),
         }
     }
 

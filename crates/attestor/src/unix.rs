@@ -164,7 +164,7 @@ impl UnixAttestor {
             pid: peer.pid,
             op: "reading",
             path: self.proc_root.join(peer.pid.to_string()).join("exe"),
-            source,
+            cause: source,
         })?;
         self.check_exe_unchanged(peer, &key)?;
         match std::str::from_utf8(path.as_bytes()) {
@@ -199,7 +199,7 @@ impl UnixAttestor {
             pid,
             op: "reading",
             path: self.proc_root.join(pid.to_string()).join("exe"),
-            source,
+            cause: source,
         };
         let too_big = |size: u64| {
             tracing::warn!(

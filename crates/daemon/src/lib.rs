@@ -3,6 +3,7 @@
 //! for SIGTERM or SIGINT and draining, trusted socket and data directories (every ancestor checked)
 //! and one socket-binding helper, readiness, one Prometheus registry, and listeners that neither
 //! spin nor flood the log under a connection flood.
+#![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod dir;
