@@ -739,17 +739,9 @@ async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Res
     Ok(())
 }
 
-/// Whether root-only tests can run here; outside CI they are skipped with a message.
+/// Whether root-only tests can run here (mount namespaces, pidfd_getfd).
 fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and {test} needs root"
-    );
-    eprintln!("skipping {test}: needs root (mount namespaces, pidfd_getfd)");
-    false
+    sigil_test_util::can_run_as_root(test)
 }
 
 /// A `sigil-test-peer connect` process: it connected to the Workload API socket as itself.

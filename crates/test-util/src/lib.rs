@@ -15,5 +15,5 @@ pub use clock::ManualClock;
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
-pub use root::can_run_as_root;
+pub use root::{can_run_as_root, can_run_as_root_and, skip_unless};
 pub use topology::{Endpoint, Node, Topology};

@@ -25,15 +25,7 @@ pub fn run_client_if_asked() {
 
 /// Whether the test may use root-only facilities; without root it skips with a message, except under CI.
 pub fn have_root(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} needs root, and CI=true forbids skipping"
-    );
-    eprintln!("skipping {what}: needs root");
-    false
+    sigil_test_util::can_run_as_root(what)
 }
 
 /// Hard-links the running test binary into a fresh world-readable directory beside it as `attest-client`,

@@ -16,23 +16,11 @@ use sigil_datapath::{Datapath, EndpointConfig, Event, EventReader};
 /// True when the test can run; false (after saying why) when it must skip. Under CI=true a
 /// skip is a failure.
 pub fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespaces, TC, BPF)".to_owned())
-    } else if let Err(e) = sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(format!("no bpffs: {e}"))
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the datapath test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping datapath test: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the datapath test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
 }
 
 /// Pin directory for a test: unique per process and tag.
