@@ -1083,6 +1083,8 @@ async fn exec_after_attestation_ends_open_streams() -> anyhow::Result<()> {
         }
         Ok(m) => panic!("the exec'd peer must get no further SVID, got {m:?}"),
     }
+    Ok(())
+}
 
 /// Graceful drain: on SIGTERM the agent stops accepting but keeps an open Workload API stream for the
 /// drain timeout (it does not cut it at once), then ends it and exits 0. Control: before the signal
