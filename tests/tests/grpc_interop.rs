@@ -23,18 +23,16 @@ fn uid() -> u32 {
 }
 
 fn can_run(needs_root: bool) -> bool {
-    let python = || {
-        match Command::new("python3")
-            .args(["-c", "import grpc, grpc_tools"])
-            .output()
-        {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(format!(
-                "python3 cannot import grpc/grpc_tools (run scripts/ensure-deps.sh): {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => Some(format!("cannot run python3: {e}")),
-        }
+    let python = || match Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+    {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "python3 cannot import grpc/grpc_tools (run scripts/ensure-deps.sh): {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run python3: {e}")),
     };
     let what = "the gRPC interop test";
     if needs_root {

@@ -1,7 +1,6 @@
 //! Test fixtures: a loaded datapath with endpoints in real namespaces, sockets opened inside a
 //! namespace, echo servers, and event waits, all cleaned up on drop.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -177,14 +176,7 @@ pub fn register(dp: &mut Datapath, ep: &EndpointNet, identity: u32, ingress: boo
 /// Runs `f` on a thread that has entered the endpoint's network namespace; sockets it creates
 /// stay in that namespace.
 pub fn in_netns<T: Send + 'static>(ep: &EndpointNet, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ep.netns_path.clone();
-    std::thread::spawn(move || {
-        let ns = File::open(&path).expect("open netns");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    sigil_test_util::netns::in_netns(&ep.netns_path, || Ok(f())).expect("netns thread")
 }
 
 /// TCP and UDP echo servers on one port inside an endpoint, stopped on drop.
