@@ -512,21 +512,8 @@ fn x509pop_node(
     std::path::PathBuf,
     String,
 )> {
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "node CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    node_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    node_params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    let node = node_params.signed_by(&node_key, &issuer)?;
+    let ca = sigil_test_util::TestCa::new("node CA")?;
+    let (node, node_key) = ca.leaf(cn)?;
     let (ca_path, cert_path, key_path) = (
         dir.join("ca.pem"),
         dir.join("node.pem"),

@@ -1,8 +1,9 @@
-//! Shared test helpers: a controllable clock, free ports, launchers for sigil processes that wait on
+//! Shared test helpers: a controllable clock, certificate fixtures, free ports, launchers for sigil processes that wait on
 //! readiness checks instead of sleeping, network-namespace helpers and a multi-node topology.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod certs;
 pub mod clock;
 pub mod netd;
 pub mod netns;
@@ -11,6 +12,7 @@ pub mod root;
 pub mod topology;
 
 pub use agent::AgentProcess;
+pub use certs::TestCa;
 pub use clock::ManualClock;
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
