@@ -77,3 +77,18 @@ pub fn wait_until_exited(peer: &PeerIdentity) {
     .unwrap();
     assert_eq!(n, 1, "pid {} did not exit within 10 s", peer.pid);
 }
+
+/// The expected digest comes from coreutils, an implementation independent of the one under test.
+pub fn sha256_file(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {out:?}",
+        path.display()
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().unwrap().to_string()
+}
