@@ -10,7 +10,7 @@ use sigil_proto::admin::v1 as apb;
 use sigil_proto::agent::v1 as pb;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
 use sigil_spiffe::{SpiffeId, TrustDomain};
-use sigil_test_util::ServerProcess;
+use sigil_test_util::{ServerProcess, TestCa};
 
 const TD: &str = "identity.example.com";
 
@@ -388,33 +388,17 @@ async fn renewal_replaces_the_agent_svid_once_it_is_used() -> anyhow::Result<()>
 #[tokio::test]
 async fn x509pop_attestation() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "node CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let ca = TestCa::new("node CA")?;
     let ca_path = dir.path().join("node-ca.pem");
     std::fs::write(&ca_path, ca.pem())?;
-    let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    node_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "node-1");
-    node_params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    let node_cert = node_params.signed_by(&node_key, &issuer)?;
+    let (node_cert, node_key) = ca.leaf("node-1")?;
 
     let f = fixture(&["--x509pop-ca-bundle", ca_path.to_str().expect("utf8")]).await?;
     let mut agent = f.agent();
     let result = agent
         .attest_x509pop(vec![node_cert.der().to_vec()], &node_key)
         .await?;
-    let fp = {
-        use sha1::Digest;
-        hex::encode(sha1::Sha1::digest(node_cert.der()))
-    };
+    let fp = fingerprint(node_cert.der());
     assert_eq!(
         result.spiffe_id,
         format!("spiffe://{TD}/sigil/agent/x509pop/{fp}")
@@ -454,49 +438,16 @@ async fn x509pop_attestation() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A CA (self-signed, or signed by `parent`) that can issue certificates.
-struct TestCa {
-    cert: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+/// SHA-1 of a DER certificate, hex: the x509pop agent ID and `ca:fingerprint` selector form.
+fn fingerprint(der: &[u8]) -> String {
+    use sha1::Digest;
+    hex::encode(sha1::Sha1::digest(der))
 }
 
-impl TestCa {
-    fn new(cn: &str, parent: Option<&TestCa>) -> anyhow::Result<Self> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        let cert = match parent {
-            Some(p) => params.signed_by(&key, &p.issuer)?,
-            None => params.self_signed(&key)?,
-        };
-        Ok(TestCa {
-            cert,
-            issuer: rcgen::Issuer::new(params, key),
-        })
-    }
-
-    /// A node certificate and its key.
-    fn node(&self, cn: &str) -> anyhow::Result<(Vec<u8>, rcgen::KeyPair)> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        Ok((params.signed_by(&key, &self.issuer)?.der().to_vec(), key))
-    }
-
-    fn der(&self) -> Vec<u8> {
-        self.cert.der().to_vec()
-    }
-
-    fn fingerprint(&self) -> String {
-        use sha1::Digest;
-        hex::encode(sha1::Sha1::digest(self.cert.der()))
-    }
+/// A node certificate under `ca`, DER, and its key.
+fn node(ca: &TestCa, cn: &str) -> anyhow::Result<(Vec<u8>, rcgen::KeyPair)> {
+    let (cert, key) = ca.leaf(cn)?;
+    Ok((cert.der().to_vec(), key))
 }
 
 impl Fixture {
@@ -586,18 +537,18 @@ async fn snapshot_ids(agent: &TestAgent) -> anyhow::Result<Vec<String>> {
 #[tokio::test]
 async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let ca_a = TestCa::new("node CA A", None)?;
-    let ca_b = TestCa::new("node CA B", None)?;
-    let inter_a = TestCa::new("node CA A intermediate", Some(&ca_a))?;
+    let ca_a = TestCa::new("node CA A")?;
+    let ca_b = TestCa::new("node CA B")?;
+    let inter_a = ca_a.intermediate("node CA A intermediate")?;
     let roots = dir.path().join("roots.pem");
     std::fs::write(&roots, format!("{}{}", ca_a.cert.pem(), ca_b.cert.pem()))?;
     let f = fixture(&["--x509pop-ca-bundle", roots.to_str().expect("utf8")]).await?;
-    let (fp_a, fp_b) = (ca_a.fingerprint(), ca_b.fingerprint());
+    let (fp_a, fp_b) = (fingerprint(&ca_a.der()), fingerprint(&ca_b.der()));
     let work_a = f.ca_workload("a", &fp_a).await?;
     let work_b = f.ca_workload("b", &fp_b).await?;
 
     // The attack: leaf from B, with A appended as if it were B's issuer.
-    let (leaf_b, key_b) = ca_b.node("node-b")?;
+    let (leaf_b, key_b) = node(&ca_b, "node-b")?;
     let mut agent = f.agent();
     let r = agent
         .attest_x509pop(vec![leaf_b.clone(), ca_a.der()], &key_b)
@@ -611,7 +562,7 @@ async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
     assert!(!snapshot_ids(&agent).await?.contains(&work_a));
 
     // Control: leaf from A with A's certificate.
-    let (leaf_a, key_a) = ca_a.node("node-a")?;
+    let (leaf_a, key_a) = node(&ca_a, "node-a")?;
     let mut agent = f.agent();
     let r = agent
         .attest_x509pop(vec![leaf_a, ca_a.der()], &key_a)
@@ -623,14 +574,14 @@ async fn x509pop_selectors_come_from_the_verified_path() -> anyhow::Result<()> {
     assert_eq!(snapshot_ids(&agent).await?, std::slice::from_ref(&work_a));
 
     // Control: a leaf via an intermediate of A; the chain file also carries B, which is not on the path.
-    let (leaf_i, key_i) = inter_a.node("node-i")?;
+    let (leaf_i, key_i) = node(&inter_a, "node-i")?;
     let mut agent = f.agent();
     let r = agent
         .attest_x509pop(vec![leaf_i, inter_a.der(), ca_b.der()], &key_i)
         .await?;
     let mut want = vec![
         format!("ca:fingerprint:{fp_a}"),
-        format!("ca:fingerprint:{}", inter_a.fingerprint()),
+        format!("ca:fingerprint:{}", fingerprint(&inter_a.der())),
     ];
     want.sort();
     assert_eq!(f.x509pop_selectors(&r.spiffe_id).await?, want);

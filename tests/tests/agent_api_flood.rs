@@ -66,10 +66,7 @@ async fn idle_connection_flood_neither_hangs_nor_spins_and_agents_still_attest()
     let nofile = raise_own_fd_limit();
     if nofile < (FLOOD as u64) + 200 {
         let msg = format!("the open-file hard limit {nofile} is too low for {FLOOD} connections");
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true and the flood test cannot run: {msg}");
-        }
-        eprintln!("skipping: {msg}");
+        sigil_test_util::skip_unless("the flood test", Some(msg));
         return Ok(());
     }
     let timeout = Duration::from_secs(2);

@@ -512,21 +512,8 @@ fn x509pop_node(
     std::path::PathBuf,
     String,
 )> {
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "node CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    node_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    node_params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    let node = node_params.signed_by(&node_key, &issuer)?;
+    let ca = sigil_test_util::TestCa::new("node CA")?;
+    let (node, node_key) = ca.leaf(cn)?;
     let (ca_path, cert_path, key_path) = (
         dir.join("ca.pem"),
         dir.join("node.pem"),
@@ -739,17 +726,9 @@ async fn evicted_x509pop_agent_attests_again_banned_agent_stops() -> anyhow::Res
     Ok(())
 }
 
-/// Whether root-only tests can run here; outside CI they are skipped with a message.
+/// Whether root-only tests can run here (mount namespaces, pidfd_getfd).
 fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and {test} needs root"
-    );
-    eprintln!("skipping {test}: needs root (mount namespaces, pidfd_getfd)");
-    false
+    sigil_test_util::can_run_as_root(test)
 }
 
 /// A `sigil-test-peer connect` process: it connected to the Workload API socket as itself.

@@ -23,10 +23,10 @@ fn uid() -> u32 {
 }
 
 fn can_run(needs_root: bool) -> bool {
-    let python = Command::new("python3")
+    let python = || match Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
-        .output();
-    let reason = match python {
+        .output()
+    {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(format!(
             "python3 cannot import grpc/grpc_tools (run scripts/ensure-deps.sh): {}",
@@ -34,19 +34,11 @@ fn can_run(needs_root: bool) -> bool {
         )),
         Err(e) => Some(format!("cannot run python3: {e}")),
     };
-    let reason = reason.or_else(|| {
-        (needs_root && !nix::unistd::geteuid().is_root())
-            .then(|| "needs root (netd: network namespaces, TC, BPF)".to_owned())
-    });
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the gRPC interop test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping gRPC interop test: {r}");
-            false
-        }
+    let what = "the gRPC interop test";
+    if needs_root {
+        sigil_test_util::can_run_as_root_and(what, python)
+    } else {
+        sigil_test_util::skip_unless(what, python())
     }
 }
 

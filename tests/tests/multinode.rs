@@ -10,23 +10,11 @@ use sigil_test_util::netns::ping;
 use sigil_test_util::{NetdProcess, Topology};
 
 fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespaces, TC, BPF)".to_owned())
-    } else if let Err(e) = sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(format!("no bpffs: {e}"))
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the multi-node test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping multi-node test: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the multi-node test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
 }
 
 const PASS: Duration = Duration::from_secs(5);

@@ -15,23 +15,11 @@ use sigil_policy::{Document, Peer, TraceVerdict, parse_documents, trace};
 use sigil_test_util::{NetdProcess, sigil_bin};
 
 fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespaces, TC, BPF)".to_owned())
-    } else if let Err(e) = sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(format!("no bpffs: {e}"))
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the netd test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping netd test: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the netd test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
 }
 
 /// Child processes killed on drop (echo servers, monitors).

@@ -14,23 +14,13 @@ use sigil_test_util::{AgentProcess, ServerProcess, free_port, sigil_bin};
 const NOBODY: u32 = 65534;
 
 fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (acts as another user with setpriv)")
-    } else if Command::new("setpriv").arg("--version").output().is_err() {
-        Some("needs setpriv (util-linux)")
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the socket_dirs test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping socket_dirs test: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the socket_dirs test", || {
+        Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then(|| "needs setpriv (util-linux)".to_owned())
+    })
 }
 
 /// A command run as uid/gid 65534 (nobody) with no supplementary groups.

@@ -29,21 +29,6 @@ fn client_helper() {
     client::run_client_if_asked();
 }
 
-/// The expected digest comes from coreutils, an implementation independent of the one under test.
-fn sha256_file(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sha256sum {}: {out:?}",
-        path.display()
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace().next().unwrap().to_string()
-}
-
 /// Test binaries are large (~64 MiB unoptimized) and could outgrow the default limit.
 fn roomy() -> UnixAttestor {
     UnixAttestor::default().with_max_hash_bytes(1 << 30)
@@ -102,7 +87,7 @@ async fn attests_this_process_over_a_socket() {
 
     let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
     let groups: Vec<u32> = getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
-    let sha = sha256_file(&exe);
+    let sha = client::sha256_file(&exe);
     let got = roomy().attest(&peer).unwrap();
     assert_eq!(
         strings(&got),
@@ -175,7 +160,7 @@ async fn attests_a_child_then_refuses_once_it_exited() {
     };
     assert_eq!(
         strings(&got),
-        expected(uid, gid, &groups, &bin, Some(&sha256_file(&bin)))
+        expected(uid, gid, &groups, &bin, Some(&client::sha256_file(&bin)))
     );
 
     child.kill().unwrap();
@@ -225,7 +210,7 @@ fn fake_procfs_drives_groups_path_and_hash() {
     );
     let me = me.with_exe_snapshot_through(root.path());
     let got = strings(&attestor.attest(&me).unwrap());
-    let sha = sha256_file(&exe);
+    let sha = client::sha256_file(&exe);
     assert_eq!(
         got,
         expected(me.uid, me.gid, &[4242, 4343], &exe, Some(&sha)),

@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/client.rs"]
+mod client;
+
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::Path;
 use std::sync::Arc;
@@ -11,21 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sigil_attestor::{
     CacheStats, MIN_CACHEABLE_AGE, PeerIdentity, Selector, UnixAttestor, WorkloadAttestor,
 };
-
-/// The expected digest comes from coreutils, an implementation independent of the one under test.
-fn sha256_file(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sha256sum {}: {out:?}",
-        path.display()
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace().next().unwrap().to_string()
-}
 
 /// Sleeps until `path` last changed at least `MIN_CACHEABLE_AGE` ago, so its digest may be cached (for a
 /// test binary built a while ago: not at all).
@@ -70,7 +58,7 @@ fn a_second_attestation_is_answered_from_the_cache() {
         ),
         (0, 1, 1)
     );
-    assert_eq!(sha256_selector(&first), Some(sha256_file(&exe)));
+    assert_eq!(sha256_selector(&first), Some(client::sha256_file(&exe)));
 
     let second = attestor.attest(&me).unwrap();
     let after_second = attestor.cache_stats();
@@ -138,7 +126,7 @@ fn a_changed_executable_is_read_again() {
     };
 
     // Just written: too recent to tell a later same-tick rewrite apart, so hashed each time, never cached.
-    let v1 = sha256_file(&exe);
+    let v1 = client::sha256_file(&exe);
     for _ in 0..2 {
         assert_eq!(
             sha256_selector(&attestor.attest(&me).unwrap()),
@@ -160,7 +148,7 @@ fn a_changed_executable_is_read_again() {
 
     // Same inode, same size, new contents: a miss, and the new digest.
     std::fs::write(&exe, b"version 2\n").unwrap();
-    let v2 = sha256_file(&exe);
+    let v2 = client::sha256_file(&exe);
     assert_ne!(v1, v2);
     assert_eq!(sha256_selector(&attestor.attest(&me).unwrap()), Some(v2));
     assert_eq!(stats(&attestor), (1, 4, 1));

@@ -13,23 +13,11 @@ use sigil_netd::daemon::CreateEndpoint;
 use sigil_netd::{Config, Daemon};
 
 fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespaces, BPF)".to_owned())
-    } else if let Err(e) = sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(format!("no bpffs: {e}"))
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the netd transaction test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the netd transaction test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
 }
 
 /// Removes the endpoints, routes and pins the daemon made.

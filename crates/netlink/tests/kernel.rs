@@ -10,15 +10,7 @@ use sigil_netlink::{
 };
 
 fn can_run(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and {what} cannot run: it needs root"
-    );
-    eprintln!("skipping {what}: needs root");
-    false
+    sigil_test_util::can_run_as_root(what)
 }
 
 /// Namespaces removed on drop.

@@ -1,8 +1,9 @@
-//! Shared test helpers: a controllable clock, free ports, launchers for sigil processes that wait on
+//! Shared test helpers: a controllable clock, certificate fixtures, free ports, launchers for sigil processes that wait on
 //! readiness checks instead of sleeping, network-namespace helpers and a multi-node topology.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod certs;
 pub mod clock;
 pub mod netd;
 pub mod netns;
@@ -11,9 +12,10 @@ pub mod root;
 pub mod topology;
 
 pub use agent::AgentProcess;
+pub use certs::TestCa;
 pub use clock::ManualClock;
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
-pub use root::can_run_as_root;
+pub use root::{can_run_as_root, can_run_as_root_and, skip_unless};
 pub use topology::{Endpoint, Node, Topology};

@@ -25,15 +25,7 @@ pub fn run_client_if_asked() {
 
 /// Whether the test may use root-only facilities; without root it skips with a message, except under CI.
 pub fn have_root(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} needs root, and CI=true forbids skipping"
-    );
-    eprintln!("skipping {what}: needs root");
-    false
+    sigil_test_util::can_run_as_root(what)
 }
 
 /// Hard-links the running test binary into a fresh world-readable directory beside it as `attest-client`,
@@ -84,4 +76,19 @@ pub fn wait_until_exited(peer: &PeerIdentity) {
     )
     .unwrap();
     assert_eq!(n, 1, "pid {} did not exit within 10 s", peer.pid);
+}
+
+/// The expected digest comes from coreutils, an implementation independent of the one under test.
+pub fn sha256_file(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {out:?}",
+        path.display()
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().unwrap().to_string()
 }

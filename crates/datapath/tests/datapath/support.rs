@@ -1,7 +1,6 @@
 //! Test fixtures: a loaded datapath with endpoints in real namespaces, sockets opened inside a
 //! namespace, echo servers, and event waits, all cleaned up on drop.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -16,23 +15,11 @@ use sigil_datapath::{Datapath, EndpointConfig, Event, EventReader};
 /// True when the test can run; false (after saying why) when it must skip. Under CI=true a
 /// skip is a failure.
 pub fn can_run() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespaces, TC, BPF)".to_owned())
-    } else if let Err(e) = sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(format!("no bpffs: {e}"))
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and the datapath test cannot run: {r}")
-        }
-        Some(r) => {
-            eprintln!("skipping datapath test: {r}");
-            false
-        }
-    }
+    sigil_test_util::can_run_as_root_and("the datapath test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
 }
 
 /// Pin directory for a test: unique per process and tag.
@@ -189,14 +176,7 @@ pub fn register(dp: &mut Datapath, ep: &EndpointNet, identity: u32, ingress: boo
 /// Runs `f` on a thread that has entered the endpoint's network namespace; sockets it creates
 /// stay in that namespace.
 pub fn in_netns<T: Send + 'static>(ep: &EndpointNet, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ep.netns_path.clone();
-    std::thread::spawn(move || {
-        let ns = File::open(&path).expect("open netns");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    sigil_test_util::netns::in_netns(&ep.netns_path, || Ok(f())).expect("netns thread")
 }
 
 /// TCP and UDP echo servers on one port inside an endpoint, stopped on drop.
