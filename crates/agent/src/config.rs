@@ -225,14 +225,7 @@ impl AgentConfig {
             (args.log_format.clone(), file.log_format),
         )?;
         let log_json = log_format == sigil_daemon::LogFormat::Json;
-        let drain_timeout = l
-            .parse(
-                "drain_timeout",
-                args.drain_timeout.clone(),
-                file.drain_timeout,
-                sigil_daemon::runtime::parse_drain_timeout,
-            )?
-            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
+        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         Ok(AgentConfig {
             drain_timeout,
             server_address,

@@ -143,6 +143,22 @@ impl Layers {
         Ok(file)
     }
 
+    /// The `drain_timeout` every daemon takes (default [`crate::DEFAULT_DRAIN_TIMEOUT`]).
+    pub fn drain_timeout(
+        &self,
+        flag: Option<String>,
+        file: Option<String>,
+    ) -> Result<std::time::Duration, LayerError> {
+        Ok(self
+            .parse(
+                "drain_timeout",
+                flag,
+                file,
+                crate::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(crate::DEFAULT_DRAIN_TIMEOUT))
+    }
+
     /// The log options every daemon has: `log_level` (default info) and `log_format` (default text),
     /// validated with the layer each came from.
     pub fn log_options(

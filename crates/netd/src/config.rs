@@ -278,14 +278,7 @@ impl Config {
             (args.log_level.clone(), file.log_level),
             (args.log_format.clone(), file.log_format),
         )?;
-        let drain_timeout = l
-            .parse(
-                "drain_timeout",
-                args.drain_timeout.clone(),
-                file.drain_timeout,
-                sigil_daemon::runtime::parse_drain_timeout,
-            )?
-            .unwrap_or(sigil_daemon::DEFAULT_DRAIN_TIMEOUT);
+        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         Ok(Self {
             policy_map_max_entries,
             node_name,
