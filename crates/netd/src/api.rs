@@ -49,12 +49,21 @@ impl Api {
             .get(&rec.identity)
             .cloned()
             .unwrap_or_default();
-        endpoint_pb(rec, labels)
+        endpoint_pb(rec, labels, &self.config.node_name)
     }
 }
 
 /// An endpoint record as the API shows it.
-pub fn endpoint_pb(r: &EndpointRecord, labels: Vec<String>) -> pb::Endpoint {
+pub fn endpoint_pb(r: &EndpointRecord, labels: Vec<String>, node_name: &str) -> pb::Endpoint {
+    let selectors = r
+        .selectors(node_name)
+        .map(|v| v.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    let spiffe_id_source = if r.spiffe_id.is_some() {
+        "override"
+    } else {
+        "classic"
+    };
     pb::Endpoint {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
@@ -68,6 +77,12 @@ pub fn endpoint_pb(r: &EndpointRecord, labels: Vec<String>) -> pb::Endpoint {
         ipv4: r.ipv4.to_string(),
         ipv6: r.ipv6.to_string(),
         spiffe_id: r.spiffe_id.clone(),
+        service_account: r.service_account.clone(),
+        uid: r.uid.clone(),
+        node_name: node_name.to_owned(),
+        selectors,
+        spiffe_id_source: spiffe_id_source.to_owned(),
+        svid_expires_at: None,
     }
 }
 
@@ -101,6 +116,7 @@ impl pb::endpoints_server::Endpoints for Api {
                 labels: r.labels,
                 namespace: r.namespace,
                 spiffe_id: r.spiffe_id,
+                service_account: r.service_account,
             })
             .await?;
         Ok(Response::new(self.endpoint(&rec)))
@@ -114,7 +130,7 @@ impl pb::endpoints_server::Endpoints for Api {
         let endpoints = snap
             .endpoints
             .values()
-            .map(|(r, labels)| endpoint_pb(r, labels.clone()))
+            .map(|(r, labels)| endpoint_pb(r, labels.clone(), &self.config.node_name))
             .collect();
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
     }
@@ -126,7 +142,18 @@ impl pb::endpoints_server::Endpoints for Api {
         let name = req.into_inner().name;
         let snap = self.handle.snapshot();
         let (r, labels) = snap.get_endpoint(&name)?;
-        Ok(Response::new(endpoint_pb(r, labels.clone())))
+        Ok(Response::new(endpoint_pb(
+            r,
+            labels.clone(),
+            &self.config.node_name,
+        )))
+    }
+
+    async fn get_endpoint_by_netns(
+        &self,
+        _: Request<pb::GetEndpointByNetnsRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        Err(Status::unimplemented("GetEndpointByNetns: not yet served"))
     }
 
     async fn delete_endpoint(

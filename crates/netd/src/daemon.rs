@@ -49,6 +49,8 @@ pub struct CreateEndpoint {
     pub namespace: String,
     /// SPIFFE ID (none when empty).
     pub spiffe_id: String,
+    /// Service account (`default` when empty).
+    pub service_account: String,
 }
 
 /// The daemon.
@@ -253,6 +255,12 @@ impl Daemon {
             validate_spiffe_id(&req.spiffe_id)?;
             Some(req.spiffe_id.clone())
         };
+        let service_account = if req.service_account.is_empty() {
+            "default".to_owned()
+        } else {
+            req.service_account.clone()
+        };
+        validate_service_account(&service_account)?;
         let labels = identity_labels(&req.labels, &namespace, spiffe_id.as_deref())?;
         if netns::netns_exists(&req.name) {
             return Err(NetdError::AlreadyExists {
@@ -272,6 +280,25 @@ impl Daemon {
                 });
             }
         };
+        let mut rec = EndpointRecord {
+            name: req.name.clone(),
+            namespace,
+            pod_labels: req.labels.clone(),
+            spiffe_id,
+            service_account,
+            uid: crate::state::new_uid(),
+            identity: 0,
+            ipv4,
+            ipv6,
+            host_index: index,
+            endpoint_id: 0,
+            host_interface: String::new(),
+            netns_name: String::new(),
+            netns_path: Default::default(),
+            interface: String::new(),
+        };
+        // Every selector must form before anything is created.
+        rec.selectors(&self.config.node_name)?;
         let (id, fresh) = self.alloc.allocate(&labels)?;
         let deltas = if fresh {
             self.engine.add_identity(id, labels)
@@ -294,21 +321,13 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        let rec = EndpointRecord {
-            name: req.name.clone(),
-            namespace,
-            pod_labels: req.labels.clone(),
-            spiffe_id,
-            identity: id.get(),
-            ipv4,
-            ipv6,
-            host_index: index,
-            endpoint_id: net.endpoint_id,
-            host_interface: net.host_interface.clone(),
-            netns_name: net.netns.clone(),
-            netns_path: net.netns_path.clone(),
-            interface: net.interface.clone(),
-        };
+        rec.identity = id.get();
+        rec.endpoint_id = net.endpoint_id;
+        rec.host_interface = net.host_interface.clone();
+        rec.netns_name = net.netns.clone();
+        rec.netns_path = net.netns_path.clone();
+        rec.interface = net.interface.clone();
+        let rec = rec;
         let plumbed = self
             .install_endpoint(&rec)
             .and_then(|()| Ok(self.datapath.attach(&rec.host_interface)?));
@@ -602,6 +621,27 @@ fn validate_namespace(ns: &str) -> Result<(), NetdError> {
             "namespace",
             ns,
             "must be a DNS label: 1-63 of [a-z0-9-], not starting or ending with '-'",
+        ))
+    }
+}
+
+/// A Kubernetes service account name: a DNS subdomain (1-253 of `[a-z0-9-.]`, starting and
+/// ending alphanumeric).
+fn validate_service_account(sa: &str) -> Result<(), NetdError> {
+    let ok = !sa.is_empty()
+        && sa.len() <= 253
+        && sa
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && sa.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && sa.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(NetdError::invalid(
+            "service_account",
+            sa,
+            "must be a DNS subdomain: 1-253 of [a-z0-9-.], starting and ending with a letter or digit",
         ))
     }
 }

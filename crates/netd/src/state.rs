@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sigil_identity::{Allocator, LocalAllocator, NumericIdentity};
 use sigil_labels::{Label, Labels, NAMESPACE_KEY, Source, spiffe_label};
+use sigil_registry::Selector;
+use sigil_registry::k8s::PodAttributes;
 
 use crate::error::NetdError;
 
@@ -26,6 +28,13 @@ pub struct EndpointRecord {
     pub pod_labels: Vec<String>,
     /// SPIFFE ID, if any.
     pub spiffe_id: Option<String>,
+    /// Kubernetes service account (`default` in state files from before it existed).
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Stable UID, assigned at creation (empty in state files from before it existed; one is
+    /// assigned when the state is loaded).
+    #[serde(default)]
+    pub uid: String,
     /// Numeric identity.
     pub identity: u32,
     /// IPv4 address.
@@ -46,7 +55,43 @@ pub struct EndpointRecord {
     pub interface: String,
 }
 
+/// A fresh endpoint UID (a random UUID, as Kubernetes gives pods).
+pub fn new_uid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
 impl EndpointRecord {
+    /// The endpoint's attributes for selectors (SPIRE's k8s spellings); pod labels of the
+    /// `k8s` source (or none) become `pod-label` selectors.
+    pub fn pod_attributes(&self, node_name: &str) -> Result<PodAttributes, NetdError> {
+        let mut labels = Vec::new();
+        for text in &self.pod_labels {
+            let l = Label::parse(text).map_err(|e| NetdError::invalid("labels", text, e))?;
+            if matches!(l.source, Source::K8s | Source::Unspec) {
+                labels.push((l.key.to_string(), l.value.to_string()));
+            }
+        }
+        Ok(PodAttributes {
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            pod_name: self.name.clone(),
+            pod_uid: self.uid.clone(),
+            labels,
+            node_name: node_name.to_owned(),
+        })
+    }
+
+    /// The endpoint's selectors, `k8s:…`, sorted.
+    pub fn selectors(&self, node_name: &str) -> Result<Vec<Selector>, NetdError> {
+        self.pod_attributes(node_name)?
+            .selectors()
+            .map_err(|e| NetdError::invalid(e.field, &e.value, e.cause))
+    }
+
     /// The identity labels: pod labels, the namespace label, the SPIFFE ID label.
     pub fn labels(&self) -> Result<Labels, NetdError> {
         identity_labels(&self.pod_labels, &self.namespace, self.spiffe_id.as_deref())
@@ -121,10 +166,16 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(NetdError::io(path, e)),
         };
-        serde_json::from_str(&text).map_err(|e| NetdError::State {
+        let mut state: Self = serde_json::from_str(&text).map_err(|e| NetdError::State {
             path,
             message: e.to_string(),
-        })
+        })?;
+        for rec in state.endpoints.values_mut() {
+            if rec.uid.is_empty() {
+                rec.uid = new_uid();
+            }
+        }
+        Ok(state)
     }
 
     /// Writes the state file atomically.

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod entry;
+pub mod k8s;
 mod selector;
 
 pub use entry::Entry;

@@ -164,6 +164,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
                 labels: vec![format!("app={app}")],
                 namespace: "default".to_owned(),
                 spiffe_id: String::new(),
+                service_account: String::new(),
             })
             .await,
         )

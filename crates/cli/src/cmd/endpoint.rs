@@ -33,7 +33,11 @@ pub struct CreateArgs {
     /// Kubernetes namespace of the endpoint.
     #[arg(long, default_value = "default")]
     namespace: String,
-    /// SPIFFE ID, added as the label `spiffe:spiffe.io/spiffe-id=<ID>`.
+    /// Kubernetes service account of the endpoint (the `k8s:sa:` selector).
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// SPIFFE ID override for endpoints without an agent, added as the label
+    /// `spiffe:spiffe.io/spiffe-id=<ID>`.
     #[arg(long, value_name = "URI")]
     spiffe_id: Option<String>,
     #[command(flatten)]
@@ -88,6 +92,12 @@ pub fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
         "ipv4": e.ipv4,
         "ipv6": e.ipv6,
         "spiffe_id": e.spiffe_id,
+        "spiffe_id_source": e.spiffe_id_source,
+        "svid_expires_at": e.svid_expires_at,
+        "service_account": e.service_account,
+        "uid": e.uid,
+        "node_name": e.node_name,
+        "selectors": e.selectors,
     })
 }
 
@@ -102,6 +112,7 @@ pub async fn run(cmd: EndpointCommand) -> anyhow::Result<()> {
                     labels: a.labels.into_iter().filter(|l| !l.is_empty()).collect(),
                     namespace: a.namespace,
                     spiffe_id: a.spiffe_id.unwrap_or_default(),
+                    service_account: a.service_account,
                 })
                 .await,
             )?;
