@@ -13,6 +13,7 @@ pub mod error;
 pub mod monitor;
 pub mod reconcile;
 pub mod snapshot;
+pub mod spiffe_id;
 pub mod state;
 pub mod txn;
 pub mod watch;

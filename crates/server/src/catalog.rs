@@ -184,6 +184,17 @@ impl Catalog {
         self.read().by_spiffe_id.contains_key(id)
     }
 
+    /// Whether a live entry with this SPIFFE ID is marked admin (its workloads may use the admin API
+    /// over TLS).
+    pub fn is_admin(&self, id: &SpiffeId, now: i64) -> bool {
+        let idx = self.read();
+        idx.by_spiffe_id.get(id).is_some_and(|ids| {
+            ids.iter()
+                .filter_map(|i| idx.by_id.get(i))
+                .any(|e| e.admin && live(e, now))
+        })
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.read().by_id.len()

@@ -1,8 +1,10 @@
 //! sigil-server: the trust-domain authority. It owns the CA, the registration entries and node
-//! attestation, and serves the admin API (Unix socket) and the agent API (TLS 1.3 over TCP).
+//! attestation, and serves the admin API (Unix socket) and the agent API (TLS 1.3 over TCP), where
+//! admin workloads may also manage entries.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_tls;
 pub mod agent_api;
 pub mod catalog;
 pub mod config;
@@ -67,6 +69,7 @@ pub async fn serve(
     let bound = tcp.local_addr()?;
 
     let admin = admin::Admin::new(state.clone());
+    let tls_entries = admin_tls::TlsEntries::new(admin.clone(), state.clone());
     let admin_router = tonic::transport::Server::builder()
         .add_service(
             admin_pb::entries_server::EntriesServer::new(admin.clone())
@@ -80,11 +83,18 @@ pub async fn serve(
         ))
         .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
         .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin));
-    let node_router = tonic::transport::Server::builder().add_service(
-        agent_pb::node_server::NodeServer::new(agent_api::NodeApi::new(state.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-    );
+    // The TLS listener also serves the entry API to admin workloads (checked per call).
+    let node_router = tonic::transport::Server::builder()
+        .add_service(
+            agent_pb::node_server::NodeServer::new(agent_api::NodeApi::new(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            admin_pb::entries_server::EntriesServer::new(tls_entries)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        );
 
     let tls = listen::tls_acceptor(&state)?;
     let mut stop_admin = stop.clone();
