@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sigil_policy::{EnforcementMode, IpPrefix};
+use sigil_spiffe::{SpiffeId, TrustDomain};
+
+use crate::spiffe_id::{Deriver, SpiffeIdMode, check_cluster};
 
 /// Default path of the API socket (0600; its directory is made 0755 and must be root's, see `api_listener`).
 pub const DEFAULT_API_SOCKET: &str = "/run/sigil/netd.sock";
@@ -62,6 +65,32 @@ pub struct RunArgs {
     /// pinned keeps its size).
     #[arg(long)]
     pub policy_map_max_entries: Option<u32>,
+    // SPIFFE ID modes (see `spiffe_id` and `registrar`).
+    /// Where endpoints' SPIFFE IDs come from: registered (default), istio, opaque or verbose.
+    #[arg(long)]
+    pub spiffe_id_mode: Option<String>,
+    /// Path template of the verbose mode over {cluster}, {namespace}, {service_account}, {app}, {name}
+    /// (default /cluster/{cluster}/ns/{namespace}/sa/{service_account}/app/{app}).
+    #[arg(long)]
+    pub spiffe_id_template: Option<String>,
+    /// Trust domain of derived SPIFFE IDs (required in derived modes).
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Cluster name, `{cluster}` of the verbose template (default `default`).
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// sigil-server's TLS address (HOST:PORT), where derived modes register entries.
+    #[arg(long)]
+    pub server_address: Option<String>,
+    /// This node's agent's public Workload API socket, where netd fetches its own admin SVID.
+    #[arg(long)]
+    pub agent_workload_socket: Option<PathBuf>,
+    /// SPIFFE ID of this node's agent: the parent of the entries netd registers (required in derived modes).
+    #[arg(long)]
+    pub agent_spiffe_id: Option<String>,
+    /// How long a derived entry outlives the last endpoint with its identity on this node (default 30s).
+    #[arg(long)]
+    pub derived_entry_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +108,14 @@ struct FileConfig {
     log_format: Option<String>,
     drain_timeout: Option<String>,
     policy_map_max_entries: Option<u32>,
+    spiffe_id_mode: Option<String>,
+    spiffe_id_template: Option<String>,
+    trust_domain: Option<String>,
+    cluster_name: Option<String>,
+    server_address: Option<String>,
+    agent_workload_socket: Option<PathBuf>,
+    agent_spiffe_id: Option<String>,
+    derived_entry_grace: Option<String>,
 }
 
 /// A validated configuration.
@@ -108,7 +145,38 @@ pub struct Config {
     pub drain_timeout: std::time::Duration,
     /// Policy map capacity when it is created (`None`: the object's 1 048 576).
     pub policy_map_max_entries: Option<u32>,
+    /// SPIFFE ID mode, and in derived modes what the registrar needs.
+    pub spiffe_ids: SpiffeIdConfig,
 }
+
+/// Where endpoints' SPIFFE IDs come from.
+#[derive(Debug, Clone)]
+pub struct SpiffeIdConfig {
+    /// The mode (`registered` unless configured).
+    pub mode: SpiffeIdMode,
+    /// In derived modes: the deriver and where to register entries.
+    pub registrar: Option<RegistrarConfig>,
+}
+
+/// What the registrar of derived entries needs.
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    /// Derives IDs and selectors.
+    pub deriver: Deriver,
+    /// sigil-server's TLS address.
+    pub server_address: String,
+    /// The agent's public Workload API socket.
+    pub agent_workload_socket: PathBuf,
+    /// This node's agent's SPIFFE ID: the parent of every entry netd registers.
+    pub agent_spiffe_id: SpiffeId,
+    /// How long an entry outlives the last endpoint with its identity.
+    pub grace: std::time::Duration,
+}
+
+/// Default public Workload API socket of the agent.
+pub const DEFAULT_AGENT_WORKLOAD_SOCKET: &str = "/run/sigil/agent/public/api.sock";
+/// Default grace before a derived entry without endpoints is deleted.
+pub const DEFAULT_DERIVED_ENTRY_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A pod CIDR of one family: network address and prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +289,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let l = layers(args.config.as_deref());
+        let spiffe_ids = spiffe_id_config(&l, args, &file)?;
         let node_name = l
             .get("node_name", args.node_name.clone(), file.node_name)?
             .unwrap_or_else(hostname);
@@ -280,6 +349,7 @@ impl Config {
         )?;
         let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         Ok(Self {
+            spiffe_ids,
             policy_map_max_entries,
             node_name,
             pod_cidr,
@@ -298,6 +368,114 @@ impl Config {
             drain_timeout,
         })
     }
+}
+
+/// The SPIFFE ID mode and, in derived modes, the registrar's settings, each checked by name and value.
+fn spiffe_id_config(
+    l: &sigil_daemon::Layers,
+    args: &RunArgs,
+    file: &FileConfig,
+) -> anyhow::Result<SpiffeIdConfig> {
+    let mode = l
+        .get(
+            "spiffe_id_mode",
+            args.spiffe_id_mode.clone(),
+            file.spiffe_id_mode.clone(),
+        )?
+        .unwrap_or_else(|| "registered".to_owned());
+    let template = l.get(
+        "spiffe_id_template",
+        args.spiffe_id_template.clone(),
+        file.spiffe_id_template.clone(),
+    )?;
+    let mode = SpiffeIdMode::parse(&mode, template.as_deref())?;
+    let trust_domain = l.parse(
+        "trust_domain",
+        args.trust_domain.clone(),
+        file.trust_domain.clone(),
+        TrustDomain::parse,
+    )?;
+    let cluster = l
+        .get(
+            "cluster_name",
+            args.cluster_name.clone(),
+            file.cluster_name.clone(),
+        )?
+        .unwrap_or_else(|| crate::spiffe_id::DEFAULT_CLUSTER.to_owned());
+    check_cluster(&cluster)?;
+    let server_address = l.parse(
+        "server_address",
+        args.server_address.clone(),
+        file.server_address.clone(),
+        |v| match v.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+                Ok(v.to_owned())
+            }
+            _ => Err("want HOST:PORT"),
+        },
+    )?;
+    let agent_spiffe_id = l.parse(
+        "agent_spiffe_id",
+        args.agent_spiffe_id.clone(),
+        file.agent_spiffe_id.clone(),
+        SpiffeId::parse,
+    )?;
+    let agent_workload_socket = l
+        .get(
+            "agent_workload_socket",
+            args.agent_workload_socket.clone(),
+            file.agent_workload_socket.clone(),
+        )?
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_WORKLOAD_SOCKET));
+    if !agent_workload_socket.is_absolute() {
+        bail!(
+            "agent_workload_socket: invalid value {:?}: must be an absolute path",
+            agent_workload_socket.display().to_string()
+        );
+    }
+    let grace = l
+        .parse(
+            "derived_entry_grace",
+            args.derived_entry_grace.clone(),
+            file.derived_entry_grace.clone(),
+            sigil_daemon::runtime::parse_drain_timeout,
+        )?
+        .unwrap_or(DEFAULT_DERIVED_ENTRY_GRACE);
+    if !mode.is_derived() {
+        return Ok(SpiffeIdConfig {
+            mode,
+            registrar: None,
+        });
+    }
+    let need = |key: &str| {
+        anyhow::anyhow!(
+            "{key}: required with spiffe_id_mode {} (netd registers the derived entries itself)",
+            mode.name()
+        )
+    };
+    let trust_domain = trust_domain.ok_or_else(|| need("trust_domain"))?;
+    let agent_spiffe_id = agent_spiffe_id.ok_or_else(|| need("agent_spiffe_id"))?;
+    if agent_spiffe_id.trust_domain() != trust_domain {
+        bail!(
+            "agent_spiffe_id: invalid value {:?}: not in trust_domain {trust_domain}",
+            agent_spiffe_id.to_string()
+        );
+    }
+    let server_address = server_address.ok_or_else(|| need("server_address"))?;
+    Ok(SpiffeIdConfig {
+        registrar: Some(RegistrarConfig {
+            deriver: Deriver {
+                mode: mode.clone(),
+                trust_domain,
+                cluster,
+            },
+            server_address,
+            agent_workload_socket,
+            agent_spiffe_id,
+            grace,
+        }),
+        mode,
+    })
 }
 
 /// The reason alone of a field parser's error (the layer's error names the field and value itself).

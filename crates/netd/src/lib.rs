@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod error;
 pub mod monitor;
 pub mod reconcile;
+pub mod registrar;
 pub mod snapshot;
 pub mod spiffe_id;
 pub mod state;
@@ -68,6 +69,11 @@ pub async fn serve(
         .context("starting netd")?;
     let endpoints = daemon.list_endpoints().len();
     let (handle, reconciler) = reconcile::spawn(daemon).context("starting the reconciler")?;
+    // Derived SPIFFE ID modes: netd keeps this node's entries on the server itself.
+    let registrar = config.spiffe_ids.registrar.clone().map(|cfg| {
+        tracing::info!(mode = config.spiffe_ids.mode.name(), parent = %cfg.agent_spiffe_id, server = %cfg.server_address, "registering derived entries");
+        tokio::spawn(registrar::run(cfg, handle.snapshot_cell(), stop.clone()))
+    });
     let (events_tx, _) = broadcast::channel(4096);
     let reader = sigil_datapath::EventReader::open_pinned(&pin_dir)
         .context("opening the event ring buffer")?;
@@ -120,6 +126,9 @@ pub async fn serve(
     let served = served.map_err(|e| anyhow::anyhow!("API server task: {e}"))?;
     let _ = stop.wait_for(|s| *s).await;
     monitor.abort();
+    if let Some(r) = registrar {
+        let _ = r.await;
+    }
     if let Some(w) = watcher {
         let _ = w.await;
     }

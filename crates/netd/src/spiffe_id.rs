@@ -19,14 +19,15 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use sigil_labels::{Label, Source};
-use sigil_registry::k8s::PodAttributes;
 use sigil_registry::Selector;
+use sigil_registry::k8s::PodAttributes;
 use sigil_spiffe::{SpiffeId, TrustDomain};
 
 use crate::state::EndpointRecord;
 
 /// Default template of the verbose mode.
-pub const DEFAULT_TEMPLATE: &str = "/cluster/{cluster}/ns/{namespace}/sa/{service_account}/app/{app}";
+pub const DEFAULT_TEMPLATE: &str =
+    "/cluster/{cluster}/ns/{namespace}/sa/{service_account}/app/{app}";
 
 /// Default cluster name.
 pub const DEFAULT_CLUSTER: &str = "default";
@@ -225,7 +226,11 @@ impl Template {
         let sample = t.render(|_| SAMPLE);
         TrustDomain::parse("example.org")
             .and_then(|td| td.id_with_path(&sample))
-            .map_err(|e| bad(format!("does not give a valid SPIFFE ID path ({sample:?}): {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "does not give a valid SPIFFE ID path ({sample:?}): {e}"
+                ))
+            })?;
         Ok(t)
     }
 
@@ -317,8 +322,7 @@ impl Deriver {
             }
             SpiffeIdMode::Opaque => {
                 for text in &ep.pod_labels {
-                    let l = Label::parse(text)
-                        .map_err(|e| bad("labels", text, e.to_string()))?;
+                    let l = Label::parse(text).map_err(|e| bad("labels", text, e.to_string()))?;
                     match l.source {
                         Source::K8s | Source::Unspec => attrs.labels.push((l.key, l.value)),
                         // It is part of the identity but no agent selector can match it.

@@ -46,14 +46,24 @@ fn derive(d: &Deriver, e: &EndpointRecord, n: Option<u32>) -> Derived {
 fn registered_mode_derives_nothing() {
     let d = deriver("registered", None);
     assert!(!d.mode.is_derived());
-    assert_eq!(d.derive(&ep("a", "default", "web", &[]), Some(300)), Ok(None));
+    assert_eq!(
+        d.derive(&ep("a", "default", "web", &[]), Some(300)),
+        Ok(None)
+    );
 }
 
 #[test]
 fn istio_is_namespace_and_service_account() {
     let d = deriver("istio", None);
-    let got = derive(&d, &ep("a", "prod", "web", &["app=web", "tier=fe"]), Some(300));
-    assert_eq!(got.spiffe_id.to_string(), "spiffe://example.org/ns/prod/sa/web");
+    let got = derive(
+        &d,
+        &ep("a", "prod", "web", &["app=web", "tier=fe"]),
+        Some(300),
+    );
+    assert_eq!(
+        got.spiffe_id.to_string(),
+        "spiffe://example.org/ns/prod/sa/web"
+    );
     assert_eq!(sels(&got), ["k8s:ns:prod", "k8s:sa:web"]);
     // Labels, name and identity do not change it: one entry serves every pod of the account.
     let other = derive(&d, &ep("b", "prod", "web", &["app=x"]), Some(301));
@@ -63,14 +73,29 @@ fn istio_is_namespace_and_service_account() {
 #[test]
 fn opaque_is_the_classic_identity_and_its_labels() {
     let d = deriver("opaque", None);
-    let got = derive(&d, &ep("a", "default", "web", &["app=web", "k8s:tier=fe"]), Some(4321));
-    assert_eq!(got.spiffe_id.to_string(), "spiffe://example.org/identity/4321");
+    let got = derive(
+        &d,
+        &ep("a", "default", "web", &["app=web", "k8s:tier=fe"]),
+        Some(4321),
+    );
+    assert_eq!(
+        got.spiffe_id.to_string(),
+        "spiffe://example.org/identity/4321"
+    );
     assert_eq!(
         sels(&got),
-        ["k8s:ns:default", "k8s:pod-label:app:web", "k8s:pod-label:tier:fe"]
+        [
+            "k8s:ns:default",
+            "k8s:pod-label:app:web",
+            "k8s:pod-label:tier:fe"
+        ]
     );
     // The service account is not an identity label, so it is not a selector.
-    let other_sa = derive(&d, &ep("b", "default", "db", &["app=web", "tier=fe"]), Some(4321));
+    let other_sa = derive(
+        &d,
+        &ep("b", "default", "db", &["app=web", "tier=fe"]),
+        Some(4321),
+    );
     assert_eq!(other_sa, got);
 }
 
@@ -81,7 +106,10 @@ fn opaque_refuses_labels_no_selector_can_match_and_a_missing_identity() {
         .derive(&ep("a", "default", "web", &["spiffe:x=y"]), Some(300))
         .expect_err("spiffe label");
     let text = e.to_string();
-    assert!(text.contains("endpoint \"a\"") && text.contains("labels") && text.contains("spiffe:x=y"), "{text}");
+    assert!(
+        text.contains("endpoint \"a\"") && text.contains("labels") && text.contains("spiffe:x=y"),
+        "{text}"
+    );
     let e = d
         .derive(&ep("a", "default", "web", &["app=web"]), None)
         .expect_err("no identity");
@@ -106,12 +134,18 @@ fn verbose_default_template() {
 fn verbose_selectors_follow_the_placeholders_used() {
     let d = deriver("verbose", Some("/{cluster}/app/{app}"));
     let got = derive(&d, &ep("a", "ns1", "web", &["app=shop"]), None);
-    assert_eq!(got.spiffe_id.to_string(), "spiffe://example.org/east/app/shop");
+    assert_eq!(
+        got.spiffe_id.to_string(),
+        "spiffe://example.org/east/app/shop"
+    );
     // No namespace in the ID, so none in the selectors: every namespace's `shop` shares it.
     assert_eq!(sels(&got), ["k8s:pod-label:app:shop"]);
     let d = deriver("verbose", Some("/pods/{namespace}/{name}"));
     let got = derive(&d, &ep("db-0", "ns1", "web", &[]), None);
-    assert_eq!(got.spiffe_id.to_string(), "spiffe://example.org/pods/ns1/db-0");
+    assert_eq!(
+        got.spiffe_id.to_string(),
+        "spiffe://example.org/pods/ns1/db-0"
+    );
     assert_eq!(sels(&got), ["k8s:ns:ns1", "k8s:pod-name:db-0"]);
 }
 
@@ -122,7 +156,12 @@ fn verbose_refuses_an_endpoint_without_the_app_label_or_with_a_value_outside_spi
         .derive(&ep("a", "default", "web", &["tier=fe"]), None)
         .expect_err("no app");
     let text = e.to_string();
-    assert!(text.contains("endpoint \"a\"") && text.contains("no app label") && text.contains("tier=fe"), "{text}");
+    assert!(
+        text.contains("endpoint \"a\"")
+            && text.contains("no app label")
+            && text.contains("tier=fe"),
+        "{text}"
+    );
     // `%` is a valid label value character nowhere, but a service account may hold what a path may not.
     let e = d
         .derive(&ep("a", "default", "Web Svc", &["app=shop"]), None)
@@ -139,26 +178,87 @@ fn verbose_refuses_an_endpoint_without_the_app_label_or_with_a_value_outside_spi
 #[test]
 fn bad_modes_and_templates_are_named_with_their_value() {
     let cases: &[(&str, Option<&str>, &str, &str)] = &[
-        ("spire", None, "spiffe_id_mode", "registered, istio, opaque or verbose"),
+        (
+            "spire",
+            None,
+            "spiffe_id_mode",
+            "registered, istio, opaque or verbose",
+        ),
         ("Istio", None, "spiffe_id_mode", "registered, istio"),
-        ("istio", Some("/{namespace}"), "spiffe_id_template", "only used with spiffe_id_mode verbose"),
-        ("verbose", Some("/ns/{nmespace}"), "spiffe_id_template", "unknown placeholder {nmespace}"),
-        ("verbose", Some("/ns/{namespace"), "spiffe_id_template", "unclosed '{'"),
-        ("verbose", Some("/ns/namespace}"), "spiffe_id_template", "unmatched '}'"),
-        ("verbose", Some("/ns/{{namespace}}"), "spiffe_id_template", "unclosed '{'"),
-        ("verbose", Some("/cluster/{cluster}"), "spiffe_id_template", "uses no endpoint attribute"),
-        ("verbose", Some("ns/{namespace}"), "spiffe_id_template", "valid SPIFFE ID path"),
-        ("verbose", Some("/ns//{namespace}"), "spiffe_id_template", "valid SPIFFE ID path"),
-        ("verbose", Some("/ns/{namespace}/"), "spiffe_id_template", "valid SPIFFE ID path"),
-        ("verbose", Some("/ns?/{namespace}"), "spiffe_id_template", "valid SPIFFE ID path"),
-        ("verbose", Some(""), "spiffe_id_template", "uses no endpoint attribute"),
+        (
+            "istio",
+            Some("/{namespace}"),
+            "spiffe_id_template",
+            "only used with spiffe_id_mode verbose",
+        ),
+        (
+            "verbose",
+            Some("/ns/{nmespace}"),
+            "spiffe_id_template",
+            "unknown placeholder {nmespace}",
+        ),
+        (
+            "verbose",
+            Some("/ns/{namespace"),
+            "spiffe_id_template",
+            "unclosed '{'",
+        ),
+        (
+            "verbose",
+            Some("/ns/namespace}"),
+            "spiffe_id_template",
+            "unmatched '}'",
+        ),
+        (
+            "verbose",
+            Some("/ns/{{namespace}}"),
+            "spiffe_id_template",
+            "unclosed '{'",
+        ),
+        (
+            "verbose",
+            Some("/cluster/{cluster}"),
+            "spiffe_id_template",
+            "uses no endpoint attribute",
+        ),
+        (
+            "verbose",
+            Some("ns/{namespace}"),
+            "spiffe_id_template",
+            "valid SPIFFE ID path",
+        ),
+        (
+            "verbose",
+            Some("/ns//{namespace}"),
+            "spiffe_id_template",
+            "valid SPIFFE ID path",
+        ),
+        (
+            "verbose",
+            Some("/ns/{namespace}/"),
+            "spiffe_id_template",
+            "valid SPIFFE ID path",
+        ),
+        (
+            "verbose",
+            Some("/ns?/{namespace}"),
+            "spiffe_id_template",
+            "valid SPIFFE ID path",
+        ),
+        (
+            "verbose",
+            Some(""),
+            "spiffe_id_template",
+            "uses no endpoint attribute",
+        ),
     ];
     for (mode, template, field, reason) in cases {
         let e = SpiffeIdMode::parse(mode, *template).expect_err(&format!("{mode} {template:?}"));
         let text = e.to_string();
         let value = template.unwrap_or(mode);
         assert!(
-            text.starts_with(&format!("{field}: invalid value {value:?}: ")) && text.contains(reason),
+            text.starts_with(&format!("{field}: invalid value {value:?}: "))
+                && text.contains(reason),
             "{mode} {template:?}: {text}"
         );
     }
@@ -169,14 +269,21 @@ fn cluster_names_must_be_path_segments() {
     check_cluster("east-1.prod_x").expect("valid");
     for bad in ["", ".", "..", "a/b", "a b", "é"] {
         let e = check_cluster(bad).expect_err(bad);
-        assert!(e.to_string().starts_with(&format!("cluster_name: invalid value {bad:?}")), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cluster_name: invalid value {bad:?}")),
+            "{e}"
+        );
     }
 }
 
 #[test]
 fn the_svid_used_is_the_one_of_the_derived_id() {
     let id = SpiffeId::parse("spiffe://example.org/identity/7").expect("id");
-    let offered = ["spiffe://example.org/identity/5", "spiffe://example.org/identity/7"];
+    let offered = [
+        "spiffe://example.org/identity/5",
+        "spiffe://example.org/identity/7",
+    ];
     assert_eq!(pick_svid(&id, offered), Some(1));
     assert_eq!(pick_svid(&id, ["spiffe://example.org/identity/5"]), None);
 }
