@@ -287,3 +287,92 @@ fn the_svid_used_is_the_one_of_the_derived_id() {
     assert_eq!(pick_svid(&id, offered), Some(1));
     assert_eq!(pick_svid(&id, ["spiffe://example.org/identity/5"]), None);
 }
+
+mod config {
+    use std::path::Path;
+
+    use crate::config::{Config, DEFAULT_AGENT_WORKLOAD_SOCKET, RunArgs};
+
+    fn load(args: RunArgs) -> anyhow::Result<Config> {
+        Config::from_layers(&args, |p: Option<&Path>| {
+            sigil_daemon::Layers::with_env("netd", p, Default::default())
+        })
+    }
+
+    fn istio() -> RunArgs {
+        RunArgs {
+            spiffe_id_mode: Some("istio".into()),
+            trust_domain: Some("example.org".into()),
+            agent_spiffe_id: Some("spiffe://example.org/sigil/agent/join_token/x".into()),
+            server_address: Some("127.0.0.1:8081".into()),
+            ..RunArgs::default()
+        }
+    }
+
+    #[test]
+    fn registered_is_the_default_and_registers_nothing() {
+        let c = load(RunArgs::default()).expect("config");
+        assert_eq!(c.spiffe_ids.mode.name(), "registered");
+        assert!(c.spiffe_ids.registrar.is_none());
+    }
+
+    #[test]
+    fn derived_modes_get_their_defaults() {
+        let c = load(istio()).expect("config");
+        let r = c.spiffe_ids.registrar.expect("registrar");
+        assert_eq!(r.deriver.cluster, "default");
+        assert_eq!(r.grace, std::time::Duration::from_secs(30));
+        assert_eq!(r.agent_workload_socket, Path::new(DEFAULT_AGENT_WORKLOAD_SOCKET));
+        assert_eq!(r.agent_spiffe_id.to_string(), "spiffe://example.org/sigil/agent/join_token/x");
+    }
+
+    #[test]
+    fn bad_or_missing_values_stop_start_up_by_name_and_value() {
+        let cases: Vec<(RunArgs, &str)> = vec![
+            (
+                RunArgs { spiffe_id_mode: Some("cilium".into()), ..RunArgs::default() },
+                "spiffe_id_mode: invalid value \"cilium\": registered, istio, opaque or verbose",
+            ),
+            (
+                RunArgs { spiffe_id_mode: Some("verbose".into()), spiffe_id_template: Some("/x/{pod}".into()), ..istio() },
+                "spiffe_id_template: invalid value \"/x/{pod}\": unknown placeholder {pod}",
+            ),
+            (
+                RunArgs { trust_domain: None, ..istio() },
+                "trust_domain: required with spiffe_id_mode istio",
+            ),
+            (
+                RunArgs { agent_spiffe_id: None, ..istio() },
+                "agent_spiffe_id: required with spiffe_id_mode istio",
+            ),
+            (
+                RunArgs { server_address: None, ..istio() },
+                "server_address: required with spiffe_id_mode istio",
+            ),
+            (
+                RunArgs { server_address: Some("localhost".into()), ..istio() },
+                "server_address: invalid value \"localhost\" from flag: want HOST:PORT",
+            ),
+            (
+                RunArgs { agent_spiffe_id: Some("spiffe://other.org/agent".into()), ..istio() },
+                "agent_spiffe_id: invalid value \"spiffe://other.org/agent\": not in trust_domain example.org",
+            ),
+            (
+                RunArgs { trust_domain: Some("Bad_TD".into()), ..istio() },
+                "trust_domain: invalid value \"Bad_TD\" from flag",
+            ),
+            (
+                RunArgs { cluster_name: Some("a/b".into()), ..istio() },
+                "cluster_name: invalid value \"a/b\"",
+            ),
+            (
+                RunArgs { derived_entry_grace: Some("soon".into()), ..istio() },
+                "derived_entry_grace: invalid value \"soon\" from flag",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = load(args).expect_err(want);
+            assert!(format!("{e:#}").starts_with(want), "want {want:?}, got {e:#}");
+        }
+    }
+}
