@@ -322,57 +322,97 @@ mod config {
         let r = c.spiffe_ids.registrar.expect("registrar");
         assert_eq!(r.deriver.cluster, "default");
         assert_eq!(r.grace, std::time::Duration::from_secs(30));
-        assert_eq!(r.agent_workload_socket, Path::new(DEFAULT_AGENT_WORKLOAD_SOCKET));
-        assert_eq!(r.agent_spiffe_id.to_string(), "spiffe://example.org/sigil/agent/join_token/x");
+        assert_eq!(
+            r.agent_workload_socket,
+            Path::new(DEFAULT_AGENT_WORKLOAD_SOCKET)
+        );
+        assert_eq!(
+            r.agent_spiffe_id.to_string(),
+            "spiffe://example.org/sigil/agent/join_token/x"
+        );
     }
 
     #[test]
     fn bad_or_missing_values_stop_start_up_by_name_and_value() {
         let cases: Vec<(RunArgs, &str)> = vec![
             (
-                RunArgs { spiffe_id_mode: Some("cilium".into()), ..RunArgs::default() },
+                RunArgs {
+                    spiffe_id_mode: Some("cilium".into()),
+                    ..RunArgs::default()
+                },
                 "spiffe_id_mode: invalid value \"cilium\": registered, istio, opaque or verbose",
             ),
             (
-                RunArgs { spiffe_id_mode: Some("verbose".into()), spiffe_id_template: Some("/x/{pod}".into()), ..istio() },
+                RunArgs {
+                    spiffe_id_mode: Some("verbose".into()),
+                    spiffe_id_template: Some("/x/{pod}".into()),
+                    ..istio()
+                },
                 "spiffe_id_template: invalid value \"/x/{pod}\": unknown placeholder {pod}",
             ),
             (
-                RunArgs { trust_domain: None, ..istio() },
+                RunArgs {
+                    trust_domain: None,
+                    ..istio()
+                },
                 "trust_domain: required with spiffe_id_mode istio",
             ),
             (
-                RunArgs { agent_spiffe_id: None, ..istio() },
+                RunArgs {
+                    agent_spiffe_id: None,
+                    ..istio()
+                },
                 "agent_spiffe_id: required with spiffe_id_mode istio",
             ),
             (
-                RunArgs { server_address: None, ..istio() },
+                RunArgs {
+                    server_address: None,
+                    ..istio()
+                },
                 "server_address: required with spiffe_id_mode istio",
             ),
             (
-                RunArgs { server_address: Some("localhost".into()), ..istio() },
+                RunArgs {
+                    server_address: Some("localhost".into()),
+                    ..istio()
+                },
                 "server_address: invalid value \"localhost\" from flag: want HOST:PORT",
             ),
             (
-                RunArgs { agent_spiffe_id: Some("spiffe://other.org/agent".into()), ..istio() },
+                RunArgs {
+                    agent_spiffe_id: Some("spiffe://other.org/agent".into()),
+                    ..istio()
+                },
                 "agent_spiffe_id: invalid value \"spiffe://other.org/agent\": not in trust_domain example.org",
             ),
             (
-                RunArgs { trust_domain: Some("Bad_TD".into()), ..istio() },
+                RunArgs {
+                    trust_domain: Some("Bad_TD".into()),
+                    ..istio()
+                },
                 "trust_domain: invalid value \"Bad_TD\" from flag",
             ),
             (
-                RunArgs { cluster_name: Some("a/b".into()), ..istio() },
+                RunArgs {
+                    cluster_name: Some("a/b".into()),
+                    ..istio()
+                },
                 "cluster_name: invalid value \"a/b\"",
             ),
             (
-                RunArgs { derived_entry_grace: Some("soon".into()), ..istio() },
+                RunArgs {
+                    derived_entry_grace: Some("soon".into()),
+                    ..istio()
+                },
                 "derived_entry_grace: invalid value \"soon\" from flag",
             ),
         ];
         for (args, want) in cases {
             let e = load(args).expect_err(want);
-            assert!(format!("{e:#}").starts_with(want), "want {want:?}, got {e:#}");
+            assert!(
+                format!("{e:#}").starts_with(want),
+                "want {want:?}, got {e:#}"
+            );
         }
     }
 }
