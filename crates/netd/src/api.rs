@@ -109,6 +109,7 @@ impl pb::endpoints_server::Endpoints for Api {
         req: Request<pb::CreateEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
+        self.precheck_spiffe_id(&r)?;
         let rec = self
             .handle
             .create_endpoint(CreateEndpoint {
@@ -281,5 +282,44 @@ impl pb::status_server::Status for Api {
             policies: count(snap.policies.len()),
             lost_events: self.counters.lost_events().unwrap_or(0),
         }))
+    }
+}
+
+impl Api {
+    /// In a derived SPIFFE ID mode, refuses an endpoint whose attributes cannot give its ID and
+    /// entry selectors, before anything is created.
+    fn precheck_spiffe_id(&self, r: &pb::CreateEndpointRequest) -> Result<(), Status> {
+        let Some(reg) = &self.config.spiffe_ids.registrar else {
+            return Ok(());
+        };
+        let or_default = |v: &'_ str| {
+            if v.is_empty() {
+                "default".to_owned()
+            } else {
+                v.to_owned()
+            }
+        };
+        let (namespace, service_account) =
+            (or_default(&r.namespace), or_default(&r.service_account));
+        let attrs = crate::spiffe_id::EndpointAttrs {
+            name: &r.name,
+            namespace: &namespace,
+            service_account: &service_account,
+            pod_labels: &r.labels,
+        };
+        reg.deriver.precheck(attrs).map_err(|e| {
+            Status::invalid_argument(match e {
+                crate::spiffe_id::SpiffeIdModeError::Endpoint {
+                    field,
+                    value,
+                    reason,
+                    ..
+                } => format!(
+                    "{field}: invalid value {value:?}: {reason} (spiffe_id_mode {})",
+                    reg.deriver.mode.name()
+                ),
+                other => other.to_string(),
+            })
+        })
     }
 }

@@ -184,6 +184,8 @@ struct Registrar {
     )>,
     unwanted_since: HashMap<String, Instant>,
     reported: Vec<SpiffeIdModeError>,
+    /// Whether the state after the first round on this connection was logged.
+    announced: bool,
 }
 
 impl Registrar {
@@ -204,6 +206,7 @@ impl Registrar {
         .await?;
         tracing::info!(netd = %svid.id, server = %self.cfg.server_address, "registrar connected to sigil-server");
         self.client = Some((c.clone(), svid.refresh_at));
+        self.announced = false;
         Ok(c)
     }
 
@@ -280,6 +283,16 @@ impl Registrar {
                 .unwrap_or_default();
             tracing::info!(entry = %made.id, spiffe_id = %spiffe_id, selectors = %sels.join(","), parent = %parent, "derived entry created");
         }
+        if !self.announced || !p.create.is_empty() || !p.delete.is_empty() {
+            tracing::info!(
+                entries = w.entries.len(),
+                created = p.create.len(),
+                deleted = p.delete.len(),
+                waiting = p.waiting.len(),
+                "derived entries in sync"
+            );
+            self.announced = true;
+        }
         Ok(p.waiting.iter().map(|(_, due)| *due).min())
     }
 }
@@ -300,6 +313,7 @@ pub async fn run(
         client: None,
         unwanted_since: HashMap::new(),
         reported: Vec::new(),
+        announced: false,
     };
     let mut seen: Option<Arc<Snapshot>> = None;
     let mut next: Option<Instant> = Some(Instant::now());

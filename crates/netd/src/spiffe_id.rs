@@ -296,32 +296,64 @@ pub fn check_cluster(name: &str) -> Result<(), SpiffeIdModeError> {
     }
 }
 
+/// What derivation reads of an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointAttrs<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Service account.
+    pub service_account: &'a str,
+    /// Pod labels `[source:]key=value`.
+    pub pod_labels: &'a [String],
+}
+
+impl<'a> From<&'a EndpointRecord> for EndpointAttrs<'a> {
+    fn from(r: &'a EndpointRecord) -> Self {
+        EndpointAttrs {
+            name: &r.name,
+            namespace: &r.namespace,
+            service_account: &r.service_account,
+            pod_labels: &r.pod_labels,
+        }
+    }
+}
+
 impl Deriver {
+    /// Checks, before an endpoint is created, that its attributes can give an ID and selectors in
+    /// this mode (the opaque number, not known yet, cannot make it fail), so that an endpoint that
+    /// could never get its entry is refused whole rather than created half-way.
+    pub fn precheck(&self, ep: EndpointAttrs<'_>) -> Result<(), SpiffeIdModeError> {
+        self.derive(ep, Some(1)).map(|_| ())
+    }
+
     /// The endpoint's derived ID and entry selectors; `None` in registered mode. `classic_identity` is
     /// the numeric identity of the endpoint's labels without the SPIFFE label (used by opaque only).
-    pub fn derive(
+    pub fn derive<'a>(
         &self,
-        ep: &EndpointRecord,
+        ep: impl Into<EndpointAttrs<'a>>,
         classic_identity: Option<u32>,
     ) -> Result<Option<Derived>, SpiffeIdModeError> {
+        let ep: EndpointAttrs<'a> = ep.into();
         let bad = |field: &'static str, value: &str, reason: String| SpiffeIdModeError::Endpoint {
-            endpoint: ep.name.clone(),
+            endpoint: ep.name.to_owned(),
             field,
             value: value.to_owned(),
             reason,
         };
         let mut attrs = PodAttributes {
-            namespace: ep.namespace.clone(),
+            namespace: ep.namespace.to_owned(),
             ..PodAttributes::default()
         };
         let path = match &self.mode {
             SpiffeIdMode::Registered => return Ok(None),
             SpiffeIdMode::Istio => {
-                attrs.service_account = ep.service_account.clone();
+                attrs.service_account = ep.service_account.to_owned();
                 format!("/ns/{}/sa/{}", ep.namespace, ep.service_account)
             }
             SpiffeIdMode::Opaque => {
-                for text in &ep.pod_labels {
+                for text in ep.pod_labels {
                     let l = Label::parse(text).map_err(|e| bad("labels", text, e.to_string()))?;
                     match l.source {
                         Source::K8s | Source::Unspec => attrs.labels.push((l.key, l.value)),
@@ -355,10 +387,10 @@ impl Deriver {
                 });
                 let vars = t.vars();
                 if vars.contains(&Var::ServiceAccount) {
-                    attrs.service_account = ep.service_account.clone();
+                    attrs.service_account = ep.service_account.to_owned();
                 }
                 if vars.contains(&Var::Name) {
-                    attrs.pod_name = ep.name.clone();
+                    attrs.pod_name = ep.name.to_owned();
                 }
                 if !vars.contains(&Var::Namespace) {
                     attrs.namespace.clear();
@@ -376,10 +408,10 @@ impl Deriver {
                 let app = app.unwrap_or_default();
                 t.render(|v| match v {
                     Var::Cluster => &self.cluster,
-                    Var::Namespace => &ep.namespace,
-                    Var::ServiceAccount => &ep.service_account,
+                    Var::Namespace => ep.namespace,
+                    Var::ServiceAccount => ep.service_account,
                     Var::App => &app,
-                    Var::Name => &ep.name,
+                    Var::Name => ep.name,
                 })
             }
         };
