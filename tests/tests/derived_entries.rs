@@ -1,0 +1,384 @@
+//! `--spiffe-id-mode` end to end: netd (istio mode) registers one entry per derived SPIFFE ID hosted on
+//! its node, parented to its own agent only, through the server's admin entry API over mTLS with its
+//! own admin SVID; a second agent on the same server never gets those entries or their keys; an
+//! identity's last endpoint leaving deletes its entry after the grace period; a netd restart adopts
+//! its entries. Bad modes and templates stop netd at start, naming the field and the value.
+
+#[path = "support/cli.rs"]
+mod cli;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cli::TD;
+use sigil_proto::spire::api::agent::delegatedidentity::v1 as dpb;
+use sigil_proto::spire::api::types as tpb;
+use sigil_test_util::{AgentProcess, NetdProcess, ServerProcess, sigil_bin};
+
+const HINT: &str = "sigil-netd-derived";
+const GRACE: Duration = Duration::from_secs(3);
+
+fn can_run() -> bool {
+    sigil_test_util::can_run_as_root_and("the derived-entries test", || {
+        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
+}
+
+fn agent_id(agent: &AgentProcess) -> String {
+    format!(
+        "spiffe://{TD}/sigil/agent/join_token/{}",
+        agent.token().expect("token")
+    )
+}
+
+fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// netd's entries on the server: (SPIFFE ID, parent, selectors, entry id), sorted.
+fn derived(server: &ServerProcess) -> Vec<(String, String, Vec<String>, String)> {
+    let mut out: Vec<_> = cli::entries(server, &["--hint", HINT])
+        .expect("entry show")
+        .iter()
+        .map(|e| {
+            let mut sels: Vec<String> = e["selectors"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|s| match s.as_str() {
+                            Some(t) => t.to_owned(),
+                            None => format!(
+                                "{}:{}",
+                                s["type"].as_str().unwrap_or_default(),
+                                s["value"].as_str().unwrap_or_default()
+                            ),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            sels.sort();
+            (
+                e["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+                e["parent_id"].as_str().unwrap_or_default().to_owned(),
+                sels,
+                e["id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The SPIFFE IDs an agent's Delegated Identity API gives for `selectors` (first message).
+async fn delegated_ids(
+    agent: &AgentProcess,
+    selectors: &[(&str, &str)],
+) -> anyhow::Result<Vec<String>> {
+    let ch = sigil_e2e::admin_channel(&agent.admin_socket).await?;
+    let mut c = dpb::delegated_identity_client::DelegatedIdentityClient::new(ch);
+    let mut stream = c
+        .subscribe_to_x509svi_ds(dpb::SubscribeToX509sviDsRequest {
+            selectors: selectors
+                .iter()
+                .map(|(t, v)| tpb::Selector {
+                    r#type: (*t).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            pid: 0,
+        })
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("stream closed"))?;
+    Ok(first
+        .x509_svids
+        .iter()
+        .filter_map(|s| s.x509_svid.as_ref()?.id.as_ref())
+        .map(|id| format!("spiffe://{}{}", id.trust_domain, id.path))
+        .collect())
+}
+
+async fn wait_delegated(
+    agent: &AgentProcess,
+    selectors: &[(&str, &str)],
+    want: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let ids = delegated_ids(agent, selectors).await?;
+        if ids.iter().any(|i| i == want) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "{want} never delegated; got {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn create(netd: &NetdProcess, name: &str, sa: &str, app: &str) {
+    netd.cli_ok(&[
+        "endpoint",
+        "create",
+        name,
+        "--service-account",
+        sa,
+        "--labels",
+        &format!("app={app}"),
+    ])
+    .expect("endpoint create");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istio_entries_live_on_the_hosting_node_only_and_leave_after_the_grace()
+-> anyhow::Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let server = ServerProcess::start(&[])?;
+    let delegate = format!("spiffe://{TD}/netd");
+    let node_a = AgentProcess::start(&server, &["--authorized-delegate", &delegate])?;
+    let node_b = AgentProcess::start(&server, &["--authorized-delegate", &delegate])?;
+    let (a, b) = (agent_id(&node_a), agent_id(&node_b));
+    let me = format!("unix:uid:{}", uid());
+    // netd's own identity on each node; on node A it is an admin (it registers entries).
+    cli::ok(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &delegate,
+            "--parent-id",
+            &a,
+            "--selector",
+            &me,
+            "--admin",
+        ],
+    )?;
+    cli::ok(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &delegate,
+            "--parent-id",
+            &b,
+            "--selector",
+            &me,
+        ],
+    )?;
+
+    let grace = format!("{}s", GRACE.as_secs());
+    let socket_a = node_a.socket.display().to_string();
+    let flags = [
+        "--spiffe-id-mode",
+        "istio",
+        "--trust-domain",
+        TD,
+        "--agent-spiffe-id",
+        &a,
+        "--server-address",
+        &server.addr(),
+        "--agent-workload-socket",
+        &socket_a,
+        "--derived-entry-grace",
+        &grace,
+    ];
+    let mut netd = NetdProcess::start_with(None, "derived", 211, 7, &flags)?;
+    create(&netd, "web-1", "web", "web");
+    create(&netd, "web-2", "web", "web2");
+    create(&netd, "db-1", "db", "db");
+
+    let web = format!("spiffe://{TD}/ns/default/sa/web");
+    let db = format!("spiffe://{TD}/ns/default/sa/db");
+    let got = wait_until("netd's entries", Duration::from_secs(20), || {
+        let d = derived(&server);
+        (d.len() == 2).then_some(d)
+    });
+    // One entry per identity (web-1 and web-2 share one), parented to node A's agent only.
+    assert_eq!(got[0].0, db);
+    assert_eq!(got[0].2, ["k8s:ns:default", "k8s:sa:db"]);
+    assert_eq!(got[1].0, web);
+    assert_eq!(got[1].2, ["k8s:ns:default", "k8s:sa:web"]);
+    assert!(got.iter().all(|e| e.1 == a), "{got:?}");
+    for id in [&web, &db] {
+        let all = cli::entries(&server, &["--spiffe-id", id])?;
+        assert_eq!(all.len(), 1, "no other entry holds {id}: {all:?}");
+    }
+    assert!(
+        cli::entries(&server, &["--parent-id", &b])?
+            .iter()
+            .all(|e| e["spiffe_id"] == delegate.as_str())
+    );
+
+    // Node A's agent holds web's key for an endpoint's selectors; node B's, asked the same, has nothing
+    // (control on B: it does serve its own unix entry to the same caller).
+    let web_sels = [("k8s", "ns:default"), ("k8s", "sa:web")];
+    wait_delegated(&node_a, &web_sels, &web).await?;
+    let uid_sel = format!("uid:{}", uid());
+    wait_delegated(&node_b, &[("unix", &uid_sel)], &delegate).await?;
+    assert_eq!(
+        delegated_ids(&node_b, &web_sels).await?,
+        Vec::<String>::new()
+    );
+
+    // A restart adopts the entries: same ids, no duplicates.
+    let before = derived(&server);
+    netd.kill9();
+    netd.spawn()?;
+    wait_until(
+        "the restarted registrar's first round",
+        Duration::from_secs(20),
+        || (netd.log_text().matches("derived entries in sync").count() >= 2).then_some(()),
+    );
+    assert_eq!(derived(&server), before, "restart must adopt, not recreate");
+
+    // db's only endpoint leaves: its entry stays through the grace, then goes; web keeps its entry
+    // while web-2 remains.
+    netd.cli_ok(&["endpoint", "delete", "db-1"])?;
+    netd.cli_ok(&["endpoint", "delete", "web-1"])?;
+    let left = Instant::now();
+    assert!(
+        derived(&server).iter().any(|e| e.0 == db),
+        "deleted before the grace"
+    );
+    wait_until("db's entry to go", GRACE + Duration::from_secs(15), || {
+        (!derived(&server).iter().any(|e| e.0 == db)).then_some(())
+    });
+    assert!(
+        left.elapsed() >= GRACE,
+        "deleted after {:?}, before the grace",
+        left.elapsed()
+    );
+    let now = derived(&server);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].0, web);
+    assert_eq!(
+        delegated_ids(&node_a, &[("k8s", "ns:default"), ("k8s", "sa:db")]).await?,
+        Vec::<String>::new()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_endpoint_that_cannot_derive_its_id_is_refused_whole() -> anyhow::Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    // The server is not even needed for the refusal; the registrar just retries meanwhile.
+    let flags = [
+        "--spiffe-id-mode",
+        "verbose",
+        "--trust-domain",
+        TD,
+        "--agent-spiffe-id",
+        "spiffe://identity.example.com/sigil/agent/x",
+        "--server-address",
+        "127.0.0.1:9",
+        "--agent-workload-socket",
+        "/nonexistent/api.sock",
+    ];
+    let netd = NetdProcess::start_with(None, "verbose", 211, 8, &flags)?;
+    let out = netd.cli(&["endpoint", "create", "noapp", "--labels", "tier=fe"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("labels: invalid value \"tier=fe\"") && err.contains("no app label"),
+        "{err}"
+    );
+    let list = netd.cli_ok(&["endpoint", "list"])?;
+    assert!(!list.contains("noapp"), "nothing half-created: {list}");
+    // Control: with the app label it is created.
+    netd.cli_ok(&["endpoint", "create", "withapp", "--labels", "app=shop"])?;
+    Ok(())
+}
+
+#[test]
+fn bad_modes_and_templates_stop_netd_at_start() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--spiffe-id-mode", "spire"],
+            "spiffe_id_mode: invalid value \"spire\"",
+        ),
+        (
+            &[
+                "--spiffe-id-mode",
+                "verbose",
+                "--spiffe-id-template",
+                "/ns/{nmespace}",
+            ],
+            "spiffe_id_template: invalid value \"/ns/{nmespace}\": unknown placeholder {nmespace}",
+        ),
+        (
+            &[
+                "--spiffe-id-mode",
+                "verbose",
+                "--spiffe-id-template",
+                "/ns/{namespace",
+            ],
+            "spiffe_id_template: invalid value \"/ns/{namespace\": unclosed '{'",
+        ),
+        (
+            &[
+                "--spiffe-id-mode",
+                "verbose",
+                "--spiffe-id-template",
+                "/ns/{namespace}/",
+            ],
+            "spiffe_id_template: invalid value \"/ns/{namespace}/\": does not give a valid SPIFFE ID path",
+        ),
+        (
+            &[
+                "--spiffe-id-mode",
+                "istio",
+                "--spiffe-id-template",
+                "/ns/{namespace}",
+            ],
+            "spiffe_id_template: invalid value \"/ns/{namespace}\": only used with spiffe_id_mode verbose",
+        ),
+        (
+            &["--spiffe-id-mode", "opaque"],
+            "trust_domain: required with spiffe_id_mode opaque",
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tmp");
+    for (flags, want) in cases {
+        let out = Command::new(sigil_bin())
+            .args(["netd", "run", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--api-socket")
+            .arg(dir.path().join("run/netd.sock"))
+            .arg("--bpf-pin-dir")
+            .arg(dir.path().join("pins"))
+            .args(*flags)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} must fail");
+        assert!(err.contains(want), "{flags:?}: want {want:?} in {err}");
+        assert!(
+            !dir.path().join("state").exists(),
+            "nothing is made before the config is valid"
+        );
+    }
+}
