@@ -382,3 +382,101 @@ fn bad_modes_and_templates_stop_netd_at_start() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_and_verbose_ids_and_stale_entries_of_a_former_mode_removed() -> anyhow::Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let server = ServerProcess::start(&[])?;
+    let node = AgentProcess::start(&server, &[])?;
+    let a = agent_id(&node);
+    let me = format!("unix:uid:{}", uid());
+    let netd_id = format!("spiffe://{TD}/netd");
+    cli::ok(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &netd_id,
+            "--parent-id",
+            &a,
+            "--selector",
+            &me,
+            "--admin",
+        ],
+    )?;
+    let socket = node.socket.display().to_string();
+    let addr = server.addr();
+    let common = |mode: &'static str| -> Vec<String> {
+        [
+            "--spiffe-id-mode",
+            mode,
+            "--trust-domain",
+            TD,
+            "--agent-spiffe-id",
+            &a,
+            "--server-address",
+            &addr,
+            "--agent-workload-socket",
+            &socket,
+            "--derived-entry-grace",
+            "1s",
+            "--cluster-name",
+            "east",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // Opaque: the ID names the endpoint's numeric identity; the selectors are its labels.
+    let flags = common("opaque");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let netd = NetdProcess::start_with(None, "opaque", 211, 9, &flags)?;
+    let out = netd.cli_ok(&[
+        "endpoint",
+        "create",
+        "shop-1",
+        "--labels",
+        "app=shop,tier=fe",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let identity = v["identity"].as_u64().expect("identity");
+    let want = format!("spiffe://{TD}/identity/{identity}");
+    let got = wait_until("the opaque entry", Duration::from_secs(20), || {
+        let d = derived(&server);
+        (d.len() == 1).then_some(d)
+    });
+    assert_eq!(got[0].0, want);
+    assert_eq!(got[0].1, a);
+    assert_eq!(
+        got[0].2,
+        [
+            "k8s:ns:default",
+            "k8s:pod-label:app:shop",
+            "k8s:pod-label:tier:fe"
+        ]
+    );
+    drop(netd);
+
+    // The same node switched to verbose: the new ID is registered and the opaque entry, no longer
+    // wanted, goes after the grace.
+    let mut flags = common("verbose");
+    flags.extend([
+        "--spiffe-id-template".to_owned(),
+        "/cluster/{cluster}/ns/{namespace}/app/{app}".to_owned(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let netd = NetdProcess::start_with(None, "verbose2", 211, 10, &flags)?;
+    netd.cli_ok(&["endpoint", "create", "shop-2", "--labels", "app=shop"])?;
+    let verbose = format!("spiffe://{TD}/cluster/east/ns/default/app/shop");
+    let got = wait_until("only the verbose entry", Duration::from_secs(20), || {
+        let d = derived(&server);
+        (d.len() == 1 && d[0].0 == verbose).then_some(d)
+    });
+    assert_eq!(got[0].1, a);
+    assert_eq!(got[0].2, ["k8s:ns:default", "k8s:pod-label:app:shop"]);
+    Ok(())
+}

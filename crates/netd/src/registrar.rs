@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::config::RegistrarConfig;
 use crate::snapshot::Snapshot;
-use crate::spiffe_id::{Deriver, SpiffeIdModeError};
+use crate::spiffe_id::{Deriver, SpiffeIdMode, SpiffeIdModeError};
 use crate::state::identity_labels;
 
 /// The hint marking the entries netd registers (with this node's agent as their parent).
@@ -43,27 +43,30 @@ pub struct Wanted {
     pub errors: Vec<SpiffeIdModeError>,
 }
 
-/// The numeric identity of `labels` (sorted `source:key=value`) in the snapshot, if allocated.
-fn identity_of(snap: &Snapshot, labels: &[String]) -> Option<u32> {
-    snap.identities
-        .iter()
-        .find(|(_, l)| l.as_slice() == labels)
-        .map(|(id, _)| *id)
-}
-
 /// The entries the endpoints in `snap` need. Opaque IDs use the identity of each endpoint's labels
 /// without its SPIFFE label, looked up among the allocated identities. Two endpoints deriving the same
 /// ID with different selectors (a verbose template whose placeholders run together) cannot share one
 /// entry: the first by name keeps it, the other is refused.
 pub fn wanted(snap: &Snapshot, deriver: &Deriver) -> Wanted {
     let mut out = Wanted::default();
+    let opaque = matches!(deriver.mode, SpiffeIdMode::Opaque);
+    // Labels (sorted `source:key=value`) → allocated identity, for opaque numbers.
+    let by_labels: HashMap<&[String], u32> = if opaque {
+        snap.identities
+            .iter()
+            .map(|(id, l)| (l.as_slice(), *id))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     for (name, (rec, _)) in &snap.endpoints {
-        let classic = identity_labels(&rec.pod_labels, &rec.namespace, None)
-            .ok()
+        let classic = opaque
+            .then(|| identity_labels(&rec.pod_labels, &rec.namespace, None).ok())
+            .flatten()
             .and_then(|l| {
                 let mut v: Vec<String> = l.iter().map(ToString::to_string).collect();
                 v.sort();
-                identity_of(snap, &v)
+                by_labels.get(v.as_slice()).copied()
             });
         match deriver.derive(rec, classic) {
             Ok(None) => {}
