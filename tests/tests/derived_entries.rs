@@ -480,3 +480,73 @@ async fn opaque_and_verbose_ids_and_stale_entries_of_a_former_mode_removed() -> 
     assert_eq!(got[0].2, ["k8s:ns:default", "k8s:pod-label:app:shop"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_netd_without_an_admin_entry_registers_nothing_until_it_gets_one() -> anyhow::Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let server = ServerProcess::start(&[])?;
+    let node = AgentProcess::start(&server, &[])?;
+    let a = agent_id(&node);
+    let me = format!("unix:uid:{}", uid());
+    let netd_id = format!("spiffe://{TD}/netd");
+    let made = cli::json(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &netd_id,
+            "--parent-id",
+            &a,
+            "--selector",
+            &me,
+        ],
+    )?;
+    let entry_id = made["id"]
+        .as_str()
+        .or_else(|| made["entries"][0]["id"].as_str())
+        .or_else(|| made["entry"]["id"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no entry id in {made}"));
+    let socket = node.socket.display().to_string();
+    let flags = [
+        "--spiffe-id-mode",
+        "istio",
+        "--trust-domain",
+        TD,
+        "--agent-spiffe-id",
+        &a,
+        "--server-address",
+        &server.addr(),
+        "--agent-workload-socket",
+        &socket,
+    ];
+    let netd = NetdProcess::start_with(None, "notadmin", 211, 11, &flags)?;
+    netd.cli_ok(&["endpoint", "create", "web-1", "--service-account", "web"])?;
+    // Refused by the server, named in netd's log; nothing registered.
+    wait_until(
+        "the server's refusal in netd's log",
+        Duration::from_secs(20),
+        || {
+            netd.log_text()
+                .contains(&format!(
+                    "{netd_id} is not the SPIFFE ID of an entry marked admin"
+                ))
+                .then_some(())
+        },
+    );
+    assert!(derived(&server).is_empty());
+    // Control: once its entry is admin, the retry registers the endpoint's identity.
+    cli::ok(
+        &server,
+        &["entry", "update", "--entry-id", &entry_id, "--admin"],
+    )?;
+    let got = wait_until("the entry after the retry", Duration::from_secs(30), || {
+        let d = derived(&server);
+        (d.len() == 1).then_some(d)
+    });
+    assert_eq!(got[0].0, format!("spiffe://{TD}/ns/default/sa/web"));
+    Ok(())
+}
