@@ -339,3 +339,51 @@ fn forge(id: &str) -> anyhow::Result<Svid> {
         key: PrivatePkcs8KeyDer::from(key.serialize_der()),
     })
 }
+
+/// The leaf's notAfter.
+fn not_after(svid: &Svid) -> anyhow::Result<std::time::SystemTime> {
+    let (_, c) = x509_parser::parse_x509_certificate(&svid.chain[0])
+        .map_err(|e| anyhow::anyhow!("bad DER: {e}"))?;
+    let secs = u64::try_from(c.validity().not_after.timestamp())?;
+    Ok(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+#[tokio::test]
+async fn an_admin_connection_does_not_outlive_its_svid() -> anyhow::Result<()> {
+    let server = ServerProcess::start(&["--x509-svid-ttl", "3s"])?;
+    let agent = AgentProcess::start(&server, &[])?;
+    let parent = agent_id(&agent);
+    let me = format!("unix:uid:{}", uid());
+    let admin_id = format!("spiffe://{TD}/ops/admin");
+    cli::ok(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &admin_id,
+            "--parent-id",
+            &parent,
+            "--selector",
+            &me,
+            "--admin",
+        ],
+    )?;
+    let svids = workload_svids(&agent, 1).await?;
+    let admin = &svids[0];
+    let mut c = entries_over_tls(&server, Some(admin)).await?;
+    // Control: valid now, on this connection.
+    c.list_entries(apb::ListEntriesRequest::default()).await?;
+    // Attack: keep the connection open past the SVID's expiry and call again.
+    let end = not_after(admin)?;
+    while std::time::SystemTime::now() <= end + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = c
+        .list_entries(apb::ListEntriesRequest::default())
+        .await
+        .expect_err("expired SVID");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("expired"), "{s:?}");
+    Ok(())
+}

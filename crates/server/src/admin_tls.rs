@@ -47,11 +47,30 @@ impl TlsEntries {
             // Agents and the server itself: node identities are never admins.
             return Err(denied("is a node identity, not an admin workload"));
         }
-        if !self.state.catalog.is_admin(&id, self.state.now()) {
+        let now = self.state.now();
+        // The handshake checked validity once; a long-lived connection must not outlive the SVID.
+        if peer
+            .certs
+            .first()
+            .and_then(leaf_not_after)
+            .is_none_or(|t| t <= now)
+        {
+            return Err(denied(
+                "presented an X.509-SVID that has expired since the handshake",
+            ));
+        }
+        if !self.state.catalog.is_admin(&id, now) {
             return Err(denied("is not the SPIFFE ID of an entry marked admin"));
         }
         Ok(id)
     }
+}
+
+/// The leaf's notAfter, in Unix seconds.
+fn leaf_not_after(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, c) = X509Certificate::from_der(cert).ok()?;
+    Some(c.validity().not_after.timestamp())
 }
 
 #[tonic::async_trait]
