@@ -133,11 +133,16 @@ async fn wait_delegated(
     }
 }
 
+/// An endpoint name unique to this test process (namespaces and veths are named after it).
+fn ep(base: &str) -> String {
+    format!("d{}-{base}", std::process::id())
+}
+
 fn create(netd: &NetdProcess, name: &str, sa: &str, app: &str) {
     netd.cli_ok(&[
         "endpoint",
         "create",
-        name,
+        &ep(name),
         "--service-account",
         sa,
         "--labels",
@@ -254,8 +259,8 @@ async fn istio_entries_live_on_the_hosting_node_only_and_leave_after_the_grace()
 
     // db's only endpoint leaves: its entry stays through the grace, then goes; web keeps its entry
     // while web-2 remains.
-    netd.cli_ok(&["endpoint", "delete", "db-1"])?;
-    netd.cli_ok(&["endpoint", "delete", "web-1"])?;
+    netd.cli_ok(&["endpoint", "delete", &ep("db-1")])?;
+    netd.cli_ok(&["endpoint", "delete", &ep("web-1")])?;
     let left = Instant::now();
     assert!(
         derived(&server).iter().any(|e| e.0 == db),
@@ -298,7 +303,7 @@ async fn an_endpoint_that_cannot_derive_its_id_is_refused_whole() -> anyhow::Res
         "/nonexistent/api.sock",
     ];
     let netd = NetdProcess::start_with(None, "verbose", 211, 8, &flags)?;
-    let out = netd.cli(&["endpoint", "create", "noapp", "--labels", "tier=fe"])?;
+    let out = netd.cli(&["endpoint", "create", &ep("noapp"), "--labels", "tier=fe"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -306,9 +311,9 @@ async fn an_endpoint_that_cannot_derive_its_id_is_refused_whole() -> anyhow::Res
         "{err}"
     );
     let list = netd.cli_ok(&["endpoint", "list"])?;
-    assert!(!list.contains("noapp"), "nothing half-created: {list}");
+    assert!(!list.contains(&ep("noapp")), "nothing half-created: {list}");
     // Control: with the app label it is created.
-    netd.cli_ok(&["endpoint", "create", "withapp", "--labels", "app=shop"])?;
+    netd.cli_ok(&["endpoint", "create", &ep("withapp"), "--labels", "app=shop"])?;
     Ok(())
 }
 
@@ -438,7 +443,7 @@ async fn opaque_and_verbose_ids_and_stale_entries_of_a_former_mode_removed() -> 
     let out = netd.cli_ok(&[
         "endpoint",
         "create",
-        "shop-1",
+        &ep("shop-1"),
         "--labels",
         "app=shop,tier=fe",
     ])?;
@@ -470,7 +475,7 @@ async fn opaque_and_verbose_ids_and_stale_entries_of_a_former_mode_removed() -> 
     ]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let netd = NetdProcess::start_with(None, "verbose2", 211, 10, &flags)?;
-    netd.cli_ok(&["endpoint", "create", "shop-2", "--labels", "app=shop"])?;
+    netd.cli_ok(&["endpoint", "create", &ep("shop-2"), "--labels", "app=shop"])?;
     let verbose = format!("spiffe://{TD}/cluster/east/ns/default/app/shop");
     let got = wait_until("only the verbose entry", Duration::from_secs(20), || {
         let d = derived(&server);
@@ -524,7 +529,13 @@ async fn a_netd_without_an_admin_entry_registers_nothing_until_it_gets_one() -> 
         &socket,
     ];
     let netd = NetdProcess::start_with(None, "notadmin", 211, 11, &flags)?;
-    netd.cli_ok(&["endpoint", "create", "web-1", "--service-account", "web"])?;
+    netd.cli_ok(&[
+        "endpoint",
+        "create",
+        &ep("web-1"),
+        "--service-account",
+        "web",
+    ])?;
     // Refused by the server, named in netd's log; nothing registered.
     wait_until(
         "the server's refusal in netd's log",
