@@ -561,3 +561,84 @@ async fn a_netd_without_an_admin_entry_registers_nothing_until_it_gets_one() -> 
     assert_eq!(got[0].0, format!("spiffe://{TD}/ns/default/sa/web"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_hosting_one_identity_get_one_entry_each() -> anyhow::Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let server = ServerProcess::start(&[])?;
+    let node_a = AgentProcess::start(&server, &[])?;
+    let node_b = AgentProcess::start(&server, &[])?;
+    let me = format!("unix:uid:{}", uid());
+    let netd_id = format!("spiffe://{TD}/netd");
+    let mut netds = Vec::new();
+    for (i, node) in [&node_a, &node_b].into_iter().enumerate() {
+        let parent = agent_id(node);
+        cli::ok(
+            &server,
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                &netd_id,
+                "--parent-id",
+                &parent,
+                "--selector",
+                &me,
+                "--admin",
+            ],
+        )?;
+        let socket = node.socket.display().to_string();
+        let flags = [
+            "--spiffe-id-mode",
+            "istio",
+            "--trust-domain",
+            TD,
+            "--agent-spiffe-id",
+            &parent,
+            "--server-address",
+            &server.addr(),
+            "--agent-workload-socket",
+            &socket,
+            "--derived-entry-grace",
+            "1s",
+        ];
+        let tag = format!("two{i}");
+        netds.push(NetdProcess::start_with(
+            None,
+            &tag,
+            211,
+            12 + i as u8,
+            &flags,
+        )?);
+    }
+    create(&netds[0], "two-a", "web", "web");
+    create(&netds[1], "two-b", "web", "web");
+    let web = format!("spiffe://{TD}/ns/default/sa/web");
+    let (a, b) = (agent_id(&node_a), agent_id(&node_b));
+    let got = wait_until("one entry per node", Duration::from_secs(20), || {
+        let d = derived(&server);
+        (d.len() == 2).then_some(d)
+    });
+    let mut parents: Vec<&str> = got.iter().map(|e| e.1.as_str()).collect();
+    parents.sort();
+    let mut want = vec![a.as_str(), b.as_str()];
+    want.sort();
+    assert_eq!(parents, want);
+    assert!(
+        got.iter()
+            .all(|e| e.0 == web && e.2 == ["k8s:ns:default", "k8s:sa:web"]),
+        "{got:?}"
+    );
+
+    // Node B's endpoint leaves: only node B's entry goes; node A's netd never touches it and B's
+    // never touches A's.
+    netds[1].cli_ok(&["endpoint", "delete", &ep("two-b")])?;
+    let left = wait_until("node B's entry to go", Duration::from_secs(20), || {
+        let d = derived(&server);
+        (d.len() == 1).then_some(d)
+    });
+    assert_eq!(left[0].1, a);
+    Ok(())
+}

@@ -127,6 +127,8 @@ pub async fn serve(
     let _ = stop.wait_for(|s| *s).await;
     monitor.abort();
     if let Some(r) = registrar {
+        // A round cut short is harmless: the next start lists and adopts what is there.
+        r.abort();
         let _ = r.await;
     }
     if let Some(w) = watcher {
