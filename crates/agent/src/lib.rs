@@ -69,14 +69,23 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
+    let health = sigil_daemon::Health::new(
+        rt.ready.clone(),
+        &[
+            "SpiffeWorkloadAPI",
+            "spire.api.agent.delegatedidentity.v1.DelegatedIdentity",
+        ],
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut s1 = stop_rx.clone();
     // The servers apart from the background tasks: on stop they get the drain timeout.
     let mut servers = tokio::task::JoinSet::new();
+    let health1 = health.clone();
     servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(workload))
             .add_service(reflection)
+            .add_service(health1.into_server())
             .serve_with_incoming_shutdown(
                 sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(public)),
                 async move {
@@ -91,6 +100,7 @@ pub async fn serve(
     servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(delegated.into_server())
+            .add_service(health.into_server())
             .serve_with_incoming_shutdown(
                 sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(
                     admin_listener,
