@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use sigil_policy::PolicyId;
 
@@ -29,6 +31,9 @@ pub struct Snapshot {
     pub endpoint_ids: HashMap<u32, String>,
     /// Rule cookie → `Kind/namespace/name: rule path`.
     pub rules: HashMap<u32, String>,
+    /// Network namespace (nsfs device, inode) → endpoint name; built on the first lookup by namespace
+    /// after this snapshot was published (a `stat` per endpoint), so publishing stays as cheap as before.
+    netns_index: OnceLock<HashMap<(u64, u64), String>>,
 }
 
 impl Snapshot {
@@ -68,6 +73,42 @@ impl Snapshot {
             name: name.to_owned(),
         })
     }
+}
+
+impl Snapshot {
+    /// The endpoint whose network namespace is the nsfs file with device `dev` and inode `ino`.
+    ///
+    /// The index maps namespaces to names as they were when it was built; the hit is checked again
+    /// against the endpoint's namespace file now, so an answer never names an endpoint whose namespace
+    /// is no longer that one.
+    pub fn endpoint_by_netns(
+        &self,
+        dev: u64,
+        ino: u64,
+    ) -> Result<&(EndpointRecord, Vec<String>), NetdError> {
+        let not_found = || NetdError::NotFound {
+            what: "endpoint with network namespace",
+            name: format!("dev {dev} inode {ino}"),
+        };
+        let index = self.netns_index.get_or_init(|| {
+            self.endpoints
+                .values()
+                .filter_map(|(r, _)| Some((nsfs_id(&r.netns_path)?, r.name.clone())))
+                .collect()
+        });
+        let name = index.get(&(dev, ino)).ok_or_else(not_found)?;
+        let found = self.endpoints.get(name).ok_or_else(not_found)?;
+        if nsfs_id(&found.0.netns_path) != Some((dev, ino)) {
+            return Err(not_found());
+        }
+        Ok(found)
+    }
+}
+
+/// Device and inode of a namespace file (`/run/netns/<name>`), `None` if it cannot be read.
+fn nsfs_id(path: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
 }
 
 /// The one policy among `ids` that `name` names.
