@@ -251,6 +251,21 @@ fn workload_in_endpoint_gets_exactly_its_svid() {
         Fetched::Error(e) => assert!(e.contains("no identity issued"), "{e}"),
         ids => panic!("uid 1000 outside any endpoint got {ids:?}"),
     }
+    // Attack: the same user in a network namespace of its own (user + net namespace, no privilege
+    // needed) is in no endpoint's namespace and gets nothing from it.
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--"])
+        .arg(client_bin())
+        .arg(agent.endpoint())
+        .uid(WORKLOAD_UID)
+        .gid(WORKLOAD_UID)
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    match parse(&out) {
+        Fetched::Error(e) => assert!(e.contains("no identity issued"), "{e}"),
+        ids => panic!("uid 1000 in its own netns got {ids:?}"),
+    }
     // A registered uid inside frontend gets both its unix entry and frontend's: the selectors add up.
     assert_eq!(
         in_endpoint(&netd, &agent, &frontend, CONTROL_UID),
