@@ -180,3 +180,68 @@ pub struct PolicyInfo {
     /// YAML text of its file (shared by the file's policies).
     pub yaml: Arc<str>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn record(name: &str, netns_path: PathBuf) -> EndpointRecord {
+        EndpointRecord {
+            name: name.to_owned(),
+            namespace: "default".into(),
+            pod_labels: Vec::new(),
+            spiffe_id: None,
+            service_account: "default".into(),
+            uid: String::new(),
+            identity: 256,
+            ipv4: "10.0.0.2".parse().expect("ipv4"),
+            ipv6: "fd00::2".parse().expect("ipv6"),
+            host_index: 2,
+            endpoint_id: 7,
+            host_interface: "lxc0".into(),
+            netns_name: format!("sigil-{name}"),
+            netns_path,
+            interface: "eth0".into(),
+        }
+    }
+
+    fn id(path: &Path) -> (u64, u64) {
+        nsfs_id(path).expect("stat")
+    }
+
+    // Plain files stand in for `/run/netns/<name>`: the lookup only compares device and inode.
+    #[test]
+    fn finds_the_endpoint_by_namespace_file_and_never_a_stale_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "").expect("a");
+        std::fs::write(&b, "").expect("b");
+        let mut snap = Snapshot::default();
+        for (name, path) in [
+            ("a", a.clone()),
+            ("b", b.clone()),
+            ("gone", dir.path().join("gone")),
+        ] {
+            snap.endpoints
+                .insert(name.into(), (record(name, path), Vec::new()));
+        }
+        let (dev, ino) = id(&a);
+        assert_eq!(snap.endpoint_by_netns(dev, ino).expect("a").0.name, "a");
+        let (dev, ino) = id(&b);
+        assert_eq!(snap.endpoint_by_netns(dev, ino).expect("b").0.name, "b");
+        let err = snap.endpoint_by_netns(dev, ino + 1_000_000).expect_err("unknown");
+        assert!(matches!(err, NetdError::NotFound { .. }), "{err}");
+
+        // `a`'s namespace file now names another namespace (a new inode): the indexed old one is no
+        // longer `a`'s, and is refused rather than answered from the index.
+        let (old_dev, old_ino) = id(&a);
+        let replacement = dir.path().join("a2");
+        std::fs::write(&replacement, "").expect("a2");
+        std::fs::rename(&replacement, &a).expect("rename");
+        assert_ne!(id(&a), (old_dev, old_ino));
+        let err = snap.endpoint_by_netns(old_dev, old_ino).expect_err("stale");
+        assert!(matches!(err, NetdError::NotFound { .. }), "{err}");
+    }
+}
