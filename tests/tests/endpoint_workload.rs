@@ -5,6 +5,7 @@
 //! Endpoint names carry this process's id (netns names are global); the entries select them with
 //! `k8s:pod-name:<name>` exactly as SPIRE's k8s attestor spells it.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -217,7 +218,7 @@ fn workload_in_endpoint_gets_exactly_its_svid() {
         &server,
         &other_id,
         &parent,
-        &["k8s:ns:default", &format!("k8s:pod-name:{other}")],
+        &["k8s:ns:default", "k8s:pod-label:app:other"],
     );
     entry(
         &server,
@@ -295,6 +296,44 @@ fn workload_in_endpoint_gets_exactly_its_svid() {
         "uid 1000 in frontend after netd restart",
         &Fetched::Ids(vec![fe_id.clone()]),
         || in_endpoint(&netd, &agent, &frontend, WORKLOAD_UID),
+    );
+
+    // Endpoints are looked up on every connection, so their changes apply to the next one: relabelled,
+    // `other` no longer matches `k8s:pod-label:app:other`.
+    netd.cli_ok(&["endpoint", "labels", &other, "--set", "app=moved"])
+        .expect("relabel");
+    match in_endpoint(&netd, &agent, &other, WORKLOAD_UID) {
+        Fetched::Error(e) => assert!(e.contains("no identity issued"), "{e}"),
+        ids => panic!("relabelled other still got {ids:?}"),
+    }
+    // Attack: a process left behind in frontend's namespace after the endpoint is deleted (it keeps the
+    // namespace alive) asks afterwards, and gets nothing.
+    let mut lingering = Command::new(sigil_test_util::sigil_bin())
+        .args(["endpoint", "exec", "--api-socket"])
+        .arg(&netd.api_socket)
+        .args([frontend.as_str(), "--uid", "1000", "--gid", "1000", "--"])
+        .args(["sh", "-c", "echo ready; read _; exec \"$0\" \"$1\""])
+        .arg(client_bin())
+        .arg(agent.endpoint())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("lingering workload");
+    let mut out = BufReader::new(lingering.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    assert_eq!(line, "ready\n");
+    netd.cli_ok(&["endpoint", "delete", &frontend])
+        .expect("delete frontend");
+    let mut stdin = lingering.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("client output");
+    let status = lingering.wait().expect("wait");
+    assert!(
+        !status.success() && rest.contains("no identity issued"),
+        "a process in deleted frontend's namespace got: {rest} ({status})"
     );
     agent.kill9();
 }

@@ -44,15 +44,17 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
 }
 
 /// The agent's workload attestation: `unix` selectors always, plus, unless `netd_socket` is `none`, the
-/// `k8s` selectors of the sigil-netd endpoint whose network namespace the caller is in. Must be called
-/// inside the agent's runtime (netd is asked on it).
+/// `k8s` selectors of the sigil-netd endpoint whose network namespace the caller is in. Call it inside the
+/// agent's runtime: netd is asked on it.
 pub fn workload_attestor(config: &AgentConfig) -> anyhow::Result<Arc<dyn WorkloadAttestor>> {
     let unix: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
     let Some(socket) = &config.netd_socket else {
         tracing::info!("endpoint workload attestation off (netd_socket = none)");
         return Ok(unix);
     };
-    let lookup = NetdLookup::new(socket, tokio::runtime::Handle::current());
+    let runtime = tokio::runtime::Handle::try_current()
+        .context("endpoint workload attestor: no async runtime to ask netd on")?;
+    let lookup = NetdLookup::new(socket, runtime);
     let endpoint = EndpointAttestor::new(lookup).context("endpoint workload attestor")?;
     tracing::info!(netd_socket = %socket.display(), "endpoint workload attestation on");
     Ok(Arc::new(ChainAttestor::new(vec![unix, Arc::new(endpoint)])))

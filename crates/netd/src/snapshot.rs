@@ -231,7 +231,9 @@ mod tests {
         assert_eq!(snap.endpoint_by_netns(dev, ino).expect("a").0.name, "a");
         let (dev, ino) = id(&b);
         assert_eq!(snap.endpoint_by_netns(dev, ino).expect("b").0.name, "b");
-        let err = snap.endpoint_by_netns(dev, ino + 1_000_000).expect_err("unknown");
+        let err = snap
+            .endpoint_by_netns(dev, ino + 1_000_000)
+            .expect_err("unknown");
         assert!(matches!(err, NetdError::NotFound { .. }), "{err}");
 
         // `a`'s namespace file now names another namespace (a new inode): the indexed old one is no
