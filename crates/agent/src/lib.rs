@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use sigil_attestor::{UnixAttestor, WorkloadAttestor};
+use sigil_attestor::{ChainAttestor, EndpointAttestor, NetdLookup, UnixAttestor, WorkloadAttestor};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 pub use config::{AgentConfig, AgentRunArgs};
@@ -39,8 +39,25 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     );
     // Every workload stream holds a socket.
     sigil_daemon::raise_fd_limit();
-    let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
+    let attestor = workload_attestor(&config)?;
     serve(config, attestor, sigil_daemon::Runtime::default()).await
+}
+
+/// The agent's workload attestation: `unix` selectors always, plus, unless `netd_socket` is `none`, the
+/// `k8s` selectors of the sigil-netd endpoint whose network namespace the caller is in. Call it inside the
+/// agent's runtime: netd is asked on it.
+pub fn workload_attestor(config: &AgentConfig) -> anyhow::Result<Arc<dyn WorkloadAttestor>> {
+    let unix: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
+    let Some(socket) = &config.netd_socket else {
+        tracing::info!("endpoint workload attestation off (netd_socket = none)");
+        return Ok(unix);
+    };
+    let runtime = tokio::runtime::Handle::try_current()
+        .context("endpoint workload attestor: no async runtime to ask netd on")?;
+    let lookup = NetdLookup::new(socket, runtime);
+    let endpoint = EndpointAttestor::new(lookup).context("endpoint workload attestor")?;
+    tracing::info!(netd_socket = %socket.display(), "endpoint workload attestation on");
+    Ok(Arc::new(ChainAttestor::new(vec![unix, Arc::new(endpoint)])))
 }
 
 /// Starts the agent with the given workload attestor and serves until a signal or a fatal condition.
