@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/sigil/agent/v1/agent.proto",
     "proto/sigil/netd/v1/netd.proto",
     "proto/workload.proto",
+    "proto/grpc/health/v1/health.proto",
     "proto/spire/api/types/selector.proto",
     "proto/spire/api/types/spiffeid.proto",
     "proto/spire/api/types/x509svid.proto",

@@ -96,7 +96,23 @@ def netd_create_endpoint(ch, name):
     return {"names": [resp.name]}
 
 
+HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def health(ch, service=""):
+    # grpc.health.v1 by hand: stubs generated into a `grpc/` directory cannot be imported beside
+    # the installed `grpc` package. HealthCheckRequest is field 1 (string); the response's
+    # status is field 1 (varint).
+    name = service.encode()
+    assert len(name) < 128
+    check = ch.unary_unary("/grpc.health.v1.Health/Check")
+    resp = check(b"\x0a" + bytes([len(name)]) + name if name else b"", timeout=TIMEOUT)
+    status = resp[1] if len(resp) >= 2 and resp[0] == 0x08 else 0
+    return {"status": HEALTH_STATUS.get(status, str(status))}
+
+
 CASES = {
+    "health": health,
     "workload-x509": workload_x509,
     "workload-jwt": workload_jwt,
     "workload-bundles": workload_bundles,

@@ -194,6 +194,9 @@ fn workload_api_serves_grpcio_clients() -> anyhow::Result<()> {
     assert_eq!(v["code"], "INVALID_ARGUMENT", "{v}");
     let v = stubs.call(base, &abs, "workload-x509", &[])?;
     assert_eq!(v["code"], "PERMISSION_DENIED", "{v}");
+    // The standard health service answers anyone on the public socket.
+    let v = stubs.call(base, &abs, "health", &["SpiffeWorkloadAPI"])?;
+    assert_eq!(v["status"], "SERVING", "{v}");
     let v = stubs.call(base, &abs, "workload-jwt", &["aud"])?;
     assert_eq!(v["code"], "PERMISSION_DENIED", "{v}");
 
@@ -304,6 +307,8 @@ fn server_admin_api_serves_grpcio_clients() -> anyhow::Result<()> {
     for (cwd, target) in targets(&server.admin_socket, base) {
         let v = stubs.call(&cwd, &target, "admin-list-entries", &[])?;
         assert_eq!(v["code"], "OK", "{target}: {v}");
+        let h = stubs.call(&cwd, &target, "health", &["sigil.admin.v1.Entries"])?;
+        assert_eq!(h["status"], "SERVING", "{target}: {h}");
         if first {
             assert_eq!(v["spiffe_ids"], serde_json::json!([]), "{v}");
             let v = stubs.call(
@@ -349,6 +354,14 @@ fn netd_api_serves_grpcio_clients() -> anyhow::Result<()> {
         assert_eq!(v["code"], "OK", "{target}: {v}");
         assert_eq!(v["node_name"], "e2e", "{v}");
         assert_eq!(v["pod_cidr"], netd.pod_cidr, "{v}");
+        // The standard health service, for the daemon and for one of its services.
+        for service in ["", "sigil.netd.v1.Endpoints"] {
+            let v = stubs.call(&cwd, &target, "health", &[service])?;
+            assert_eq!(v["code"], "OK", "{target}: {v}");
+            assert_eq!(v["status"], "SERVING", "{v}");
+        }
+        let v = stubs.call(&cwd, &target, "health", &["no.such.Service"])?;
+        assert_eq!(v["code"], "NOT_FOUND", "{target}: {v}");
         let v = stubs.call(&cwd, &target, "netd-list-endpoints", &[])?;
         assert_eq!(v["code"], "OK", "{target}: {v}");
         assert_eq!(v["names"], serde_json::json!([]), "{v}");

@@ -1088,3 +1088,26 @@ fn netd_rejects_invalid_log_options_naming_key_source_and_value() {
         "{err}"
     );
 }
+
+/// `sigil netd healthcheck` asks the standard gRPC health service (`grpc.health.v1`) on netd's
+/// API socket: SERVING while netd serves; once netd has stopped, the check fails (exit status
+/// 1, "unhealthy") instead of reporting a daemon that is gone.
+#[test]
+fn healthcheck_reports_serving_only_while_netd_serves() {
+    if !can_run() {
+        return;
+    }
+    let mut netd = NetdProcess::start("health", 210, 7).expect("netd");
+    let out = netd.cli(&["netd", "healthcheck"]).expect("cli");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("netd is healthy."),
+        "{out:?}"
+    );
+    netd.kill9();
+    let out = netd.cli(&["netd", "healthcheck"]).expect("cli");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("netd is unhealthy"),
+        "{out:?}"
+    );
+}

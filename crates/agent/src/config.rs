@@ -12,6 +12,10 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/public/api.sock";
 pub const DEFAULT_ADMIN_SOCKET_PATH: &str = "/run/sigil/agent/private/admin.sock";
 /// Default data directory (agent SVID, key, bundle).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/agent";
+/// Default sigil-netd API socket, asked by the endpoint workload attestor (netd's own default).
+pub const DEFAULT_NETD_SOCKET: &str = "/run/sigil/netd.sock";
+/// The `netd_socket` value that turns endpoint workload attestation off.
+pub const NETD_SOCKET_NONE: &str = "none";
 /// Default bound on cached SVIDs no workload is using (SPIRE's `x509_svid_cache_max_size`).
 pub const DEFAULT_SVID_CACHE_MAX: usize = 1000;
 
@@ -54,6 +58,10 @@ pub struct AgentRunArgs {
     /// SPIFFE ID allowed to use the Delegated Identity API (repeatable).
     #[arg(long = "authorized-delegate")]
     pub authorized_delegates: Vec<String>,
+    /// sigil-netd's API socket, asked which endpoint a caller's network namespace belongs to (its
+    /// `k8s:` selectors); `none` turns endpoint workload attestation off.
+    #[arg(long, value_name = "PATH")]
+    pub netd_socket: Option<String>,
     /// Most SVIDs kept for entries no workload is using.
     #[arg(long)]
     pub x509_svid_cache_max_size: Option<usize>,
@@ -82,6 +90,7 @@ struct FileConfig {
     socket_path: Option<PathBuf>,
     admin_socket_path: Option<PathBuf>,
     authorized_delegates: Option<Vec<String>>,
+    netd_socket: Option<String>,
     x509_svid_cache_max_size: Option<usize>,
     drain_timeout: Option<String>,
     log_level: Option<String>,
@@ -125,6 +134,8 @@ pub struct AgentConfig {
     pub admin_socket_path: PathBuf,
     /// Authorized delegates.
     pub authorized_delegates: Vec<SpiffeId>,
+    /// sigil-netd's API socket for endpoint workload attestation; `None` when turned off.
+    pub netd_socket: Option<PathBuf>,
     /// SVID cache bound for unused entries.
     pub svid_cache_max: usize,
     /// Bound on finishing in-flight calls after SIGTERM.
@@ -210,6 +221,16 @@ impl AgentConfig {
                 })?,
             );
         }
+        let netd_socket = l
+            .get("netd_socket", args.netd_socket.clone(), file.netd_socket)?
+            .unwrap_or_else(|| DEFAULT_NETD_SOCKET.to_string());
+        let netd_socket = match netd_socket.as_str() {
+            NETD_SOCKET_NONE => None,
+            p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+            p => bail!(
+                "netd_socket: invalid value {p:?} (want an absolute path, or {NETD_SOCKET_NONE:?} to turn endpoint attestation off)"
+            ),
+        };
         let svid_cache_max = l
             .get(
                 "x509_svid_cache_max_size",
@@ -237,6 +258,7 @@ impl AgentConfig {
             socket_path,
             admin_socket_path,
             authorized_delegates,
+            netd_socket,
             svid_cache_max,
             log_level,
             log_json,
@@ -278,6 +300,22 @@ mod tests {
         );
         assert_eq!(c.svid_cache_max, 1000);
         assert!(matches!(c.attestation, NodeAttestation::None));
+        assert_eq!(c.netd_socket, Some(PathBuf::from(DEFAULT_NETD_SOCKET)));
+        Ok(())
+    }
+
+    #[test]
+    fn netd_socket_none_turns_endpoint_attestation_off() -> anyhow::Result<()> {
+        let c = AgentConfig::from_args(&AgentRunArgs {
+            netd_socket: Some("none".into()),
+            ..Default::default()
+        })?;
+        assert_eq!(c.netd_socket, None);
+        let c = AgentConfig::from_args(&AgentRunArgs {
+            netd_socket: Some("/tmp/x/netd.sock".into()),
+            ..Default::default()
+        })?;
+        assert_eq!(c.netd_socket, Some(PathBuf::from("/tmp/x/netd.sock")));
         Ok(())
     }
 
@@ -315,6 +353,20 @@ mod tests {
                     ..Default::default()
                 },
                 "x509_svid_cache_max_size: invalid value 0",
+            ),
+            (
+                AgentRunArgs {
+                    netd_socket: Some("".into()),
+                    ..Default::default()
+                },
+                "netd_socket: invalid value \"\"",
+            ),
+            (
+                AgentRunArgs {
+                    netd_socket: Some("netd.sock".into()),
+                    ..Default::default()
+                },
+                "netd_socket: invalid value \"netd.sock\"",
             ),
         ] {
             let err = format!(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use sigil_attestor::{UnixAttestor, WorkloadAttestor};
+use sigil_attestor::{ChainAttestor, EndpointAttestor, NetdLookup, UnixAttestor, WorkloadAttestor};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 pub use config::{AgentConfig, AgentRunArgs};
@@ -39,8 +39,25 @@ pub async fn run(args: AgentRunArgs) -> anyhow::Result<()> {
     );
     // Every workload stream holds a socket.
     sigil_daemon::raise_fd_limit();
-    let attestor: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
+    let attestor = workload_attestor(&config)?;
     serve(config, attestor, sigil_daemon::Runtime::default()).await
+}
+
+/// The agent's workload attestation: `unix` selectors always, plus, unless `netd_socket` is `none`, the
+/// `k8s` selectors of the sigil-netd endpoint whose network namespace the caller is in. Call it inside the
+/// agent's runtime: netd is asked on it.
+pub fn workload_attestor(config: &AgentConfig) -> anyhow::Result<Arc<dyn WorkloadAttestor>> {
+    let unix: Arc<dyn WorkloadAttestor> = Arc::new(UnixAttestor::default());
+    let Some(socket) = &config.netd_socket else {
+        tracing::info!("endpoint workload attestation off (netd_socket = none)");
+        return Ok(unix);
+    };
+    let runtime = tokio::runtime::Handle::try_current()
+        .context("endpoint workload attestor: no async runtime to ask netd on")?;
+    let lookup = NetdLookup::new(socket, runtime);
+    let endpoint = EndpointAttestor::new(lookup).context("endpoint workload attestor")?;
+    tracing::info!(netd_socket = %socket.display(), "endpoint workload attestation on");
+    Ok(Arc::new(ChainAttestor::new(vec![unix, Arc::new(endpoint)])))
 }
 
 /// Starts the agent with the given workload attestor and serves until a signal or a fatal condition.
@@ -69,14 +86,23 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
+    let health = sigil_daemon::Health::new(
+        rt.ready.clone(),
+        &[
+            "SpiffeWorkloadAPI",
+            "spire.api.agent.delegatedidentity.v1.DelegatedIdentity",
+        ],
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut s1 = stop_rx.clone();
     // The servers apart from the background tasks: on stop they get the drain timeout.
     let mut servers = tokio::task::JoinSet::new();
+    let health1 = health.clone();
     servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(workload))
             .add_service(reflection)
+            .add_service(health1.into_server())
             .serve_with_incoming_shutdown(
                 sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(public)),
                 async move {
@@ -91,6 +117,7 @@ pub async fn serve(
     servers.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(delegated.into_server())
+            .add_service(health.into_server())
             .serve_with_incoming_shutdown(
                 sigil_h2_authority::normalize_incoming(sigil_attestor::accept_stream(
                     admin_listener,

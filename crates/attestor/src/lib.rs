@@ -2,14 +2,23 @@
 //! selectors describe it, without ever reporting the selectors of a process that merely reused its PID.
 //!
 //! The kernel identifies the peer at accept time ([`PeerIdentity`], holding a pidfd for exactly that process);
-//! [`UnixAttestor`] turns it into `unix:*` selectors by reading `/proc` in a way tied to that same process.
+//! [`UnixAttestor`] turns it into `unix:*` selectors by reading `/proc` in a way tied to that same process;
+//! [`EndpointAttestor`] adds the `k8s:*` selectors of the sigil-netd endpoint whose network namespace the
+//! process is in; [`ChainAttestor`] combines them.
 
+mod chain;
+mod endpoint;
 mod error;
 mod peer;
 mod proc;
 mod stream;
 mod unix;
 
+pub use chain::ChainAttestor;
+pub use endpoint::{
+    DEFAULT_LOOKUP_TIMEOUT, EndpointAttestor, EndpointInfo, EndpointLookup, LookupError,
+    NetdLookup, NetnsId,
+};
 pub use error::AttestError;
 pub use peer::PeerIdentity;
 pub use sigil_registry::Selector;

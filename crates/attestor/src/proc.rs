@@ -79,6 +79,19 @@ impl ProcDir {
         readlinkat(&self.fd, name).map_err(|e| self.err("reading link", name, e))
     }
 
+    /// The network namespace the process is in: device and inode of the nsfs file `ns/net`.
+    pub(crate) fn netns(&self) -> Result<crate::NetnsId, AttestError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .open_file("ns/net")?
+            .metadata()
+            .map_err(|e| self.err("reading", "ns/net", e))?;
+        Ok(crate::NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
     /// Reads and parses `status`.
     pub(crate) fn status(&self) -> Result<Status, AttestError> {
         let mut text = String::new();

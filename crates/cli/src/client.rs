@@ -143,6 +143,25 @@ pub fn reply<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<
         .map_err(|s| RpcError(s).into())
 }
 
+/// Asks the standard gRPC health service (`grpc.health.v1.Health/Check`) about `service` (empty:
+/// the daemon as a whole); an error unless the answer is `SERVING`.
+pub async fn serving(channel: Channel, service: &str) -> anyhow::Result<()> {
+    use sigil_proto::grpc::health::v1 as health;
+    use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
+    let r = reply(
+        health::health_client::HealthClient::new(channel)
+            .check(health::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await,
+    )?;
+    match ServingStatus::try_from(r.status) {
+        Ok(ServingStatus::Serving) => Ok(()),
+        Ok(other) => anyhow::bail!("health: {}", other.as_str_name()),
+        Err(_) => anyhow::bail!("health: unknown status {}", r.status),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,11 +7,13 @@
 
 pub mod accept;
 pub mod dir;
+pub mod health;
 pub mod layer;
 pub mod runtime;
 
 pub use accept::raise_fd_limit;
 pub use dir::{DirError, check_peer, check_socket, connect_trusted, own_dir};
+pub use health::Health;
 pub use layer::{LayerError, Layers, Source};
 pub use runtime::{
     BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, Runtime, bind_unix, drain,

@@ -125,6 +125,11 @@ impl Readiness {
         *self.tx.borrow()
     }
 
+    /// A receiver that sees every change of readiness.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
     /// Waits until the daemon is ready.
     pub async fn wait_ready(&self) {
         let mut rx = self.tx.subscribe();

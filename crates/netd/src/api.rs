@@ -152,9 +152,22 @@ impl pb::endpoints_server::Endpoints for Api {
 
     async fn get_endpoint_by_netns(
         &self,
-        _: Request<pb::GetEndpointByNetnsRequest>,
+        req: Request<pb::GetEndpointByNetnsRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        Err(Status::unimplemented("GetEndpointByNetns: not yet served"))
+        let r = req.into_inner();
+        let snap = self.handle.snapshot();
+        // A `stat` per endpoint on the first lookup after a change: off the async workers.
+        let found = tokio::task::spawn_blocking(move || {
+            snap.endpoint_by_netns(r.netns_dev, r.netns_ino)
+                .map(|(rec, labels)| (rec.clone(), labels.clone()))
+        })
+        .await
+        .map_err(|_| Status::unavailable("netd is stopping"))??;
+        Ok(Response::new(endpoint_pb(
+            &found.0,
+            found.1,
+            &self.config.node_name,
+        )))
     }
 
     async fn delete_endpoint(

@@ -91,7 +91,19 @@ pub async fn serve(
         .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
-        .add_service(pb::status_server::StatusServer::new(api));
+        .add_service(pb::status_server::StatusServer::new(api))
+        .add_service(
+            sigil_daemon::Health::new(
+                ready.clone(),
+                &[
+                    "sigil.netd.v1.Endpoints",
+                    "sigil.netd.v1.Policies",
+                    "sigil.netd.v1.Monitor",
+                    "sigil.netd.v1.Status",
+                ],
+            )
+            .into_server(),
+        );
     let mut stop_server = stop.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use sigil_policy::PolicyId;
 
@@ -29,6 +31,9 @@ pub struct Snapshot {
     pub endpoint_ids: HashMap<u32, String>,
     /// Rule cookie → `Kind/namespace/name: rule path`.
     pub rules: HashMap<u32, String>,
+    /// Network namespace (nsfs device, inode) → endpoint name; built on the first lookup by namespace
+    /// after this snapshot was published (a `stat` per endpoint), so publishing stays as cheap as before.
+    netns_index: OnceLock<HashMap<(u64, u64), String>>,
 }
 
 impl Snapshot {
@@ -68,6 +73,42 @@ impl Snapshot {
             name: name.to_owned(),
         })
     }
+}
+
+impl Snapshot {
+    /// The endpoint whose network namespace is the nsfs file with device `dev` and inode `ino`.
+    ///
+    /// The index maps namespaces to names as they were when it was built; the hit is checked again
+    /// against the endpoint's namespace file now, so an answer never names an endpoint whose namespace
+    /// is no longer that one.
+    pub fn endpoint_by_netns(
+        &self,
+        dev: u64,
+        ino: u64,
+    ) -> Result<&(EndpointRecord, Vec<String>), NetdError> {
+        let not_found = || NetdError::NotFound {
+            what: "endpoint with network namespace",
+            name: format!("dev {dev} inode {ino}"),
+        };
+        let index = self.netns_index.get_or_init(|| {
+            self.endpoints
+                .values()
+                .filter_map(|(r, _)| Some((nsfs_id(&r.netns_path)?, r.name.clone())))
+                .collect()
+        });
+        let name = index.get(&(dev, ino)).ok_or_else(not_found)?;
+        let found = self.endpoints.get(name).ok_or_else(not_found)?;
+        if nsfs_id(&found.0.netns_path) != Some((dev, ino)) {
+            return Err(not_found());
+        }
+        Ok(found)
+    }
+}
+
+/// Device and inode of a namespace file (`/run/netns/<name>`), `None` if it cannot be read.
+fn nsfs_id(path: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
 }
 
 /// The one policy among `ids` that `name` names.
@@ -138,4 +179,71 @@ pub struct PolicyInfo {
     pub rules: usize,
     /// YAML text of its file (shared by the file's policies).
     pub yaml: Arc<str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn record(name: &str, netns_path: PathBuf) -> EndpointRecord {
+        EndpointRecord {
+            name: name.to_owned(),
+            namespace: "default".into(),
+            pod_labels: Vec::new(),
+            spiffe_id: None,
+            service_account: "default".into(),
+            uid: String::new(),
+            identity: 256,
+            ipv4: "10.0.0.2".parse().expect("ipv4"),
+            ipv6: "fd00::2".parse().expect("ipv6"),
+            host_index: 2,
+            endpoint_id: 7,
+            host_interface: "lxc0".into(),
+            netns_name: format!("sigil-{name}"),
+            netns_path,
+            interface: "eth0".into(),
+        }
+    }
+
+    fn id(path: &Path) -> (u64, u64) {
+        nsfs_id(path).expect("stat")
+    }
+
+    // Plain files stand in for `/run/netns/<name>`: the lookup only compares device and inode.
+    #[test]
+    fn finds_the_endpoint_by_namespace_file_and_never_a_stale_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "").expect("a");
+        std::fs::write(&b, "").expect("b");
+        let mut snap = Snapshot::default();
+        for (name, path) in [
+            ("a", a.clone()),
+            ("b", b.clone()),
+            ("gone", dir.path().join("gone")),
+        ] {
+            snap.endpoints
+                .insert(name.into(), (record(name, path), Vec::new()));
+        }
+        let (dev, ino) = id(&a);
+        assert_eq!(snap.endpoint_by_netns(dev, ino).expect("a").0.name, "a");
+        let (dev, ino) = id(&b);
+        assert_eq!(snap.endpoint_by_netns(dev, ino).expect("b").0.name, "b");
+        let err = snap
+            .endpoint_by_netns(dev, ino + 1_000_000)
+            .expect_err("unknown");
+        assert!(matches!(err, NetdError::NotFound { .. }), "{err}");
+
+        // `a`'s namespace file now names another namespace (a new inode): the indexed old one is no
+        // longer `a`'s, and is refused rather than answered from the index.
+        let (old_dev, old_ino) = id(&a);
+        let replacement = dir.path().join("a2");
+        std::fs::write(&replacement, "").expect("a2");
+        std::fs::rename(&replacement, &a).expect("rename");
+        assert_ne!(id(&a), (old_dev, old_ino));
+        let err = snap.endpoint_by_netns(old_dev, old_ino).expect_err("stale");
+        assert!(matches!(err, NetdError::NotFound { .. }), "{err}");
+    }
 }

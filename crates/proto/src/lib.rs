@@ -30,6 +30,18 @@ pub mod agent {
     }
 }
 
+/// The standard gRPC health checking protocol, served by every daemon on its sockets.
+pub mod grpc {
+    /// `grpc.health`.
+    pub mod health {
+        /// Version 1.
+        #[allow(clippy::all, rust_2018_idioms)]
+        pub mod v1 {
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}
+
 /// sigil-netd's API: endpoints, policies, monitor, status (Unix socket).
 pub mod netd {
     /// Version 1.

@@ -82,7 +82,21 @@ pub async fn serve(
             admin.clone(),
         ))
         .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
-        .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin));
+        .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin))
+        .add_service(
+            sigil_daemon::Health::new(
+                rt.ready.clone(),
+                &[
+                    "sigil.admin.v1.Entries",
+                    "sigil.admin.v1.Agents",
+                    "sigil.admin.v1.Bundles",
+                    "sigil.admin.v1.JoinTokens",
+                    "sigil.admin.v1.Svids",
+                    "sigil.admin.v1.TrustDomain",
+                ],
+            )
+            .into_server(),
+        );
     // The TLS listener also serves the entry API to admin workloads (checked per call).
     let node_router = tonic::transport::Server::builder()
         .add_service(

@@ -124,7 +124,7 @@ impl NetdProcess {
                     self.log_text()
                 );
             }
-            if self.api_socket.exists() && self.cli(&["netd", "status"])?.status.success() {
+            if self.api_socket.exists() && self.cli(&["netd", "healthcheck"])?.status.success() {
                 return Ok(());
             }
             if start.elapsed() > Duration::from_secs(30) {

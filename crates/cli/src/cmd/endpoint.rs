@@ -1,4 +1,6 @@
-//! `sigil endpoint create|list|get|delete|labels` against sigil-netd.
+//! `sigil endpoint create|list|get|delete|labels|exec` against sigil-netd.
+
+use std::ffi::OsString;
 
 use sigil_proto::netd::v1 as pb;
 use sigil_proto::netd::v1::endpoints_client::EndpointsClient;
@@ -20,6 +22,28 @@ pub enum EndpointCommand {
     Delete(NameArgs),
     /// Change an endpoint's labels (it moves to the identity of its new labels).
     Labels(LabelsArgs),
+    /// Run a command inside an endpoint's network namespace (like `kubectl exec`), optionally as another
+    /// user; exits with the command's status.
+    Exec(ExecArgs),
+}
+
+/// Flags of `sigil endpoint exec`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Endpoint name.
+    name: String,
+    /// Run the command as this user id (supplementary groups are dropped; the group is --gid, else the
+    /// user's primary group, else the same number as the uid).
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Run the command with this group id.
+    #[arg(long)]
+    gid: Option<u32>,
+    #[command(flatten)]
+    socket: NetdSocket,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 /// Flags of `sigil endpoint create`.
@@ -178,6 +202,74 @@ pub async fn run(cmd: EndpointCommand) -> anyhow::Result<()> {
             )?;
             output::print_json(&endpoint_json(&e))?;
         }
+        EndpointCommand::Exec(a) => {
+            let mut c = EndpointsClient::new(a.socket.connect().await?);
+            let e = client::reply(
+                c.get_endpoint(pb::GetEndpointRequest {
+                    name: a.name.clone(),
+                })
+                .await,
+            )?;
+            // Returns only if the command could not be started.
+            return Err(exec_in_endpoint(&e, a.uid, a.gid, &a.command));
+        }
     }
     Ok(())
+}
+
+/// Enters `e`'s network namespace, drops to `uid`/`gid` if given and replaces this process with
+/// `command`. The namespace is entered by this thread and the same thread execs, so the command starts
+/// in it; the other runtime threads end with the exec.
+fn exec_in_endpoint(
+    e: &pb::Endpoint,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    command: &[OsString],
+) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let Some((program, args)) = command.split_first() else {
+        return anyhow::anyhow!("CMD: missing (give it after `--`)");
+    };
+    let netns = match std::fs::File::open(&e.netns) {
+        Ok(f) => f,
+        Err(err) => {
+            return anyhow::anyhow!(
+                "endpoint {:?}: cannot open its network namespace {}: {err}",
+                e.name,
+                e.netns
+            );
+        }
+    };
+    if let Err(err) = nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET) {
+        return anyhow::anyhow!(
+            "endpoint {:?}: cannot enter its network namespace {}: {err}",
+            e.name,
+            e.netns
+        );
+    }
+    drop(netns);
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    let gid = gid.or_else(|| uid.map(primary_gid));
+    if let Some(gid) = gid {
+        cmd.gid(gid);
+    }
+    // With a uid, std also drops the supplementary groups (when run as root) before `setuid`.
+    if let Some(uid) = uid {
+        cmd.uid(uid);
+    }
+    let err = cmd.exec();
+    anyhow::anyhow!(
+        "endpoint {:?}: cannot run {:?}: {err}",
+        e.name,
+        program.to_string_lossy()
+    )
+}
+
+/// The primary group of `uid` from the user database, or the same number when it has no entry.
+fn primary_gid(uid: u32) -> u32 {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.gid.as_raw(),
+        _ => uid,
+    }
 }

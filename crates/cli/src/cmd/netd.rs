@@ -43,6 +43,9 @@ pub enum NetdCommand {
     Run(Box<sigil_netd::RunArgs>),
     /// Show the daemon's status.
     Status(StatusArgs),
+    /// Check that sigil-netd serves (the gRPC health service on its API socket says SERVING);
+    /// exit status 0 when it does.
+    Healthcheck(HealthcheckArgs),
     /// Echo server for demos and tests: accepts TCP connections and UDP datagrams on ADDR and
     /// answers each with what it received.
     #[command(hide = true)]
@@ -60,6 +63,13 @@ pub struct StatusArgs {
     socket: NetdSocket,
     #[command(flatten)]
     output: OutputArg,
+}
+
+/// Flags of `sigil netd healthcheck`.
+#[derive(Debug, clap::Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    socket: NetdSocket,
 }
 
 /// Flags of the echo server.
@@ -88,6 +98,22 @@ pub struct ProbeArgs {
 pub async fn run(cmd: NetdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         NetdCommand::Run(args) => sigil_netd::run(*args).await.map(|()| ExitCode::SUCCESS),
+        NetdCommand::Healthcheck(a) => {
+            let checked = match a.socket.connect().await {
+                Ok(channel) => client::serving(channel, "").await,
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(()) => {
+                    println!("netd is healthy.");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("netd is unhealthy: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         NetdCommand::Status(a) => {
             let mut c = pb::status_client::StatusClient::new(a.socket.connect().await?);
             let s = client::reply(c.get_status(pb::GetStatusRequest {}).await)?;

@@ -45,10 +45,12 @@ pub async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Connects to the admin socket and, unless `shallow`, asks for the trust bundle.
+/// Connects to the admin socket and, unless `shallow`, asks the gRPC health service whether the
+/// server serves and for the trust bundle.
 pub async fn check(socket: &Path, shallow: bool) -> anyhow::Result<()> {
     let channel = client::connect(socket).await?;
     if !shallow {
+        client::serving(channel.clone(), "").await?;
         client::reply(
             BundlesClient::new(channel)
                 .get_bundle(GetBundleRequest {})
