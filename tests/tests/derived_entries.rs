@@ -532,7 +532,7 @@ async fn a_netd_without_an_admin_entry_registers_nothing_until_it_gets_one() -> 
     netd.cli_ok(&[
         "endpoint",
         "create",
-        &ep("web-1"),
+        &ep("na-web"),
         "--service-account",
         "web",
     ])?;
