@@ -531,7 +531,10 @@ mod tests {
         };
         let c = Config::from_layers(&with_socket, env(&[])).expect("socket");
         assert_eq!(c.identity_mode, IdentityMode::Spiffe);
-        assert_eq!(c.identity_fallback_wait, std::time::Duration::from_millis(250));
+        assert_eq!(
+            c.identity_fallback_wait,
+            std::time::Duration::from_millis(250)
+        );
         let c = Config::from_layers(
             &RunArgs::default(),
             env(&[("SIGIL_NETD_IDENTITY_MODE", "spiffe")]),

@@ -13,6 +13,7 @@ pub mod error;
 pub mod monitor;
 pub mod reconcile;
 pub mod snapshot;
+pub mod spiffe;
 pub mod state;
 pub mod txn;
 pub mod watch;
@@ -62,6 +63,14 @@ pub async fn serve(
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
     sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
+    let agent = match config.identity_mode {
+        config::IdentityMode::Spiffe => {
+            let client = sigil_delegated_client::Client::new(&config.agent_socket);
+            spiffe::check_agent(&client).await?;
+            Some(client)
+        }
+        config::IdentityMode::Classic => None,
+    };
     let config = Arc::new(config);
     let daemon = tokio::task::block_in_place(|| Daemon::start((*config).clone()))
         .context("starting netd")?;
@@ -78,6 +87,15 @@ pub async fn serve(
         events_tx.clone(),
     ));
     let watcher = policy_dir.map(|dir| tokio::spawn(watch::run(dir, handle.clone(), stop.clone())));
+    let identities = agent.map(|client| {
+        tokio::spawn(spiffe::run(
+            handle.clone(),
+            client,
+            config.node_name.clone(),
+            config.identity_fallback_wait,
+            stop.clone(),
+        ))
+    });
     let listener = api_listener(&socket)?;
     let api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
     let router = tonic::transport::Server::builder()
@@ -121,6 +139,9 @@ pub async fn serve(
     monitor.abort();
     if let Some(w) = watcher {
         let _ = w.await;
+    }
+    if let Some(i) = identities {
+        let _ = i.await;
     }
     // Every handle is gone with the server and the watcher: the reconciler finishes the
     // change in hand and stops.

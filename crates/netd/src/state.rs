@@ -17,6 +17,46 @@ use crate::error::NetdError;
 /// File name of the state file in the state directory.
 pub const STATE_FILE: &str = "netd-state.json";
 
+/// Where an endpoint's SPIFFE ID (and so its identity) came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpiffeSource {
+    /// Identity mode classic: labels only.
+    #[default]
+    Classic,
+    /// `--spiffe-id` given at creation; no agent asked.
+    Override,
+    /// From an X.509-SVID the agent delivered.
+    Registered,
+    /// Waiting for the agent: the endpoint holds the reserved `init` identity and a policy that
+    /// drops everything.
+    Pending,
+    /// No SVID (the agent was unreachable past the wait, had no entry, or the entry went):
+    /// classic labels until the agent delivers one.
+    ClassicFallback,
+}
+
+impl SpiffeSource {
+    /// `classic`, `override`, `registered`, `pending` or `classic-fallback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Override => "override",
+            Self::Registered => "registered",
+            Self::Pending => "pending",
+            Self::ClassicFallback => "classic-fallback",
+        }
+    }
+
+    /// Whether netd asks the agent for this endpoint's SVID.
+    pub fn subscribed(self) -> bool {
+        matches!(
+            self,
+            Self::Registered | Self::Pending | Self::ClassicFallback
+        )
+    }
+}
+
 /// One endpoint as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -26,8 +66,16 @@ pub struct EndpointRecord {
     pub namespace: String,
     /// Pod labels as given (`[source:]key=value`; no source means `k8s:`).
     pub pod_labels: Vec<String>,
-    /// SPIFFE ID, if any.
+    /// SPIFFE ID, if any (the override, or the registered SVID's).
     pub spiffe_id: Option<String>,
+    /// Where the SPIFFE ID came from (state files from before it existed: `override` with an
+    /// ID, else `classic`).
+    #[serde(default)]
+    pub spiffe_source: SpiffeSource,
+    /// NotAfter of the registered X.509-SVID, Unix seconds (the SVID and its key are never
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svid_expires_at: Option<i64>,
     /// Kubernetes service account (`default` in state files from before it existed).
     #[serde(default = "default_service_account")]
     pub service_account: String,
@@ -90,6 +138,11 @@ impl EndpointRecord {
         self.pod_attributes(node_name)?
             .selectors()
             .map_err(|e| NetdError::invalid(e.field, &e.value, e.cause))
+    }
+
+    /// Whether the endpoint waits for its SVID (it holds the reserved `init` identity).
+    pub fn is_pending(&self) -> bool {
+        self.spiffe_source == SpiffeSource::Pending
     }
 
     /// The identity labels: pod labels, the namespace label, the SPIFFE ID label.
@@ -173,6 +226,9 @@ impl State {
         for rec in state.endpoints.values_mut() {
             if rec.uid.is_empty() {
                 rec.uid = new_uid();
+            }
+            if rec.spiffe_id.is_some() && rec.spiffe_source == SpiffeSource::Classic {
+                rec.spiffe_source = SpiffeSource::Override;
             }
         }
         Ok(state)
