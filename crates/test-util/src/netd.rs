@@ -34,6 +34,8 @@ pub struct NetdProcess {
     pub log: PathBuf,
     /// The named namespace netd runs in (a topology node); `None` for the test's own.
     pub netns: Option<String>,
+    /// Extra `netd run` flags, given on every (re)start.
+    pub extra_args: Vec<String>,
 }
 
 impl NetdProcess {
@@ -46,6 +48,17 @@ impl NetdProcess {
     /// [`NetdProcess::start`] inside the named namespace `netns` (e.g. a
     /// [`crate::topology::Node`]'s): endpoint veths, routes and sysctls then live in there.
     pub fn start_in(netns: Option<&str>, tag: &str, a: u8, b: u8) -> anyhow::Result<Self> {
+        Self::start_with(netns, tag, a, b, &[])
+    }
+
+    /// [`NetdProcess::start_in`] with `extra` `netd run` flags, kept for restarts.
+    pub fn start_with(
+        netns: Option<&str>,
+        tag: &str,
+        a: u8,
+        b: u8,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let root = tempfile::tempdir()?;
         let mut n = NetdProcess {
             child: None,
@@ -60,6 +73,7 @@ impl NetdProcess {
             pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
             log: root.path().join("netd.log"),
             netns: netns.map(str::to_owned),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
             root,
         };
         std::fs::create_dir_all(&n.policy_dir)?;
@@ -93,6 +107,7 @@ impl NetdProcess {
                 "--pod-cidr-v6",
                 &self.pod_cidr_v6,
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
