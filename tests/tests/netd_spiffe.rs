@@ -104,6 +104,7 @@ fn wait_delegate(agent: &AgentProcess) {
         .enable_all()
         .build()
         .expect("runtime");
+    let _in_runtime = rt.enter();
     let client = sigil_delegated_client::Client::new(&agent.admin_socket);
     let start = Instant::now();
     loop {
@@ -264,13 +265,29 @@ fn connect_in(netns: &str, addr: &str, port: u16) -> TcpStream {
     .expect("thread")
 }
 
+/// Whether a fresh payload comes back within `wait` (late echoes of earlier payloads, sent
+/// before a cut and delivered after a timeout, are skipped).
 fn echo(s: &mut TcpStream, wait: Duration) -> bool {
-    let _ = s.set_read_timeout(Some(wait));
-    if s.write_all(b"ping").is_err() {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_be_bytes();
+    if s.write_all(&n).is_err() {
         return false;
     }
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).is_ok() && &buf == b"ping"
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        match s.read_exact(&mut buf) {
+            Ok(()) if buf == n => return true,
+            Ok(()) => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Into the backend only from the frontend's SPIFFE ID, on 8080.
@@ -394,9 +411,13 @@ fn spiffe_ids_from_the_agent_are_enforced_and_entry_changes_cut_connections() {
     };
     assert!(
         !echo(&mut conn, Duration::from_secs(1)),
-        "the connection still passes"
+        "the connection still passes after {cut:?}: {}\nnetd log:\n{}",
+        st.get("fe"),
+        st.netd.log_text()
     );
-    eprintln!("entry deleted -> established connection cut: {cut:?}");
+    // The first echo that failed was sent `cut` after the delete and waited 100 ms.
+    let cut = cut + Duration::from_millis(100);
+    eprintln!("entry deleted -> established connection cut within {cut:?}");
     assert!(cut < Duration::from_secs(1), "cut after {cut:?}");
     let fe = st.get("fe");
     assert_eq!(fe["spiffe_id_source"], "classic-fallback", "{fe}");

@@ -158,7 +158,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client of the Delegated Identity API at `socket`. Nothing is dialled yet.
+    /// A client of the Delegated Identity API at `socket`. Nothing is dialled yet. Call it
+    /// within a tokio runtime (the channel's connection task is spawned on it).
     pub fn new(socket: &Path) -> Self {
         let path = socket.to_path_buf();
         // The URI only satisfies tonic's builder: the connector dials the socket.
