@@ -485,6 +485,10 @@ fn agent_loss_keeps_identities_and_new_endpoints_fall_back_then_upgrade() {
     );
     assert!(waited >= Duration::from_millis(500), "fell back after {waited:?}");
     assert_ne!(late["identity"], 5, "{late}");
+    // Enforcement stays: the fallen-back endpoint is refused by the SPIFFE-ID policy, and
+    // the frontend still gets in (control).
+    assert!(!probe(&netns(&late), &bip, 8080), "fallback endpoint got in");
+    assert!(probe(&netns(&fe), &bip, 8080), "control");
 
     // netd restarted while the agent is gone: recorded identities stay, no drop to pending.
     st.netd.kill9();

@@ -386,6 +386,38 @@ mod tests {
     }
 
     #[test]
+    fn older_state_files_get_a_spiffe_source_and_keys_are_never_recorded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let rec = |id: Option<&str>| {
+            serde_json::json!({
+                "name": "a", "namespace": "default", "pod_labels": ["app=a"],
+                "spiffe_id": id, "identity": 256, "ipv4": "10.0.0.2", "ipv6": "fd00::2",
+                "host_index": 2, "endpoint_id": 7, "host_interface": "lxc1",
+                "netns_name": "sigil-a", "netns_path": "/run/netns/sigil-a", "interface": "eth0"
+            })
+        };
+        let file = serde_json::json!({
+            "endpoints": {"a": rec(Some("spiffe://td/a")), "b": rec(None)},
+            "imported": [], "cidr_identities": {}
+        });
+        std::fs::write(dir.path().join(STATE_FILE), file.to_string()).expect("write");
+        let s = State::load(dir.path()).expect("load");
+        assert_eq!(s.endpoints["a"].spiffe_source, SpiffeSource::Override);
+        assert_eq!(s.endpoints["b"].spiffe_source, SpiffeSource::Classic);
+        let mut s = s;
+        if let Some(r) = s.endpoints.get_mut("b") {
+            r.spiffe_source = SpiffeSource::Registered;
+            r.spiffe_id = Some("spiffe://td/b".into());
+            r.svid_expires_at = Some(1_900_000_000);
+        }
+        s.save(dir.path()).expect("save");
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).expect("read");
+        assert!(text.contains("\"spiffe_source\": \"registered\""), "{text}");
+        assert!(!text.contains("key") && !text.contains("BEGIN"), "{text}");
+        assert_eq!(State::load(dir.path()).expect("reload"), s);
+    }
+
+    #[test]
     fn state_round_trips_through_the_file() {
         let dir = tempfile::tempdir().expect("tmp");
         assert_eq!(State::load(dir.path()).expect("empty"), State::default());
