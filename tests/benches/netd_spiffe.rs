@@ -84,7 +84,13 @@ fn main() -> Res<()> {
     for i in 0..samples {
         let name = format!("bs{}x{i}", std::process::id() % 100_000);
         let app = format!("s{i}");
-        let out = netd.cli_ok(&["endpoint", "create", &name, "--labels", &format!("app={app}")])?;
+        let out = netd.cli_ok(&[
+            "endpoint",
+            "create",
+            &name,
+            "--labels",
+            &format!("app={app}"),
+        ])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         let ip: IpAddr = v["ipv4"].as_str().unwrap_or_default().parse()?;
         // Wait for classic-fallback (no entry yet).

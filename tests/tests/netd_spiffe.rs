@@ -344,12 +344,9 @@ fn spiffe_ids_from_the_agent_are_enforced_and_entry_changes_cut_connections() {
     );
     assert!(be["svid_expires_at"].as_i64().unwrap_or(0) > sigil_e2e::unix_now());
     // No entry for "other": classic labels after the wait, said so.
-    let (ot, _) = st.wait(
-        "ot",
-        "classic-fallback",
-        Duration::from_secs(10),
-        |v| v["spiffe_id_source"] == "classic-fallback",
-    );
+    let (ot, _) = st.wait("ot", "classic-fallback", Duration::from_secs(10), |v| {
+        v["spiffe_id_source"] == "classic-fallback"
+    });
     assert!(ot["spiffe_id"].is_null(), "{ot}");
     assert_ne!(ot["identity"], 5, "{ot}");
     assert!(
@@ -362,7 +359,10 @@ fn spiffe_ids_from_the_agent_are_enforced_and_entry_changes_cut_connections() {
         .netd
         .cli_ok(&["endpoint", "list", "--output", "text"])
         .expect("list");
-    assert!(list.contains("SPIFFE ID") && list.contains(&fe_id), "{list}");
+    assert!(
+        list.contains("SPIFFE ID") && list.contains(&fe_id),
+        "{list}"
+    );
 
     st.import("backend", &backend_policy());
     let mut children = Children::default();
@@ -450,7 +450,11 @@ fn agent_loss_keeps_identities_and_new_endpoints_fall_back_then_upgrade() {
         format!("spiffe://{TD}/backend"),
         format!("spiffe://{TD}/late"),
     );
-    for (id, app) in [(&fe_id, "frontend"), (&be_id, "backend"), (&late_id, "late")] {
+    for (id, app) in [
+        (&fe_id, "frontend"),
+        (&be_id, "backend"),
+        (&late_id, "late"),
+    ] {
         let app = format!("k8s:pod-label:app:{app}");
         entry_create(&st.server, &st.agent, id, &["k8s:ns:default", &app]);
     }
@@ -477,17 +481,20 @@ fn agent_loss_keeps_identities_and_new_endpoints_fall_back_then_upgrade() {
     // A new endpoint falls back to its classic labels after the wait.
     let late = st.create("late", "late");
     assert_eq!(late["spiffe_id_source"], "pending", "{late}");
-    let (late, waited) = st.wait(
-        "late",
-        "classic-fallback",
-        Duration::from_secs(10),
-        |v| v["spiffe_id_source"] == "classic-fallback",
+    let (late, waited) = st.wait("late", "classic-fallback", Duration::from_secs(10), |v| {
+        v["spiffe_id_source"] == "classic-fallback"
+    });
+    assert!(
+        waited >= Duration::from_millis(500),
+        "fell back after {waited:?}"
     );
-    assert!(waited >= Duration::from_millis(500), "fell back after {waited:?}");
     assert_ne!(late["identity"], 5, "{late}");
     // Enforcement stays: the fallen-back endpoint is refused by the SPIFFE-ID policy, and
     // the frontend still gets in (control).
-    assert!(!probe(&netns(&late), &bip, 8080), "fallback endpoint got in");
+    assert!(
+        !probe(&netns(&late), &bip, 8080),
+        "fallback endpoint got in"
+    );
     assert!(probe(&netns(&fe), &bip, 8080), "control");
 
     // netd restarted while the agent is gone: recorded identities stay, no drop to pending.
@@ -496,13 +503,19 @@ fn agent_loss_keeps_identities_and_new_endpoints_fall_back_then_upgrade() {
     let fe_now = st.get("fe");
     assert_eq!(fe_now["spiffe_id_source"], "registered", "{fe_now}");
     assert_eq!(fe_now["identity"], fe["identity"], "{fe_now}");
-    assert!(echo(&mut conn, Duration::from_secs(2)), "after netd restart");
+    assert!(
+        echo(&mut conn, Duration::from_secs(2)),
+        "after netd restart"
+    );
 
     // Agent back: the fallen-back endpoint is upgraded.
     st.agent.spawn().expect("agent restart");
     let late = st.wait_registered("late", &late_id);
     assert_ne!(late["identity"], 5);
-    assert!(echo(&mut conn, Duration::from_secs(2)), "after agent restart");
+    assert!(
+        echo(&mut conn, Duration::from_secs(2)),
+        "after agent restart"
+    );
     for base in ["fe", "be", "late"] {
         st.netd
             .cli_ok(&["endpoint", "delete", &st.name(base)])
@@ -555,7 +568,10 @@ fn a_pending_endpoint_cannot_bypass_a_spiffe_id_deny() {
             !probe(&netns(&evil), &bip, 8080),
             "a pending endpoint got through"
         );
-        assert!(!probe(&netns(&be), &eip, 8080), "a pending endpoint was reached");
+        assert!(
+            !probe(&netns(&be), &eip, 8080),
+            "a pending endpoint was reached"
+        );
     }
     // Control: a registered endpoint passes the same allow.
     assert!(probe(&netns(&good), &bip, 8080), "control");
@@ -587,7 +603,10 @@ fn netd_that_is_not_an_authorized_delegate_does_not_start() {
     let delegate = format!("spiffe://{TD}/netd");
     let mut agent = AgentProcess::start(
         &server,
-        &["--authorized-delegate", &format!("spiffe://{TD}/someone-else")],
+        &[
+            "--authorized-delegate",
+            &format!("spiffe://{TD}/someone-else"),
+        ],
     )
     .expect("agent");
     entry_create(&server, &agent, &delegate, &["unix:uid:0"]);
@@ -605,9 +624,14 @@ fn netd_that_is_not_an_authorized_delegate_does_not_start() {
     );
     // Control: the agent with netd's ID among its delegates serves it, and netd starts.
     agent.kill9();
-    agent.args.extend(["--authorized-delegate".into(), delegate]);
+    agent
+        .args
+        .extend(["--authorized-delegate".into(), delegate]);
     agent.spawn().expect("agent restart");
     wait_delegate(&agent);
     let netd = NetdProcess::start_with(None, "sp4", 220, 4, &flags).expect("netd starts");
-    assert!(netd.log_text().contains("the agent serves netd as a delegate"));
+    assert!(
+        netd.log_text()
+            .contains("the agent serves netd as a delegate")
+    );
 }

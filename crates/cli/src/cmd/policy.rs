@@ -17,7 +17,7 @@ const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 pub enum PolicyCommand {
     /// Trace one flow through policy files: the source's egress, the destination's ingress,
     /// the rules that decided, and the final verdict.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// Parse policy files and report each document, or the first problems found.
     Validate(ValidateArgs),
     /// Import policy files or directories into a running sigil-netd.
@@ -296,7 +296,7 @@ fn validate(paths: &[PathBuf], format: Format) -> anyhow::Result<()> {
 pub async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Trace(a) => {
-            let (result, format) = trace(a)?;
+            let (result, format) = trace(*a)?;
             match format {
                 Format::Json => output::print_json(&result)?,
                 Format::Text => println!("{result}"),
