@@ -290,6 +290,111 @@ fn echo(s: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
+/// The private key of the endpoint's SVID (fetched here as a delegate, with the endpoint's
+/// selectors) is nowhere in netd's files (state, log): raw DER, base64 or hex.
+fn assert_no_key_at_rest(st: &Stack, ep: &serde_json::Value) {
+    let selectors: Vec<sigil_registry::Selector> = ep["selectors"]
+        .as_array()
+        .expect("selectors")
+        .iter()
+        .map(|s| sigil_registry::Selector::parse(s.as_str().unwrap_or_default()).expect("selector"))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = sigil_delegated_client::Client::new(&st.agent.admin_socket);
+    let mut watch = client.watch_x509_svids(selectors);
+    let key = loop {
+        match rt.block_on(watch.next()) {
+            Some(sigil_delegated_client::Update::Current(list)) if !list.is_empty() => {
+                assert_eq!(
+                    list[0].spiffe_id.to_string(),
+                    ep["spiffe_id"].as_str().unwrap_or("")
+                );
+                break list[0].key.pkcs8_der().to_vec();
+            }
+            Some(sigil_delegated_client::Update::Error(e)) => panic!("delegated API: {e}"),
+            Some(_) => {}
+            None => panic!("watch ended"),
+        }
+    };
+    assert!(key.len() > 32, "a real key");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+    let hex = hex::encode(&key);
+    let mut stack = vec![st.netd.root.path().to_path_buf()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let path = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let bytes = std::fs::read(&path).expect("read");
+                files += 1;
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !bytes.windows(key.len()).any(|w| w == key.as_slice())
+                        && !text.contains(&b64[..40])
+                        && !text.contains(&hex[..64])
+                        && !text.contains("PRIVATE KEY"),
+                    "the SVID key is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(files >= 2, "state file and log were scanned");
+}
+
+#[test]
+fn policy_trace_takes_spiffe_ids_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pol = dir.path().join("p.yaml");
+    std::fs::write(&pol, backend_policy()).expect("write");
+    let trace = |extra: &[&str]| {
+        Command::new(sigil_bin())
+            .args(["policy", "trace", "--policies"])
+            .arg(&pol)
+            .args(["--dst", "app=backend,io.kubernetes.pod.namespace=default"])
+            .args(["--dport", "8080", "--output", "json"])
+            .args(extra)
+            .output()
+            .expect("trace")
+    };
+    let fe = format!("spiffe://{TD}/frontend");
+    let verdict = |extra: &[&str]| {
+        let out = trace(extra);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["verdict"].as_str().unwrap_or_default().to_owned()
+    };
+    // Added to --src labels: the namespaced policy matches.
+    let ns = "io.kubernetes.pod.namespace=default";
+    assert_eq!(verdict(&["--src", ns, "--src-spiffe-id", &fe]), "allowed");
+    let other = format!("spiffe://{TD}/x");
+    assert_eq!(verdict(&["--src", ns, "--src-spiffe-id", &other]), "denied");
+    // Alone: an endpoint with only that label (outside the policy's namespace).
+    assert_eq!(verdict(&["--src-spiffe-id", &fe]), "denied");
+    let out = trace(&["--src-spiffe-id", "http://frontend"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--src-spiffe-id") && err.contains("http://frontend"),
+        "{err}"
+    );
+    let out = trace(&["--src-entity", "world", "--src-spiffe-id", &fe]);
+    assert!(!out.status.success(), "an entity has no SPIFFE ID");
+    let out = trace(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--src-spiffe-id"),
+        "{err}"
+    );
+}
+
 /// Into the backend only from the frontend's SPIFFE ID, on 8080.
 fn backend_policy() -> String {
     format!(
@@ -363,6 +468,8 @@ fn spiffe_ids_from_the_agent_are_enforced_and_entry_changes_cut_connections() {
         list.contains("SPIFFE ID") && list.contains(&fe_id),
         "{list}"
     );
+
+    assert_no_key_at_rest(&st, &fe);
 
     st.import("backend", &backend_policy());
     let mut children = Children::default();

@@ -171,13 +171,21 @@ async fn follow(
                 SpiffeChange::Fallback
             }
         };
+        let registered = matches!(change, SpiffeChange::Registered { .. });
         match handle.set_spiffe(name.clone(), uid.clone(), change).await {
             Ok(Some(_)) => {}
             // The endpoint went (or was recreated): its subscription is being stopped.
             Ok(None) => return,
             Err(crate::NetdError::Stopped { .. }) => return,
             Err(e) => {
-                tracing::error!(endpoint = %name, error = %e, "applying the endpoint's SPIFFE identity")
+                tracing::error!(endpoint = %name, error = %e, "applying the endpoint's SPIFFE identity");
+                // An SVID that cannot be the endpoint's label (an ID the label syntax refuses)
+                // is no SVID: classic labels rather than pending for ever.
+                if registered {
+                    let _ = handle
+                        .set_spiffe(name.clone(), uid.clone(), SpiffeChange::Fallback)
+                        .await;
+                }
             }
         }
     }
