@@ -924,7 +924,7 @@ fn start_netd_with(tag: &str, a: u8, b: u8, extra: &[&str]) -> NetdProcess {
         pod_cidr: format!("10.{a}.{b}.0/24"),
         pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
         log: root.path().join("netd.log"),
-        extra: Vec::new(),
+        extra_args: Vec::new(),
         root,
     };
     std::fs::create_dir_all(&n.policy_dir).expect("policy dir");

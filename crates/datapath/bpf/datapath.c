@@ -14,6 +14,8 @@ char _license[] SEC("license") = "Dual MIT/GPL";
 
 #define TCP_FIN 0x01
 #define TCP_RST 0x04
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -650,6 +652,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	if (ct && ct_alive(ct, f.protocol, c.now)) {
 		ct->last_seen_ns = c.now;
 		ct->flags |= closing;
+	} else if (f.protocol == IPPROTO_TCP && (f.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN) {
+		/* Only an opening SYN opens a TCP connection. Otherwise a packet in the reverse
+		 * direction of a connection that a policy or identity change has just cut (an ACK,
+		 * a late reply) would open it anew as the other side's, and the cut side's packets
+		 * would pass as its replies. Allowed, but tracked as nothing (and not reported:
+		 * only new connections are). */
 	} else {
 		struct ct_value fresh = {};
 

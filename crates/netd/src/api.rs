@@ -59,11 +59,6 @@ pub fn endpoint_pb(r: &EndpointRecord, labels: Vec<String>, node_name: &str) -> 
         .selectors(node_name)
         .map(|v| v.iter().map(ToString::to_string).collect())
         .unwrap_or_default();
-    let spiffe_id_source = if r.spiffe_id.is_some() {
-        "override"
-    } else {
-        "classic"
-    };
     pb::Endpoint {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
@@ -81,8 +76,8 @@ pub fn endpoint_pb(r: &EndpointRecord, labels: Vec<String>, node_name: &str) -> 
         uid: r.uid.clone(),
         node_name: node_name.to_owned(),
         selectors,
-        spiffe_id_source: spiffe_id_source.to_owned(),
-        svid_expires_at: None,
+        spiffe_id_source: r.spiffe_source.as_str().to_owned(),
+        svid_expires_at: r.svid_expires_at,
     }
 }
 

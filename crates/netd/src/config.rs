@@ -21,6 +21,29 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/sigil/netd";
 pub const DEFAULT_POD_CIDR: &str = "10.200.0.0/24";
 /// Default IPv6 pod CIDR.
 pub const DEFAULT_POD_CIDR_V6: &str = "fd00:200::/64";
+/// Default agent admin socket (the Delegated Identity API): the agent's default.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/sigil/agent/private/admin.sock";
+/// Default wait for the agent before a pending endpoint falls back to its classic labels.
+pub const DEFAULT_IDENTITY_FALLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where endpoint identities come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// SPIFFE IDs from the agent's Delegated Identity API become a label of each endpoint.
+    Spiffe,
+    /// Labels only; no agent.
+    Classic,
+}
+
+impl IdentityMode {
+    fn parse(v: &str) -> Result<Self, &'static str> {
+        match v {
+            "spiffe" => Ok(Self::Spiffe),
+            "classic" => Ok(Self::Classic),
+            _ => Err("spiffe or classic"),
+        }
+    }
+}
 
 /// Flags of `sigil netd run`; each overrides the same key of the TOML file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -91,6 +114,17 @@ pub struct RunArgs {
     /// How long a derived entry outlives the last endpoint with its identity on this node (default 30s).
     #[arg(long)]
     pub derived_entry_grace: Option<String>,
+    /// Identity mode: spiffe (SPIFFE IDs from the agent) or classic (labels only). Default:
+    /// spiffe when an agent socket is configured, else classic.
+    #[arg(long)]
+    pub identity_mode: Option<String>,
+    /// The agent's admin socket (its Delegated Identity API).
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
+    /// How long a new endpoint waits for its SVID before it falls back to its classic labels
+    /// (e.g. 5s, 500ms).
+    #[arg(long)]
+    pub identity_fallback_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +150,9 @@ struct FileConfig {
     agent_workload_socket: Option<PathBuf>,
     agent_spiffe_id: Option<String>,
     derived_entry_grace: Option<String>,
+    identity_mode: Option<String>,
+    agent_socket: Option<PathBuf>,
+    identity_fallback_wait: Option<String>,
 }
 
 /// A validated configuration.
@@ -147,6 +184,12 @@ pub struct Config {
     pub policy_map_max_entries: Option<u32>,
     /// SPIFFE ID mode, and in derived modes what the registrar needs.
     pub spiffe_ids: SpiffeIdConfig,
+    /// Identity mode.
+    pub identity_mode: IdentityMode,
+    /// The agent's admin socket (used in spiffe mode).
+    pub agent_socket: PathBuf,
+    /// Wait before a pending endpoint falls back to its classic labels.
+    pub identity_fallback_wait: std::time::Duration,
 }
 
 /// Where endpoints' SPIFFE IDs come from.
@@ -348,8 +391,36 @@ impl Config {
             (args.log_format.clone(), file.log_format),
         )?;
         let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
+        let agent_socket = l.get("agent_socket", args.agent_socket.clone(), file.agent_socket)?;
+        let identity_mode = l
+            .parse(
+                "identity_mode",
+                args.identity_mode.clone(),
+                file.identity_mode,
+                IdentityMode::parse,
+            )?
+            .unwrap_or(if agent_socket.is_some() {
+                IdentityMode::Spiffe
+            } else {
+                IdentityMode::Classic
+            });
+        let agent_socket = agent_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+        if agent_socket.as_os_str().is_empty() {
+            bail!("agent_socket: invalid value \"\": must be a socket path");
+        }
+        let identity_fallback_wait = l
+            .parse(
+                "identity_fallback_wait",
+                args.identity_fallback_wait.clone(),
+                file.identity_fallback_wait,
+                sigil_daemon::runtime::parse_drain_timeout,
+            )?
+            .unwrap_or(DEFAULT_IDENTITY_FALLBACK_WAIT);
         Ok(Self {
             spiffe_ids,
+            identity_mode,
+            agent_socket,
+            identity_fallback_wait,
             policy_map_max_entries,
             node_name,
             pod_cidr,
@@ -620,6 +691,51 @@ mod tests {
         assert!(
             e.to_string().starts_with(
                 "policy_map_max_entries: invalid value \"lots\" from environment variable"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn identity_mode_defaults_to_spiffe_with_an_agent_socket_and_bad_values_are_named() {
+        let c = Config::from_layers(&RunArgs::default(), env(&[])).expect("default");
+        assert_eq!(c.identity_mode, IdentityMode::Classic);
+        assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+        assert_eq!(c.identity_fallback_wait, DEFAULT_IDENTITY_FALLBACK_WAIT);
+        let with_socket = RunArgs {
+            agent_socket: Some("/run/a/admin.sock".into()),
+            identity_fallback_wait: Some("250ms".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::from_layers(&with_socket, env(&[])).expect("socket");
+        assert_eq!(c.identity_mode, IdentityMode::Spiffe);
+        assert_eq!(
+            c.identity_fallback_wait,
+            std::time::Duration::from_millis(250)
+        );
+        let c = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_IDENTITY_MODE", "spiffe")]),
+        )
+        .expect("env mode");
+        assert_eq!(c.identity_mode, IdentityMode::Spiffe);
+        let bad = RunArgs {
+            identity_mode: Some("magic".into()),
+            ..RunArgs::default()
+        };
+        let e = Config::from_layers(&bad, env(&[])).expect_err("mode");
+        assert_eq!(
+            e.to_string(),
+            "identity_mode: invalid value \"magic\" from flag: spiffe or classic"
+        );
+        let e = Config::from_layers(
+            &RunArgs::default(),
+            env(&[("SIGIL_NETD_IDENTITY_FALLBACK_WAIT", "soon")]),
+        )
+        .expect_err("wait");
+        assert!(
+            e.to_string().starts_with(
+                "identity_fallback_wait: invalid value \"soon\" from environment variable SIGIL_NETD_IDENTITY_FALLBACK_WAIT"
             ),
             "{e}"
         );

@@ -24,9 +24,9 @@ use sigil_identity::{Allocator, LocalAllocator, reserved_identities};
 use sigil_labels::Labels;
 use sigil_policy::{IpPrefix, PolicyDeltas, PolicyEngine, PolicyId, parse_documents};
 
-use crate::config::Config;
+use crate::config::{Config, IdentityMode};
 use crate::error::NetdError;
-use crate::state::{EndpointRecord, State, cidr_labels, identity_labels, nid};
+use crate::state::{EndpointRecord, SpiffeSource, State, cidr_labels, identity_labels, nid};
 use crate::txn::CidrList;
 
 mod kernel;
@@ -53,6 +53,22 @@ pub struct CreateEndpoint {
     pub service_account: String,
 }
 
+/// What the agent said about an endpoint's SVID (see [`Daemon::set_spiffe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpiffeChange {
+    /// The agent delivered an SVID with this SPIFFE ID and NotAfter (Unix seconds).
+    Registered {
+        /// The SVID's SPIFFE ID.
+        spiffe_id: String,
+        /// Its NotAfter.
+        expires_at: i64,
+        /// Whether it is the endpoint's derived ID (of an entry netd registered).
+        derived: bool,
+    },
+    /// No SVID: classic labels until one comes.
+    Fallback,
+}
+
 /// The daemon.
 pub struct Daemon {
     config: Config,
@@ -66,6 +82,9 @@ pub struct Daemon {
     sources: BTreeMap<PolicyId, PolicySource>,
     dir_files: BTreeMap<String, String>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Bumped after every publish, for watchers of the endpoint set (the SPIFFE identity
+    /// subscriptions).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Daemon {
@@ -83,7 +102,16 @@ impl Daemon {
         let alloc = Arc::new(LocalAllocator::new(0, IDENTITY_GRACE));
         let mut items = Vec::new();
         for rec in state.endpoints.values() {
-            items.push((rec.identity, rec.labels()?));
+            // A pending endpoint holds the reserved init identity, not an allocated one.
+            if !rec.is_pending() {
+                items.push((rec.identity, rec.labels()?));
+            }
+            if let Some(held) = rec.classic_identity {
+                items.push((
+                    held,
+                    identity_labels(&rec.pod_labels, &rec.namespace, None)?,
+                ));
+            }
         }
         for (prefix, id) in &state.cidr_identities {
             let p: IpPrefix = prefix
@@ -105,7 +133,14 @@ impl Daemon {
             sources: BTreeMap::new(),
             dir_files: BTreeMap::new(),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            changed: tokio::sync::watch::channel(0).0,
         };
+        d.convert_identity_mode()?;
+        // Reconcile installs every map whole from the engine, so the deltas are not needed.
+        let names: Vec<String> = d.state.endpoints.keys().cloned().collect();
+        for name in names {
+            d.hold_classic(&name, false)?;
+        }
         let mut docs = Vec::new();
         for f in &d.state.imported {
             let keep: BTreeSet<&String> = f.policies.iter().collect();
@@ -132,6 +167,49 @@ impl Daemon {
         }
         d.reconcile()?;
         Ok(d)
+    }
+
+    /// Endpoints recorded under the other identity mode take this one's sources: in classic
+    /// mode every SPIFFE-derived identity goes back to its classic labels; in spiffe mode a
+    /// classic endpoint becomes `classic-fallback` (same identity, asked from the agent).
+    /// Runs before the kernel is reconciled, which installs every map whole.
+    fn convert_identity_mode(&mut self) -> Result<(), NetdError> {
+        let mode = self.config.identity_mode;
+        let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
+        for name in names {
+            let Some(mut rec) = self.state.endpoints.get(&name).cloned() else {
+                continue;
+            };
+            match (mode, rec.spiffe_source) {
+                (IdentityMode::Spiffe, SpiffeSource::Classic) => {
+                    rec.spiffe_source = SpiffeSource::ClassicFallback;
+                }
+                (IdentityMode::Classic, src) if src.subscribed() => {
+                    let labels = identity_labels(&rec.pod_labels, &rec.namespace, None)?;
+                    let (id, fresh) = self.alloc.allocate(&labels)?;
+                    if fresh {
+                        self.engine.add_identity(id, labels);
+                    }
+                    let old = nid(rec.identity);
+                    if !old.is_reserved() && self.alloc.release(old)? {
+                        self.engine.remove_identity(old);
+                    }
+                    rec.identity = id.get();
+                    rec.spiffe_id = None;
+                    rec.svid_expires_at = None;
+                    rec.spiffe_source = SpiffeSource::Classic;
+                    tracing::info!(endpoint = %name, identity = id.get(), "identity mode classic: endpoint back to its classic labels");
+                }
+                _ => continue,
+            }
+            self.state.endpoints.insert(name, rec);
+        }
+        Ok(())
+    }
+
+    /// A receiver that sees a new value after every published change.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The configuration.
@@ -261,6 +339,11 @@ impl Daemon {
             req.service_account.clone()
         };
         validate_service_account(&service_account)?;
+        let spiffe_source = match (&spiffe_id, self.config.identity_mode) {
+            (Some(_), _) => SpiffeSource::Override,
+            (None, IdentityMode::Spiffe) => SpiffeSource::Pending,
+            (None, IdentityMode::Classic) => SpiffeSource::Classic,
+        };
         let labels = identity_labels(&req.labels, &namespace, spiffe_id.as_deref())?;
         if netns::netns_exists(&req.name) {
             return Err(NetdError::AlreadyExists {
@@ -285,6 +368,9 @@ impl Daemon {
             namespace,
             pod_labels: req.labels.clone(),
             spiffe_id,
+            spiffe_source,
+            svid_expires_at: None,
+            classic_identity: None,
             service_account,
             uid: crate::state::new_uid(),
             identity: 0,
@@ -299,14 +385,21 @@ impl Daemon {
         };
         // Every selector must form before anything is created.
         rec.selectors(&self.config.node_name)?;
-        let (id, fresh) = self.alloc.allocate(&labels)?;
+        // A pending endpoint takes the reserved init identity and a drop-all policy
+        // (`install_endpoint`) until the agent answers: no rule on a SPIFFE ID selects it, and
+        // nothing it sends or receives passes its own veth.
+        let (id, fresh) = if rec.is_pending() {
+            (sigil_identity::NumericIdentity::INIT, false)
+        } else {
+            self.alloc.allocate(&labels)?
+        };
         let deltas = if fresh {
             self.engine.add_identity(id, labels)
         } else {
             PolicyDeltas::default()
         };
         let undo_identity = |d: &mut Self| {
-            if d.alloc.release(id).unwrap_or(false) {
+            if !id.is_reserved() && d.alloc.release(id).unwrap_or(false) {
                 d.engine.remove_identity(id);
             }
         };
@@ -347,8 +440,9 @@ impl Daemon {
         ipc.upsert(IpAddr::V6(ipv6), 128, rec.identity)?;
         self.save()?;
         self.publish();
-        tracing::info!(endpoint = %rec.name, identity = rec.identity, ipv4 = %ipv4, "endpoint created");
-        Ok(rec)
+        tracing::info!(endpoint = %rec.name, identity = rec.identity, ipv4 = %ipv4, spiffe_id_source = rec.spiffe_source.as_str(), "endpoint created");
+        self.hold_classic(&rec.name, true)?;
+        self.get_endpoint(&rec.name)
     }
 
     /// Every endpoint.
@@ -376,7 +470,7 @@ impl Daemon {
         ipc.remove(IpAddr::V6(rec.ipv6), 128)?;
         self.state.endpoints.remove(name);
         let id = nid(rec.identity);
-        let deltas = if self.alloc.release(id)? {
+        let deltas = if !id.is_reserved() && self.alloc.release(id)? {
             self.engine.remove_identity(id)
         } else {
             PolicyDeltas::default()
@@ -385,6 +479,9 @@ impl Daemon {
             .maps_mut()
             .remove_endpoint_state(rec.endpoint_id)?;
         self.apply_deltas(std::slice::from_ref(&deltas), None)?;
+        if let Some(held) = rec.classic_identity {
+            self.release_held(nid(held))?;
+        }
         netns::delete_endpoint(name)?;
         self.save()?;
         self.publish();
@@ -424,12 +521,161 @@ impl Daemon {
         let pod_labels: Vec<String> = pod.into_values().collect();
         let labels = identity_labels(&pod_labels, &rec.namespace, rec.spiffe_id.as_deref())?;
         rec.pod_labels = pod_labels;
-        let old = nid(rec.identity);
-        if labels == rec.labels().unwrap_or_default()
-            && self.alloc.lookup_by_labels(&labels) == Some(old)
-        {
+        // Every selector must still form (the agent is asked with them).
+        rec.selectors(&self.config.node_name)?;
+        if rec.is_pending() {
+            // Its identity stays init until the agent answers for the new selectors.
             self.state.endpoints.insert(name.to_owned(), rec.clone());
             self.save()?;
+            self.publish();
+        } else {
+            self.move_identity(rec, labels)?;
+        }
+        self.hold_classic(name, true)?;
+        self.get_endpoint(name)
+    }
+
+    /// In `--spiffe-id-mode opaque`, keeps a reference on the identity of endpoint `name`'s
+    /// labels without its SPIFFE label (recorded as `classic_identity`), moving it when its
+    /// labels change; in other modes drops any. With `apply`, a fresh or released identity's
+    /// policy changes go to the kernel (at start the whole reconcile installs them).
+    fn hold_classic(&mut self, name: &str, apply: bool) -> Result<(), NetdError> {
+        let Some(mut rec) = self.state.endpoints.get(name).cloned() else {
+            return Ok(());
+        };
+        let want = match self.config.spiffe_ids.mode {
+            crate::spiffe_id::SpiffeIdMode::Opaque => {
+                Some(identity_labels(&rec.pod_labels, &rec.namespace, None)?)
+            }
+            _ => None,
+        };
+        let have = rec.classic_identity.map(nid);
+        let unchanged = match (&want, have) {
+            (Some(l), Some(h)) => self.alloc.lookup(h).as_ref() == Some(l),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        rec.classic_identity = match want {
+            Some(labels) => {
+                let (id, fresh) = self.alloc.allocate(&labels)?;
+                let deltas = if fresh {
+                    self.engine.add_identity(id, labels)
+                } else {
+                    PolicyDeltas::default()
+                };
+                if apply {
+                    self.apply_deltas(std::slice::from_ref(&deltas), None)?;
+                }
+                Some(id.get())
+            }
+            None => None,
+        };
+        self.state.endpoints.insert(name.to_owned(), rec);
+        if let Some(old) = have {
+            if apply {
+                self.release_held(old)?;
+            } else if self.alloc.release(old)? {
+                self.engine.remove_identity(old);
+            }
+        }
+        if apply {
+            self.save()?;
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// Drops a reference taken by [`Daemon::hold_classic`].
+    fn release_held(&mut self, id: sigil_identity::NumericIdentity) -> Result<(), NetdError> {
+        let gone = if self.alloc.release(id)? {
+            self.engine.remove_identity(id)
+        } else {
+            PolicyDeltas::default()
+        };
+        self.apply_deltas(std::slice::from_ref(&gone), None)?;
+        Ok(())
+    }
+
+    /// Records what the agent said about endpoint `name` (the one with `uid`; a stale answer
+    /// for a deleted and recreated endpoint is ignored) and moves the endpoint to the identity
+    /// of its new labels in the same order as [`Daemon::set_labels`]: the new identity known to
+    /// every map before the IPCache moves, the old one released last. Established connections
+    /// follow: the datapath checks the opening direction of every connection on every packet
+    /// against the current identities. Endpoints with an override or in classic mode are left
+    /// alone.
+    pub fn set_spiffe(
+        &mut self,
+        name: &str,
+        uid: &str,
+        change: SpiffeChange,
+    ) -> Result<Option<EndpointRecord>, NetdError> {
+        let Some(mut rec) = self.state.endpoints.get(name).cloned() else {
+            return Ok(None);
+        };
+        if rec.uid != uid || !rec.spiffe_source.subscribed() {
+            return Ok(None);
+        }
+        let (spiffe_id, source, expires) = match change {
+            SpiffeChange::Registered {
+                spiffe_id,
+                expires_at,
+                derived,
+            } => {
+                validate_spiffe_id(&spiffe_id)?;
+                let source = if derived {
+                    SpiffeSource::Derived
+                } else {
+                    SpiffeSource::Registered
+                };
+                (Some(spiffe_id), source, Some(expires_at))
+            }
+            SpiffeChange::Fallback => (None, SpiffeSource::ClassicFallback, None),
+        };
+        if rec.spiffe_id == spiffe_id && rec.spiffe_source == source {
+            if rec.svid_expires_at != expires {
+                rec.svid_expires_at = expires;
+                self.state.endpoints.insert(name.to_owned(), rec.clone());
+                self.save()?;
+                self.publish();
+            }
+            return Ok(Some(rec));
+        }
+        let was = rec.spiffe_source;
+        let labels = identity_labels(&rec.pod_labels, &rec.namespace, spiffe_id.as_deref())?;
+        rec.spiffe_id = spiffe_id;
+        rec.spiffe_source = source;
+        rec.svid_expires_at = expires;
+        let rec = self.move_identity(rec, labels)?;
+        match source {
+            SpiffeSource::ClassicFallback => tracing::warn!(
+                endpoint = %name, was = was.as_str(), identity = rec.identity,
+                "endpoint falls back to its classic labels: no SVID from the agent"
+            ),
+            _ => tracing::info!(
+                endpoint = %name, was = was.as_str(), identity = rec.identity,
+                spiffe_id = rec.spiffe_id.as_deref().unwrap_or(""),
+                "endpoint identity from its SVID"
+            ),
+        }
+        Ok(Some(rec))
+    }
+
+    /// Moves endpoint `rec` (its new fields set, its `identity` still the old one) to the
+    /// identity of `labels`.
+    fn move_identity(
+        &mut self,
+        mut rec: EndpointRecord,
+        labels: Labels,
+    ) -> Result<EndpointRecord, NetdError> {
+        let name = rec.name.clone();
+        let old = nid(rec.identity);
+        if !old.is_reserved() && self.alloc.lookup_by_labels(&labels) == Some(old) {
+            self.state.endpoints.insert(name, rec.clone());
+            self.save()?;
+            self.publish();
             return Ok(rec);
         }
         let (new, fresh) = self.alloc.allocate(&labels)?;
@@ -445,7 +691,7 @@ impl Daemon {
         let ipc = &mut self.datapath.maps_mut().ipcache;
         ipc.upsert(IpAddr::V4(rec.ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(rec.ipv6), 128, rec.identity)?;
-        let gone = if self.alloc.release(old)? {
+        let gone = if !old.is_reserved() && self.alloc.release(old)? {
             self.engine.remove_identity(old)
         } else {
             PolicyDeltas::default()
@@ -453,7 +699,7 @@ impl Daemon {
         self.apply_deltas(std::slice::from_ref(&gone), None)?;
         self.save()?;
         self.publish();
-        tracing::info!(endpoint = %name, old = old.get(), new = new.get(), "endpoint relabelled");
+        tracing::info!(endpoint = %name, old = old.get(), new = new.get(), "endpoint identity changed");
         Ok(rec)
     }
 
@@ -572,6 +818,7 @@ impl Daemon {
             });
         }
         self.snapshot.store(Arc::new(snap));
+        self.changed.send_replace(self.generation);
     }
 
     /// Labels of an identity, `source:key=value`, sorted.

@@ -14,6 +14,7 @@ pub mod monitor;
 pub mod reconcile;
 pub mod registrar;
 pub mod snapshot;
+pub mod spiffe;
 pub mod spiffe_id;
 pub mod state;
 pub mod txn;
@@ -64,6 +65,14 @@ pub async fn serve(
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
     sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
+    let agent = match config.identity_mode {
+        config::IdentityMode::Spiffe => {
+            let client = sigil_delegated_client::Client::new(&config.agent_socket);
+            spiffe::check_agent(&client).await?;
+            Some(client)
+        }
+        config::IdentityMode::Classic => None,
+    };
     let config = Arc::new(config);
     let daemon = tokio::task::block_in_place(|| Daemon::start((*config).clone()))
         .context("starting netd")?;
@@ -85,6 +94,20 @@ pub async fn serve(
         events_tx.clone(),
     ));
     let watcher = policy_dir.map(|dir| tokio::spawn(watch::run(dir, handle.clone(), stop.clone())));
+    let identities = agent.map(|client| {
+        tokio::spawn(spiffe::run(
+            handle.clone(),
+            client,
+            config.node_name.clone(),
+            config.identity_fallback_wait,
+            config
+                .spiffe_ids
+                .registrar
+                .as_ref()
+                .map(|r| r.deriver.clone()),
+            stop.clone(),
+        ))
+    });
     let listener = api_listener(&socket)?;
     let api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
     let router = tonic::transport::Server::builder()
@@ -145,6 +168,9 @@ pub async fn serve(
     }
     if let Some(w) = watcher {
         let _ = w.await;
+    }
+    if let Some(i) = identities {
+        let _ = i.await;
     }
     // Every handle is gone with the server and the watcher: the reconciler finishes the
     // change in hand and stops.

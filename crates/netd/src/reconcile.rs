@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::daemon::{Committed, CreateEndpoint, Daemon, Snapshot};
+use crate::daemon::{Committed, CreateEndpoint, Daemon, Snapshot, SpiffeChange};
 use crate::error::NetdError;
 use crate::state::EndpointRecord;
 use crate::txn::{Compiled, PolicyJob, PolicyOp};
@@ -33,6 +33,12 @@ enum Command {
         remove: Vec<String>,
         reply: Reply<EndpointRecord>,
     },
+    SetSpiffe {
+        name: String,
+        uid: String,
+        change: SpiffeChange,
+        reply: Reply<Option<EndpointRecord>>,
+    },
     PreparePolicy(PolicyOp, oneshot::Sender<PolicyJob>),
     /// A compiled change; with `inline`, a stale one is compiled again by the writer itself.
     CommitPolicy {
@@ -47,6 +53,7 @@ enum Command {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    changes: tokio::sync::watch::Receiver<u64>,
     /// One policy compilation at a time: a second import waits here, not in the writer.
     compile: Arc<Semaphore>,
 }
@@ -56,6 +63,7 @@ pub struct Handle {
 pub fn spawn(daemon: Daemon) -> Result<(Handle, std::thread::JoinHandle<()>), NetdError> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let snapshot = daemon.snapshot();
+    let changes = daemon.subscribe_changes();
     let thread = std::thread::Builder::new()
         .name("netd-reconciler".to_owned())
         .spawn(move || run(daemon, rx))
@@ -63,6 +71,7 @@ pub fn spawn(daemon: Daemon) -> Result<(Handle, std::thread::JoinHandle<()>), Ne
     let handle = Handle {
         tx,
         snapshot,
+        changes,
         compile: Arc::new(Semaphore::new(1)),
     };
     Ok((handle, thread))
@@ -88,6 +97,15 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
             } => {
                 d.bump_generation();
                 let _ = reply.send(d.set_labels(&name, &set, &remove));
+            }
+            Command::SetSpiffe {
+                name,
+                uid,
+                change,
+                reply,
+            } => {
+                d.bump_generation();
+                let _ = reply.send(d.set_spiffe(&name, &uid, change));
             }
             Command::PreparePolicy(op, reply) => {
                 let _ = reply.send(d.prepare_policy(op));
@@ -118,6 +136,27 @@ impl Handle {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// A receiver that sees a new value after every published change.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Records what the agent said about an endpoint's SVID (see [`Daemon::set_spiffe`]).
+    pub async fn set_spiffe(
+        &self,
+        name: String,
+        uid: String,
+        change: SpiffeChange,
+    ) -> Result<Option<EndpointRecord>, NetdError> {
+        self.call(|reply| Command::SetSpiffe {
+            name,
+            uid,
+            change,
+            reply,
+        })
+        .await
     }
 
     /// The snapshot cell (for the monitor).

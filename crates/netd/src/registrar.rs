@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::config::RegistrarConfig;
 use crate::snapshot::Snapshot;
 use crate::spiffe_id::{Deriver, SpiffeIdMode, SpiffeIdModeError};
-use crate::state::identity_labels;
+use crate::state::{EndpointRecord, identity_labels};
 
 /// The hint marking the entries netd registers (with this node's agent as their parent).
 pub const HINT: &str = "sigil-netd-derived";
@@ -49,26 +49,9 @@ pub struct Wanted {
 /// entry: the first by name keeps it, the other is refused.
 pub fn wanted(snap: &Snapshot, deriver: &Deriver) -> Wanted {
     let mut out = Wanted::default();
-    let opaque = matches!(deriver.mode, SpiffeIdMode::Opaque);
-    // Labels (sorted `source:key=value`) → allocated identity, for opaque numbers.
-    let by_labels: HashMap<&[String], u32> = if opaque {
-        snap.identities
-            .iter()
-            .map(|(id, l)| (l.as_slice(), *id))
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    let by_labels = classic_index(snap, deriver);
     for (name, (rec, _)) in &snap.endpoints {
-        let classic = opaque
-            .then(|| identity_labels(&rec.pod_labels, &rec.namespace, None).ok())
-            .flatten()
-            .and_then(|l| {
-                let mut v: Vec<String> = l.iter().map(ToString::to_string).collect();
-                v.sort();
-                by_labels.get(v.as_slice()).copied()
-            });
-        match deriver.derive(rec, classic) {
+        match deriver.derive(rec, classic_identity(&by_labels, rec)) {
             Ok(None) => {}
             Ok(Some(d)) => {
                 let id = d.spiffe_id.to_string();
@@ -93,6 +76,44 @@ pub fn wanted(snap: &Snapshot, deriver: &Deriver) -> Wanted {
         }
     }
     out
+}
+
+/// Labels (sorted `source:key=value`) → allocated identity, for opaque numbers (empty in the other
+/// modes, which need none).
+pub fn classic_index<'a>(snap: &'a Snapshot, deriver: &Deriver) -> HashMap<&'a [String], u32> {
+    if matches!(deriver.mode, SpiffeIdMode::Opaque) {
+        snap.identities
+            .iter()
+            .map(|(id, l)| (l.as_slice(), *id))
+            .collect()
+    } else {
+        HashMap::new()
+    }
+}
+
+/// The identity of `rec`'s labels without its SPIFFE label: the one netd holds for it (opaque
+/// mode), else when allocated.
+fn classic_identity(by_labels: &HashMap<&[String], u32>, rec: &EndpointRecord) -> Option<u32> {
+    if rec.classic_identity.is_some() {
+        return rec.classic_identity;
+    }
+    if by_labels.is_empty() {
+        return None;
+    }
+    let labels = identity_labels(&rec.pod_labels, &rec.namespace, None).ok()?;
+    let mut v: Vec<String> = labels.iter().map(ToString::to_string).collect();
+    v.sort();
+    by_labels.get(v.as_slice()).copied()
+}
+
+/// The derived SPIFFE ID of endpoint `name` in `snap` (none when it cannot derive one now).
+pub fn derived_id(snap: &Snapshot, deriver: &Deriver, name: &str) -> Option<String> {
+    let (rec, _) = snap.endpoints.get(name)?;
+    let by_labels = classic_index(snap, deriver);
+    let d = deriver
+        .derive(rec, classic_identity(&by_labels, rec))
+        .ok()??;
+    Some(d.spiffe_id.to_string())
 }
 
 /// An entry netd owns on the server.

@@ -17,6 +17,50 @@ use crate::error::NetdError;
 /// File name of the state file in the state directory.
 pub const STATE_FILE: &str = "netd-state.json";
 
+/// Where an endpoint's SPIFFE ID (and so its identity) came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpiffeSource {
+    /// Identity mode classic: labels only.
+    #[default]
+    Classic,
+    /// `--spiffe-id` given at creation; no agent asked.
+    Override,
+    /// From an X.509-SVID the agent delivered.
+    Registered,
+    /// From an X.509-SVID of the entry netd registered for the endpoint's derived SPIFFE ID
+    /// (`--spiffe-id-mode istio|opaque|verbose`).
+    Derived,
+    /// Waiting for the agent: the endpoint holds the reserved `init` identity and a policy that
+    /// drops everything.
+    Pending,
+    /// No SVID (the agent was unreachable past the wait, had no entry, or the entry went):
+    /// classic labels until the agent delivers one.
+    ClassicFallback,
+}
+
+impl SpiffeSource {
+    /// `classic`, `override`, `registered`, `derived`, `pending` or `classic-fallback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Override => "override",
+            Self::Registered => "registered",
+            Self::Derived => "derived",
+            Self::Pending => "pending",
+            Self::ClassicFallback => "classic-fallback",
+        }
+    }
+
+    /// Whether netd asks the agent for this endpoint's SVID.
+    pub fn subscribed(self) -> bool {
+        matches!(
+            self,
+            Self::Registered | Self::Derived | Self::Pending | Self::ClassicFallback
+        )
+    }
+}
+
 /// One endpoint as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -26,8 +70,22 @@ pub struct EndpointRecord {
     pub namespace: String,
     /// Pod labels as given (`[source:]key=value`; no source means `k8s:`).
     pub pod_labels: Vec<String>,
-    /// SPIFFE ID, if any.
+    /// SPIFFE ID, if any (the override, or the registered SVID's).
     pub spiffe_id: Option<String>,
+    /// Where the SPIFFE ID came from (state files from before it existed: `override` with an
+    /// ID, else `classic`).
+    #[serde(default)]
+    pub spiffe_source: SpiffeSource,
+    /// NotAfter of the registered X.509-SVID, Unix seconds (the SVID and its key are never
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svid_expires_at: Option<i64>,
+    /// `--spiffe-id-mode opaque`: the identity of the endpoint's labels without its SPIFFE
+    /// label, on which netd holds a reference while the endpoint lives, so that the number its
+    /// SPIFFE ID (`/identity/<n>`) is derived from stays allocated (and the same across
+    /// restarts) while the endpoint itself carries the identity of its SPIFFE label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classic_identity: Option<u32>,
     /// Kubernetes service account (`default` in state files from before it existed).
     #[serde(default = "default_service_account")]
     pub service_account: String,
@@ -90,6 +148,11 @@ impl EndpointRecord {
         self.pod_attributes(node_name)?
             .selectors()
             .map_err(|e| NetdError::invalid(e.field, &e.value, e.cause))
+    }
+
+    /// Whether the endpoint waits for its SVID (it holds the reserved `init` identity).
+    pub fn is_pending(&self) -> bool {
+        self.spiffe_source == SpiffeSource::Pending
     }
 
     /// The identity labels: pod labels, the namespace label, the SPIFFE ID label.
@@ -173,6 +236,9 @@ impl State {
         for rec in state.endpoints.values_mut() {
             if rec.uid.is_empty() {
                 rec.uid = new_uid();
+            }
+            if rec.spiffe_id.is_some() && rec.spiffe_source == SpiffeSource::Classic {
+                rec.spiffe_source = SpiffeSource::Override;
             }
         }
         Ok(state)
@@ -327,6 +393,38 @@ mod tests {
         let e = identity_labels(&["io.kubernetes.pod.namespace=x".into()], "p", None)
             .expect_err("ns label");
         assert!(e.to_string().contains("--namespace"), "{e}");
+    }
+
+    #[test]
+    fn older_state_files_get_a_spiffe_source_and_keys_are_never_recorded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let rec = |id: Option<&str>| {
+            serde_json::json!({
+                "name": "a", "namespace": "default", "pod_labels": ["app=a"],
+                "spiffe_id": id, "identity": 256, "ipv4": "10.0.0.2", "ipv6": "fd00::2",
+                "host_index": 2, "endpoint_id": 7, "host_interface": "lxc1",
+                "netns_name": "sigil-a", "netns_path": "/run/netns/sigil-a", "interface": "eth0"
+            })
+        };
+        let file = serde_json::json!({
+            "endpoints": {"a": rec(Some("spiffe://td/a")), "b": rec(None)},
+            "imported": [], "cidr_identities": {}
+        });
+        std::fs::write(dir.path().join(STATE_FILE), file.to_string()).expect("write");
+        let s = State::load(dir.path()).expect("load");
+        assert_eq!(s.endpoints["a"].spiffe_source, SpiffeSource::Override);
+        assert_eq!(s.endpoints["b"].spiffe_source, SpiffeSource::Classic);
+        let mut s = s;
+        if let Some(r) = s.endpoints.get_mut("b") {
+            r.spiffe_source = SpiffeSource::Registered;
+            r.spiffe_id = Some("spiffe://td/b".into());
+            r.svid_expires_at = Some(1_900_000_000);
+        }
+        s.save(dir.path()).expect("save");
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).expect("read");
+        assert!(text.contains("\"spiffe_source\": \"registered\""), "{text}");
+        assert!(!text.contains("key") && !text.contains("BEGIN"), "{text}");
+        assert_eq!(State::load(dir.path()).expect("reload"), s);
     }
 
     #[test]

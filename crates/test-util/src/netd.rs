@@ -34,8 +34,8 @@ pub struct NetdProcess {
     pub log: PathBuf,
     /// The named namespace netd runs in (a topology node); `None` for the test's own.
     pub netns: Option<String>,
-    /// Further flags it runs with.
-    pub extra: Vec<String>,
+    /// Extra `netd run` flags, given on every (re)start.
+    pub extra_args: Vec<String>,
 }
 
 impl NetdProcess {
@@ -51,7 +51,7 @@ impl NetdProcess {
         Self::start_with(netns, tag, a, b, &[])
     }
 
-    /// [`NetdProcess::start_in`] with further flags `extra`.
+    /// [`NetdProcess::start_in`] with `extra` `netd run` flags, kept for restarts.
     pub fn start_with(
         netns: Option<&str>,
         tag: &str,
@@ -73,7 +73,7 @@ impl NetdProcess {
             pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
             log: root.path().join("netd.log"),
             netns: netns.map(str::to_owned),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
             root,
         };
         std::fs::create_dir_all(&n.policy_dir)?;
@@ -107,7 +107,7 @@ impl NetdProcess {
                 "--pod-cidr-v6",
                 &self.pod_cidr_v6,
             ])
-            .args(&self.extra)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -118,6 +118,12 @@ pub fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
         "spiffe_id": e.spiffe_id,
         "spiffe_id_source": e.spiffe_id_source,
         "svid_expires_at": e.svid_expires_at,
+        "svid_expires": e.svid_expires_at.and_then(|t| u64::try_from(t).ok()).map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+            )
+            .to_string()
+        }),
         "service_account": e.service_account,
         "uid": e.uid,
         "node_name": e.node_name,
@@ -152,16 +158,18 @@ pub async fn run(cmd: EndpointCommand) -> anyhow::Result<()> {
                 }
                 Format::Text => {
                     println!(
-                        "{:<20} {:>8} {:<16} {:<24} LABELS",
-                        "NAME", "IDENTITY", "IPV4", "IPV6"
+                        "{:<20} {:>8} {:<16} {:<24} {:<40} {:<16} LABELS",
+                        "NAME", "IDENTITY", "IPV4", "IPV6", "SPIFFE ID", "SOURCE"
                     );
                     for e in &list.endpoints {
                         println!(
-                            "{:<20} {:>8} {:<16} {:<24} {}",
+                            "{:<20} {:>8} {:<16} {:<24} {:<40} {:<16} {}",
                             e.name,
                             e.identity,
                             e.ipv4,
                             e.ipv6,
+                            e.spiffe_id.as_deref().unwrap_or("-"),
+                            e.spiffe_id_source,
                             e.labels.join(",")
                         );
                     }

@@ -17,7 +17,7 @@ const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 pub enum PolicyCommand {
     /// Trace one flow through policy files: the source's egress, the destination's ingress,
     /// the rules that decided, and the final verdict.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// Parse policy files and report each document, or the first problems found.
     Validate(ValidateArgs),
     /// Import policy files or directories into a running sigil-netd.
@@ -32,7 +32,7 @@ pub enum PolicyCommand {
 
 /// The source of a traced flow: exactly one of these flags.
 #[derive(Debug, clap::Args)]
-#[group(id = "source", required = true, multiple = false)]
+#[group(id = "source", required = false, multiple = false)]
 pub struct SourceArgs {
     /// Source endpoint labels, comma-separated `[source:]key=value` (`app=web,io.kubernetes.pod.namespace=prod`;
     /// a key without source is a `k8s:` label, `spiffe.io/spiffe-id=spiffe://...` the SPIFFE ID).
@@ -48,7 +48,7 @@ pub struct SourceArgs {
 
 /// The destination of a traced flow: exactly one of these flags.
 #[derive(Debug, clap::Args)]
-#[group(id = "destination", required = true, multiple = false)]
+#[group(id = "destination", required = false, multiple = false)]
 pub struct DestinationArgs {
     /// Destination endpoint labels, comma-separated `[source:]key=value`.
     #[arg(long, value_name = "LABELS", value_parser = endpoint)]
@@ -59,6 +59,18 @@ pub struct DestinationArgs {
     /// Destination IP address outside the cluster.
     #[arg(long, value_name = "IP", value_parser = cidr)]
     dst_cidr: Option<Peer>,
+}
+
+/// SPIFFE IDs of the traced endpoints: the `spiffe:spiffe.io/spiffe-id` label, alone or added to
+/// `--src` / `--dst`.
+#[derive(Debug, clap::Args)]
+pub struct SpiffeIdArgs {
+    /// Source endpoint's SPIFFE ID (with `--src`, added to its labels).
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["src_entity", "src_cidr"])]
+    src_spiffe_id: Option<String>,
+    /// Destination endpoint's SPIFFE ID (with `--dst`, added to its labels).
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["dst_entity", "dst_cidr"])]
+    dst_spiffe_id: Option<String>,
 }
 
 /// Policy enforcement mode of the traced agent.
@@ -93,6 +105,8 @@ pub struct TraceArgs {
     source: SourceArgs,
     #[command(flatten)]
     destination: DestinationArgs,
+    #[command(flatten)]
+    spiffe_ids: SpiffeIdArgs,
     /// Destination port and protocol (TCP, UDP or SCTP; TCP when omitted), e.g. `80`, `53/udp`.
     #[arg(long, value_name = "PORT[/PROTO]", value_parser = dport)]
     dport: (u16, u8),
@@ -125,6 +139,12 @@ fn endpoint(s: &str) -> Result<Peer, String> {
     Peer::endpoint(s).map_err(reason)
 }
 
+fn spiffe_id(s: &str) -> Result<String, String> {
+    sigil_spiffe::SpiffeId::parse(s)
+        .map(|id| id.to_string())
+        .map_err(|e| e.to_string())
+}
+
 fn entity(s: &str) -> Result<Peer, String> {
     Peer::entity(s).map_err(reason)
 }
@@ -137,13 +157,30 @@ fn dport(s: &str) -> Result<(u16, u8), String> {
     sigil_policy::parse_dport(s).map_err(reason)
 }
 
-/// The one peer clap's group guarantees; the error is unreachable through the command line.
-fn one_peer(flags: [Option<Peer>; 3], what: &str) -> anyhow::Result<Peer> {
-    flags
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no {what} given"))
+/// The one peer clap's group allows (at most one of the flags), with the SPIFFE ID's label
+/// added to an endpoint's labels, or an endpoint of the SPIFFE ID alone.
+fn one_peer(
+    flags: [Option<Peer>; 3],
+    spiffe_id: Option<String>,
+    what: &str,
+) -> anyhow::Result<Peer> {
+    let peer = flags.into_iter().flatten().next();
+    match (peer, spiffe_id) {
+        (Some(Peer::Endpoint(mut labels)), Some(id)) => {
+            labels.insert(sigil_labels::spiffe_label(&id));
+            Ok(Peer::Endpoint(labels))
+        }
+        (Some(p), _) => Ok(p),
+        (None, Some(id)) => {
+            let mut labels = sigil_labels::Labels::new();
+            labels.insert(sigil_labels::spiffe_label(&id));
+            Ok(Peer::Endpoint(labels))
+        }
+        (None, None) => anyhow::bail!(
+            "no {what} given: give one of --{0}, --{0}-spiffe-id, --{0}-entity or --{0}-cidr",
+            if what == "source" { "src" } else { "dst" }
+        ),
+    }
 }
 
 /// Loads policies; the error is the library's message alone (its I/O variant already shows
@@ -183,9 +220,18 @@ fn namespace_hint(flag: &str, peer: &Peer, docs: &[Document]) {
 fn trace(a: TraceArgs) -> anyhow::Result<(TraceResult, Format)> {
     let docs = load(&a.policies, Some("--policies"))?;
     let s = a.source;
-    let src = one_peer([s.src, s.src_entity, s.src_cidr], "source")?;
+    let ids = a.spiffe_ids;
+    let src = one_peer(
+        [s.src, s.src_entity, s.src_cidr],
+        ids.src_spiffe_id,
+        "source",
+    )?;
     let d = a.destination;
-    let dst = one_peer([d.dst, d.dst_entity, d.dst_cidr], "destination")?;
+    let dst = one_peer(
+        [d.dst, d.dst_entity, d.dst_cidr],
+        ids.dst_spiffe_id,
+        "destination",
+    )?;
     namespace_hint("--src", &src, &docs);
     namespace_hint("--dst", &dst, &docs);
     let (port, proto) = a.dport;
@@ -250,7 +296,7 @@ fn validate(paths: &[PathBuf], format: Format) -> anyhow::Result<()> {
 pub async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Trace(a) => {
-            let (result, format) = trace(a)?;
+            let (result, format) = trace(*a)?;
             match format {
                 Format::Json => output::print_json(&result)?,
                 Format::Text => println!("{result}"),

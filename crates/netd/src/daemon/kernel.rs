@@ -52,7 +52,8 @@ impl Daemon {
             .state
             .endpoints
             .values()
-            .filter(|r| wanted.contains_key(&r.identity))
+            // A pending endpoint keeps its drop-all map whatever policies say of init.
+            .filter(|r| wanted.contains_key(&r.identity) && !r.is_pending())
             .collect();
         let mut changes = Vec::new();
         for rec in &targets {
@@ -166,9 +167,19 @@ impl Daemon {
     /// endpoint's addresses, the only sources the datapath lets its packets have.
     pub(super) fn install_endpoint(&mut self, rec: &EndpointRecord) -> Result<(), NetdError> {
         let (endpoint_id, identity) = (rec.endpoint_id, rec.identity);
-        let map = self.engine.policy_map(nid(identity)).unwrap_or_default();
+        // A pending endpoint: no entry and both directions enforced, so every packet it sends
+        // or receives is dropped, whatever policies allow (to init, to all).
+        let map = if rec.is_pending() {
+            Default::default()
+        } else {
+            self.engine.policy_map(nid(identity)).unwrap_or_default()
+        };
         let entries: Vec<_> = map.iter().map(|(k, e)| to_datapath(k, e)).collect();
-        let (ingress, egress) = enforcement(&map);
+        let (ingress, egress) = if rec.is_pending() {
+            (true, true)
+        } else {
+            enforcement(&map)
+        };
         let maps = self.datapath.maps_mut();
         let old = maps.endpoints.get(endpoint_id)?;
         let (old_in, old_eg) =
