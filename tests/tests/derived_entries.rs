@@ -194,7 +194,13 @@ async fn istio_entries_live_on_the_hosting_node_only_and_leave_after_the_grace()
 
     let grace = format!("{}s", GRACE.as_secs());
     let socket_a = node_a.socket.display().to_string();
+    let admin_a = node_a.admin_socket.display().to_string();
     let flags = [
+        // Identity mode spiffe: netd asks node A's agent for its endpoints' SVIDs too.
+        "--agent-socket",
+        &admin_a,
+        "--identity-fallback-wait",
+        "30s",
         "--spiffe-id-mode",
         "istio",
         "--trust-domain",
@@ -239,6 +245,26 @@ async fn istio_entries_live_on_the_hosting_node_only_and_leave_after_the_grace()
     // (control on B: it does serve its own unix entry to the same caller).
     let web_sels = [("k8s", "ns:default"), ("k8s", "sa:web")];
     wait_delegated(&node_a, &web_sels, &web).await?;
+    // The endpoints get their derived IDs from those entries (source `derived`) and carry them as
+    // their SPIFFE label.
+    for (name, want) in [("web-1", &web), ("web-2", &web), ("db-1", &db)] {
+        let v = wait_until(
+            &format!("{name}'s derived SPIFFE ID"),
+            Duration::from_secs(20),
+            || {
+                let out = netd.cli_ok(&["endpoint", "get", &ep(name)]).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                (v["spiffe_id"] == want.as_str() && v["spiffe_id_source"] == "derived").then_some(v)
+            },
+        );
+        let label = format!("spiffe:spiffe.io/spiffe-id={want}");
+        assert!(
+            v["labels"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x == label.as_str())),
+            "{v}"
+        );
+    }
     let uid_sel = format!("uid:{}", uid());
     wait_delegated(&node_b, &[("unix", &uid_sel)], &delegate).await?;
     assert_eq!(
@@ -640,5 +666,93 @@ async fn two_nodes_hosting_one_identity_get_one_entry_each() -> anyhow::Result<(
         (d.len() == 1).then_some(d)
     });
     assert_eq!(left[0].1, a);
+    Ok(())
+}
+
+/// Opaque mode with netd asking the agent (identity mode spiffe): the endpoint's ID names the
+/// identity of its labels without the SPIFFE label, which netd keeps allocated while the
+/// endpoint carries the identity of its SPIFFE label; so the ID stays the same, its entry is not
+/// deleted after the grace (the number it names does not go away), and a restart keeps both.
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_ids_stay_stable_while_the_endpoint_carries_its_spiffe_label() -> anyhow::Result<()>
+{
+    if !can_run() {
+        return Ok(());
+    }
+    let server = ServerProcess::start(&[])?;
+    let delegate = format!("spiffe://{TD}/netd");
+    let node = AgentProcess::start(&server, &["--authorized-delegate", &delegate])?;
+    let a = agent_id(&node);
+    let me = format!("unix:uid:{}", uid());
+    cli::ok(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &delegate,
+            "--parent-id",
+            &a,
+            "--selector",
+            &me,
+            "--admin",
+        ],
+    )?;
+    let (socket, admin, addr) = (
+        node.socket.display().to_string(),
+        node.admin_socket.display().to_string(),
+        server.addr(),
+    );
+    let flags = [
+        "--agent-socket",
+        &admin,
+        "--identity-fallback-wait",
+        "30s",
+        "--spiffe-id-mode",
+        "opaque",
+        "--trust-domain",
+        TD,
+        "--agent-spiffe-id",
+        &a,
+        "--server-address",
+        &addr,
+        "--agent-workload-socket",
+        &socket,
+        "--derived-entry-grace",
+        "1s",
+    ];
+    let mut netd = NetdProcess::start_with(None, "opaque-spiffe", 211, 12, &flags)?;
+    netd.cli_ok(&["endpoint", "create", &ep("cart"), "--labels", "app=cart"])?;
+    let derived_of = |netd: &NetdProcess| {
+        wait_until("cart's derived SPIFFE ID", Duration::from_secs(20), || {
+            let out = netd.cli_ok(&["endpoint", "get", &ep("cart")]).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["spiffe_id_source"] == "derived").then_some(v)
+        })
+    };
+    let v = derived_of(&netd);
+    let id = v["spiffe_id"].as_str().unwrap_or_default().to_owned();
+    let n: u32 = id
+        .strip_prefix(&format!("spiffe://{TD}/identity/"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not an opaque ID: {v}"));
+    // The endpoint's own identity is that of its labels with the SPIFFE label: another number.
+    let own = v["identity"].as_u64().unwrap_or_default();
+    assert!(n >= 256 && u64::from(n) != own, "{v}");
+    // Well past the grace, the entry and the ID are still there (the number stays allocated).
+    let past = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < past {
+        let d = derived(&server);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].0, id);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(derived_of(&netd)["spiffe_id"], id.as_str());
+    // A restart keeps the number, the ID and the entry.
+    netd.kill9();
+    netd.spawn()?;
+    let v = derived_of(&netd);
+    assert_eq!(v["spiffe_id"], id.as_str(), "{v}");
+    assert_eq!(derived(&server).len(), 1);
     Ok(())
 }
