@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry};
+use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey};
 use sigil_policy::{Document, Peer, TraceVerdict, parse_documents, trace};
 use sigil_test_util::{NetdProcess, sigil_bin};
 
@@ -486,17 +486,21 @@ fn kill9_keeps_enforcement_and_restart_reconciles() {
         maps.policy
             .upsert_policy(
                 b.endpoint_id,
-                &[PolicyEntry {
-                    remote_identity: a.identity,
-                    direction: Direction::Ingress,
-                    protocol: PROTO_TCP,
-                    port: 9000,
-                    port_prefix_len: 16,
-                    deny: false,
-                    l7_redirect: false,
-                    auth_required: false,
-                    rule_cookie: 77,
-                }],
+                &[(
+                    PolicyKey {
+                        identity: a.identity,
+                        direction: Direction::Ingress,
+                        protocol: PROTO_TCP,
+                        port: 9000,
+                        port_prefix_len: 16,
+                    },
+                    PolicyEntry {
+                        deny: false,
+                        l7_redirect: false,
+                        auth_required: false,
+                        rule_cookie: 77,
+                    },
+                )],
             )
             .expect("inject");
     }

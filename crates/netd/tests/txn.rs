@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
-use sigil_datapath::{Datapath, Maps, PolicyKey, PolicyValue, intent_of, normalize};
+use sigil_datapath::{Datapath, Maps, PolicyEntry, PolicyKey, intent_of, normalize};
 use sigil_identity::NumericIdentity;
 use sigil_netd::config::RunArgs;
 use sigil_netd::daemon::CreateEndpoint;
@@ -61,12 +61,8 @@ fn assert_kernel_is_the_engine(d: &Daemon, pin_dir: &Path) {
             .engine()
             .policy_map(NumericIdentity::new(rec.identity))
             .unwrap_or_default();
-        let entries: Vec<_> = engine_map
-            .iter()
-            .map(|(k, e)| sigil_netd::convert::to_datapath(k, e))
-            .collect();
-        let want = normalize(&intent_of(&entries).expect("valid"));
-        let got: BTreeMap<PolicyKey, PolicyValue> =
+        let want = normalize(&intent_of(&engine_map).expect("valid"));
+        let got: BTreeMap<PolicyKey, PolicyEntry> =
             maps.policy.installed(rec.endpoint_id).into_iter().collect();
         assert_eq!(got, want, "endpoint {}", rec.name);
     }
@@ -257,9 +253,9 @@ fn a_change_compiled_while_an_endpoint_came_is_compiled_again_and_covers_it() {
         maps.policy
             .installed(newcomer.endpoint_id)
             .iter()
-            .any(|(k, v)| k.direction() == sigil_datapath::Direction::Egress
+            .any(|(k, v)| k.direction == sigil_datapath::Direction::Egress
                 && !v.deny
-                && k.remote_identity() >= 1 << 24),
+                && k.identity >= 1 << 24),
         "the newcomer's egress allows the CIDR identities"
     );
 }
