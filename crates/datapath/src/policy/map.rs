@@ -380,7 +380,7 @@ impl PolicyMap {
                     continue;
                 }
                 let flags = if v.demoted { FLAG_DEMOTED } else { 0 };
-                trie.insert(&to_lpm(&k, endpoint_id), to_raw(v.value, flags), 0)
+                trie.insert(&to_lpm(k, endpoint_id), to_raw(v.value, flags), 0)
                     .map_err(|e| DatapathError::map(NAME, "insert", e))?;
                 installed.insert(*k, *v);
             }
