@@ -641,10 +641,13 @@ impl pb::trust_domain_server::TrustDomain for Admin {
     ) -> Result<Response<pb::MigrateTrustDomainResponse>, Status> {
         let to = parse_td("to", &req.into_inner().to)?;
         let state = self.state.clone();
-        let (from, count) =
-            blocking(move || crate::migrate::migrate(&state, &to).map(|(f, c)| (f, c, to)))
-                .await
-                .map(|(f, c, to)| ((f, to), c))?;
+        let (from, count) = blocking(move || {
+            crate::migrate::migrate(&state, &to)
+                .map(|(f, c)| (f, c, to))
+                .map_err(Status::from)
+        })
+        .await
+        .map(|(f, c, to)| ((f, to), c))?;
         Ok(Response::new(pb::MigrateTrustDomainResponse {
             from: from.0.to_string(),
             to: from.1.to_string(),

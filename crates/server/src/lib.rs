@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent_api;
 pub mod catalog;
 pub mod config;
+pub mod error;
 pub mod grpc;
 pub mod listen;
 pub mod migrate;

@@ -29,12 +29,6 @@ impl FieldError {
     }
 }
 
-impl From<FieldError> for tonic::Status {
-    fn from(e: FieldError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
-    }
-}
-
 /// Most items one batch request may carry: bounds the work and memory a single request can cause.
 pub const MAX_BATCH: usize = 10_000;
 
