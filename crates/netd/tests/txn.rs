@@ -13,11 +13,7 @@ use sigil_netd::daemon::CreateEndpoint;
 use sigil_netd::{Config, Daemon};
 
 fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the netd transaction test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the netd transaction test")
 }
 
 /// Removes the endpoints, routes and pins the daemon made.

@@ -15,11 +15,7 @@ use sigil_datapath::{Datapath, EndpointConfig, Event, EventReader};
 /// True when the test can run; false (after saying why) when it must skip. Under CI=true a
 /// skip is a failure.
 pub fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the datapath test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the datapath test")
 }
 
 /// Pin directory for a test: unique per process and tag.
