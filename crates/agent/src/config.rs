@@ -57,15 +57,9 @@ pub struct AgentRunArgs {
     /// Most SVIDs kept for entries no workload is using.
     #[arg(long)]
     pub x509_svid_cache_max_size: Option<usize>,
-    /// Bound on finishing in-flight calls (open Workload API streams) after SIGTERM (e.g. 10s, 500ms).
-    #[arg(long)]
-    pub drain_timeout: Option<String>,
-    /// Log level (error, warn, info, debug, trace).
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long)]
-    pub log_format: Option<String>,
+    /// Log options and drain bound, as every daemon has them.
+    #[command(flatten)]
+    pub common: sigil_daemon::CommonArgs,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -138,16 +132,8 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Builds the configuration from the optional TOML file and the flags (flags win).
     pub fn from_args(args: &AgentRunArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("config: cannot read {}", p.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("config: invalid TOML in {}", p.display()))?
-            }
-            None => FileConfig::default(),
-        };
         let l = sigil_daemon::Layers::new("agent", args.config.as_deref());
+        let file: FileConfig = l.read_file()?;
         let server_address = l
             .get(
                 "server_address",
@@ -220,12 +206,19 @@ impl AgentConfig {
         if svid_cache_max == 0 {
             bail!("x509_svid_cache_max_size: invalid value 0 (must be at least 1)");
         }
-        let (log_level, log_format) = l.log_options(
-            (args.log_level.clone(), file.log_level),
-            (args.log_format.clone(), file.log_format),
+        let sigil_daemon::CommonOptions {
+            log_level,
+            log_format,
+            drain_timeout,
+        } = l.common(
+            &args.common,
+            sigil_daemon::CommonArgs {
+                log_level: file.log_level,
+                log_format: file.log_format,
+                drain_timeout: file.drain_timeout,
+            },
         )?;
         let log_json = log_format == sigil_daemon::LogFormat::Json;
-        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         Ok(AgentConfig {
             drain_timeout,
             server_address,

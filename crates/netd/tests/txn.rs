@@ -280,7 +280,10 @@ async fn readiness_is_true_only_while_the_api_serves() {
         bpf_pin_dir: Some(pin_dir.clone()),
         api_socket: Some(socket.clone()),
         state_dir: Some(tmp.path().join("state")),
-        drain_timeout: Some("2s".into()),
+        common: sigil_daemon::CommonArgs {
+            drain_timeout: Some("2s".into()),
+            ..Default::default()
+        },
         ..RunArgs::default()
     })
     .expect("config");
