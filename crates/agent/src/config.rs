@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use sigil_daemon::CommonArgs;
 use sigil_spiffe::{SpiffeId, TrustDomain};
 
 /// Default Workload API socket (open to all local users: callers are attested, not trusted by permission).
@@ -59,7 +60,7 @@ pub struct AgentRunArgs {
     pub x509_svid_cache_max_size: Option<usize>,
     /// Log options and drain bound, as every daemon has them.
     #[command(flatten)]
-    pub common: sigil_daemon::CommonArgs,
+    pub common: CommonArgs,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -206,21 +207,13 @@ impl AgentConfig {
         if svid_cache_max == 0 {
             bail!("x509_svid_cache_max_size: invalid value 0 (must be at least 1)");
         }
-        let sigil_daemon::CommonOptions {
-            log_level,
-            log_format,
-            drain_timeout,
-        } = l.common(
+        let common = l.common(
             &args.common,
-            sigil_daemon::CommonArgs {
-                log_level: file.log_level,
-                log_format: file.log_format,
-                drain_timeout: file.drain_timeout,
-            },
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
-        let log_json = log_format == sigil_daemon::LogFormat::Json;
+        let log_json = common.log_format == sigil_daemon::LogFormat::Json;
         Ok(AgentConfig {
-            drain_timeout,
+            drain_timeout: common.drain_timeout,
             server_address,
             trust_domain,
             trust_bundle,
@@ -231,7 +224,7 @@ impl AgentConfig {
             admin_socket_path,
             authorized_delegates,
             svid_cache_max,
-            log_level,
+            log_level: common.log_level,
             log_json,
         })
     }

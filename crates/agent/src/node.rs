@@ -39,11 +39,7 @@ pub struct AgentIdentity {
 impl AgentIdentity {
     /// When to renew: half-way through the SVID's life.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .expires_at
-            .duration_since(self.issued_at)
-            .unwrap_or(Duration::ZERO);
-        self.issued_at + life / 2
+        sigil_spiffe::half_life(self.issued_at, self.expires_at)
     }
 }
 

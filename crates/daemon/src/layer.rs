@@ -204,6 +204,21 @@ pub struct CommonArgs {
     pub drain_timeout: Option<String>,
 }
 
+impl CommonArgs {
+    /// The three keys as a daemon's file gives them.
+    pub fn new(
+        log_level: Option<String>,
+        log_format: Option<String>,
+        drain_timeout: Option<String>,
+    ) -> Self {
+        Self {
+            log_level,
+            log_format,
+            drain_timeout,
+        }
+    }
+}
+
 /// The options every daemon has, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommonOptions {

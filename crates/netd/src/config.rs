@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use sigil_daemon::CommonArgs;
 use sigil_policy::{EnforcementMode, IpPrefix};
 
 /// Default path of the API socket (0600; its directory is made 0755 and must be root's, see `api_listener`).
@@ -51,7 +52,7 @@ pub struct RunArgs {
     pub enforcement: Option<String>,
     /// Log options and drain bound, as every daemon has them.
     #[command(flatten)]
-    pub common: sigil_daemon::CommonArgs,
+    pub common: CommonArgs,
     /// Capacity of the kernel policy map when netd creates it (default 1048576; a map already
     /// pinned keeps its size).
     #[arg(long)]
@@ -265,17 +266,9 @@ impl Config {
         if policy_map_max_entries == Some(0) {
             bail!("policy_map_max_entries: invalid value 0: must be at least 1");
         }
-        let sigil_daemon::CommonOptions {
-            log_level,
-            log_format,
-            drain_timeout,
-        } = l.common(
+        let common = l.common(
             &args.common,
-            sigil_daemon::CommonArgs {
-                log_level: file.log_level,
-                log_format: file.log_format,
-                drain_timeout: file.drain_timeout,
-            },
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
         Ok(Self {
             policy_map_max_entries,
@@ -291,9 +284,9 @@ impl Config {
                 .get("state_dir", args.state_dir.clone(), file.state_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             enforcement,
-            log_level,
-            log_format,
-            drain_timeout,
+            log_level: common.log_level,
+            log_format: common.log_format,
+            drain_timeout: common.drain_timeout,
         })
     }
 }
@@ -400,7 +393,7 @@ mod tests {
     #[test]
     fn invalid_log_options_name_the_key_the_source_and_the_value() {
         let bad_level = RunArgs {
-            common: sigil_daemon::CommonArgs {
+            common: CommonArgs {
                 log_level: Some("loud".into()),
                 ..Default::default()
             },

@@ -500,22 +500,7 @@ impl pb::join_tokens_server::JoinTokens for Admin {
                     // SPIRE's node alias for a token: selected by the agent's own ID.
                     let alias = sigil_datastore::Selector::new("spiffe_id", agent_id.as_str())
                         .map_err(|e| Status::internal(e.to_string()))?;
-                    let e = sigil_datastore::Entry {
-                        id: String::new(),
-                        spiffe_id: id,
-                        parent_id: agent_id,
-                        selectors: vec![alias],
-                        x509_svid_ttl: 0,
-                        jwt_svid_ttl: 0,
-                        dns_names: vec![],
-                        admin: false,
-                        downstream: false,
-                        federates_with: vec![],
-                        hint: String::new(),
-                        expires_at: 0,
-                        revision: 0,
-                        created_at: 0,
-                    };
+                    let e = sigil_datastore::Entry::new(id, agent_id, vec![alias]);
                     state.ds.create_entries(vec![e]).map_err(ds_status)
                 }
                 None => Ok(vec![]),

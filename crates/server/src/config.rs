@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sigil_ca::{KeyType, UpstreamAuthority};
+use sigil_daemon::CommonArgs;
 use sigil_spiffe::TrustDomain;
 
 /// Default trust domain, as seed 001 proposes.
@@ -70,7 +71,7 @@ pub struct RunArgs {
     pub max_connections_per_source: Option<usize>,
     /// Log options and drain bound, as every daemon has them.
     #[command(flatten)]
-    pub common: sigil_daemon::CommonArgs,
+    pub common: CommonArgs,
 }
 
 /// The TOML file's shape (every key optional; unknown keys are rejected).
@@ -248,20 +249,12 @@ impl ServerConfig {
             max_connections_per_source,
             ..Default::default()
         };
-        let sigil_daemon::CommonOptions {
-            log_level,
-            log_format,
-            drain_timeout,
-        } = l.common(
+        let common = l.common(
             &args.common,
-            sigil_daemon::CommonArgs {
-                log_level: file.log_level,
-                log_format: file.log_format,
-                drain_timeout: file.drain_timeout,
-            },
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
         Ok(ServerConfig {
-            drain_timeout,
+            drain_timeout: common.drain_timeout,
             data_dir,
             trust_domain,
             bind,
@@ -277,8 +270,8 @@ impl ServerConfig {
                 file.x509pop_ca_bundle,
             )?,
             handshake_limits,
-            log_level,
-            log_format,
+            log_level: common.log_level,
+            log_format: common.log_format,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -161,7 +161,7 @@ impl State {
         let (svid, key) = ca
             .mint_x509_svid_with_key(&server_id, &["localhost".to_string()], None)
             .map_err(StateError::MintServerSvid)?;
-        let renew_at = renew_time(clock.now(), svid.expires_at);
+        let renew_at = sigil_spiffe::half_life(clock.now(), svid.expires_at);
         let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
         let state = Arc::new(State {
             config,
@@ -296,7 +296,7 @@ impl State {
             &["localhost".to_string()],
             None,
         )?;
-        let renew_at = renew_time(self.clock.now(), svid.expires_at);
+        let renew_at = sigil_spiffe::half_life(self.clock.now(), svid.expires_at);
         let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
         self.server_cert.store(certified);
         *self
@@ -306,11 +306,6 @@ impl State {
         tracing::info!(spiffe_id = %self.server_id(), "server X.509-SVID renewed");
         Ok(())
     }
-}
-
-fn renew_time(now: SystemTime, expires: SystemTime) -> SystemTime {
-    let life = expires.duration_since(now).unwrap_or(Duration::ZERO);
-    now + life / 2
 }
 
 /// `spiffe://<td>/sigil/server`.
