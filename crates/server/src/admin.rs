@@ -13,7 +13,7 @@ use sigil_spiffe::{SpiffeId, TrustDomain};
 use tonic::{Request, Response, Status};
 
 use crate::catalog::Change;
-use crate::grpc::{blocking, bundle_to_pb, ds_status};
+use crate::grpc::{blocking, bundle_to_pb, ds_status, selectors_to_pb};
 use crate::state::{State, unix};
 use crate::validate::{self, FieldError, ParentLookup};
 
@@ -94,14 +94,7 @@ fn agent_to_pb(a: &AttestedAgent) -> pb::Agent {
         x509_svid_serial: a.serial.clone(),
         x509_svid_expires_at: a.expires_at,
         banned: a.banned,
-        selectors: a
-            .selectors
-            .iter()
-            .map(|s| pb::Selector {
-                r#type: s.kind.clone(),
-                value: s.value.clone(),
-            })
-            .collect(),
+        selectors: selectors_to_pb(&a.selectors),
         can_reattest: a.can_reattest,
     }
 }

@@ -63,6 +63,17 @@ fn chain(e: &dyn Error) -> String {
     out
 }
 
+/// Converts selectors to their API messages.
+pub fn selectors_to_pb(selectors: &[sigil_datastore::Selector]) -> Vec<pb::Selector> {
+    selectors
+        .iter()
+        .map(|s| pb::Selector {
+            r#type: s.kind.clone(),
+            value: s.value.clone(),
+        })
+        .collect()
+}
+
 /// Converts a bundle to its API message.
 pub fn bundle_to_pb(b: &Bundle) -> pb::Bundle {
     pb::Bundle {
