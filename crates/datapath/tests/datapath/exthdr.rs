@@ -17,7 +17,7 @@ use sigil_datapath::{
 };
 
 use crate::support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, echo, in_netns, tcp_ok,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, echo, in_netns, rule, tcp_ok,
 };
 
 const CLIENT: u32 = 1201;
@@ -42,20 +42,12 @@ fn entry(
     deny: bool,
     cookie: u32,
 ) -> (PolicyKey, PolicyEntry) {
-    (
-        PolicyKey {
-            identity: CLIENT,
-            direction: Direction::Ingress,
-            protocol,
-            port,
-            port_prefix_len,
-        },
-        PolicyEntry {
-            deny,
-            l7_redirect: false,
-            auth_required: false,
-            rule_cookie: cookie,
-        },
+    rule(
+        CLIENT,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
+        deny,
+        cookie,
     )
 }
 

@@ -20,7 +20,7 @@ use sigil_datapath::{
     PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict, decide, intent_of, lpm_keys, normalize,
 };
 use support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, TestNet, can_run, echo, register,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, TestNet, can_run, echo, register, rule,
     tcp_connect, tcp_ok, udp_ok,
 };
 
@@ -43,20 +43,12 @@ fn allow(
     port_prefix_len: u8,
     cookie: u32,
 ) -> (PolicyKey, PolicyEntry) {
-    (
-        PolicyKey {
-            identity: remote,
-            direction: Direction::Ingress,
-            protocol,
-            port,
-            port_prefix_len,
-        },
-        PolicyEntry {
-            deny: false,
-            l7_redirect: false,
-            auth_required: false,
-            rule_cookie: cookie,
-        },
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
+        false,
+        cookie,
     )
 }
 
@@ -67,13 +59,12 @@ fn deny(
     port_prefix_len: u8,
     cookie: u32,
 ) -> (PolicyKey, PolicyEntry) {
-    let (key, value) = allow(remote, protocol, port, port_prefix_len, cookie);
-    (
-        key,
-        PolicyEntry {
-            deny: true,
-            ..value
-        },
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
+        true,
+        cookie,
     )
 }
 

@@ -13,7 +13,7 @@ use sigil_datapath::{
     DROP_POLICY_DENIED, Direction, PROTO_ICMPV6, PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
 };
 
-use crate::support::{BLOCK_WAIT, EchoServer, Fixture, PASS_WAIT, can_run, in_netns, udp_ok};
+use crate::support::{BLOCK_WAIT, EchoServer, Fixture, PASS_WAIT, can_run, in_netns, rule, udp_ok};
 
 const SENDER: u32 = 1301;
 const PEER: u32 = 1302;
@@ -32,21 +32,8 @@ fn entry(
     port: u16,
     cookie: u32,
 ) -> (PolicyKey, PolicyEntry) {
-    (
-        PolicyKey {
-            identity: remote,
-            direction,
-            protocol,
-            port,
-            port_prefix_len: if port == 0 { 0 } else { 16 },
-        },
-        PolicyEntry {
-            deny: false,
-            l7_redirect: false,
-            auth_required: false,
-            rule_cookie: cookie,
-        },
-    )
+    let len = if port == 0 { 0 } else { 16 };
+    rule(remote, direction, (protocol, port, len), false, cookie)
 }
 
 fn checksum(b: &[u8]) -> u16 {

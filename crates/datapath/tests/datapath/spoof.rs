@@ -15,7 +15,7 @@ use sigil_datapath::{
 };
 
 use crate::support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, in_netns, tcp_ok, udp_ok,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, in_netns, rule, tcp_ok, udp_ok,
 };
 
 const ATTACKER: u32 = 1101;
@@ -31,21 +31,7 @@ fn v6(ep: &EndpointNet) -> IpAddr {
 }
 
 fn allow_any(remote: u32, port: u16, cookie: u32) -> (PolicyKey, PolicyEntry) {
-    (
-        PolicyKey {
-            identity: remote,
-            direction: Direction::Ingress,
-            protocol: 0,
-            port,
-            port_prefix_len: 16,
-        },
-        PolicyEntry {
-            deny: false,
-            l7_redirect: false,
-            auth_required: false,
-            rule_cookie: cookie,
-        },
-    )
+    rule(remote, Direction::Ingress, (0, port, 16), false, cookie)
 }
 
 /// Gives the endpoint's interface another address inside its namespace (no duplicate address

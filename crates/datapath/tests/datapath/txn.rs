@@ -8,7 +8,7 @@ use sigil_datapath::{
     normalize,
 };
 
-use crate::support::{Cleanup, can_run, pin_dir};
+use crate::support::{Cleanup, can_run, pin_dir, rule};
 
 fn entry(
     remote: u32,
@@ -17,20 +17,13 @@ fn entry(
     deny: bool,
     cookie: u32,
 ) -> (PolicyKey, PolicyEntry) {
-    (
-        PolicyKey {
-            identity: remote,
-            direction: Direction::Ingress,
-            protocol,
-            port,
-            port_prefix_len: if protocol == 0 { 0 } else { 16 },
-        },
-        PolicyEntry {
-            deny,
-            l7_redirect: false,
-            auth_required: false,
-            rule_cookie: cookie,
-        },
+    let len = if protocol == 0 { 0 } else { 16 };
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, len),
+        deny,
+        cookie,
     )
 }
 
