@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sigil_datapath::netns::{self, EndpointSpec};
-use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry};
+use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey};
 use sigil_test_util::{NetdProcess, sigil_bin};
 
 type Res<T> = anyhow::Result<T>;
@@ -231,17 +231,21 @@ fn main() -> Res<()> {
             let id = 1000 + i;
             maps.ipcache
                 .upsert(IpAddr::V4(Ipv4Addr::from(0x0c00_0000 + i)), 32, id)?;
-            entries.push(PolicyEntry {
-                remote_identity: id,
-                direction: Direction::Ingress,
-                protocol: PROTO_TCP,
-                port: 7000,
-                port_prefix_len: 16,
-                deny: false,
-                l7_redirect: false,
-                auth_required: false,
-                rule_cookie: 0,
-            });
+            entries.push((
+                PolicyKey {
+                    identity: id,
+                    direction: Direction::Ingress,
+                    protocol: PROTO_TCP,
+                    port: 7000,
+                    port_prefix_len: 16,
+                },
+                PolicyEntry {
+                    deny: false,
+                    l7_redirect: false,
+                    auth_required: false,
+                    rule_cookie: 0,
+                },
+            ));
         }
         maps.policy.upsert_policy(sid, &entries)?;
     }

@@ -419,9 +419,7 @@ async fn x509pop_attestation() -> anyhow::Result<()> {
     );
 
     // A certificate from another CA, or a wrong key, is refused.
-    let stranger_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let stranger =
-        rcgen::CertificateParams::new(Vec::<String>::new())?.self_signed(&stranger_key)?;
+    let (stranger, stranger_key) = TestCa::new("stranger CA")?.leaf("node-1")?;
     let err = f
         .agent()
         .attest_x509pop(vec![stranger.der().to_vec()], &stranger_key)

@@ -614,20 +614,15 @@ fn bad_entry_input_names_field_and_value_and_writes_nothing() -> anyhow::Result<
 
 /// A CA certificate PEM of a trust domain that is not this server's.
 fn foreign_ca_pem() -> anyhow::Result<String> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::default();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let mut params = sigil_test_util::certs::ca_params("other.org root")?;
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
     ];
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "other.org root");
     params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
         "spiffe://other.org",
     )?)];
-    Ok(params.self_signed(&key)?.pem())
+    Ok(sigil_test_util::TestCa::root_with(params)?.pem())
 }
 
 fn unix_now() -> i64 {

@@ -10,11 +10,7 @@ use sigil_test_util::netns::ping;
 use sigil_test_util::{NetdProcess, Topology};
 
 fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the multi-node test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the multi-node test")
 }
 
 const PASS: Duration = Duration::from_secs(5);

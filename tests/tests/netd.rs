@@ -10,16 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry};
+use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey};
 use sigil_policy::{Document, Peer, TraceVerdict, parse_documents, trace};
+use sigil_test_util::netns::{command_in_named_netns, in_netns, named_netns_path};
 use sigil_test_util::{NetdProcess, sigil_bin};
 
 fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the netd test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the netd test")
 }
 
 /// Child processes killed on drop (echo servers, monitors).
@@ -42,9 +39,7 @@ impl Children {
 
     /// An echo server on `bind` (`[::]:PORT` serves IPv6 and IPv4).
     fn echo_on(&mut self, netns: &str, bind: &str) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(sigil_bin())
+        let child = command_in_named_netns(netns, sigil_bin())
             .args(["netd", "echo-server", "--bind", bind])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -164,8 +159,8 @@ fn create(netd: &NetdProcess, name: &str, app: &str, spiffe: Option<&str>) -> Ep
 
 /// Whether a TCP (or UDP) echo from `netns` to `addr:port` comes back.
 fn probe(netns: &str, addr: &str, port: u16, udp: bool) -> bool {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns]).arg(sigil_bin()).args([
+    let mut cmd = command_in_named_netns(netns, sigil_bin());
+    cmd.args([
         "netd",
         "probe",
         "--connect",
@@ -327,16 +322,11 @@ fn wait_event(
 
 /// A TCP connection opened from inside a namespace (the socket stays in it).
 fn connect_in(netns: &str, addr: &str, port: u16) -> TcpStream {
-    let path = format!("/run/netns/{netns}");
     let target = format!("{addr}:{port}");
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("netns file");
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    in_ns(netns, move || {
         TcpStream::connect_timeout(&target.parse().expect("addr"), Duration::from_secs(2))
             .expect("connect")
     })
-    .join()
-    .expect("thread")
 }
 
 fn echo_once(s: &mut TcpStream) -> bool {
@@ -486,17 +476,21 @@ fn kill9_keeps_enforcement_and_restart_reconciles() {
         maps.policy
             .upsert_policy(
                 b.endpoint_id,
-                &[PolicyEntry {
-                    remote_identity: a.identity,
-                    direction: Direction::Ingress,
-                    protocol: PROTO_TCP,
-                    port: 9000,
-                    port_prefix_len: 16,
-                    deny: false,
-                    l7_redirect: false,
-                    auth_required: false,
-                    rule_cookie: 77,
-                }],
+                &[(
+                    PolicyKey {
+                        identity: a.identity,
+                        direction: Direction::Ingress,
+                        protocol: PROTO_TCP,
+                        port: 9000,
+                        port_prefix_len: 16,
+                    },
+                    PolicyEntry {
+                        deny: false,
+                        l7_redirect: false,
+                        auth_required: false,
+                        rule_cookie: 77,
+                    },
+                )],
             )
             .expect("inject");
     }
@@ -643,14 +637,7 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
 
 /// Runs `f` on a thread inside the named namespace (sockets it makes stay there).
 fn in_ns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("netns file");
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    in_netns(&named_netns_path(netns), || Ok(f())).expect("netns thread")
 }
 
 fn ipv6_of(netd: &NetdProcess, name: &str) -> String {

@@ -17,9 +17,7 @@ struct Root {
 }
 
 fn external_root(dir: &std::path::Path) -> anyhow::Result<Root> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::default();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let mut params = sigil_test_util::certs::ca_params("Example Corp External Root")?;
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
@@ -28,21 +26,18 @@ fn external_root(dir: &std::path::Path) -> anyhow::Result<Root> {
     params
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "Example Corp");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Example Corp External Root");
-    let cert = params.self_signed(&key)?;
+    let root = sigil_test_util::TestCa::root_with(params)?;
     let cert_path = dir.join("root.pem");
     let key_path = dir.join("root-key.pem");
-    std::fs::write(&cert_path, cert.pem())?;
-    let key_pem = key.serialize_pem();
+    std::fs::write(&cert_path, root.pem())?;
+    let key_pem = root.key_pem();
     assert!(
         key_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
         "PKCS#8 expected"
     );
     std::fs::write(&key_path, key_pem)?;
     Ok(Root {
-        der: cert.der().clone(),
+        der: root.cert.der().clone(),
         cert_path,
         key_path,
     })

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -35,11 +35,7 @@ pub struct CachedSvid {
 impl CachedSvid {
     /// When to rotate: half-way through its life.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .expires_at
-            .duration_since(self.issued_at)
-            .unwrap_or(Duration::ZERO);
-        self.issued_at + life / 2
+        sigil_spiffe::half_life(self.issued_at, self.expires_at)
     }
 }
 
@@ -354,8 +350,7 @@ impl Cache {
     pub fn jwt(&self, entry_id: &str, audience: &[String], now: SystemTime) -> Option<CachedJwt> {
         let m = self.jwts.lock().unwrap_or_else(|p| p.into_inner());
         let j = m.get(&(entry_id.to_string(), audience.to_vec()))?;
-        let life = j.expires_at.duration_since(j.issued_at).unwrap_or_default();
-        (now < j.issued_at + life / 2).then(|| j.clone())
+        (now < sigil_spiffe::half_life(j.issued_at, j.expires_at)).then(|| j.clone())
     }
 
     /// Caches a JWT-SVID.
@@ -375,24 +370,18 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn entry(id: &str, uid: u32) -> Entry {
         Entry {
             id: id.into(),
-            spiffe_id: SpiffeId::parse(&format!("spiffe://td/{id}")).expect("id"),
-            parent_id: SpiffeId::parse("spiffe://td/sigil/agent/x").expect("id"),
-            selectors: vec![Selector::new("unix", format!("uid:{uid}")).expect("sel")],
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            dns_names: vec![],
-            admin: false,
-            downstream: false,
-            federates_with: vec![],
-            hint: String::new(),
-            expires_at: 0,
-            revision: 0,
-            created_at: 0,
+            ..Entry::new(
+                SpiffeId::parse(&format!("spiffe://td/{id}")).expect("id"),
+                SpiffeId::parse("spiffe://td/sigil/agent/x").expect("id"),
+                vec![Selector::new("unix", format!("uid:{uid}")).expect("sel")],
+            )
         }
     }
 

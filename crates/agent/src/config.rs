@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use sigil_daemon::CommonArgs;
 use sigil_spiffe::{SpiffeId, TrustDomain};
 
 /// Default Workload API socket (open to all local users: callers are attested, not trusted by permission).
@@ -65,15 +66,9 @@ pub struct AgentRunArgs {
     /// Most SVIDs kept for entries no workload is using.
     #[arg(long)]
     pub x509_svid_cache_max_size: Option<usize>,
-    /// Bound on finishing in-flight calls (open Workload API streams) after SIGTERM (e.g. 10s, 500ms).
-    #[arg(long)]
-    pub drain_timeout: Option<String>,
-    /// Log level (error, warn, info, debug, trace).
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long)]
-    pub log_format: Option<String>,
+    /// Log options and drain bound, as every daemon has them.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -149,16 +144,8 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Builds the configuration from the optional TOML file and the flags (flags win).
     pub fn from_args(args: &AgentRunArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("config: cannot read {}", p.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("config: invalid TOML in {}", p.display()))?
-            }
-            None => FileConfig::default(),
-        };
         let l = sigil_daemon::Layers::new("agent", args.config.as_deref());
+        let file: FileConfig = l.read_file()?;
         let server_address = l
             .get(
                 "server_address",
@@ -241,14 +228,13 @@ impl AgentConfig {
         if svid_cache_max == 0 {
             bail!("x509_svid_cache_max_size: invalid value 0 (must be at least 1)");
         }
-        let (log_level, log_format) = l.log_options(
-            (args.log_level.clone(), file.log_level),
-            (args.log_format.clone(), file.log_format),
+        let common = l.common(
+            &args.common,
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
-        let log_json = log_format == sigil_daemon::LogFormat::Json;
-        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
+        let log_json = common.log_format == sigil_daemon::LogFormat::Json;
         Ok(AgentConfig {
-            drain_timeout,
+            drain_timeout: common.drain_timeout,
             server_address,
             trust_domain,
             trust_bundle,
@@ -260,7 +246,7 @@ impl AgentConfig {
             authorized_delegates,
             netd_socket,
             svid_cache_max,
-            log_level,
+            log_level: common.log_level,
             log_json,
         })
     }

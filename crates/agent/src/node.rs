@@ -7,14 +7,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sigil_proto::agent::v1 as pb;
 use sigil_proto::agent::v1::node_client::NodeClient;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
 use sigil_spiffe::{SpiffeId, TrustDomain};
-use sigil_tls::{PeerPolicy, SpiffeServerVerifier};
+use sigil_tls::{InsecureBootstrapVerifier, PeerPolicy, SpiffeServerVerifier};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{AgentConfig, NodeAttestation};
@@ -40,11 +39,7 @@ pub struct AgentIdentity {
 impl AgentIdentity {
     /// When to renew: half-way through the SVID's life.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .expires_at
-            .duration_since(self.issued_at)
-            .unwrap_or(Duration::ZERO);
-        self.issued_at + life / 2
+        sigil_spiffe::half_life(self.issued_at, self.expires_at)
     }
 }
 
@@ -129,42 +124,6 @@ pub fn identity_from_result(
     })
 }
 
-/// Accepts any server certificate: only for an explicitly requested insecure bootstrap.
-#[derive(Debug)]
-struct InsecureVerifier(rustls::crypto::WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for InsecureVerifier {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
 /// Opens gRPC channels to the server over TLS 1.3.
 #[derive(Clone)]
 pub struct Connector {
@@ -193,11 +152,9 @@ impl Connector {
             .get(&self.td)
             .is_some_and(|b| !b.x509_authorities.is_empty());
         let mut cfg = if self.insecure && identity.is_none() && !bundle_known {
-            let algs =
-                rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
             let b = builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(InsecureVerifier(algs)));
+                .with_custom_certificate_verifier(Arc::new(InsecureBootstrapVerifier::new()));
             b.with_no_client_auth()
         } else {
             let verifier = Arc::new(SpiffeServerVerifier::new(

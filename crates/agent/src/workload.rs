@@ -187,6 +187,28 @@ impl WorkloadApi {
         &self.manager.cache
     }
 
+    /// The bundles stream of `FetchX509Bundles` and `FetchJWTBundles`: the caller's bundles,
+    /// each rendered by `render` and wrapped in a response by `wrap`, sent again whenever they
+    /// change, until the caller has no entry left.
+    async fn bundles_stream<R, T>(
+        &self,
+        req: &Request<R>,
+        render: fn(&Bundle) -> Vec<u8>,
+        wrap: fn(HashMap<String, Vec<u8>>) -> T,
+    ) -> Result<BoxStream<T>, Status>
+    where
+        T: PartialEq + Clone + Send + 'static,
+    {
+        check_header(req)?;
+        let selectors = attest_caller(&self.attestor, req).await?;
+        self.entries_for(&selectors).await?;
+        let cache = self.cache().clone();
+        let watched = cache.clone();
+        Ok(spawn_watch(caller(req)?, cache, move || {
+            Some(caller_bundles(&watched, &selectors, render).map(wrap))
+        }))
+    }
+
     /// Entries for an attested caller, or PermissionDenied.
     async fn entries_for(&self, selectors: &[Selector]) -> Result<Vec<Arc<Entry>>, Status> {
         // Right after start, wait (briefly) for the first entry snapshot before judging the caller.
@@ -287,23 +309,12 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wpb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&req)?;
-        let selectors = attest_caller(&self.attestor, &req).await?;
-        self.entries_for(&selectors).await?;
-        let cache = self.cache().clone();
-        let c2 = cache.clone();
-        Ok(Response::new(spawn_watch(
-            caller(&req)?,
-            cache,
-            move || {
-                Some(caller_bundles(&c2, &selectors, x509_der).map(|bundles| {
-                    wpb::X509BundlesResponse {
-                        crl: vec![],
-                        bundles,
-                    }
-                }))
-            },
-        )))
+        self.bundles_stream(&req, x509_der, |bundles| wpb::X509BundlesResponse {
+            crl: vec![],
+            bundles,
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn fetch_jwtsvid(
@@ -353,21 +364,11 @@ impl wpb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wpb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&req)?;
-        let selectors = attest_caller(&self.attestor, &req).await?;
-        self.entries_for(&selectors).await?;
-        let cache = self.cache().clone();
-        let c2 = cache.clone();
-        Ok(Response::new(spawn_watch(
-            caller(&req)?,
-            cache,
-            move || {
-                Some(
-                    caller_bundles(&c2, &selectors, jwt_jwks)
-                        .map(|bundles| wpb::JwtBundlesResponse { bundles }),
-                )
-            },
-        )))
+        self.bundles_stream(&req, jwt_jwks, |bundles| wpb::JwtBundlesResponse {
+            bundles,
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn validate_jwtsvid(

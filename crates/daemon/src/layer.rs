@@ -188,6 +188,109 @@ fn env_prefix(daemon: &str) -> String {
     format!("SIGIL_{}_", daemon.to_ascii_uppercase())
 }
 
+/// The flags every daemon's `run` takes, flattened into its own flags; its file has the same
+/// keys.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Bound on finishing in-flight calls (API calls, open streams) after SIGTERM (e.g. 10s,
+    /// 500ms).
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
+}
+
+impl CommonArgs {
+    /// The three keys as a daemon's file gives them.
+    pub fn new(
+        log_level: Option<String>,
+        log_format: Option<String>,
+        drain_timeout: Option<String>,
+    ) -> Self {
+        Self {
+            log_level,
+            log_format,
+            drain_timeout,
+        }
+    }
+}
+
+/// The options every daemon has, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommonOptions {
+    /// Log level (default info).
+    pub log_level: String,
+    /// Log format (default text).
+    pub log_format: crate::LogFormat,
+    /// Drain bound after SIGTERM (default [`crate::DEFAULT_DRAIN_TIMEOUT`]).
+    pub drain_timeout: std::time::Duration,
+}
+
+/// A configuration file that cannot be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file cannot be read.
+    #[error("config: cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for the daemon's keys.
+    #[error("config: invalid TOML in {}", path.display())]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Layers {
+    /// The file layer as the daemon's file type (its default when there is no file).
+    pub fn read_file<T: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<T, ConfigFileError> {
+        let Some(path) = &self.file else {
+            return Ok(T::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigFileError::Toml {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// The options every daemon has, from its flags and its file's values of the same keys:
+    /// the log options first, then `drain_timeout`.
+    pub fn common(
+        &self,
+        flags: &CommonArgs,
+        file: CommonArgs,
+    ) -> Result<CommonOptions, LayerError> {
+        let (log_level, log_format) = self.log_options(
+            (flags.log_level.clone(), file.log_level),
+            (flags.log_format.clone(), file.log_format),
+        )?;
+        let drain_timeout = self.drain_timeout(flags.drain_timeout.clone(), file.drain_timeout)?;
+        Ok(CommonOptions {
+            log_level,
+            log_format,
+            drain_timeout,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ pub mod runtime;
 pub use accept::raise_fd_limit;
 pub use dir::{DirError, check_peer, check_socket, connect_trusted, own_dir};
 pub use health::Health;
-pub use layer::{LayerError, Layers, Source};
+pub use layer::{CommonArgs, CommonOptions, ConfigFileError, LayerError, Layers, Source};
 pub use runtime::{
     BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, Runtime, bind_unix, drain,
 };

@@ -2,15 +2,10 @@
 //! event modules alike (so none of them imports another for it): directions, verdicts, protocol
 //! numbers, drop reasons, conntrack flags.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// IANA protocol number of TCP.
-pub const PROTO_TCP: u8 = 6;
-/// IANA protocol number of UDP.
-pub const PROTO_UDP: u8 = 17;
-/// IANA protocol number of SCTP.
-pub const PROTO_SCTP: u8 = 132;
+pub use sigil_policy::{Direction, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
 /// IANA protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
 /// IANA protocol number of ICMPv6.
@@ -36,43 +31,6 @@ pub const DROP_POLICY_DENIED: u32 = 133;
 pub const DROP_POLICY_DENY: u32 = 181;
 /// Drop reason: the allow entry requires authentication and none is recorded (Cilium's 189).
 pub const DROP_AUTH_REQUIRED: u32 = 189;
-
-/// Direction of traffic relative to the endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    /// Into the endpoint (remote is the source).
-    Ingress,
-    /// Out of the endpoint (remote is the destination).
-    Egress,
-}
-
-impl Direction {
-    /// The byte the datapath uses (0 ingress, 1 egress).
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Self::Ingress => 0,
-            Self::Egress => 1,
-        }
-    }
-
-    /// Parses the datapath's byte.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Ingress),
-            1 => Some(Self::Egress),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ingress => "ingress",
-            Self::Egress => "egress",
-        })
-    }
-}
 
 /// The datapath's verdict on a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -214,3 +214,13 @@ pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
         _ => false,
     }
 }
+
+impl From<sigil_policy::InvalidKey> for DatapathError {
+    fn from(e: sigil_policy::InvalidKey) -> Self {
+        Self::Invalid {
+            field: e.field,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
+}

@@ -30,9 +30,11 @@ pub use maps::{
     MAP_EVENTS, MAP_FRAG, MAP_IPCACHE, MAP_POLICY, Maps, boot_time_ns,
 };
 pub use policy::{
-    Applied, Decision, PolicyEntry, PolicyKey, PolicyMap, PolicyPlan, PolicyValue, decide,
-    intent_of, lpm_lookup, normalize, port_range_prefixes,
+    Applied, Decision, PolicyMap, PolicyPlan, decide, intent_of, lpm_keys, lpm_lookup, normalize,
+    port_range_prefixes, trie_prefix_len,
 };
+/// The policy map vocabulary, shared with the engine that computes it.
+pub use sigil_policy::{PolicyEntry, PolicyKey};
 
 /// Identity the datapath gives addresses missing from the IPCache.
 pub const IDENTITY_WORLD: u32 = 2;

@@ -1,13 +1,15 @@
-//! Policy entries as the datapath sees them: one LPM trie keyed by endpoint, remote identity,
-//! direction, protocol and destination-port prefix, plus the pure logic (key encoding, deny
-//! precedence, the per-packet decision) that the kernel map and tests share.
+//! The engine's policy keys and entries ([`PolicyKey`], [`PolicyEntry`] of `sigil-policy`) as the
+//! datapath holds them: one LPM trie keyed by endpoint, remote identity, direction, protocol and
+//! destination-port prefix, plus the pure logic (trie key encoding, deny precedence, the
+//! per-packet decision) that the kernel map and tests share.
 
 mod map;
 
 pub use map::{Applied, PolicyMap, PolicyPlan};
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+
+use sigil_policy::{PolicyEntry, PolicyKey};
 
 use crate::abi::{PolicyKeyData, PolicyValueRaw};
 use crate::codes::{
@@ -21,271 +23,88 @@ const BASE_PREFIX: u32 = 8 * std::mem::offset_of!(PolicyKeyData, protocol) as u3
 /// `flags` bit of an allow entry that a covering deny turned into a deny (see [`normalize`]).
 pub(crate) const FLAG_DEMOTED: u8 = 1;
 
-/// One policy entry of an endpoint, as the policy engine hands it over.
+/// The trie keys of one policy key (three for protocol ANY with a port, else one), checked.
 ///
-/// `protocol` 0 means any protocol; `port_prefix_len` says how many high bits of `port` must
-/// match (16 = exactly `port`, 0 = any port; bits of `port` beyond the prefix must be zero).
-/// A protocol-ANY entry with a port (`port_prefix_len > 0`) cannot be one LPM key, because the
+/// A protocol-ANY key with a port (`port_prefix_len > 0`) cannot be one trie key, because the
 /// protocol byte precedes the port: it expands into TCP, UDP and SCTP keys, the protocols that
 /// have ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PolicyEntry {
-    /// Remote numeric identity; 0 matches any.
-    pub remote_identity: u32,
-    /// Direction relative to the endpoint.
-    pub direction: Direction,
-    /// IP protocol number; 0 matches any.
-    pub protocol: u8,
-    /// Destination port (prefix base).
-    pub port: u16,
-    /// Number of leading bits of `port` that must match, 0..=16.
-    pub port_prefix_len: u8,
-    /// A deny entry (takes precedence over every allow).
-    pub deny: bool,
-    /// Traffic should go to an L7 proxy (recorded in the map; not acted on in-kernel yet).
-    pub l7_redirect: bool,
-    /// Traffic needs an entry in the auth map, else it drops with reason 189.
-    pub auth_required: bool,
-    /// Opaque id of the rule that produced this entry, reported in events.
-    pub rule_cookie: u32,
-}
-
-impl PolicyEntry {
-    /// The LPM keys of this entry (three for protocol ANY with a port, else one).
-    pub fn keys(&self) -> Result<Vec<PolicyKey>, DatapathError> {
-        if self.protocol == 0 && self.port_prefix_len > 0 {
-            PORT_PROTOCOLS
-                .iter()
-                .map(|&p| {
-                    PolicyKey::new(
-                        self.remote_identity,
-                        self.direction,
-                        p,
-                        self.port,
-                        self.port_prefix_len,
-                    )
-                })
-                .collect()
-        } else {
-            Ok(vec![PolicyKey::new(
-                self.remote_identity,
-                self.direction,
-                self.protocol,
-                self.port,
-                self.port_prefix_len,
-            )?])
-        }
-    }
-
-    /// The map value of this entry.
-    pub fn value(&self) -> PolicyValue {
-        PolicyValue {
-            deny: self.deny,
-            l7_redirect: self.l7_redirect,
-            auth_required: self.auth_required,
-            rule_cookie: self.rule_cookie,
-        }
+pub fn lpm_keys(key: &PolicyKey) -> Result<Vec<PolicyKey>, DatapathError> {
+    key.check_port()?;
+    if key.protocol == 0 && key.port_prefix_len > 0 {
+        Ok(PORT_PROTOCOLS
+            .iter()
+            .map(|&protocol| PolicyKey { protocol, ..*key })
+            .collect())
+    } else {
+        Ok(vec![*key])
     }
 }
 
-/// A validated policy map key of one endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyKey {
-    remote_identity: u32,
-    direction: Direction,
-    protocol: u8,
-    port: u16,
-    port_prefix_len: u8,
+/// The trie prefix length of a key in bits: 72 (endpoint, identity, direction), plus 8 with a
+/// protocol, plus the port prefix.
+pub fn trie_prefix_len(key: &PolicyKey) -> u32 {
+    BASE_PREFIX + u32::from(key.lpm_prefix_len())
 }
 
-impl PolicyKey {
-    /// Builds a key; protocol 0 (any) must come with `port_prefix_len` 0 (use
-    /// [`PolicyEntry::keys`] to expand protocol ANY with a port), and `port` may not have bits
-    /// set beyond `port_prefix_len`.
-    pub fn new(
-        remote_identity: u32,
-        direction: Direction,
-        protocol: u8,
-        port: u16,
-        port_prefix_len: u8,
-    ) -> Result<Self, DatapathError> {
-        if port_prefix_len > 16 {
-            return Err(DatapathError::invalid(
-                "port_prefix_len",
-                port_prefix_len,
-                "must be 0..=16 (16 = exact port, 0 = any port)",
-            ));
+pub(crate) fn to_lpm(key: &PolicyKey, endpoint_id: u32) -> aya::maps::lpm_trie::Key<PolicyKeyData> {
+    aya::maps::lpm_trie::Key::new(
+        trie_prefix_len(key),
+        PolicyKeyData {
+            endpoint_id,
+            remote_identity: key.identity,
+            direction: key.direction.as_u8(),
+            protocol: key.protocol,
+            dport_be: key.port.to_be_bytes(),
+        },
+    )
+}
+
+pub(crate) fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyKeyData>) -> Option<(u32, PolicyKey)> {
+    let data = key.data();
+    let direction = Direction::from_u8(data.direction)?;
+    let prefix = key.prefix_len();
+    let (protocol, port_prefix_len) = match prefix {
+        BASE_PREFIX => (0, 0),
+        p if (BASE_PREFIX + 8..=BASE_PREFIX + 24).contains(&p) => {
+            (data.protocol, u8::try_from(p - BASE_PREFIX - 8).ok()?)
         }
-        if protocol == 0 && port_prefix_len != 0 {
-            return Err(DatapathError::invalid(
-                "port_prefix_len",
-                port_prefix_len,
-                "a single key with protocol 0 (any) cannot match a port; expand it with PolicyEntry::keys",
-            ));
-        }
-        if port & !port_mask(port_prefix_len) != 0 {
-            return Err(DatapathError::invalid(
-                "port",
-                port,
-                format!("has bits set beyond port_prefix_len {port_prefix_len}"),
-            ));
-        }
-        Ok(Self {
-            remote_identity,
-            direction,
-            protocol,
-            port,
-            port_prefix_len,
-        })
-    }
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(data.dport_be) & port_mask(port_prefix_len);
+    let key = PolicyKey::new(
+        data.remote_identity,
+        direction,
+        protocol,
+        port,
+        port_prefix_len,
+    )
+    .ok()?;
+    Some((data.endpoint_id, key))
+}
 
-    /// Remote identity (0 = any).
-    pub fn remote_identity(&self) -> u32 {
-        self.remote_identity
-    }
-
-    /// Direction relative to the endpoint.
-    pub fn direction(&self) -> Direction {
-        self.direction
-    }
-
-    /// Protocol (0 = any).
-    pub fn protocol(&self) -> u8 {
-        self.protocol
-    }
-
-    /// Port prefix base.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Port prefix length (0 = any port).
-    pub fn port_prefix_len(&self) -> u8 {
-        self.port_prefix_len
-    }
-
-    /// The LPM prefix length in bits: 72, plus 8 with a protocol, plus the port prefix.
-    pub fn prefix_len(&self) -> u32 {
-        if self.protocol == 0 {
-            BASE_PREFIX
-        } else {
-            BASE_PREFIX + 8 + u32::from(self.port_prefix_len)
-        }
-    }
-
-    /// Whether a packet with these fields falls under this key (ignoring the endpoint).
-    pub fn matches(
-        &self,
-        remote_identity: u32,
-        direction: Direction,
-        protocol: u8,
-        port: u16,
-    ) -> bool {
-        self.remote_identity == remote_identity
-            && self.direction == direction
-            && (self.protocol == 0
-                || (self.protocol == protocol
-                    && port & port_mask(self.port_prefix_len) == self.port))
-    }
-
-    /// Whether every packet under `other` is also under `self` (same identity and direction,
-    /// and `self` is a shorter or equal prefix of `other`).
-    pub fn covers(&self, other: &PolicyKey) -> bool {
-        self.remote_identity == other.remote_identity
-            && self.direction == other.direction
-            && (self.protocol == 0
-                || (self.protocol == other.protocol
-                    && self.port_prefix_len <= other.port_prefix_len
-                    && other.port & port_mask(self.port_prefix_len) == self.port))
-    }
-
-    pub(crate) fn to_lpm(self, endpoint_id: u32) -> aya::maps::lpm_trie::Key<PolicyKeyData> {
-        aya::maps::lpm_trie::Key::new(
-            self.prefix_len(),
-            PolicyKeyData {
-                endpoint_id,
-                remote_identity: self.remote_identity,
-                direction: self.direction.as_u8(),
-                protocol: self.protocol,
-                dport_be: self.port.to_be_bytes(),
-            },
-        )
-    }
-
-    pub(crate) fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyKeyData>) -> Option<(u32, Self)> {
-        let data = key.data();
-        let direction = Direction::from_u8(data.direction)?;
-        let prefix = key.prefix_len();
-        let (protocol, port_prefix_len) = match prefix {
-            BASE_PREFIX => (0, 0),
-            p if (BASE_PREFIX + 8..=BASE_PREFIX + 24).contains(&p) => {
-                (data.protocol, u8::try_from(p - BASE_PREFIX - 8).ok()?)
-            }
-            _ => return None,
-        };
-        let port = u16::from_be_bytes(data.dport_be) & port_mask(port_prefix_len);
-        let key = Self::new(
-            data.remote_identity,
-            direction,
-            protocol,
-            port,
-            port_prefix_len,
-        )
-        .ok()?;
-        Some((data.endpoint_id, key))
+pub(crate) fn to_raw(value: PolicyEntry, flags: u8) -> PolicyValueRaw {
+    PolicyValueRaw {
+        deny: u8::from(value.deny),
+        l7_redirect: u8::from(value.l7_redirect),
+        auth_required: u8::from(value.auth_required),
+        flags,
+        rule_cookie: value.rule_cookie,
     }
 }
 
-impl fmt::Display for PolicyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} identity {} ", self.direction, self.remote_identity)?;
-        match (self.protocol, self.port_prefix_len) {
-            (0, _) => f.write_str("any"),
-            (p, 0) => write!(f, "proto {p} any port"),
-            (p, 16) => write!(f, "proto {p} port {}", self.port),
-            (p, l) => write!(f, "proto {p} port {}/{l}", self.port),
-        }
-    }
-}
-
-/// The value of a policy map entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PolicyValue {
-    /// Deny (drop with reason 181).
-    pub deny: bool,
-    /// L7 redirect requested.
-    pub l7_redirect: bool,
-    /// Authentication required.
-    pub auth_required: bool,
-    /// Rule cookie reported in events.
-    pub rule_cookie: u32,
-}
-
-impl PolicyValue {
-    pub(crate) fn to_raw(self, flags: u8) -> PolicyValueRaw {
-        PolicyValueRaw {
-            deny: u8::from(self.deny),
-            l7_redirect: u8::from(self.l7_redirect),
-            auth_required: u8::from(self.auth_required),
-            flags,
-            rule_cookie: self.rule_cookie,
-        }
-    }
-
-    pub(crate) fn from_raw(raw: PolicyValueRaw) -> Self {
-        Self {
-            deny: raw.deny != 0,
-            l7_redirect: raw.l7_redirect != 0,
-            auth_required: raw.auth_required != 0,
-            rule_cookie: raw.rule_cookie,
-        }
+pub(crate) fn from_raw(raw: PolicyValueRaw) -> PolicyEntry {
+    PolicyEntry {
+        deny: raw.deny != 0,
+        l7_redirect: raw.l7_redirect != 0,
+        auth_required: raw.auth_required != 0,
+        rule_cookie: raw.rule_cookie,
     }
 }
 
 /// What the kernel holds for one key: the value plus whether it is an allow demoted by a deny.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Installed {
-    pub(crate) value: PolicyValue,
+    pub(crate) value: PolicyEntry,
     pub(crate) demoted: bool,
 }
 
@@ -294,18 +113,18 @@ pub(crate) struct Installed {
 /// Within one call a key given twice merges: deny wins over allow; between two allows
 /// `l7_redirect` and `auth_required` are or-ed and the first cookie is kept.
 pub fn intent_of(
-    entries: &[PolicyEntry],
-) -> Result<BTreeMap<PolicyKey, PolicyValue>, DatapathError> {
+    entries: &[(PolicyKey, PolicyEntry)],
+) -> Result<BTreeMap<PolicyKey, PolicyEntry>, DatapathError> {
     let mut out = BTreeMap::new();
-    for e in entries {
-        for key in e.keys()? {
-            merge(&mut out, key, e.value());
+    for (k, e) in entries {
+        for key in lpm_keys(k)? {
+            merge(&mut out, key, *e);
         }
     }
     Ok(out)
 }
 
-fn merge(map: &mut BTreeMap<PolicyKey, PolicyValue>, key: PolicyKey, v: PolicyValue) {
+fn merge(map: &mut BTreeMap<PolicyKey, PolicyEntry>, key: PolicyKey, v: PolicyEntry) {
     map.entry(key)
         .and_modify(|old| {
             if v.deny && !old.deny {
@@ -324,7 +143,7 @@ fn merge(map: &mut BTreeMap<PolicyKey, PolicyValue>, key: PolicyKey, v: PolicyVa
 /// that is MORE specific than a deny for the same identity would win the lookup. Such an allow
 /// is written as a deny instead (with the covering deny's cookie, the most specific one if
 /// several cover it), which is what Cilium's map state does too.
-pub fn normalize(intent: &BTreeMap<PolicyKey, PolicyValue>) -> BTreeMap<PolicyKey, PolicyValue> {
+pub fn normalize(intent: &BTreeMap<PolicyKey, PolicyEntry>) -> BTreeMap<PolicyKey, PolicyEntry> {
     normalize_installed(intent)
         .into_iter()
         .map(|(k, i)| (k, i.value))
@@ -332,12 +151,12 @@ pub fn normalize(intent: &BTreeMap<PolicyKey, PolicyValue>) -> BTreeMap<PolicyKe
 }
 
 pub(crate) fn normalize_installed(
-    intent: &BTreeMap<PolicyKey, PolicyValue>,
+    intent: &BTreeMap<PolicyKey, PolicyEntry>,
 ) -> BTreeMap<PolicyKey, Installed> {
-    let mut denies: HashMap<(u32, Direction), Vec<(&PolicyKey, &PolicyValue)>> = HashMap::new();
+    let mut denies: HashMap<(u32, Direction), Vec<(&PolicyKey, &PolicyEntry)>> = HashMap::new();
     for (k, v) in intent.iter().filter(|(_, v)| v.deny) {
         denies
-            .entry((k.remote_identity, k.direction))
+            .entry((k.identity, k.direction))
             .or_default()
             .push((k, v));
     }
@@ -348,15 +167,15 @@ pub(crate) fn normalize_installed(
                 None
             } else {
                 denies
-                    .get(&(k.remote_identity, k.direction))
+                    .get(&(k.identity, k.direction))
                     .into_iter()
                     .flatten()
                     .filter(|(d, _)| d.covers(k))
-                    .max_by_key(|(d, _)| d.prefix_len())
+                    .max_by_key(|(d, _)| trie_prefix_len(d))
             };
             let installed = match cover {
                 Some((_, d)) => Installed {
-                    value: PolicyValue {
+                    value: PolicyEntry {
                         deny: true,
                         l7_redirect: false,
                         auth_required: false,
@@ -376,15 +195,15 @@ pub(crate) fn normalize_installed(
 
 /// The longest-prefix match the kernel trie returns for one identity.
 pub fn lpm_lookup(
-    map: &BTreeMap<PolicyKey, PolicyValue>,
+    map: &BTreeMap<PolicyKey, PolicyEntry>,
     remote_identity: u32,
     direction: Direction,
     protocol: u8,
     port: u16,
-) -> Option<(PolicyKey, PolicyValue)> {
+) -> Option<(PolicyKey, PolicyEntry)> {
     map.iter()
         .filter(|(k, _)| k.matches(remote_identity, direction, protocol, port))
-        .max_by_key(|(k, _)| k.prefix_len())
+        .max_by_key(|(k, _)| trie_prefix_len(k))
         .map(|(k, v)| (*k, *v))
 }
 
@@ -401,7 +220,7 @@ pub struct Decision {
 /// else any allow allows (189 if it needs auth and `authenticated` is false); else 133 when
 /// `enforced`, allow when not.
 pub fn decide(
-    map: &BTreeMap<PolicyKey, PolicyValue>,
+    map: &BTreeMap<PolicyKey, PolicyEntry>,
     remote_identity: u32,
     direction: Direction,
     protocol: u8,

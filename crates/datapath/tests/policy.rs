@@ -6,54 +6,62 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use sigil_datapath::{
     DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, PORT_PROTOCOLS, PROTO_ICMP, PROTO_TCP,
-    PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue, decide, intent_of, normalize,
-    port_range_prefixes,
+    PROTO_UDP, PolicyEntry, PolicyKey, decide, intent_of, lpm_keys, normalize, port_range_prefixes,
+    trie_prefix_len,
 };
 
-fn entry(remote: u32, protocol: u8, port: u16, len: u8, deny: bool) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: remote,
+fn entry(remote: u32, protocol: u8, port: u16, len: u8, deny: bool) -> (PolicyKey, PolicyEntry) {
+    let key = PolicyKey {
+        identity: remote,
         direction: Direction::Ingress,
         protocol,
         port,
         port_prefix_len: len,
+    };
+    let value = PolicyEntry {
         deny,
         l7_redirect: false,
         auth_required: false,
         rule_cookie: u32::from(port) + u32::from(deny),
-    }
+    };
+    (key, value)
+}
+
+/// The trie keys of an entry.
+fn keys(e: (PolicyKey, PolicyEntry)) -> Result<Vec<PolicyKey>, sigil_datapath::DatapathError> {
+    lpm_keys(&e.0)
 }
 
 #[test]
 fn prefix_lengths_cover_identity_direction_then_protocol_then_port_bits() {
-    let key = |p, port, len| entry(5, p, port, len, false).keys().expect("valid")[0];
-    assert_eq!(key(0, 0, 0).prefix_len(), 72);
-    assert_eq!(key(PROTO_TCP, 0, 0).prefix_len(), 80);
-    assert_eq!(key(PROTO_TCP, 8080, 16).prefix_len(), 96);
-    assert_eq!(key(PROTO_TCP, 8080, 13).prefix_len(), 93);
+    let key = |p, port, len| keys(entry(5, p, port, len, false)).expect("valid")[0];
+    assert_eq!(trie_prefix_len(&key(0, 0, 0)), 72);
+    assert_eq!(trie_prefix_len(&key(PROTO_TCP, 0, 0)), 80);
+    assert_eq!(trie_prefix_len(&key(PROTO_TCP, 8080, 16)), 96);
+    assert_eq!(trie_prefix_len(&key(PROTO_TCP, 8080, 13)), 93);
 }
 
 #[test]
 fn protocol_any_with_a_port_expands_to_tcp_udp_sctp() {
-    let keys = entry(5, 0, 443, 16, false).keys().expect("valid");
-    let protocols: Vec<u8> = keys.iter().map(PolicyKey::protocol).collect();
+    let expanded = keys(entry(5, 0, 443, 16, false)).expect("valid");
+    let protocols: Vec<u8> = expanded.iter().map(|k| k.protocol).collect();
     assert_eq!(protocols, PORT_PROTOCOLS);
-    assert!(keys.iter().all(|k| k.port() == 443 && k.prefix_len() == 96));
-    assert_eq!(entry(5, 0, 0, 0, false).keys().expect("valid").len(), 1);
+    assert!(
+        expanded
+            .iter()
+            .all(|k| k.port == 443 && trie_prefix_len(k) == 96)
+    );
+    assert_eq!(keys(entry(5, 0, 0, 0, false)).expect("valid").len(), 1);
 }
 
 #[test]
 fn invalid_keys_are_rejected_naming_the_field_and_value() {
-    let err = entry(5, PROTO_TCP, 80, 17, false)
-        .keys()
-        .expect_err("17 bits");
+    let err = keys(entry(5, PROTO_TCP, 80, 17, false)).expect_err("17 bits");
     assert!(
         err.to_string().contains("port_prefix_len") && err.to_string().contains("17"),
         "{err}"
     );
-    let err = entry(5, PROTO_TCP, 8081, 15, false)
-        .keys()
-        .expect_err("host bits");
+    let err = keys(entry(5, PROTO_TCP, 8081, 15, false)).expect_err("host bits");
     assert!(
         err.to_string().contains("port") && err.to_string().contains("8081"),
         "{err}"
@@ -94,11 +102,17 @@ fn a_more_specific_allow_under_a_deny_is_installed_as_a_deny() {
 
 /// Direct evaluation of the rules, with no LPM: any matching deny (for the identity or for 0)
 /// drops, else any matching allow allows, else the default.
-fn direct(entries: &[PolicyEntry], identity: u32, protocol: u8, port: u16, enforced: bool) -> u32 {
+fn direct(
+    entries: &[(PolicyKey, PolicyEntry)],
+    identity: u32,
+    protocol: u8,
+    port: u16,
+    enforced: bool,
+) -> u32 {
     let matching: Vec<&PolicyEntry> = entries
         .iter()
-        .filter(|e| e.remote_identity == identity || e.remote_identity == 0)
-        .filter(|e| {
+        .filter(|(e, _)| e.identity == identity || e.identity == 0)
+        .filter(|(e, _)| {
             let proto_ok = e.protocol == protocol
                 || (e.protocol == 0
                     && (e.port_prefix_len == 0 || PORT_PROTOCOLS.contains(&protocol)));
@@ -109,6 +123,7 @@ fn direct(entries: &[PolicyEntry], identity: u32, protocol: u8, port: u16, enfor
             };
             proto_ok && port & mask == e.port
         })
+        .map(|(_, v)| v)
         .collect();
     if matching.iter().any(|e| e.deny) {
         DROP_POLICY_DENY
@@ -119,7 +134,7 @@ fn direct(entries: &[PolicyEntry], identity: u32, protocol: u8, port: u16, enfor
     }
 }
 
-fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+fn arb_entry() -> impl Strategy<Value = (PolicyKey, PolicyEntry)> {
     (
         prop_oneof![Just(0u32), Just(5u32), Just(6u32)],
         prop_oneof![
@@ -150,7 +165,7 @@ proptest! {
         enforced in any::<bool>(),
     ) {
         let port = if protocol == PROTO_ICMP { 0 } else { port };
-        let map: BTreeMap<PolicyKey, PolicyValue> = normalize(&intent_of(&entries).expect("valid"));
+        let map: BTreeMap<PolicyKey, PolicyEntry> = normalize(&intent_of(&entries).expect("valid"));
         let got = decide(&map, identity, Direction::Ingress, protocol, port, enforced, true);
         prop_assert_eq!(got.drop_reason, direct(&entries, identity, protocol, port, enforced));
     }

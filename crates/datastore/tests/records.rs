@@ -164,31 +164,23 @@ fn join_tokens_are_single_use() {
         "the secret stays out of messages: {err}"
     );
 
-    assert_eq!(
-        store.consume_join_token("good", 99).unwrap(),
-        TokenOutcome::Consumed(token("good", 100))
-    );
-    assert_eq!(
-        store.consume_join_token("good", 99).unwrap(),
-        TokenOutcome::AlreadyUsed
-    );
-    assert_eq!(
-        store.consume_join_token("nope", 0).unwrap(),
-        TokenOutcome::Unknown
-    );
-    // Expired from `expires_at` on, and an expired token is not used up.
-    assert_eq!(
-        store.consume_join_token("late", 50).unwrap(),
-        TokenOutcome::Expired
-    );
-    assert_eq!(
-        store.consume_join_token("late", 60).unwrap(),
-        TokenOutcome::Expired
-    );
-    assert_eq!(
-        store.consume_join_token("late", 49).unwrap(),
-        TokenOutcome::Consumed(token("late", 50))
-    );
+    // In order: (token, now, outcome). Expired from `expires_at` on, and an expired token is
+    // not used up.
+    let uses = [
+        ("good", 99, TokenOutcome::Consumed(token("good", 100))),
+        ("good", 99, TokenOutcome::AlreadyUsed),
+        ("nope", 0, TokenOutcome::Unknown),
+        ("late", 50, TokenOutcome::Expired),
+        ("late", 60, TokenOutcome::Expired),
+        ("late", 49, TokenOutcome::Consumed(token("late", 50))),
+    ];
+    for (t, now, want) in uses {
+        assert_eq!(
+            store.consume_join_token(t, now).unwrap(),
+            want,
+            "{t} at {now}"
+        );
+    }
 
     store.create_join_token(&token("fresh", 500)).unwrap();
     // Strictly before: the token expiring at 100 survives a prune at 100.

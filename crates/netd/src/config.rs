@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use sigil_daemon::CommonArgs;
 use sigil_policy::{EnforcementMode, IpPrefix};
 use sigil_spiffe::{SpiffeId, TrustDomain};
 
@@ -75,15 +76,9 @@ pub struct RunArgs {
     /// Policy enforcement: default, always or never.
     #[arg(long)]
     pub enforcement: Option<String>,
-    /// Log level (error, warn, info, debug, trace).
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long)]
-    pub log_format: Option<String>,
-    /// Bound on finishing in-flight API calls after SIGTERM (e.g. 10s, 500ms).
-    #[arg(long)]
-    pub drain_timeout: Option<String>,
+    /// Log options and drain bound, as every daemon has them.
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Capacity of the kernel policy map when netd creates it (default 1048576; a map already
     /// pinned keeps its size).
     #[arg(long)]
@@ -327,11 +322,8 @@ impl Config {
         args: &RunArgs,
         layers: impl FnOnce(Option<&Path>) -> sigil_daemon::Layers,
     ) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(p) => load_file(p)?,
-            None => FileConfig::default(),
-        };
         let l = layers(args.config.as_deref());
+        let file: FileConfig = l.read_file()?;
         let spiffe_ids = spiffe_id_config(&l, args, &file)?;
         let node_name = l
             .get("node_name", args.node_name.clone(), file.node_name)?
@@ -386,11 +378,10 @@ impl Config {
         if policy_map_max_entries == Some(0) {
             bail!("policy_map_max_entries: invalid value 0: must be at least 1");
         }
-        let (log_level, log_format) = l.log_options(
-            (args.log_level.clone(), file.log_level),
-            (args.log_format.clone(), file.log_format),
+        let common = l.common(
+            &args.common,
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
-        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         let agent_socket = l.get("agent_socket", args.agent_socket.clone(), file.agent_socket)?;
         let identity_mode = l
             .parse(
@@ -434,9 +425,9 @@ impl Config {
                 .get("state_dir", args.state_dir.clone(), file.state_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             enforcement,
-            log_level,
-            log_format,
-            drain_timeout,
+            log_level: common.log_level,
+            log_format: common.log_format,
+            drain_timeout: common.drain_timeout,
         })
     }
 }
@@ -557,12 +548,6 @@ fn reason(field: &str, value: &str, e: anyhow::Error) -> String {
         .unwrap_or(full)
 }
 
-fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("config: cannot read {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config: {}", path.display()))
-}
-
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -657,7 +642,10 @@ mod tests {
     #[test]
     fn invalid_log_options_name_the_key_the_source_and_the_value() {
         let bad_level = RunArgs {
-            log_level: Some("loud".into()),
+            common: CommonArgs {
+                log_level: Some("loud".into()),
+                ..Default::default()
+            },
             ..RunArgs::default()
         };
         let e = Config::from_layers(&bad_level, env(&[])).expect_err("level");

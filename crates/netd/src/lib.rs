@@ -7,7 +7,6 @@
 
 pub mod api;
 pub mod config;
-pub mod convert;
 pub mod daemon;
 pub mod error;
 pub mod monitor;

@@ -6,18 +6,14 @@ use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
-use sigil_datapath::{Datapath, Maps, PolicyKey, PolicyValue, intent_of, normalize};
+use sigil_datapath::{Datapath, Maps, PolicyEntry, PolicyKey, intent_of, normalize};
 use sigil_identity::NumericIdentity;
 use sigil_netd::config::RunArgs;
 use sigil_netd::daemon::CreateEndpoint;
 use sigil_netd::{Config, Daemon};
 
 fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the netd transaction test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the netd transaction test")
 }
 
 /// Removes the endpoints, routes and pins the daemon made.
@@ -61,12 +57,8 @@ fn assert_kernel_is_the_engine(d: &Daemon, pin_dir: &Path) {
             .engine()
             .policy_map(NumericIdentity::new(rec.identity))
             .unwrap_or_default();
-        let entries: Vec<_> = engine_map
-            .iter()
-            .map(|(k, e)| sigil_netd::convert::to_datapath(k, e))
-            .collect();
-        let want = normalize(&intent_of(&entries).expect("valid"));
-        let got: BTreeMap<PolicyKey, PolicyValue> =
+        let want = normalize(&intent_of(&engine_map).expect("valid"));
+        let got: BTreeMap<PolicyKey, PolicyEntry> =
             maps.policy.installed(rec.endpoint_id).into_iter().collect();
         assert_eq!(got, want, "endpoint {}", rec.name);
     }
@@ -257,9 +249,9 @@ fn a_change_compiled_while_an_endpoint_came_is_compiled_again_and_covers_it() {
         maps.policy
             .installed(newcomer.endpoint_id)
             .iter()
-            .any(|(k, v)| k.direction() == sigil_datapath::Direction::Egress
+            .any(|(k, v)| k.direction == sigil_datapath::Direction::Egress
                 && !v.deny
-                && k.remote_identity() >= 1 << 24),
+                && k.identity >= 1 << 24),
         "the newcomer's egress allows the CIDR identities"
     );
 }
@@ -288,7 +280,10 @@ async fn readiness_is_true_only_while_the_api_serves() {
         bpf_pin_dir: Some(pin_dir.clone()),
         api_socket: Some(socket.clone()),
         state_dir: Some(tmp.path().join("state")),
-        drain_timeout: Some("2s".into()),
+        common: sigil_daemon::CommonArgs {
+            drain_timeout: Some("2s".into()),
+            ..Default::default()
+        },
         ..RunArgs::default()
     })
     .expect("config");

@@ -29,7 +29,7 @@ use key::{IntHashBuilder, Prefix, PrefixVerdict, range_prefixes};
 use map::{DirMap, WildcardContributions, resolve_identity};
 
 pub use delta::{EndpointDelta, KeyChange, PolicyDeltas};
-pub use key::{PolicyEntry, PolicyKey};
+pub use key::{InvalidKey, PolicyEntry, PolicyKey};
 
 /// Whether an identity can be a policy subject (an endpoint with its own map).
 pub fn is_endpoint_identity(id: u32) -> bool {

@@ -49,7 +49,7 @@ pub mod trace;
 
 pub use cidr::IpPrefix;
 pub use engine::{
-    EndpointDelta, KeyChange, PolicyDeltas, PolicyEngine, PolicyEntry, PolicyKey,
+    EndpointDelta, InvalidKey, KeyChange, PolicyDeltas, PolicyEngine, PolicyEntry, PolicyKey,
     is_endpoint_identity,
 };
 pub use error::{DocumentError, PolicyError, Problem};

@@ -30,6 +30,24 @@ impl Direction {
     /// Both directions, ingress first.
     pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
+    /// The byte of the datapath ABI (`DIR_INGRESS` 0, `DIR_EGRESS` 1 in `bpf/sigil.h`; the
+    /// datapath checks the two agree at build time).
+    pub const fn as_u8(self) -> u8 {
+        match self {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        }
+    }
+
+    /// Parses the datapath ABI's byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Direction::Ingress),
+            1 => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+
     /// `ingress` or `egress`.
     pub fn as_str(self) -> &'static str {
         match self {

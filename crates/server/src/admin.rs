@@ -13,7 +13,7 @@ use sigil_spiffe::{SpiffeId, TrustDomain};
 use tonic::{Request, Response, Status};
 
 use crate::catalog::Change;
-use crate::grpc::{blocking, bundle_to_pb, ds_status};
+use crate::grpc::{blocking, bundle_to_pb, ds_status, selectors_to_pb};
 use crate::state::{State, unix};
 use crate::validate::{self, FieldError, ParentLookup};
 
@@ -94,14 +94,7 @@ fn agent_to_pb(a: &AttestedAgent) -> pb::Agent {
         x509_svid_serial: a.serial.clone(),
         x509_svid_expires_at: a.expires_at,
         banned: a.banned,
-        selectors: a
-            .selectors
-            .iter()
-            .map(|s| pb::Selector {
-                r#type: s.kind.clone(),
-                value: s.value.clone(),
-            })
-            .collect(),
+        selectors: selectors_to_pb(&a.selectors),
         can_reattest: a.can_reattest,
     }
 }
@@ -500,22 +493,7 @@ impl pb::join_tokens_server::JoinTokens for Admin {
                     // SPIRE's node alias for a token: selected by the agent's own ID.
                     let alias = sigil_datastore::Selector::new("spiffe_id", agent_id.as_str())
                         .map_err(|e| Status::internal(e.to_string()))?;
-                    let e = sigil_datastore::Entry {
-                        id: String::new(),
-                        spiffe_id: id,
-                        parent_id: agent_id,
-                        selectors: vec![alias],
-                        x509_svid_ttl: 0,
-                        jwt_svid_ttl: 0,
-                        dns_names: vec![],
-                        admin: false,
-                        downstream: false,
-                        federates_with: vec![],
-                        hint: String::new(),
-                        expires_at: 0,
-                        revision: 0,
-                        created_at: 0,
-                    };
+                    let e = sigil_datastore::Entry::new(id, agent_id, vec![alias]);
                     state.ds.create_entries(vec![e]).map_err(ds_status)
                 }
                 None => Ok(vec![]),
@@ -641,10 +619,13 @@ impl pb::trust_domain_server::TrustDomain for Admin {
     ) -> Result<Response<pb::MigrateTrustDomainResponse>, Status> {
         let to = parse_td("to", &req.into_inner().to)?;
         let state = self.state.clone();
-        let (from, count) =
-            blocking(move || crate::migrate::migrate(&state, &to).map(|(f, c)| (f, c, to)))
-                .await
-                .map(|(f, c, to)| ((f, to), c))?;
+        let (from, count) = blocking(move || {
+            crate::migrate::migrate(&state, &to)
+                .map(|(f, c)| (f, c, to))
+                .map_err(Status::from)
+        })
+        .await
+        .map(|(f, c, to)| ((f, to), c))?;
         Ok(Response::new(pb::MigrateTrustDomainResponse {
             from: from.0.to_string(),
             to: from.1.to_string(),

@@ -311,24 +311,13 @@ mod tests {
     }
 
     fn entry(eid: &str, spiffe: &str, parent: &str, sels: &[&str]) -> Entry {
+        let selectors = sels
+            .iter()
+            .map(|s| Selector::parse(s).expect("selector"))
+            .collect();
         Entry {
             id: eid.into(),
-            spiffe_id: id(spiffe),
-            parent_id: id(parent),
-            selectors: sels
-                .iter()
-                .map(|s| Selector::parse(s).expect("selector"))
-                .collect(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            dns_names: vec![],
-            admin: false,
-            downstream: false,
-            federates_with: vec![],
-            hint: String::new(),
-            expires_at: 0,
-            revision: 0,
-            created_at: 0,
+            ..Entry::new(id(spiffe), id(parent), selectors)
         }
     }
 

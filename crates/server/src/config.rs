@@ -2,11 +2,12 @@
 //! environment variables, overridden by flags (see [`sigil_daemon::Layers`]), validated once at start.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sigil_ca::{KeyType, UpstreamAuthority};
+use sigil_daemon::CommonArgs;
 use sigil_spiffe::TrustDomain;
 
 /// Default trust domain, as seed 001 proposes.
@@ -68,15 +69,9 @@ pub struct RunArgs {
     /// closed at accept.
     #[arg(long)]
     pub max_connections_per_source: Option<usize>,
-    /// Log level (error, warn, info, debug, trace).
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long)]
-    pub log_format: Option<String>,
-    /// Bound on finishing in-flight calls after SIGTERM (e.g. 10s, 500ms).
-    #[arg(long)]
-    pub drain_timeout: Option<String>,
+    /// Log options and drain bound, as every daemon has them.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// The TOML file's shape (every key optional; unknown keys are rejected).
@@ -149,11 +144,8 @@ fn parse_duration(field: &str, value: &str) -> anyhow::Result<Duration> {
 impl ServerConfig {
     /// Builds the configuration from the optional TOML file and the flags (flags win).
     pub fn from_args(args: &RunArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
         let l = sigil_daemon::Layers::new("server", args.config.as_deref());
+        let file: FileConfig = l.read_file()?;
         let data_dir = l
             .get("data_dir", args.data_dir.clone(), file.data_dir)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
@@ -257,13 +249,12 @@ impl ServerConfig {
             max_connections_per_source,
             ..Default::default()
         };
-        let (log_level, log_format) = l.log_options(
-            (args.log_level.clone(), file.log_level),
-            (args.log_format.clone(), file.log_format),
+        let common = l.common(
+            &args.common,
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
         )?;
-        let drain_timeout = l.drain_timeout(args.drain_timeout.clone(), file.drain_timeout)?;
         Ok(ServerConfig {
-            drain_timeout,
+            drain_timeout: common.drain_timeout,
             data_dir,
             trust_domain,
             bind,
@@ -279,16 +270,10 @@ impl ServerConfig {
                 file.x509pop_ca_bundle,
             )?,
             handshake_limits,
-            log_level,
-            log_format,
+            log_level: common.log_level,
+            log_format: common.log_format,
         })
     }
-}
-
-fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("config: cannot read {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config: invalid TOML in {}", path.display()))
 }
 
 #[cfg(test)]

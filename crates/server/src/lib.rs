@@ -8,6 +8,7 @@ pub mod admin_tls;
 pub mod agent_api;
 pub mod catalog;
 pub mod config;
+pub mod error;
 pub mod grpc;
 pub mod listen;
 pub mod migrate;

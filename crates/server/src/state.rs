@@ -2,9 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sigil_ca::{Ca, CaConfig, Clock, JournalStore};
@@ -15,6 +14,7 @@ use sigil_tls::{RotatingCert, SharedBundles};
 
 use crate::catalog::{Catalog, Change};
 use crate::config::ServerConfig;
+use crate::error::StateError;
 
 /// Datastore meta key holding the trust domain the data belongs to.
 pub const META_TRUST_DOMAIN: &str = "trust_domain";
@@ -70,16 +70,6 @@ pub fn unix(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-fn make_private_dir(path: &Path) -> anyhow::Result<()> {
-    sigil_daemon::own_dir(path, 0o700)?;
-    Ok(())
-}
-
-/// Creates (if needed) a directory with mode 0700.
-pub fn private_dir(path: &Path) -> anyhow::Result<()> {
-    make_private_dir(path)
-}
-
 fn key_dir(data_dir: &Path, td: &TrustDomain) -> PathBuf {
     data_dir.join("keys").join(td.as_str())
 }
@@ -90,7 +80,7 @@ pub fn open_ca(
     ds: &Arc<dyn DataStore>,
     td: &TrustDomain,
     clock: &Arc<dyn Clock>,
-) -> anyhow::Result<Ca> {
+) -> Result<Ca, StateError> {
     let journal = Arc::new(DatastoreJournal {
         ds: ds.clone(),
         td: td.clone(),
@@ -108,38 +98,56 @@ pub fn open_ca(
         clock.clone(),
         journal,
     )
-    .with_context(|| format!("cannot open the CA of trust domain {td}"))?;
+    .map_err(|source| StateError::OpenCa {
+        trust_domain: td.clone(),
+        source,
+    })?;
     Ok(ca)
 }
 
-fn load_pem_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StateError> {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("x509pop_ca_bundle: cannot read {}", path.display()))?
+        .map_err(|source| StateError::ReadX509popBundle {
+            path: path.to_path_buf(),
+            source,
+        })?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("x509pop_ca_bundle: invalid PEM in {}", path.display()))?;
+        .map_err(|source| StateError::X509popBundlePem {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        bail!("x509pop_ca_bundle: {} holds no certificate", path.display());
+        return Err(StateError::EmptyX509popBundle {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
 impl State {
     /// Opens the data directory, the datastore and the CA, and mints the server's SVID.
-    pub fn open(config: ServerConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<State>> {
-        make_private_dir(&config.data_dir).context("data_dir")?;
+    pub fn open(config: ServerConfig, clock: Arc<dyn Clock>) -> Result<Arc<State>, StateError> {
+        sigil_daemon::own_dir(&config.data_dir, 0o700).map_err(StateError::DataDir)?;
         let db = config.data_dir.join("datastore.sqlite3");
-        let ds: Arc<dyn DataStore> = Arc::new(
-            SqliteStore::open(&db)
-                .with_context(|| format!("cannot open the datastore {}", db.display()))?,
-        );
+        let ds: Arc<dyn DataStore> =
+            Arc::new(
+                SqliteStore::open(&db).map_err(|source| StateError::OpenDatastore {
+                    path: db.clone(),
+                    source,
+                })?,
+            );
         let td = effective_trust_domain(&config, ds.as_ref())?;
         let ca = open_ca(&config, &ds, &td, &clock)?;
-        ca.rotate().context("CA rotation at start")?;
+        ca.rotate().map_err(StateError::StartRotation)?;
         let previous_ca = match ds.get_meta(META_MIGRATED_FROM)?.filter(|s| !s.is_empty()) {
             Some(old) => {
-                let old_td = TrustDomain::parse(&old)
-                    .with_context(|| format!("datastore meta migrated_from: invalid {old:?}"))?;
+                let old_td =
+                    TrustDomain::parse(&old).map_err(|source| StateError::StoredTrustDomain {
+                        key: META_MIGRATED_FROM,
+                        value: old.clone(),
+                        source,
+                    })?;
                 Some(Arc::new(open_ca(&config, &ds, &old_td, &clock)?))
             }
             None => None,
@@ -152,8 +160,8 @@ impl State {
         };
         let (svid, key) = ca
             .mint_x509_svid_with_key(&server_id, &["localhost".to_string()], None)
-            .context("cannot mint the server's X.509-SVID")?;
-        let renew_at = renew_time(clock.now(), svid.expires_at);
+            .map_err(StateError::MintServerSvid)?;
+        let renew_at = sigil_spiffe::half_life(clock.now(), svid.expires_at);
         let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
         let state = Arc::new(State {
             config,
@@ -192,22 +200,26 @@ impl State {
     }
 
     /// Federated bundles from the datastore.
-    pub fn federated_bundles(&self) -> anyhow::Result<Vec<Bundle>> {
+    pub fn federated_bundles(&self) -> Result<Vec<Bundle>, StateError> {
         let own = self.trust_domain();
         let mut out = Vec::new();
         for sb in self.ds.list_bundles()? {
             if sb.trust_domain == own {
                 continue;
             }
-            let b = Bundle::from_json(sb.trust_domain.clone(), sb.json.as_bytes())
-                .with_context(|| format!("stored bundle of {} is invalid", sb.trust_domain))?;
+            let b = Bundle::from_json(sb.trust_domain.clone(), sb.json.as_bytes()).map_err(
+                |source| StateError::StoredBundle {
+                    trust_domain: sb.trust_domain.clone(),
+                    source,
+                },
+            )?;
             out.push(b);
         }
         Ok(out)
     }
 
     /// Rebuilds the bundle set used by TLS, persists the own bundle, and tells agents.
-    pub fn refresh_bundles(&self) -> anyhow::Result<()> {
+    pub fn refresh_bundles(&self) -> Result<(), StateError> {
         let own = self.own_bundle();
         let mut set = BundleSet::new();
         for b in self.federated_bundles()? {
@@ -225,7 +237,7 @@ impl State {
     }
 
     /// Ends the transition after a migration: the old domain's CA is no longer kept.
-    pub fn forget_previous_domain(&self, td: &TrustDomain) -> anyhow::Result<()> {
+    pub fn forget_previous_domain(&self, td: &TrustDomain) -> Result<(), StateError> {
         let is_prev = self
             .previous_ca
             .load()
@@ -240,7 +252,7 @@ impl State {
     }
 
     /// One rotation tick: CA rotation and renewal of the server's own SVID.
-    pub fn tick(&self) -> anyhow::Result<()> {
+    pub fn tick(&self) -> Result<(), StateError> {
         let outcome = self.ca.load().rotate()?;
         if let Some(prev) = self.previous_ca.load().as_ref()
             && prev.rotate()?.bundle_changed()
@@ -278,13 +290,13 @@ impl State {
     }
 
     /// Mints a fresh server SVID and serves it from now on.
-    pub fn renew_server_svid(&self) -> anyhow::Result<()> {
+    pub fn renew_server_svid(&self) -> Result<(), StateError> {
         let (svid, key) = self.ca.load().mint_x509_svid_with_key(
             &self.server_id(),
             &["localhost".to_string()],
             None,
         )?;
-        let renew_at = renew_time(self.clock.now(), svid.expires_at);
+        let renew_at = sigil_spiffe::half_life(self.clock.now(), svid.expires_at);
         let certified = sigil_tls::certified_key(svid.cert_chain, &PrivateKeyDer::Pkcs8(key))?;
         self.server_cert.store(certified);
         *self
@@ -296,11 +308,6 @@ impl State {
     }
 }
 
-fn renew_time(now: SystemTime, expires: SystemTime) -> SystemTime {
-    let life = expires.duration_since(now).unwrap_or(Duration::ZERO);
-    now + life / 2
-}
-
 /// `spiffe://<td>/sigil/server`.
 pub fn server_id(td: &TrustDomain) -> SpiffeId {
     // The path is a constant valid path, so the fallback is unreachable.
@@ -310,7 +317,7 @@ pub fn server_id(td: &TrustDomain) -> SpiffeId {
 fn effective_trust_domain(
     config: &ServerConfig,
     ds: &dyn DataStore,
-) -> anyhow::Result<TrustDomain> {
+) -> Result<TrustDomain, StateError> {
     let configured = config.trust_domain.clone();
     match ds.get_meta(META_TRUST_DOMAIN)? {
         None => {
@@ -326,14 +333,17 @@ fn effective_trust_domain(
                     active = %stored,
                     "the data directory was migrated to another trust domain; serving that one (update trust_domain in the configuration)"
                 );
-                TrustDomain::parse(&stored)
-                    .with_context(|| format!("datastore meta trust_domain: invalid {stored:?}"))
+                TrustDomain::parse(&stored).map_err(|source| StateError::StoredTrustDomain {
+                    key: META_TRUST_DOMAIN,
+                    value: stored.clone(),
+                    source,
+                })
             } else {
-                bail!(
-                    "trust_domain: configured {:?} but the data directory {} belongs to {stored:?}; use `sigil trust-domain migrate --to` to move a trust domain",
-                    configured.as_str(),
-                    config.data_dir.display()
-                )
+                Err(StateError::TrustDomainMismatch {
+                    configured: configured.as_str().to_string(),
+                    data_dir: config.data_dir.clone(),
+                    stored,
+                })
             }
         }
     }

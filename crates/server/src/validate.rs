@@ -29,12 +29,6 @@ impl FieldError {
     }
 }
 
-impl From<FieldError> for tonic::Status {
-    fn from(e: FieldError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
-    }
-}
-
 /// Most items one batch request may carry: bounds the work and memory a single request can cause.
 pub const MAX_BATCH: usize = 10_000;
 
@@ -306,14 +300,7 @@ pub fn entry_to_pb(e: &Entry) -> pb::Entry {
         id: e.id.clone(),
         spiffe_id: e.spiffe_id.to_string(),
         parent_id: e.parent_id.to_string(),
-        selectors: e
-            .selectors
-            .iter()
-            .map(|s| pb::Selector {
-                r#type: s.kind.clone(),
-                value: s.value.clone(),
-            })
-            .collect(),
+        selectors: crate::grpc::selectors_to_pb(&e.selectors),
         x509_svid_ttl: (e.x509_svid_ttl > 0).then_some(e.x509_svid_ttl as i32),
         jwt_svid_ttl: (e.jwt_svid_ttl > 0).then_some(e.jwt_svid_ttl as i32),
         dns_names: e.dns_names.clone(),

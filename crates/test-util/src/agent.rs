@@ -1,12 +1,14 @@
 //! Launches the real `sigil agent run` against a test server and waits until its sockets answer.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::process::{ServerProcess, sigil_bin};
+use crate::process::{
+    ServerProcess, kill9, log_text, sigil_bin, sigil_cli, spawn_logged, wait_ready,
+};
 
 /// A running `sigil agent run`; killed (SIGKILL) on drop.
 pub struct AgentProcess {
@@ -101,53 +103,38 @@ impl AgentProcess {
 
     /// (Re)starts the process with the same data dir and sockets; waits until the Workload API socket accepts.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new(sigil_bin())
-            .args(["agent", "run"])
-            .args(&self.args)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--socket-path")
-            .arg(&self.socket)
-            .arg("--admin-socket-path")
-            .arg(&self.admin_socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start sigil agent run")?;
+        let child = spawn_logged(
+            Command::new(sigil_bin())
+                .args(["agent", "run"])
+                .args(&self.args)
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--socket-path")
+                .arg(&self.socket)
+                .arg("--admin-socket-path")
+                .arg(&self.admin_socket),
+            &self.log,
+        )?;
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!("agent exited with {status}; log:\n{}", self.log_text());
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+        let socket = &self.socket;
+        wait_ready(
+            &mut self.child,
+            "agent",
+            &self.log,
+            Duration::from_secs(30),
+            || {
                 // The socket is bound before attestation; a real RPC proves the agent is serving.
-                let out = Command::new(sigil_bin())
-                    .args(["agent", "healthcheck", "--socket-path"])
-                    .arg(&self.socket)
-                    .stdin(Stdio::null())
-                    .output()?;
-                if out.status.success() {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("agent not ready after 30 s; log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                Ok(std::os::unix::net::UnixStream::connect(socket).is_ok()
+                    && sigil_cli(&["agent", "healthcheck"], "--socket-path", socket)?
+                        .status
+                        .success())
+            },
+        )
     }
 
     /// The agent log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        log_text(&self.log)
     }
 
     /// `unix://` endpoint of the Workload API.
@@ -162,10 +149,7 @@ impl AgentProcess {
 
     /// Kills with SIGKILL.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// Waits for the process to exit on its own (bounded); returns its log.

@@ -20,7 +20,9 @@ fn named(cn: &str) -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
+/// Params of a CA named `cn`: `CN=cn` and basicConstraints CA (for [`TestCa::root_with`] and
+/// [`TestCa::intermediate_with`] after changes).
+pub fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
     let mut params = named(cn)?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     Ok(params)
@@ -29,8 +31,13 @@ fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
 impl TestCa {
     /// A self-signed root CA with common name `cn`.
     pub fn new(cn: &str) -> anyhow::Result<Self> {
+        Self::root_with(ca_params(cn)?)
+    }
+
+    /// A self-signed root CA made from `params` (any profile, including broken ones that a
+    /// negative test needs), with a fresh P-256 key.
+    pub fn root_with(params: CertificateParams) -> anyhow::Result<Self> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(cn)?;
         let cert = params.self_signed(&key)?;
         Ok(TestCa {
             cert,
@@ -40,9 +47,12 @@ impl TestCa {
 
     /// An intermediate CA with common name `cn`, signed by this one.
     pub fn intermediate(&self, cn: &str) -> anyhow::Result<TestCa> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(cn)?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        self.intermediate_with(ca_params(cn)?)
+    }
+
+    /// An intermediate CA made from `params`, signed by this one.
+    pub fn intermediate_with(&self, params: CertificateParams) -> anyhow::Result<TestCa> {
+        let (cert, key) = self.sign(&params)?;
         Ok(TestCa {
             cert,
             issuer: Issuer::new(params, key),
@@ -52,10 +62,21 @@ impl TestCa {
     /// A leaf certificate with common name `cn` and the digital-signature key usage (as an
     /// x509pop node certificate), and its key.
     pub fn leaf(&self, cn: &str) -> anyhow::Result<(Certificate, KeyPair)> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = named(cn)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.sign(&params)
+    }
+
+    /// A certificate made from `params` for a fresh P-256 key, signed by this CA, and the key.
+    pub fn sign(&self, params: &CertificateParams) -> anyhow::Result<(Certificate, KeyPair)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         Ok((params.signed_by(&key, &self.issuer)?, key))
+    }
+
+    /// The CA's private key, PKCS#8 PEM (for a CA that sigil itself loads, such as an
+    /// upstream CA).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The CA certificate, DER.

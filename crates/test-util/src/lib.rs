@@ -17,5 +17,7 @@ pub use clock::ManualClock;
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
+#[cfg(feature = "bpf")]
+pub use root::can_run_with_bpffs;
 pub use root::{can_run_as_root, can_run_as_root_and, skip_unless};
 pub use topology::{Endpoint, Node, Topology};

@@ -3,14 +3,14 @@
 //! endpoints' namespaces and veths, the pins and the blackhole routes.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, command_in_netns, netns_path};
 
-use crate::process::sigil_bin;
+use crate::process::{kill9, log_text, sigil_bin, sigil_cli, spawn_logged, wait_ready};
 
 /// A running `sigil netd run`; killed and cleaned up on drop.
 pub struct NetdProcess {
@@ -83,71 +83,53 @@ impl NetdProcess {
 
     /// (Re)starts the process with the same directories and waits until it answers.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
         let mut cmd = match &self.netns {
             Some(ns) => command_in_netns(&netns_path(ns), sigil_bin()),
             None => Command::new(sigil_bin()),
         };
-        let child = cmd
-            .args(["netd", "run", "--node-name", "e2e"])
-            .arg("--api-socket")
-            .arg(&self.api_socket)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--policy-dir")
-            .arg(&self.policy_dir)
-            .arg("--bpf-pin-dir")
-            .arg(&self.pin_dir)
-            .args([
-                "--pod-cidr",
-                &self.pod_cidr,
-                "--pod-cidr-v6",
-                &self.pod_cidr_v6,
-            ])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", sigil_bin().display()))?;
+        let child = spawn_logged(
+            cmd.args(["netd", "run", "--node-name", "e2e"])
+                .arg("--api-socket")
+                .arg(&self.api_socket)
+                .arg("--state-dir")
+                .arg(&self.state_dir)
+                .arg("--policy-dir")
+                .arg(&self.policy_dir)
+                .arg("--bpf-pin-dir")
+                .arg(&self.pin_dir)
+                .args([
+                    "--pod-cidr",
+                    &self.pod_cidr,
+                    "--pod-cidr-v6",
+                    &self.pod_cidr_v6,
+                ])
+                .args(&self.extra_args),
+            &self.log,
+        )?;
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!(
-                    "netd exited with {status} during start-up; log:\n{}",
-                    self.log_text()
-                );
-            }
-            if self.api_socket.exists() && self.cli(&["netd", "healthcheck"])?.status.success() {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("netd not ready after 30 s; log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let socket = &self.api_socket;
+        wait_ready(
+            &mut self.child,
+            "netd",
+            &self.log,
+            Duration::from_secs(30),
+            || {
+                Ok(socket.exists()
+                    && sigil_cli(&["netd", "healthcheck"], "--api-socket", socket)?
+                        .status
+                        .success())
+            },
+        )
     }
 
     /// The log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        log_text(&self.log)
     }
 
     /// Runs `sigil <args> --api-socket <socket>`.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(sigil_bin())
-            .args(args)
-            .arg("--api-socket")
-            .arg(&self.api_socket)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run sigil {args:?}"))
+        sigil_cli(args, "--api-socket", &self.api_socket)
     }
 
     /// Runs a CLI command that must succeed; returns its standard output.
@@ -165,10 +147,7 @@ impl NetdProcess {
 
     /// Kills the process with SIGKILL and waits for it.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// Endpoint names and host veths recorded in the state file.

@@ -57,6 +57,20 @@ impl Drop for TestNetns {
     }
 }
 
+/// The path of the named namespace `name` (as `ip netns` names them).
+pub fn named_netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// A `Command` running `program` inside the named namespace `name` (`ip netns exec` without
+/// the `ip` process).
+pub fn command_in_named_netns(
+    name: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Command {
+    command_in_netns(&named_netns_path(name), program)
+}
+
 /// Runs `f` on a thread that entered the namespace at `path`; sockets it opens stay in there.
 pub fn in_netns<T: Send>(
     path: &Path,

@@ -1,4 +1,6 @@
-//! Launches the real `sigil` binary as a server process and waits until it answers.
+//! Launches the real `sigil` binary as a server process and waits until it answers, and the
+//! launching pieces the server, agent and netd launchers share (logged spawn, readiness poll,
+//! CLI against a socket, SIGKILL).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -26,6 +28,73 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
+}
+
+/// Spawns `cmd` with no stdin or stdout and its stderr appended to `log`.
+pub(crate) fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", sigil_bin().display()))
+}
+
+/// Polls `ready` until it says yes; fails with the log when the process `what` exits first or
+/// `limit` passes.
+pub(crate) fn wait_ready(
+    child: &mut Option<Child>,
+    what: &str,
+    log: &Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(c) = child.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!(
+                "{what} exited with {status} during start-up; log:\n{}",
+                log_text(log)
+            );
+        }
+        if ready()? {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("{what} not ready after {limit:?}; log:\n{}", log_text(log));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The log written so far.
+pub(crate) fn log_text(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Runs `sigil <args> <socket_flag> <socket>`.
+pub(crate) fn sigil_cli(args: &[&str], socket_flag: &str, socket: &Path) -> anyhow::Result<Output> {
+    Command::new(sigil_bin())
+        .args(args)
+        .arg(socket_flag)
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run sigil {args:?}"))
+}
+
+/// Kills the process with SIGKILL and waits for it.
+pub(crate) fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// A running `sigil server run` with its own data directory and sockets; stopped (SIGKILL) on drop.
@@ -68,79 +137,45 @@ impl ServerProcess {
 
     /// (Re)starts the process with the same data directory, socket and port, and waits until healthy.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new(sigil_bin())
-            .arg("server")
-            .arg("run")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .arg("--bind")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", sigil_bin().display()))?;
+        let child = spawn_logged(
+            Command::new(sigil_bin())
+                .args(["server", "run", "--data-dir"])
+                .arg(&self.data_dir)
+                .arg("--admin-socket")
+                .arg(&self.admin_socket)
+                .arg("--bind")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .args(&self.extra),
+            &self.log,
+        )?;
         self.child = Some(child);
         self.wait_healthy(Duration::from_secs(30))
     }
 
     /// Polls `sigil server healthcheck` until it succeeds or the process dies.
     pub fn wait_healthy(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "server exited with {status} during start-up; log:\n{}",
-                    self.log_text()
-                );
-            }
-            if self.admin_socket.exists() {
-                let out = self.cli(&["server", "healthcheck"])?;
-                if out.status.success() {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "server not healthy after {limit:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let socket = &self.admin_socket;
+        wait_ready(&mut self.child, "server", &self.log, limit, || {
+            Ok(socket.exists()
+                && sigil_cli(&["server", "healthcheck"], "--admin-socket", socket)?
+                    .status
+                    .success())
+        })
     }
 
     /// The server log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        log_text(&self.log)
     }
 
     /// Runs `sigil <args> --admin-socket <this server's socket>`.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(sigil_bin())
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run sigil {args:?}"))
+        sigil_cli(args, "--admin-socket", &self.admin_socket)
     }
 
     /// Kills the process with SIGKILL and waits for it.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// Stops the process with SIGTERM and waits for it; returns whether it exited cleanly.

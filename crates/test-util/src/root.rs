@@ -31,3 +31,14 @@ pub fn can_run_as_root_and(what: &str, also: impl FnOnce() -> Option<String>) ->
     };
     skip_unless(what, missing)
 }
+
+/// As [`can_run_as_root`], with a bpffs at `/sys/fs/bpf` (mounted if missing), for tests that
+/// load the eBPF datapath.
+#[cfg(feature = "bpf")]
+pub fn can_run_with_bpffs(what: &str) -> bool {
+    can_run_as_root_and(what, || {
+        sigil_datapath::ensure_bpffs(std::path::Path::new("/sys/fs/bpf"))
+            .err()
+            .map(|e| format!("no bpffs: {e}"))
+    })
+}

@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use aya::maps::{MapData, lpm_trie::LpmTrie};
+use sigil_policy::Direction;
 
 use super::{
-    Direction, FLAG_DEMOTED, Installed, PolicyEntry, PolicyKey, PolicyValue, intent_of,
-    normalize_installed,
+    FLAG_DEMOTED, Installed, PolicyEntry, PolicyKey, from_lpm, from_raw, intent_of,
+    normalize_installed, to_lpm, to_raw,
 };
 use crate::abi::{PolicyKeyData, PolicyValueRaw};
 use crate::error::DatapathError;
@@ -23,7 +24,7 @@ const NAME: &str = "sigil_policy";
 /// not restored into the intent on adoption: reconcile with [`PolicyMap::replace_policy`].
 pub struct PolicyMap {
     trie: LpmTrie<MapData, PolicyKeyData, PolicyValueRaw>,
-    intent: HashMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
+    intent: HashMap<u32, BTreeMap<PolicyKey, PolicyEntry>>,
     installed: HashMap<u32, BTreeMap<PolicyKey, Installed>>,
     max_entries: u32,
     /// Test seam: writes of [`PolicyMap::apply_plan`] allowed before one fails.
@@ -44,7 +45,7 @@ struct Write {
 #[derive(Debug, Default)]
 pub struct PolicyPlan {
     writes: Vec<Write>,
-    intent: Vec<(u32, PolicyKey, Option<PolicyValue>, Option<PolicyValue>)>,
+    intent: Vec<(u32, PolicyKey, Option<PolicyEntry>, Option<PolicyEntry>)>,
 }
 
 impl PolicyPlan {
@@ -73,7 +74,7 @@ impl PolicyPlan {
 #[must_use = "roll the plan back if the rest of the change fails"]
 pub struct Applied {
     done: Vec<Write>,
-    intent: Vec<(u32, PolicyKey, Option<PolicyValue>, Option<PolicyValue>)>,
+    intent: Vec<(u32, PolicyKey, Option<PolicyEntry>, Option<PolicyEntry>)>,
 }
 
 impl PolicyMap {
@@ -84,13 +85,13 @@ impl PolicyMap {
         for item in trie.iter() {
             let (key, raw) = item.map_err(|e| DatapathError::map(NAME, "scan", e))?;
             // Keys this build cannot decode were not written by it: leave them alone.
-            let Some((ep, key)) = PolicyKey::from_lpm(&key) else {
+            let Some((ep, key)) = from_lpm(&key) else {
                 continue;
             };
             installed.entry(ep).or_default().insert(
                 key,
                 Installed {
-                    value: PolicyValue::from_raw(raw),
+                    value: from_raw(raw),
                     demoted: raw.flags & FLAG_DEMOTED != 0,
                 },
             );
@@ -155,7 +156,7 @@ impl PolicyMap {
     /// Nothing is written.
     pub fn plan(
         &self,
-        changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyValue>)>,
+        changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyEntry>)>,
     ) -> PolicyPlan {
         plan_from(&self.intent, &self.installed, changes)
     }
@@ -232,7 +233,7 @@ impl PolicyMap {
         Ok(())
     }
 
-    fn set_intent(&mut self, ep: u32, k: PolicyKey, v: Option<PolicyValue>) {
+    fn set_intent(&mut self, ep: u32, k: PolicyKey, v: Option<PolicyEntry>) {
         let m = self.intent.entry(ep).or_default();
         match v {
             Some(v) => {
@@ -253,12 +254,12 @@ impl PolicyMap {
             Some(v) => {
                 let flags = if v.demoted { FLAG_DEMOTED } else { 0 };
                 self.trie
-                    .insert(&k.to_lpm(ep), v.value.to_raw(flags), 0)
+                    .insert(&to_lpm(&k, ep), to_raw(v.value, flags), 0)
                     .map_err(|e| DatapathError::map(NAME, "insert", e))?;
                 self.installed.entry(ep).or_default().insert(k, v);
             }
             None => {
-                remove(&mut self.trie, &k.to_lpm(ep))?;
+                remove(&mut self.trie, &to_lpm(&k, ep))?;
                 if let Some(m) = self.installed.get_mut(&ep) {
                     m.remove(&k);
                     if m.is_empty() {
@@ -274,7 +275,7 @@ impl PolicyMap {
     pub fn upsert_policy(
         &mut self,
         endpoint_id: u32,
-        entries: &[PolicyEntry],
+        entries: &[(PolicyKey, PolicyEntry)],
     ) -> Result<(), DatapathError> {
         let mut intent = self.intent.get(&endpoint_id).cloned().unwrap_or_default();
         for (k, v) in intent_of(entries)? {
@@ -307,7 +308,7 @@ impl PolicyMap {
     pub fn replace_policy(
         &mut self,
         endpoint_id: u32,
-        entries: &[PolicyEntry],
+        entries: &[(PolicyKey, PolicyEntry)],
     ) -> Result<(), DatapathError> {
         let intent = intent_of(entries)?;
         self.apply(endpoint_id, intent)
@@ -319,7 +320,7 @@ impl PolicyMap {
     }
 
     /// The entries the kernel holds for an endpoint (after deny precedence).
-    pub fn installed(&self, endpoint_id: u32) -> Vec<(PolicyKey, PolicyValue)> {
+    pub fn installed(&self, endpoint_id: u32) -> Vec<(PolicyKey, PolicyEntry)> {
         self.installed
             .get(&endpoint_id)
             .map(|m| m.iter().map(|(k, i)| (*k, i.value)).collect())
@@ -343,10 +344,10 @@ impl PolicyMap {
         &self,
         endpoint_id: u32,
         remote_identity: u32,
-        direction: super::Direction,
+        direction: Direction,
         protocol: u8,
         port: u16,
-    ) -> Result<Option<PolicyValue>, DatapathError> {
+    ) -> Result<Option<PolicyEntry>, DatapathError> {
         let key = aya::maps::lpm_trie::Key::new(
             96,
             PolicyKeyData {
@@ -358,7 +359,7 @@ impl PolicyMap {
             },
         );
         match self.trie.get(&key, 0) {
-            Ok(raw) => Ok(Some(PolicyValue::from_raw(raw))),
+            Ok(raw) => Ok(Some(from_raw(raw))),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(DatapathError::map(NAME, "lookup", e)),
         }
@@ -367,7 +368,7 @@ impl PolicyMap {
     fn apply(
         &mut self,
         endpoint_id: u32,
-        intent: BTreeMap<PolicyKey, PolicyValue>,
+        intent: BTreeMap<PolicyKey, PolicyEntry>,
     ) -> Result<(), DatapathError> {
         let target = normalize_installed(&intent);
         let installed = self.installed.entry(endpoint_id).or_default();
@@ -379,7 +380,7 @@ impl PolicyMap {
                     continue;
                 }
                 let flags = if v.demoted { FLAG_DEMOTED } else { 0 };
-                trie.insert(&k.to_lpm(endpoint_id), v.value.to_raw(flags), 0)
+                trie.insert(&to_lpm(k, endpoint_id), to_raw(v.value, flags), 0)
                     .map_err(|e| DatapathError::map(NAME, "insert", e))?;
                 installed.insert(*k, *v);
             }
@@ -391,7 +392,7 @@ impl PolicyMap {
                 .map(|(k, _)| *k)
                 .collect();
             for k in stale {
-                remove(trie, &k.to_lpm(endpoint_id))?;
+                remove(trie, &to_lpm(&k, endpoint_id))?;
                 installed.remove(&k);
             }
         }
@@ -410,15 +411,15 @@ impl PolicyMap {
 
 /// [`PolicyMap::plan`] over the mirrors `intents` and `installs`.
 fn plan_from(
-    intents: &HashMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
+    intents: &HashMap<u32, BTreeMap<PolicyKey, PolicyEntry>>,
     installs: &HashMap<u32, BTreeMap<PolicyKey, Installed>>,
-    changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyValue>)>,
+    changes: impl IntoIterator<Item = (u32, PolicyKey, Option<PolicyEntry>)>,
 ) -> PolicyPlan {
-    let mut by_group: BTreeMap<(u32, u32, Direction), BTreeMap<PolicyKey, Option<PolicyValue>>> =
+    let mut by_group: BTreeMap<(u32, u32, Direction), BTreeMap<PolicyKey, Option<PolicyEntry>>> =
         BTreeMap::new();
     for (ep, key, value) in changes {
         by_group
-            .entry((ep, key.remote_identity, key.direction))
+            .entry((ep, key.identity, key.direction))
             .or_default()
             .insert(key, value);
     }
@@ -429,7 +430,7 @@ fn plan_from(
         let intent = intents.get(&ep).unwrap_or(&empty_intent);
         let installed = installs.get(&ep).unwrap_or(&empty_installed);
         let range = group_range(identity, direction);
-        let mut group: BTreeMap<PolicyKey, PolicyValue> =
+        let mut group: BTreeMap<PolicyKey, PolicyEntry> =
             intent.range(range.clone()).map(|(k, v)| (*k, *v)).collect();
         for (k, v) in changes {
             let old = intent.get(&k).copied();
@@ -486,7 +487,7 @@ fn ordered(mut writes: Vec<Write>) -> Vec<Write> {
 /// Every key of one (identity, direction) group, in key order.
 fn group_range(identity: u32, direction: Direction) -> std::ops::RangeInclusive<PolicyKey> {
     let key = |protocol, port, port_prefix_len| PolicyKey {
-        remote_identity: identity,
+        identity,
         direction,
         protocol,
         port,
@@ -514,11 +515,9 @@ mod tests {
 
     use super::{Installed, ordered, plan_from};
     use crate::codes::{Direction, PROTO_TCP};
-    use crate::policy::{
-        PolicyEntry, PolicyKey, PolicyValue, decide, intent_of, normalize_installed,
-    };
+    use crate::policy::{PolicyEntry, PolicyKey, decide, intent_of, normalize_installed};
 
-    fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+    fn arb_entry() -> impl Strategy<Value = (PolicyKey, PolicyEntry)> {
         (
             0u32..3,
             prop_oneof![Just(0u8), Just(PROTO_TCP)],
@@ -534,21 +533,25 @@ mod tests {
                 } else {
                     (8000 + port) & (u16::MAX << (16 - len))
                 };
-                PolicyEntry {
-                    remote_identity: remote,
-                    direction: Direction::Ingress,
-                    protocol,
-                    port,
-                    port_prefix_len: len,
-                    deny,
-                    l7_redirect: false,
-                    auth_required: false,
-                    rule_cookie: cookie,
-                }
+                (
+                    PolicyKey {
+                        identity: remote,
+                        direction: Direction::Ingress,
+                        protocol,
+                        port,
+                        port_prefix_len: len,
+                    },
+                    PolicyEntry {
+                        deny,
+                        l7_redirect: false,
+                        auth_required: false,
+                        rule_cookie: cookie,
+                    },
+                )
             })
     }
 
-    fn verdicts(map: &BTreeMap<PolicyKey, PolicyValue>) -> Vec<u32> {
+    fn verdicts(map: &BTreeMap<PolicyKey, PolicyEntry>) -> Vec<u32> {
         let mut out = Vec::new();
         for identity in 0..3 {
             for protocol in [PROTO_TCP, 17] {
@@ -589,7 +592,7 @@ mod tests {
                 .map(|k| (1u32, *k, None))
                 .chain(new.iter().map(|(k, v)| (1u32, *k, Some(*v))));
             let plan = plan_from(&intents, &installs, changes);
-            let value = |m: &BTreeMap<PolicyKey, Installed>| -> BTreeMap<PolicyKey, PolicyValue> {
+            let value = |m: &BTreeMap<PolicyKey, Installed>| -> BTreeMap<PolicyKey, PolicyEntry> {
                 m.iter().map(|(k, i)| (*k, i.value)).collect()
             };
             let before = verdicts(&value(&installed));

@@ -13,11 +13,11 @@ use nix::sys::time::TimeVal;
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
     DROP_FRAG_NOT_FOUND, DROP_INVALID_EXTHDR, DROP_POLICY_DENY, Direction, PROTO_TCP, PROTO_UDP,
-    PolicyEntry, Verdict,
+    PolicyEntry, PolicyKey, Verdict,
 };
 
 use crate::support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, echo, in_netns, tcp_ok,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, echo, in_netns, rule, tcp_ok,
 };
 
 const CLIENT: u32 = 1201;
@@ -35,18 +35,20 @@ fn v6(ep: &EndpointNet) -> IpAddr {
     IpAddr::V6(ep.ipv6.expect("endpoint has IPv6"))
 }
 
-fn entry(protocol: u8, port: u16, port_prefix_len: u8, deny: bool, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: CLIENT,
-        direction: Direction::Ingress,
-        protocol,
-        port,
-        port_prefix_len,
+fn entry(
+    protocol: u8,
+    port: u16,
+    port_prefix_len: u8,
+    deny: bool,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    rule(
+        CLIENT,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
         deny,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: cookie,
-    }
+        cookie,
+    )
 }
 
 /// An 8-byte options header (hop-by-hop or destination options) holding one PadN option.

@@ -5,7 +5,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use sigil_datapath::netns::EndpointNet;
-use sigil_datapath::{DROP_POLICY_DENIED, Direction, PROTO_ICMP, PROTO_TCP, PolicyEntry, Verdict};
+use sigil_datapath::{
+    DROP_POLICY_DENIED, Direction, PROTO_ICMP, PROTO_TCP, PolicyEntry, PolicyKey, Verdict,
+};
 
 use crate::support::{BLOCK_WAIT, Fixture, PASS_WAIT, can_run};
 
@@ -26,17 +28,21 @@ fn icmp_is_checked_with_port_zero_and_replies_pass() {
     let mut events = fx.events();
     assert!(ping(&fe, be4, PASS_WAIT), "not enforced: echo passes");
 
-    let tcp_only = PolicyEntry {
-        remote_identity: 1001,
-        direction: Direction::Ingress,
-        protocol: PROTO_TCP,
-        port: 0,
-        port_prefix_len: 0,
-        deny: false,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: 50,
-    };
+    let tcp_only = (
+        PolicyKey {
+            identity: 1001,
+            direction: Direction::Ingress,
+            protocol: PROTO_TCP,
+            port: 0,
+            port_prefix_len: 0,
+        },
+        PolicyEntry {
+            deny: false,
+            l7_redirect: false,
+            auth_required: false,
+            rule_cookie: 50,
+        },
+    );
     fx.dp
         .maps_mut()
         .policy
@@ -51,11 +57,16 @@ fn icmp_is_checked_with_port_zero_and_replies_pass() {
         (PROTO_ICMP, 0, 0, DROP_POLICY_DENIED)
     );
 
-    let icmp = PolicyEntry {
-        protocol: PROTO_ICMP,
-        rule_cookie: 51,
-        ..tcp_only
-    };
+    let icmp = (
+        PolicyKey {
+            protocol: PROTO_ICMP,
+            ..tcp_only.0
+        },
+        PolicyEntry {
+            rule_cookie: 51,
+            ..tcp_only.1
+        },
+    );
     fx.dp
         .maps_mut()
         .policy

@@ -17,11 +17,10 @@ use std::time::Duration;
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
     AuthKey, DROP_AUTH_REQUIRED, DROP_POLICY_DENIED, DROP_POLICY_DENY, Datapath, Direction,
-    PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue, Verdict, decide, intent_of,
-    normalize,
+    PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict, decide, intent_of, lpm_keys, normalize,
 };
 use support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, TestNet, can_run, echo, register,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, TestNet, can_run, echo, register, rule,
     tcp_connect, tcp_ok, udp_ok,
 };
 
@@ -37,25 +36,36 @@ fn v6(ep: &EndpointNet) -> IpAddr {
     IpAddr::V6(ep.ipv6.expect("endpoint has IPv6"))
 }
 
-fn allow(remote: u32, protocol: u8, port: u16, port_prefix_len: u8, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: remote,
-        direction: Direction::Ingress,
-        protocol,
-        port,
-        port_prefix_len,
-        deny: false,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: cookie,
-    }
+fn allow(
+    remote: u32,
+    protocol: u8,
+    port: u16,
+    port_prefix_len: u8,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
+        false,
+        cookie,
+    )
 }
 
-fn deny(remote: u32, protocol: u8, port: u16, port_prefix_len: u8, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        deny: true,
-        ..allow(remote, protocol, port, port_prefix_len, cookie)
-    }
+fn deny(
+    remote: u32,
+    protocol: u8,
+    port: u16,
+    port_prefix_len: u8,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, port_prefix_len),
+        true,
+        cookie,
+    )
 }
 
 /// One flow of a connectivity matrix, checked against the pure model of the datapath.
@@ -73,7 +83,7 @@ struct Flow<'a> {
 fn check_flow(
     events: &mut Events,
     flow: &Flow<'_>,
-    dst_policy: &[PolicyEntry],
+    dst_policy: &[(PolicyKey, PolicyEntry)],
     dst_enforced: bool,
 ) -> bool {
     let map = normalize(&intent_of(dst_policy).expect("valid policy"));
@@ -160,7 +170,7 @@ fn connectivity_matrix_follows_policy_changes() {
     let _srv_fe = EchoServer::start(&fe, &[8080]);
     let mut events = fx.events();
 
-    let policies: Vec<(&str, Vec<PolicyEntry>)> = vec![
+    let policies: Vec<(&str, Vec<(PolicyKey, PolicyEntry)>)> = vec![
         ("none", vec![]),
         (
             "frontend tcp/8080",
@@ -346,10 +356,14 @@ fn auth_required_drops_until_authenticated() {
     let be = fx.endpoint("be", BACKEND);
     let _srv = EchoServer::start(&be, &[8080]);
     let mut events = fx.events();
-    let entry = PolicyEntry {
-        auth_required: true,
-        ..allow(FRONTEND, PROTO_TCP, 8080, 16, 20)
-    };
+    let (k, v) = allow(FRONTEND, PROTO_TCP, 8080, 16, 20);
+    let entry = (
+        k,
+        PolicyEntry {
+            auth_required: true,
+            ..v
+        },
+    );
     fx.dp
         .maps_mut()
         .policy
@@ -457,11 +471,17 @@ fn loader_child() {
                 .expect("endpoint"),
             ["policy", ..] => {
                 // policy EP REMOTE DIRECTION PROTOCOL PORT DENY COOKIE
-                let e = PolicyEntry {
-                    direction: Direction::from_u8(num(3) as u8).expect("direction"),
-                    deny: f[6] == "1",
-                    ..allow(num(2), num(4) as u8, num(5) as u16, 16, num(7))
-                };
+                let (k, v) = allow(num(2), num(4) as u8, num(5) as u16, 16, num(7));
+                let e = (
+                    PolicyKey {
+                        direction: Direction::from_u8(num(3) as u8).expect("direction"),
+                        ..k
+                    },
+                    PolicyEntry {
+                        deny: f[6] == "1",
+                        ..v
+                    },
+                );
                 dp.maps_mut()
                     .policy
                     .upsert_policy(num(1), &[e])
@@ -571,7 +591,7 @@ fn enforcement_survives_loader_kill_and_pins_are_readopted() {
 
     // Restart: adopt the pinned maps with their entries, re-attach in place, reconcile.
     let mut dp = Datapath::load(&pin).expect("reload");
-    let installed: BTreeMap<PolicyKey, PolicyValue> = dp
+    let installed: BTreeMap<PolicyKey, PolicyEntry> = dp
         .maps()
         .policy
         .installed(be.endpoint_id)
@@ -619,7 +639,7 @@ fn enforcement_survives_loader_kill_and_pins_are_readopted() {
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert_eq!(keys, reconciled[0].keys().expect("keys"));
+    assert_eq!(keys, lpm_keys(&reconciled[0].0).expect("keys"));
 
     for ep in [&fe, &be, &other] {
         Datapath::detach(&ep.host_interface).expect("detach");

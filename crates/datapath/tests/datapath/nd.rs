@@ -10,10 +10,10 @@ use std::time::Duration;
 use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
-    DROP_POLICY_DENIED, Direction, PROTO_ICMPV6, PROTO_UDP, PolicyEntry, Verdict,
+    DROP_POLICY_DENIED, Direction, PROTO_ICMPV6, PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
 };
 
-use crate::support::{BLOCK_WAIT, EchoServer, Fixture, PASS_WAIT, can_run, in_netns, udp_ok};
+use crate::support::{BLOCK_WAIT, EchoServer, Fixture, PASS_WAIT, can_run, in_netns, rule, udp_ok};
 
 const SENDER: u32 = 1301;
 const PEER: u32 = 1302;
@@ -25,18 +25,15 @@ fn v6(ep: &EndpointNet) -> Ipv6Addr {
     ep.ipv6.expect("endpoint has IPv6")
 }
 
-fn entry(remote: u32, direction: Direction, protocol: u8, port: u16, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: remote,
-        direction,
-        protocol,
-        port,
-        port_prefix_len: if port == 0 { 0 } else { 16 },
-        deny: false,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: cookie,
-    }
+fn entry(
+    remote: u32,
+    direction: Direction,
+    protocol: u8,
+    port: u16,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    let len = if port == 0 { 0 } else { 16 };
+    rule(remote, direction, (protocol, port, len), false, cookie)
 }
 
 fn checksum(b: &[u8]) -> u16 {

@@ -7,20 +7,20 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use sigil_datapath::{
-    Datapath, Direction, Maps, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, PolicyValue,
-    intent_of, lpm_lookup, normalize,
+    Datapath, Direction, Maps, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, intent_of, lpm_keys,
+    lpm_lookup, normalize,
 };
 
 use crate::support::{Cleanup, can_run, pin_dir};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Upsert(u32, Vec<PolicyEntry>),
-    Delete(u32, Vec<PolicyEntry>),
-    Replace(u32, Vec<PolicyEntry>),
+    Upsert(u32, Vec<(PolicyKey, PolicyEntry)>),
+    Delete(u32, Vec<(PolicyKey, PolicyEntry)>),
+    Replace(u32, Vec<(PolicyKey, PolicyEntry)>),
 }
 
-fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+fn arb_entry() -> impl Strategy<Value = (PolicyKey, PolicyEntry)> {
     (
         0u32..3,
         prop_oneof![Just(0u8), Just(PROTO_TCP), Just(PROTO_UDP)],
@@ -33,21 +33,25 @@ fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
         .prop_map(|(remote, protocol, port, len, egress, deny, cookie)| {
             let port = 8000 + port;
             let mask = if len == 0 { 0 } else { u16::MAX << (16 - len) };
-            PolicyEntry {
-                remote_identity: remote,
-                direction: if egress {
-                    Direction::Egress
-                } else {
-                    Direction::Ingress
+            (
+                PolicyKey {
+                    identity: remote,
+                    direction: if egress {
+                        Direction::Egress
+                    } else {
+                        Direction::Ingress
+                    },
+                    protocol,
+                    port: port & mask,
+                    port_prefix_len: len,
                 },
-                protocol,
-                port: port & mask,
-                port_prefix_len: len,
-                deny,
-                l7_redirect: false,
-                auth_required: cookie == 3,
-                rule_cookie: cookie,
-            }
+                PolicyEntry {
+                    deny,
+                    l7_redirect: false,
+                    auth_required: cookie == 3,
+                    rule_cookie: cookie,
+                },
+            )
         })
 }
 
@@ -76,7 +80,7 @@ fn kernel_policy_map_matches_the_model() {
     };
     proptest!(config, |(ops in prop::collection::vec(arb_op(), 1..8))| {
         let mut dp = dp.borrow_mut();
-        let mut model: BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>> = BTreeMap::new();
+        let mut model: BTreeMap<u32, BTreeMap<PolicyKey, PolicyEntry>> = BTreeMap::new();
         for ep in [1, 2] {
             dp.maps_mut().policy.clear_endpoint(ep).expect("clear");
         }
@@ -87,7 +91,7 @@ fn kernel_policy_map_matches_the_model() {
                     model.entry(*ep).or_default().extend(intent_of(e).expect("valid"));
                 }
                 Op::Delete(ep, e) => {
-                    let keys: Vec<PolicyKey> = e.iter().flat_map(|e| e.keys().expect("valid")).collect();
+                    let keys: Vec<PolicyKey> = e.iter().flat_map(|(k, _)| lpm_keys(k).expect("valid")).collect();
                     dp.maps_mut().policy.delete_policy(*ep, &keys).expect("delete");
                     let m = model.entry(*ep).or_default();
                     for k in keys {
@@ -103,7 +107,7 @@ fn kernel_policy_map_matches_the_model() {
         let scanned = Maps::open_pinned(&dir).expect("open pinned");
         for ep in [1u32, 2] {
             let want = normalize(&model.get(&ep).cloned().unwrap_or_default());
-            let got: BTreeMap<PolicyKey, PolicyValue> = scanned.policy.installed(ep).into_iter().collect();
+            let got: BTreeMap<PolicyKey, PolicyEntry> = scanned.policy.installed(ep).into_iter().collect();
             prop_assert_eq!(&got, &want, "endpoint {}", ep);
             for identity in 0..3 {
                 for direction in [Direction::Ingress, Direction::Egress] {

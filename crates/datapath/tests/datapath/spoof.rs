@@ -11,11 +11,11 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind,
 use sigil_datapath::netns::EndpointNet;
 use sigil_datapath::{
     DROP_INVALID_SIP, DROP_POLICY_DENIED, Direction, EndpointConfig, IDENTITY_HOST, PROTO_TCP,
-    PROTO_UDP, PolicyEntry, Verdict,
+    PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
 };
 
 use crate::support::{
-    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, in_netns, tcp_ok, udp_ok,
+    BLOCK_WAIT, EchoServer, Events, Fixture, PASS_WAIT, can_run, in_netns, rule, tcp_ok, udp_ok,
 };
 
 const ATTACKER: u32 = 1101;
@@ -30,18 +30,8 @@ fn v6(ep: &EndpointNet) -> IpAddr {
     IpAddr::V6(ep.ipv6.expect("endpoint has IPv6"))
 }
 
-fn allow_any(remote: u32, port: u16, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: remote,
-        direction: Direction::Ingress,
-        protocol: 0,
-        port,
-        port_prefix_len: 16,
-        deny: false,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: cookie,
-    }
+fn allow_any(remote: u32, port: u16, cookie: u32) -> (PolicyKey, PolicyEntry) {
+    rule(remote, Direction::Ingress, (0, port, 16), false, cookie)
 }
 
 /// Gives the endpoint's interface another address inside its namespace (no duplicate address
@@ -411,7 +401,7 @@ fn host_users_cannot_send_with_a_local_endpoints_address() {
     let target = fx.endpoint("c", TARGET);
     // The target allows the trusted endpoint on 8090 and the host on 8091, nobody else.
     let mut host_only = allow_any(IDENTITY_HOST, 8091, 14);
-    host_only.protocol = PROTO_UDP;
+    host_only.0.protocol = PROTO_UDP;
     fx.dp
         .maps_mut()
         .policy

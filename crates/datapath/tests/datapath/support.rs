@@ -10,16 +10,37 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sigil_datapath::netns::{self, EndpointNet, EndpointSpec};
-use sigil_datapath::{Datapath, EndpointConfig, Event, EventReader};
+use sigil_datapath::{
+    Datapath, Direction, EndpointConfig, Event, EventReader, PolicyEntry, PolicyKey,
+};
 
 /// True when the test can run; false (after saying why) when it must skip. Under CI=true a
 /// skip is a failure.
 pub fn can_run() -> bool {
-    sigil_test_util::can_run_as_root_and("the datapath test", || {
-        sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))
-            .err()
-            .map(|e| format!("no bpffs: {e}"))
-    })
+    sigil_test_util::can_run_with_bpffs("the datapath test")
+}
+
+/// One policy map entry: a key (port prefix of `port_prefix_len` bits) and its value.
+pub fn rule(
+    remote: u32,
+    direction: Direction,
+    (protocol, port, port_prefix_len): (u8, u16, u8),
+    deny: bool,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    let key = PolicyKey {
+        identity: remote,
+        direction,
+        protocol,
+        port,
+        port_prefix_len,
+    };
+    let value = PolicyEntry {
+        deny,
+        rule_cookie: cookie,
+        ..PolicyEntry::default()
+    };
+    (key, value)
 }
 
 /// Pin directory for a test: unique per process and tag.

@@ -4,28 +4,34 @@
 use std::collections::BTreeMap;
 
 use sigil_datapath::{
-    Datapath, DatapathError, Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey, PolicyValue,
-    intent_of, normalize,
+    Datapath, DatapathError, Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey, intent_of,
+    normalize,
 };
 
-use crate::support::{Cleanup, can_run, pin_dir};
+use crate::support::{Cleanup, can_run, pin_dir, rule};
 
-fn entry(remote: u32, protocol: u8, port: u16, deny: bool, cookie: u32) -> PolicyEntry {
-    PolicyEntry {
-        remote_identity: remote,
-        direction: Direction::Ingress,
-        protocol,
-        port,
-        port_prefix_len: if protocol == 0 { 0 } else { 16 },
+fn entry(
+    remote: u32,
+    protocol: u8,
+    port: u16,
+    deny: bool,
+    cookie: u32,
+) -> (PolicyKey, PolicyEntry) {
+    let len = if protocol == 0 { 0 } else { 16 };
+    rule(
+        remote,
+        Direction::Ingress,
+        (protocol, port, len),
         deny,
-        l7_redirect: false,
-        auth_required: false,
-        rule_cookie: cookie,
-    }
+        cookie,
+    )
 }
 
 /// `(endpoint, key, value)` changes setting each entry.
-fn set(ep: u32, entries: &[PolicyEntry]) -> Vec<(u32, PolicyKey, Option<PolicyValue>)> {
+fn set(
+    ep: u32,
+    entries: &[(PolicyKey, PolicyEntry)],
+) -> Vec<(u32, PolicyKey, Option<PolicyEntry>)> {
     intent_of(entries)
         .expect("valid")
         .into_iter()
@@ -34,7 +40,10 @@ fn set(ep: u32, entries: &[PolicyEntry]) -> Vec<(u32, PolicyKey, Option<PolicyVa
 }
 
 /// `(endpoint, key, None)` changes removing each entry.
-fn unset(ep: u32, entries: &[PolicyEntry]) -> Vec<(u32, PolicyKey, Option<PolicyValue>)> {
+fn unset(
+    ep: u32,
+    entries: &[(PolicyKey, PolicyEntry)],
+) -> Vec<(u32, PolicyKey, Option<PolicyEntry>)> {
     intent_of(entries)
         .expect("valid")
         .into_keys()
@@ -42,7 +51,7 @@ fn unset(ep: u32, entries: &[PolicyEntry]) -> Vec<(u32, PolicyKey, Option<Policy
         .collect()
 }
 
-type Kernel = BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>>;
+type Kernel = BTreeMap<u32, BTreeMap<PolicyKey, PolicyEntry>>;
 
 /// What a fresh scan of the pinned trie holds for endpoints 1 and 2.
 fn kernel(dir: &std::path::Path) -> Kernel {
@@ -132,7 +141,7 @@ fn a_plan_the_map_cannot_hold_is_refused_with_nothing_written() {
     let mut dp = Datapath::load_with(&dir, Some(8)).expect("load");
     let policy = &mut dp.maps_mut().policy;
     assert_eq!(policy.max_entries(), 8);
-    let first: Vec<PolicyEntry> = (0..5)
+    let first: Vec<(PolicyKey, PolicyEntry)> = (0..5)
         .map(|i| entry(100 + i, PROTO_TCP, 80, i == 0, i))
         .collect();
     let _ = policy
@@ -140,7 +149,7 @@ fn a_plan_the_map_cannot_hold_is_refused_with_nothing_written() {
         .expect("fits");
     let before = kernel(&dir);
 
-    let more: Vec<PolicyEntry> = (0..4)
+    let more: Vec<(PolicyKey, PolicyEntry)> = (0..4)
         .map(|i| entry(200 + i, PROTO_TCP, 80, false, i))
         .collect();
     let plan = policy.plan(set(1, &more));

@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use sigil_datapath::{EndpointConfig, PolicyPlan};
+use sigil_datapath::{EndpointConfig, PolicyPlan, lpm_keys};
 use sigil_policy::{Direction, IpPrefix, PolicyDeltas, PolicyEngine, PolicyEntry, PolicyKey};
 
 use super::Daemon;
-use crate::convert::{enforcement, to_datapath};
 use crate::error::NetdError;
 use crate::state::{EndpointRecord, nid};
 use crate::txn::CidrList;
@@ -58,9 +57,8 @@ impl Daemon {
         let mut changes = Vec::new();
         for rec in &targets {
             for (k, v) in wanted.get(&rec.identity).into_iter().flatten() {
-                let entry = to_datapath(k, &v.unwrap_or_default());
-                for key in entry.keys()? {
-                    changes.push((rec.endpoint_id, key, v.map(|_| entry.value())));
+                for key in lpm_keys(k)? {
+                    changes.push((rec.endpoint_id, key, *v));
                 }
             }
         }
@@ -174,7 +172,6 @@ impl Daemon {
         } else {
             self.engine.policy_map(nid(identity)).unwrap_or_default()
         };
-        let entries: Vec<_> = map.iter().map(|(k, e)| to_datapath(k, e)).collect();
         let (ingress, egress) = if rec.is_pending() {
             (true, true)
         } else {
@@ -194,7 +191,7 @@ impl Daemon {
                 ipv6: Some(rec.ipv6),
             },
         )?;
-        maps.policy.replace_policy(endpoint_id, &entries)?;
+        maps.policy.replace_policy(endpoint_id, &map)?;
         maps.endpoints.set(
             endpoint_id,
             EndpointConfig {
@@ -210,7 +207,7 @@ impl Daemon {
 }
 
 /// Whether each direction of an endpoint identity's map is in default deny (see
-/// [`crate::convert::enforcement`]).
+/// [`enforcement`]).
 fn enforcement_of(engine: &PolicyEngine, identity: u32) -> (bool, bool) {
     let open = |direction| {
         let key = PolicyKey {
@@ -223,6 +220,21 @@ fn enforcement_of(engine: &PolicyEngine, identity: u32) -> (bool, bool) {
         engine
             .map_entry(nid(identity), &key)
             .is_some_and(|e| !e.deny)
+    };
+    (!open(Direction::Ingress), !open(Direction::Egress))
+}
+
+/// Whether each direction (ingress, egress) is in default deny.
+///
+/// The engine does not report enforcement separately: a direction that is not in default deny
+/// gets an allow entry for every identity, protocol and port (identity 0, protocol 0), and an
+/// engine lookup that matches nothing denies. So a direction is enforced exactly when that
+/// entry is absent; with it present the datapath flag makes no difference (every packet
+/// matches the entry) but reports the engine's intent.
+fn enforcement(map: &[(PolicyKey, PolicyEntry)]) -> (bool, bool) {
+    let open = |d: Direction| {
+        map.iter()
+            .any(|(k, e)| k.direction == d && k.identity == 0 && k.protocol == 0 && !e.deny)
     };
     (!open(Direction::Ingress), !open(Direction::Egress))
 }
@@ -242,4 +254,35 @@ struct Undo {
     ipcache_removed: CidrList,
     applied: Option<sigil_datapath::Applied>,
     ipcache_added: Vec<IpPrefix>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(identity: u32, direction: Direction, protocol: u8, port: u16, len: u8) -> PolicyKey {
+        PolicyKey {
+            identity,
+            direction,
+            protocol,
+            port,
+            port_prefix_len: len,
+        }
+    }
+
+    #[test]
+    fn a_wildcard_allow_means_not_enforced() {
+        let allow = PolicyEntry::default();
+        let deny = PolicyEntry {
+            deny: true,
+            ..allow
+        };
+        let map = vec![
+            (key(0, Direction::Ingress, 0, 0, 0), allow),
+            (key(0, Direction::Egress, 0, 0, 0), deny),
+            (key(256, Direction::Egress, 6, 80, 16), allow),
+        ];
+        assert_eq!(enforcement(&map), (false, true));
+        assert_eq!(enforcement(&[]), (true, true));
+    }
 }

@@ -1,6 +1,7 @@
-//! Policy map keys and values, the protocol/port prefix encoding, and the cheap hasher the
-//! per-packet lookup uses.
+//! Policy map keys and values (the one vocabulary the engine computes and the datapath
+//! installs), the protocol/port prefix encoding, and the cheap hasher the per-packet lookup uses.
 
+use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::Serialize;
@@ -24,7 +25,7 @@ pub(crate) fn mask_port(port: u16, bits: u8) -> u16 {
     if bits == 0 {
         0
     } else {
-        port & (u16::MAX << (16 - u32::from(bits)))
+        port & (u16::MAX << (16 - u32::from(bits.min(16))))
     }
 }
 
@@ -108,12 +109,17 @@ pub(crate) fn unpack(k: u64) -> (u32, Prefix) {
     )
 }
 
-/// A policy map key, as the datapath will see it.
+/// A policy map key of one endpoint: what the engine computes and the datapath installs.
+///
+/// `protocol` 0 means any protocol; `port_prefix_len` says how many high bits of `port` must
+/// match (16 = exactly `port`, 0 = any port). The engine only makes keys that [`PolicyKey::new`]
+/// accepts; the datapath also takes protocol 0 with a port and expands it into the protocols
+/// that have ports (its trie has the protocol byte before the port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PolicyKey {
     /// Remote identity; 0 matches any identity.
     pub identity: u32,
-    /// Direction.
+    /// Direction relative to the endpoint.
     pub direction: Direction,
     /// IANA protocol number; 0 (any protocol) only with `port_prefix_len` 0.
     pub protocol: u8,
@@ -121,6 +127,28 @@ pub struct PolicyKey {
     pub port: u16,
     /// How many leading bits of `port` are significant (16 = exact port, 0 = any port).
     pub port_prefix_len: u8,
+}
+
+/// A policy key field out of range, with the field, its value and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {reason}")]
+pub struct InvalidKey {
+    /// Field name.
+    pub field: &'static str,
+    /// The offending value.
+    pub value: String,
+    /// Why it is rejected.
+    pub reason: String,
+}
+
+impl InvalidKey {
+    fn new(field: &'static str, value: impl ToString, reason: impl ToString) -> Self {
+        InvalidKey {
+            field,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 impl PolicyKey {
@@ -134,6 +162,55 @@ impl PolicyKey {
         }
     }
 
+    /// Builds a key of one trie entry: protocol 0 (any) must come with `port_prefix_len` 0,
+    /// and `port` may not have bits set beyond `port_prefix_len`.
+    pub fn new(
+        identity: u32,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+        port_prefix_len: u8,
+    ) -> Result<Self, InvalidKey> {
+        let key = PolicyKey {
+            identity,
+            direction,
+            protocol,
+            port,
+            port_prefix_len,
+        };
+        key.check_port()?;
+        if protocol == 0 && port_prefix_len != 0 {
+            return Err(InvalidKey::new(
+                "port_prefix_len",
+                port_prefix_len,
+                "a single key with protocol 0 (any) cannot match a port; expand it into the protocols with ports",
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Checks the port prefix: `port_prefix_len` in 0..=16 and no bit of `port` set beyond it.
+    pub fn check_port(&self) -> Result<(), InvalidKey> {
+        if self.port_prefix_len > 16 {
+            return Err(InvalidKey::new(
+                "port_prefix_len",
+                self.port_prefix_len,
+                "must be 0..=16 (16 = exact port, 0 = any port)",
+            ));
+        }
+        if self.port != mask_port(self.port, self.port_prefix_len) {
+            return Err(InvalidKey::new(
+                "port",
+                self.port,
+                format!(
+                    "has bits set beyond port_prefix_len {}",
+                    self.port_prefix_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Cilium's LPM prefix length over protocol (8 bits) and port (16 bits): 0 for any
     /// protocol, `8 + port_prefix_len` otherwise.
     pub fn lpm_prefix_len(&self) -> u8 {
@@ -143,9 +220,41 @@ impl PolicyKey {
             8 + self.port_prefix_len
         }
     }
+
+    /// Whether a packet with these fields falls under this key.
+    pub fn matches(&self, identity: u32, direction: Direction, protocol: u8, port: u16) -> bool {
+        self.identity == identity
+            && self.direction == direction
+            && (self.protocol == 0
+                || (self.protocol == protocol
+                    && mask_port(port, self.port_prefix_len) == self.port))
+    }
+
+    /// Whether every packet under `other` is also under `self` (same identity and direction,
+    /// and `self` is a shorter or equal prefix of `other`).
+    pub fn covers(&self, other: &PolicyKey) -> bool {
+        self.identity == other.identity
+            && self.direction == other.direction
+            && (self.protocol == 0
+                || (self.protocol == other.protocol
+                    && self.port_prefix_len <= other.port_prefix_len
+                    && mask_port(other.port, self.port_prefix_len) == self.port))
+    }
 }
 
-/// A policy map value.
+impl fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} identity {} ", self.direction, self.identity)?;
+        match (self.protocol, self.port_prefix_len) {
+            (0, _) => f.write_str("any"),
+            (p, 0) => write!(f, "proto {p} any port"),
+            (p, 16) => write!(f, "proto {p} port {}", self.port),
+            (p, l) => write!(f, "proto {p} port {}/{l}", self.port),
+        }
+    }
+}
+
+/// A policy map value of one key: what the engine computes and the datapath installs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct PolicyEntry {
     /// Drop the traffic.

@@ -2,9 +2,8 @@
 
 use std::net::SocketAddr;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, IsCa, KeyUsagePurpose, SanType};
+use sigil_test_util::TestCa;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
@@ -37,31 +36,28 @@ pub struct Pki {
 /// SPIFFE ID in the leaf of [`Pki`].
 pub const WORKLOAD_ID: &str = "spiffe://example.org/workload";
 
-fn ca_params() -> CertificateParams {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+fn signing_ca(cn: &str) -> TestCa {
+    let mut params = sigil_test_util::certs::ca_params(cn).unwrap();
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
+    TestCa::root_with(params).unwrap()
 }
 
 impl Pki {
     pub fn new() -> Self {
-        let ca = CertifiedIssuer::self_signed(ca_params(), KeyPair::generate().unwrap()).unwrap();
-        let federated =
-            CertifiedIssuer::self_signed(ca_params(), KeyPair::generate().unwrap()).unwrap();
+        let ca = signing_ca("example.org CA");
+        let federated = signing_ca("federated CA");
 
-        let leaf_key = KeyPair::generate().unwrap();
         let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
         leaf.subject_alt_names = vec![SanType::URI(WORKLOAD_ID.try_into().unwrap())];
         leaf.is_ca = IsCa::ExplicitNoCa;
         leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+        let (leaf, leaf_key) = ca.sign(&leaf).unwrap();
 
         Self {
-            ca_der: ca.der().to_vec(),
+            ca_der: ca.der(),
             leaf_der: leaf.der().to_vec(),
             leaf_key_der: leaf_key.serialize_der(),
-            federated_ca_der: federated.der().to_vec(),
+            federated_ca_der: federated.der(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Certificate fixtures for the tests: a CA that signs leaves and intermediates from editable params.
+//! Certificate fixtures for the tests: SPIFFE CA and leaf params to edit (one rule broken per
+//! negative test), signed by test-util's [`TestCa`].
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -6,20 +7,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SanType,
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
+pub use sigil_test_util::TestCa;
 
 /// The time every test verifies at: 2025-06-15, inside the default validity of the fixtures.
 pub fn now() -> UnixTime {
     UnixTime::since_unix_epoch(Duration::from_secs(1_750_000_000))
-}
-
-/// A CA: its certificate and what it needs to sign.
-pub struct Ca {
-    pub cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
 }
 
 fn uri(s: &str) -> SanType {
@@ -72,35 +68,12 @@ pub fn both_ekus(p: &mut CertificateParams) {
     ];
 }
 
-impl Ca {
-    /// A self-signed root with `params` and a fresh P-256 key.
-    pub fn root_with(params: CertificateParams) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap().der().clone();
-        Ca {
-            cert,
-            issuer: Issuer::new(params, key),
-        }
-    }
+/// A valid root CA of trust domain `td`.
+pub fn root(td: &str) -> TestCa {
+    TestCa::root_with(ca_params(Some(&format!("spiffe://{td}")))).unwrap()
+}
 
-    /// A valid root CA of trust domain `td`.
-    pub fn root(td: &str) -> Ca {
-        Ca::root_with(ca_params(Some(&format!("spiffe://{td}"))))
-    }
-
-    /// Signs `params` with a fresh P-256 key.
-    pub fn sign(&self, params: &CertificateParams) -> CertificateDer<'static> {
-        let key = KeyPair::generate().unwrap();
-        params.signed_by(&key, &self.issuer).unwrap().der().clone()
-    }
-
-    /// An intermediate CA signed by this one.
-    pub fn intermediate(&self, params: CertificateParams) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().der().clone();
-        Ca {
-            cert,
-            issuer: Issuer::new(params, key),
-        }
-    }
+/// `params` signed by `ca` for a fresh key, DER.
+pub fn sign(ca: &TestCa, params: &CertificateParams) -> CertificateDer<'static> {
+    ca.sign(params).unwrap().0.der().clone()
 }
