@@ -715,3 +715,44 @@ async fn attack_forged_ipcache_and_identity_entries_are_ignored() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_gc_racing_allocations_never_deletes_a_referenced_identity() {
+    let Some(etcd) = etcd("identity GC race stress test").await else {
+        return;
+    };
+    // node-a collects garbage with no grace in a loop while node-b allocates and releases the
+    // same label set: after every allocation the number must still exist with these labels
+    // (GC's delete re-checks for references inside its transaction).
+    let a = Arc::new(ClusterAllocator::new(&node(&etcd, "node-a", "192.0.2.1").await));
+    let b = ClusterAllocator::new(&node(&etcd, "node-b", "192.0.2.2").await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let (a, stop) = (Arc::clone(&a), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut deleted = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                deleted += a.gc(Duration::ZERO).await.unwrap().deleted;
+            }
+            deleted
+        })
+    };
+    let l = labels("k8s:app=churn");
+    let mut r = raw(&etcd).await;
+    let mut missing = 0;
+    for _ in 0..150 {
+        let (id, _) = b.allocate(&l).await.unwrap();
+        // Let GC passes run while the reference is held.
+        for _ in 0..2 {
+            let got = r.get(format!("sigil/test/identities/id/{}", id.get()), None).await.unwrap();
+            if got.kvs().first().map(|kv| kv.value()) != Some(l.sorted_string().as_bytes()) {
+                missing += 1;
+            }
+        }
+        b.release(id).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deleted = gc.await.unwrap();
+    assert_eq!(missing, 0, "referenced identity deleted {missing} times");
+    assert!(deleted > 0, "GC never ran a delete: the race was not exercised");
+}
