@@ -53,7 +53,12 @@ async fn run(etcd: &EtcdServer) {
     let mut new = Vec::with_capacity(ALLOCS);
     let mut existing = Vec::with_capacity(ALLOCS);
     let sets: Vec<Labels> = (0..ALLOCS)
-        .map(|i| Labels::parse_list(&format!("k8s:app=bench-{i},k8s:io.kubernetes.pod.namespace=ns")).unwrap())
+        .map(|i| {
+            Labels::parse_list(&format!(
+                "k8s:app=bench-{i},k8s:io.kubernetes.pod.namespace=ns"
+            ))
+            .unwrap()
+        })
         .collect();
     for l in &sets {
         let t = Instant::now();
@@ -152,5 +157,8 @@ async fn run(etcd: &EtcdServer) {
             _ => {}
         }
     }
-    println!("ipcache: cold start of a new watcher, {n} entries listed and synced in {:?}", t.elapsed());
+    println!(
+        "ipcache: cold start of a new watcher, {n} entries listed and synced in {:?}",
+        t.elapsed()
+    );
 }

@@ -124,10 +124,16 @@ async fn ipcache_until(
 /// Every id key and labels key in etcd: checks they form a bijection and returns it.
 async fn etcd_identities(c: &mut Client) -> anyhow::Result<BTreeMap<u32, String>> {
     let ids = c
-        .get("sigil/test/identities/id/", Some(GetOptions::new().with_prefix()))
+        .get(
+            "sigil/test/identities/id/",
+            Some(GetOptions::new().with_prefix()),
+        )
         .await?;
     let by_labels = c
-        .get("sigil/test/identities/labels/", Some(GetOptions::new().with_prefix()))
+        .get(
+            "sigil/test/identities/labels/",
+            Some(GetOptions::new().with_prefix()),
+        )
         .await?;
     let mut out = BTreeMap::new();
     for kv in ids.kvs() {
@@ -137,12 +143,24 @@ async fn etcd_identities(c: &mut Client) -> anyhow::Result<BTreeMap<u32, String>
     let mut seen = HashSet::new();
     for kv in by_labels.kvs() {
         let n: u32 = kv.value_str()?.parse()?;
-        assert!(out.contains_key(&n), "labels key {} → missing id {n}", kv.key_str()?);
+        assert!(
+            out.contains_key(&n),
+            "labels key {} → missing id {n}",
+            kv.key_str()?
+        );
         assert!(seen.insert(n), "two labels keys point to {n}");
     }
-    assert_eq!(seen.len(), out.len(), "id keys without labels keys: {out:?}");
+    assert_eq!(
+        seen.len(),
+        out.len(),
+        "id keys without labels keys: {out:?}"
+    );
     let distinct: HashSet<_> = out.values().collect();
-    assert_eq!(distinct.len(), out.len(), "one label set has two numbers: {out:?}");
+    assert_eq!(
+        distinct.len(),
+        out.len(),
+        "one label set has two numbers: {out:?}"
+    );
     Ok(out)
 }
 
@@ -164,7 +182,10 @@ async fn identity_same_labels_on_three_nodes_get_one_number_different_labels_dif
         async move { a.allocate(&l).await.unwrap() }
     }))
     .await;
-    assert!(got.iter().all(|(id, first)| *id == got[0].0 && *first), "{got:?}");
+    assert!(
+        got.iter().all(|(id, first)| *id == got[0].0 && *first),
+        "{got:?}"
+    );
     let id = got[0].0;
     assert_eq!(id.cluster_id(), CLUSTER_ID);
     assert!((256..=65535).contains(&(id.get() & 0xffff)), "{id}");
@@ -186,8 +207,15 @@ async fn identity_same_labels_on_three_nodes_get_one_number_different_labels_dif
         by_set.entry(i).or_default().insert(id);
     }
     let numbers: HashSet<_> = by_set.values().flatten().copied().collect();
-    assert!(by_set.values().all(|s| s.len() == 1), "a set got two numbers: {by_set:?}");
-    assert_eq!(numbers.len(), 30, "different sets share a number: {by_set:?}");
+    assert!(
+        by_set.values().all(|s| s.len() == 1),
+        "a set got two numbers: {by_set:?}"
+    );
+    assert_eq!(
+        numbers.len(),
+        30,
+        "different sets share a number: {by_set:?}"
+    );
     assert!(!numbers.contains(&id));
     let stored = etcd_identities(&mut raw(&etcd).await).await.unwrap();
     assert_eq!(stored.len(), 31);
@@ -204,9 +232,7 @@ async fn identity_same_labels_on_three_nodes_get_one_number_different_labels_dif
     }
 }
 
-async fn futures_join<F: Future + Send + 'static>(
-    futs: impl Iterator<Item = F>,
-) -> Vec<F::Output>
+async fn futures_join<F: Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -227,7 +253,9 @@ async fn identity_contention_in_a_narrow_range_never_gives_two_numbers_or_two_se
     let mut allocs = Vec::new();
     for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
         let s = node(&etcd, name, &format!("192.0.2.{}", i + 1)).await;
-        allocs.push(Arc::new(ClusterAllocator::with_range(&s, 256, 265).unwrap()));
+        allocs.push(Arc::new(
+            ClusterAllocator::with_range(&s, 256, 265).unwrap(),
+        ));
     }
     let mut tasks = Vec::new();
     for a in &allocs {
@@ -252,7 +280,10 @@ async fn identity_contention_in_a_narrow_range_never_gives_two_numbers_or_two_se
         assert_eq!(stored[&n], format!("k8s:app=x{i}"));
     }
     // The range is full: an eleventh set fails, naming the range and the labels.
-    let e = allocs[0].allocate(&labels("k8s:app=x10")).await.unwrap_err();
+    let e = allocs[0]
+        .allocate(&labels("k8s:app=x10"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, KvError::Exhausted { .. }), "{e}");
     let base = u32::from(CLUSTER_ID) << 16;
     let msg = e.to_string();
@@ -272,7 +303,11 @@ async fn identity_references_keep_it_and_gc_frees_it_after_the_grace_period() {
     let l = labels("k8s:app=db");
     let (id, _) = a.allocate(&l).await.unwrap();
     assert_eq!(b.allocate(&l).await.unwrap(), (id, true));
-    assert_eq!(b.allocate(&l).await.unwrap(), (id, false), "second local reference");
+    assert_eq!(
+        b.allocate(&l).await.unwrap(),
+        (id, false),
+        "second local reference"
+    );
     let grace = Duration::from_millis(300);
 
     // a releases: b still references it, so GC marks nothing.
@@ -282,25 +317,42 @@ async fn identity_references_keep_it_and_gc_frees_it_after_the_grace_period() {
     assert!(!b.release(id).await.unwrap());
     assert_eq!(a.gc(Duration::ZERO).await.unwrap().marked, 0);
     assert!(b.release(id).await.unwrap());
-    assert!(matches!(b.release(id).await, Err(KvError::NotAllocated { .. })));
+    assert!(matches!(
+        b.release(id).await,
+        Err(KvError::NotAllocated { .. })
+    ));
 
     // Unreferenced now: first pass marks, a pass within the grace period deletes nothing.
     let r = a.gc(grace).await.unwrap();
     assert_eq!((r.marked, r.deleted), (1, 0));
     assert_eq!(a.gc(grace).await.unwrap().deleted, 0);
-    assert!(b.lookup(id).is_some(), "still known during the grace period");
+    assert!(
+        b.lookup(id).is_some(),
+        "still known during the grace period"
+    );
     let mut ev = b.subscribe();
     let took = eventually(Duration::from_secs(5), "GC deletes after grace", || async {
         a.gc(grace).await.unwrap().deleted == 1
     })
     .await
     .unwrap();
-    assert!(took >= grace.saturating_sub(Duration::from_millis(60)), "{took:?}");
-    assert!(etcd_identities(&mut raw(&etcd).await).await.unwrap().is_empty());
+    assert!(
+        took >= grace.saturating_sub(Duration::from_millis(60)),
+        "{took:?}"
+    );
+    assert!(
+        etcd_identities(&mut raw(&etcd).await)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Other nodes hear of it through their watch.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let e = tokio::time::timeout_at(deadline, ev.recv()).await.unwrap().unwrap();
+        let e = tokio::time::timeout_at(deadline, ev.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if e == IdentityEvent::Delete(id) {
             break;
         }
@@ -326,7 +378,10 @@ async fn identity_gc_loses_to_a_reference_taken_after_marking() {
     assert_eq!(b.allocate(&l).await.unwrap().0, id);
     assert_eq!(a.gc(Duration::ZERO).await.unwrap().deleted, 0);
     assert_eq!(a.gc(Duration::ZERO).await.unwrap().deleted, 0);
-    assert_eq!(etcd_identities(&mut raw(&etcd).await).await.unwrap().len(), 1);
+    assert_eq!(
+        etcd_identities(&mut raw(&etcd).await).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,8 +409,12 @@ async fn identity_invalid_input_is_refused_naming_the_field_and_value() {
     };
     let s = node(&etcd, "node-a", "192.0.2.1").await;
     let a = ClusterAllocator::new(&s);
-    let bad_value: Labels = [Label::new(Source::K8s, "app", "a;k8s:x=y")].into_iter().collect();
-    let any: Labels = [Label::new(Source::Any, "app", "web")].into_iter().collect();
+    let bad_value: Labels = [Label::new(Source::K8s, "app", "a;k8s:x=y")]
+        .into_iter()
+        .collect();
+    let any: Labels = [Label::new(Source::Any, "app", "web")]
+        .into_iter()
+        .collect();
     let cases: Vec<(Labels, &str)> = vec![
         (Labels::new(), "empty label set"),
         (labels("reserved:host"), "reserved labels"),
@@ -371,7 +430,12 @@ async fn identity_invalid_input_is_refused_naming_the_field_and_value() {
             "{e}"
         );
     }
-    assert!(etcd_identities(&mut raw(&etcd).await).await.unwrap().is_empty());
+    assert!(
+        etcd_identities(&mut raw(&etcd).await)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     for (id, range) in [
         (5, true),
         (70000, true),
@@ -382,19 +446,39 @@ async fn identity_invalid_input_is_refused_naming_the_field_and_value() {
         let e = a.release(NumericIdentity::new(id)).await.unwrap_err();
         if range {
             assert!(
-                e.to_string().starts_with(&format!("invalid identity \"{id}\": not in this cluster's range")),
+                e.to_string().starts_with(&format!(
+                    "invalid identity \"{id}\": not in this cluster's range"
+                )),
                 "{e}"
             );
         } else {
-            assert_eq!(e.to_string(), format!("identity {id} is not allocated on this node"));
+            assert_eq!(
+                e.to_string(),
+                format!("identity {id} is not allocated on this node")
+            );
         }
     }
-    let e = ClusterAllocator::with_range(&s, 100, 300).unwrap_err().to_string();
+    let e = ClusterAllocator::with_range(&s, 100, 300)
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("invalid identity_range \"100..=300\""), "{e}");
-    let e = s.publish_endpoint("10.0.0.1".parse().unwrap(), NumericIdentity::HOST).await;
-    assert!(e.unwrap_err().to_string().starts_with("invalid identity \"1\""));
-    let e = s.lease_pod_cidr("10.0.0.0/16".parse().unwrap(), 8).await.unwrap_err();
-    assert!(e.to_string().starts_with("invalid pod_cidr_prefix_len \"8\""), "{e}");
+    let e = s
+        .publish_endpoint("10.0.0.1".parse().unwrap(), NumericIdentity::HOST)
+        .await;
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .starts_with("invalid identity \"1\"")
+    );
+    let e = s
+        .lease_pod_cidr("10.0.0.0/16".parse().unwrap(), 8)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("invalid pod_cidr_prefix_len \"8\""),
+        "{e}"
+    );
 
     // Config: each bad field is named with its value.
     let good = config(&etcd, "node-a", "192.0.2.1");
@@ -437,7 +521,9 @@ async fn node_registry_and_ipcache_follow_nodes_and_a_dead_node_disappears_withi
         spiffe_id: Some(sigil_spiffe::SpiffeId::parse("spiffe://example.org/node/a").unwrap()),
     };
     a.publish_node(&info).await.unwrap();
-    let eps: Vec<IpAddr> = (1..=5).map(|i| format!("10.1.0.{i}").parse().unwrap()).collect();
+    let eps: Vec<IpAddr> = (1..=5)
+        .map(|i| format!("10.1.0.{i}").parse().unwrap())
+        .collect();
     for ip in &eps {
         a.publish_endpoint(*ip, web).await.unwrap();
     }
@@ -447,9 +533,11 @@ async fn node_registry_and_ipcache_follow_nodes_and_a_dead_node_disappears_withi
 
     let mut nodes = b.watch_nodes();
     let mut ipc = b.watch_ipcache();
-    let ev = next_matching(&mut nodes, Duration::from_secs(5), |e| matches!(e, NodeEvent::Upsert(_)))
-        .await
-        .unwrap();
+    let ev = next_matching(&mut nodes, Duration::from_secs(5), |e| {
+        matches!(e, NodeEvent::Upsert(_))
+    })
+    .await
+    .unwrap();
     assert_eq!(ev, NodeEvent::Upsert(info.clone()));
     let mut map = BTreeMap::new();
     ipcache_until(&mut ipc, &mut map, Duration::from_secs(5), |m| m.len() == 5)
@@ -484,16 +572,37 @@ async fn node_registry_and_ipcache_follow_nodes_and_a_dead_node_disappears_withi
     assert!(b.list_nodes().await.unwrap().is_empty());
     let refs = raw(&etcd)
         .await
-        .get("sigil/test/identities/value/", Some(GetOptions::new().with_prefix()))
+        .get(
+            "sigil/test/identities/value/",
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
-    assert_eq!(refs.kvs().len(), 0, "the dead node's identity reference is gone");
+    assert_eq!(
+        refs.kvs().len(),
+        0,
+        "the dead node's identity reference is gone"
+    );
     // b's own entry stays.
     let mut c = raw(&etcd).await;
-    assert_eq!(c.get("sigil/test/ipcache/10.2.0.1", None).await.unwrap().kvs().len(), 1);
+    assert_eq!(
+        c.get("sigil/test/ipcache/10.2.0.1", None)
+            .await
+            .unwrap()
+            .kvs()
+            .len(),
+        1
+    );
     // A graceful close removes everything at once.
     b.close().await.unwrap();
-    assert_eq!(c.get("sigil/test/ipcache/10.2.0.1", None).await.unwrap().kvs().len(), 0);
+    assert_eq!(
+        c.get("sigil/test/ipcache/10.2.0.1", None)
+            .await
+            .unwrap()
+            .kvs()
+            .len(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,11 +622,17 @@ async fn node_pod_cidr_leases_are_unique_and_freed_with_the_lease() {
     .await;
     let distinct: HashSet<_> = got.iter().collect();
     assert_eq!(distinct.len(), 4, "{got:?}");
-    assert!(got.iter().all(|c| cluster.contains(c.addr()) && c.len() == 24));
+    assert!(
+        got.iter()
+            .all(|c| cluster.contains(c.addr()) && c.len() == 24)
+    );
     // Asking again gives the same one; a fifth node finds none free.
     assert_eq!(stores[1].lease_pod_cidr(cluster, 24).await.unwrap(), got[1]);
     let e = stores[4].lease_pod_cidr(cluster, 24).await.unwrap_err();
-    assert_eq!(e.to_string(), "no free /24 pod CIDR in cluster range 10.8.0.0/22");
+    assert_eq!(
+        e.to_string(),
+        "no free /24 pod CIDR in cluster range 10.8.0.0/22"
+    );
     // One node leaves: its CIDR goes to the fifth.
     stores[2].close().await.unwrap();
     assert_eq!(stores[4].lease_pod_cidr(cluster, 24).await.unwrap(), got[2]);
@@ -533,8 +648,15 @@ async fn fault_unreachable_etcd_fails_with_an_error_naming_the_endpoint() {
     let mut cfg = config(&etcd, "node-a", "192.0.2.1");
     cfg.endpoints = vec![dead.clone()];
     let e = KvStore::connect(cfg).await.unwrap_err();
-    assert!(matches!(e, KvError::Etcd { .. } | KvError::Timeout { .. }), "{e:?}");
-    assert!(e.to_string().starts_with(&format!("etcd lease grant at {dead}")), "{e}");
+    assert!(
+        matches!(e, KvError::Etcd { .. } | KvError::Timeout { .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with(&format!("etcd lease grant at {dead}")),
+        "{e}"
+    );
 
     // Connected, then etcd goes away: calls fail promptly, naming the endpoint.
     let a = node(&etcd, "node-a", "192.0.2.1").await;
@@ -543,11 +665,21 @@ async fn fault_unreachable_etcd_fails_with_an_error_naming_the_endpoint() {
     let start = Instant::now();
     let e = alloc.allocate(&labels("k8s:app=web")).await.unwrap_err();
     assert!(e.to_string().contains(&etcd.endpoint()), "{e}");
-    let e = a.publish_endpoint("10.0.0.1".parse().unwrap(), NumericIdentity::new((3 << 16) | 300));
+    let e = a.publish_endpoint(
+        "10.0.0.1".parse().unwrap(),
+        NumericIdentity::new((3 << 16) | 300),
+    );
     let e = e.await.unwrap_err();
     assert!(e.to_string().contains(&etcd.endpoint()), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
-    assert!(alloc.held().await.is_empty(), "a failed allocation holds nothing");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        alloc.held().await.is_empty(),
+        "a failed allocation holds nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,9 +700,11 @@ async fn fault_watches_resync_and_leases_survive_an_etcd_restart() {
     ipcache_until(&mut ipc, &mut map, Duration::from_secs(5), |m| m.len() == 2)
         .await
         .unwrap();
-    next_matching(&mut ipc, Duration::from_secs(5), |e| *e == IpCacheEvent::Synced)
-        .await
-        .unwrap();
+    next_matching(&mut ipc, Duration::from_secs(5), |e| {
+        *e == IpCacheEvent::Synced
+    })
+    .await
+    .unwrap();
     let lease_a = a.lease_id();
 
     // etcd dies; node-c dies while it is down; etcd comes back on the same data directory.
@@ -596,7 +730,14 @@ async fn fault_watches_resync_and_leases_survive_an_etcd_restart() {
     assert!(map.contains_key(&ip_a), "{map:?}");
     assert_eq!(a.lease_id(), lease_a, "a's lease survived the restart");
     let mut r = raw(&etcd).await;
-    assert_eq!(r.get("sigil/test/ipcache/10.3.0.1", None).await.unwrap().kvs().len(), 0);
+    assert_eq!(
+        r.get("sigil/test/ipcache/10.3.0.1", None)
+            .await
+            .unwrap()
+            .kvs()
+            .len(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,8 +757,13 @@ async fn fault_a_lost_lease_is_replaced_and_everything_republished() {
         spiffe_id: None,
     };
     a.publish_node(&info).await.unwrap();
-    a.publish_endpoint("10.1.0.1".parse().unwrap(), id).await.unwrap();
-    let cidr = a.lease_pod_cidr("10.9.0.0/16".parse().unwrap(), 24).await.unwrap();
+    a.publish_endpoint("10.1.0.1".parse().unwrap(), id)
+        .await
+        .unwrap();
+    let cidr = a
+        .lease_pod_cidr("10.9.0.0/16".parse().unwrap(), 24)
+        .await
+        .unwrap();
     let old = a.lease_id();
 
     // Someone revokes node-a's lease: every key bound to it disappears at once.
@@ -638,11 +784,18 @@ async fn fault_a_lost_lease_is_replaced_and_everything_republished() {
     assert_ne!(new, old);
     for k in &keys {
         let got = r.get(k.as_str(), None).await.unwrap();
-        let kv = got.kvs().first().with_context(|| format!("{k} missing")).unwrap();
+        let kv = got
+            .kvs()
+            .first()
+            .with_context(|| format!("{k} missing"))
+            .unwrap();
         assert_eq!(kv.lease(), new, "{k}");
     }
     let refs = r
-        .get("sigil/test/identities/value/", Some(GetOptions::new().with_prefix()))
+        .get(
+            "sigil/test/identities/value/",
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(refs.kvs().len(), 1);
@@ -667,11 +820,26 @@ async fn attack_forged_ipcache_and_identity_entries_are_ignored() {
     // malformed entries for IPs; and forges identities outside the cluster's range or with
     // non-canonical labels.
     let forged = [
-        put("ipcache/10.0.0.1", r#"{"identity":1,"host_ip":"192.0.2.9","node":"evil"}"#),
-        put("ipcache/10.0.0.2", r#"{"identity":16777517,"host_ip":"192.0.2.9","node":"evil"}"#),
-        put("ipcache/10.0.0.3", r#"{"identity":196908,"host_ip":"0.0.0.0","node":"evil"}"#),
-        put("ipcache/10.0.0.4", r#"{"identity":196908,"host_ip":"192.0.2.9","node":"evil","x":1}"#),
-        put("ipcache/not-an-ip", r#"{"identity":196908,"host_ip":"192.0.2.9","node":"evil"}"#),
+        put(
+            "ipcache/10.0.0.1",
+            r#"{"identity":1,"host_ip":"192.0.2.9","node":"evil"}"#,
+        ),
+        put(
+            "ipcache/10.0.0.2",
+            r#"{"identity":16777517,"host_ip":"192.0.2.9","node":"evil"}"#,
+        ),
+        put(
+            "ipcache/10.0.0.3",
+            r#"{"identity":196908,"host_ip":"0.0.0.0","node":"evil"}"#,
+        ),
+        put(
+            "ipcache/10.0.0.4",
+            r#"{"identity":196908,"host_ip":"192.0.2.9","node":"evil","x":1}"#,
+        ),
+        put(
+            "ipcache/not-an-ip",
+            r#"{"identity":196908,"host_ip":"192.0.2.9","node":"evil"}"#,
+        ),
         put("ipcache/10.0.0.5", "garbage"),
         put("identities/id/70000", "k8s:app=evil"),
         put("identities/id/196909", "k8s:b=1;k8s:a=2"),
@@ -688,7 +856,9 @@ async fn attack_forged_ipcache_and_identity_entries_are_ignored() {
     )
     .await
     .unwrap();
-    r.put("sigil/test/identities/id/196908", "k8s:app=ok", None).await.unwrap();
+    r.put("sigil/test/identities/id/196908", "k8s:app=ok", None)
+        .await
+        .unwrap();
     let mut map = BTreeMap::new();
     ipcache_until(&mut ipc, &mut map, Duration::from_secs(5), |m| {
         m.contains_key(&"10.0.0.9".parse().unwrap())
@@ -696,9 +866,11 @@ async fn attack_forged_ipcache_and_identity_entries_are_ignored() {
     .await
     .unwrap();
     assert_eq!(map.len(), 1, "forged entries got through: {map:?}");
-    eventually(Duration::from_secs(5), "control identity cached", || async {
-        alloc.lookup(NumericIdentity::new(196908)).is_some()
-    })
+    eventually(
+        Duration::from_secs(5),
+        "control identity cached",
+        || async { alloc.lookup(NumericIdentity::new(196908)).is_some() },
+    )
     .await
     .unwrap();
     let ids: Vec<u32> = alloc.list().iter().map(|(id, _)| id.get()).collect();
@@ -724,7 +896,9 @@ async fn identity_gc_racing_allocations_never_deletes_a_referenced_identity() {
     // node-a collects garbage with no grace in a loop while node-b allocates and releases the
     // same label set: after every allocation the number must still exist with these labels
     // (GC's delete re-checks for references inside its transaction).
-    let a = Arc::new(ClusterAllocator::new(&node(&etcd, "node-a", "192.0.2.1").await));
+    let a = Arc::new(ClusterAllocator::new(
+        &node(&etcd, "node-a", "192.0.2.1").await,
+    ));
     let b = ClusterAllocator::new(&node(&etcd, "node-b", "192.0.2.2").await);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc = {
@@ -744,7 +918,10 @@ async fn identity_gc_racing_allocations_never_deletes_a_referenced_identity() {
         let (id, _) = b.allocate(&l).await.unwrap();
         // Let GC passes run while the reference is held.
         for _ in 0..2 {
-            let got = r.get(format!("sigil/test/identities/id/{}", id.get()), None).await.unwrap();
+            let got = r
+                .get(format!("sigil/test/identities/id/{}", id.get()), None)
+                .await
+                .unwrap();
             if got.kvs().first().map(|kv| kv.value()) != Some(l.sorted_string().as_bytes()) {
                 missing += 1;
             }
@@ -754,5 +931,8 @@ async fn identity_gc_racing_allocations_never_deletes_a_referenced_identity() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let deleted = gc.await.unwrap();
     assert_eq!(missing, 0, "referenced identity deleted {missing} times");
-    assert!(deleted > 0, "GC never ran a delete: the race was not exercised");
+    assert!(
+        deleted > 0,
+        "GC never ran a delete: the race was not exercised"
+    );
 }
