@@ -215,8 +215,18 @@ impl ClusterAllocator {
         let sorted = validate_labels(labels)?;
         let mut local = self.local.lock().await;
         if let Some(r) = local.get_mut(&sorted) {
-            r.refs += 1;
-            return Ok((NumericIdentity::new(r.id), false));
+            if !self.taken_by_other(r.id, &sorted) {
+                r.refs += 1;
+                return Ok((NumericIdentity::new(r.id), false));
+            }
+            // While this node's lease was lost, the number was collected and given to another
+            // label set: this node's old references are void; allocate afresh.
+            tracing::error!(
+                identity = r.id,
+                labels = %sorted,
+                "identity now belongs to other labels; allocating these labels again"
+            );
+            local.remove(&sorted);
         }
         let enc = encode_labels(&sorted);
         let id = self.acquire(&sorted, &enc).await?;
@@ -230,6 +240,15 @@ impl ClusterAllocator {
             },
         );
         Ok((NumericIdentity::new(id), true))
+    }
+
+    /// Whether the cache says number `id` now stands for labels other than `sorted`.
+    fn taken_by_other(&self, id: u32, sorted: &str) -> bool {
+        let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
+        cache
+            .by_id
+            .get(&id)
+            .is_some_and(|l| l.sorted_string() != sorted)
     }
 
     /// Finds or creates the number of `sorted` and writes this node's reference to it.

@@ -938,3 +938,72 @@ async fn identity_gc_racing_allocations_never_deletes_a_referenced_identity() {
         "GC never ran a delete: the race was not exercised"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_number_reused_while_a_lease_was_lost_is_not_handed_out_for_the_old_labels() {
+    let Some(etcd) = etcd("identity reuse after lease loss test").await else {
+        return;
+    };
+    // One number in the range. node-a holds it for L; its lease is revoked; before node-a
+    // notices (keep-alive every 2 s), node-b collects the number and takes it for L'. node-a
+    // must then not keep handing the number out for L, nor re-reference it.
+    let mut cfg = config(&etcd, "node-a", "192.0.2.1");
+    cfg.lease_ttl = Duration::from_secs(6);
+    let a_store = KvStore::connect(cfg).await.unwrap();
+    let a = ClusterAllocator::with_range(&a_store, 256, 256).unwrap();
+    let b =
+        ClusterAllocator::with_range(&node(&etcd, "node-b", "192.0.2.2").await, 256, 256).unwrap();
+    let (l, l2) = (labels("k8s:app=old"), labels("k8s:app=new"));
+    let (n, _) = a.allocate(&l).await.unwrap();
+    let mut r = raw(&etcd).await;
+    let mut taken = false;
+    for _ in 0..3 {
+        let mut changes = a_store.lease_changes();
+        r.lease_revoke(a_store.lease_id()).await.unwrap();
+        b.gc(Duration::ZERO).await.unwrap();
+        if b.gc(Duration::ZERO).await.unwrap().deleted == 1 {
+            assert_eq!(b.allocate(&l2).await.unwrap().0, n);
+            taken = true;
+        }
+        tokio::time::timeout(Duration::from_secs(10), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        if taken {
+            break;
+        }
+    }
+    assert!(
+        taken,
+        "node-a republished before node-b could collect (3 times)"
+    );
+    // node-a's republish found the number taken and dropped its reference.
+    let refs = r
+        .get(
+            "sigil/test/identities/value/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let holders: Vec<_> = refs
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        holders.iter().all(|k| k.ends_with("/node-b")),
+        "{holders:?}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "node-a's cache sees the reuse",
+        || async { a.lookup(n) == Some(l2.clone()) },
+    )
+    .await
+    .unwrap();
+    // Allocating L again must not return n (now L'): the range is full, so it fails.
+    let e = a.allocate(&l).await.unwrap_err();
+    assert!(matches!(e, KvError::Exhausted { .. }), "{e}");
+    let stored = etcd_identities(&mut r).await.unwrap();
+    assert_eq!(stored.get(&n.get()), Some(&l2.sorted_string()));
+}
