@@ -521,6 +521,21 @@ impl ClusterAllocator {
     }
 }
 
+impl ClusterAllocator {
+    /// Runs [`ClusterAllocator::gc`] every `interval` until the future is dropped (the owner
+    /// spawns it and aborts it on shutdown); errors (etcd unreachable) are logged and retried.
+    pub async fn gc_loop(&self, interval: Duration, grace: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.gc(grace).await {
+                Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "identity GC pass"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "identity GC pass failed"),
+            }
+        }
+    }
+}
+
 /// Checks that `labels` may get a cluster identity; returns their canonical text.
 pub(crate) fn validate_labels(labels: &Labels) -> Result<String, KvError> {
     let sorted = labels.sorted_string();

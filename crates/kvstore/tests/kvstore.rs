@@ -712,7 +712,6 @@ async fn fault_watches_resync_and_leases_survive_an_etcd_restart() {
     // etcd dies; node-c dies while it is down; etcd comes back on the same data directory.
     tokio::task::block_in_place(|| etcd.kill());
     drop(c);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the watch notice the outage
     tokio::task::block_in_place(|| etcd.spawn()).unwrap();
 
     // b's watch reconnects and resyncs (a second Synced), c's entry expires with its lease,
@@ -1006,4 +1005,41 @@ async fn fault_a_number_reused_while_a_lease_was_lost_is_not_handed_out_for_the_
     assert!(matches!(e, KvError::Exhausted { .. }), "{e}");
     let stored = etcd_identities(&mut r).await.unwrap();
     assert_eq!(stored.get(&n.get()), Some(&l2.sorted_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_gc_loop_collects_unused_identities_and_keeps_used_ones() {
+    let Some(etcd) = etcd("identity GC loop test").await else {
+        return;
+    };
+    let a = Arc::new(ClusterAllocator::new(
+        &node(&etcd, "node-a", "192.0.2.1").await,
+    ));
+    let (used, _) = a.allocate(&labels("k8s:app=used")).await.unwrap();
+    let (unused, _) = a.allocate(&labels("k8s:app=unused")).await.unwrap();
+    a.release(unused).await.unwrap();
+    let gc = {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move {
+            a.gc_loop(Duration::from_millis(50), Duration::from_millis(200))
+                .await;
+        })
+    };
+    let mut r = raw(&etcd).await;
+    eventually(
+        Duration::from_secs(5),
+        "the unused identity is collected",
+        || {
+            let mut r = r.clone();
+            async move {
+                let ids = etcd_identities(&mut r).await.unwrap();
+                !ids.contains_key(&unused.get())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    gc.abort();
+    let ids = etcd_identities(&mut r).await.unwrap();
+    assert_eq!(ids.keys().copied().collect::<Vec<_>>(), vec![used.get()]);
 }
