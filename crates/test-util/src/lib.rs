@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod certs;
 pub mod clock;
+pub mod etcd;
 pub mod netd;
 pub mod netns;
 pub mod process;
@@ -14,6 +15,7 @@ pub mod topology;
 pub use agent::AgentProcess;
 pub use certs::TestCa;
 pub use clock::ManualClock;
+pub use etcd::{EtcdServer, can_run_etcd};
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
 pub use process::{ServerProcess, free_port, sigil_bin};
