@@ -26,6 +26,8 @@ use crate::workload;
 
 const TRUST_DOMAIN: &str = "identity.example.com";
 const WORKLOAD_ID: &str = "spiffe://identity.example.com/demo/workload";
+/// sigil-netd's SPIFFE ID: an authorized delegate of the agent (its Delegated Identity API).
+pub(crate) const NETD_ID: &str = "spiffe://identity.example.com/netd";
 const AUDIENCE: &str = "demo";
 const TOKEN_TTL_SECS: i32 = 600;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -244,8 +246,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         agent: None,
     };
     let mut result = steps(&mut daemons, &l, a.keep).await;
-    if result.is_ok() {
-        result = super::demo_net::run(&l.dir).await;
+    if let Ok(agent_id) = &result {
+        let ctx = super::demo_net::Identity {
+            admin_socket: l.admin_socket.clone(),
+            agent_id: agent_id.clone(),
+            agent_admin_socket: l.agent_admin_socket.clone(),
+        };
+        result = super::demo_net::run(&l.dir, &ctx)
+            .await
+            .map(|()| String::new());
     }
     if result.is_err() {
         eprintln!("{}\n", daemons.log_tails());
@@ -274,7 +283,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn steps(d: &mut Daemons, l: &Layout, keep: bool) -> anyhow::Result<()> {
+/// Server, agent and the workload's SVIDs; returns the agent's SPIFFE ID.
+async fn steps(d: &mut Daemons, l: &Layout, keep: bool) -> anyhow::Result<String> {
     let admin = l.admin_socket.clone();
     let took = d.server.wait_ready(|| server::check(&admin, false)).await?;
     println!("Server ready after {:.1} s", took.as_secs_f64());
@@ -360,6 +370,8 @@ async fn steps(d: &mut Daemons, l: &Layout, keep: bool) -> anyhow::Result<()> {
             l.workload_socket.as_os_str(),
             "--admin-socket-path".as_ref(),
             l.agent_admin_socket.as_os_str(),
+            "--authorized-delegate".as_ref(),
+            NETD_ID.as_ref(),
         ],
         l.dir.join("agent.log"),
     )?);
@@ -444,5 +456,5 @@ async fn steps(d: &mut Daemons, l: &Layout, keep: bool) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     println!("  JWT-SVID for audience {AUDIENCE} from the Workload API, validated by it");
-    Ok(())
+    Ok(agent_id.to_string())
 }

@@ -1,6 +1,9 @@
-//! The network part of `sigil demo` (root only): a throwaway sigil-netd with its own pin dir,
-//! endpoints `frontend`, `backend` and `other`, a policy allowing frontend → backend on TCP
-//! 8080 only, real connections from each, their verdicts and the monitor's events.
+//! The network part of `sigil demo` (root only): a throwaway sigil-netd with its own pin dir that
+//! asks the demo's agent for its endpoints' SVIDs (identity mode spiffe, Delegated Identity API),
+//! endpoints `frontend`, `backend` and `other` whose SPIFFE IDs come from entries selecting them
+//! by `k8s:` selectors, a policy allowing only frontend's SPIFFE ID into backend on TCP 8080, real
+//! connections from each, their verdicts and the monitor's events; then frontend's entry is
+//! deleted (the verdict changes) and created again (it comes back).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,26 +14,116 @@ use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, command_in_netns, net
 use sigil_proto::netd::v1 as pb;
 use tokio::sync::mpsc;
 
+use sigil_proto::admin::v1 as admin;
+use sigil_proto::admin::v1::entries_client::EntriesClient;
+
 use crate::client;
 use crate::cmd::monitor::event_line;
 
 const POD_CIDR: &str = "10.199.0.0/24";
 const POD_CIDR_V6: &str = "fd00:199::/64";
 
+const FRONTEND_ID: &str = "spiffe://identity.example.com/frontend";
+const BACKEND_ID: &str = "spiffe://identity.example.com/backend";
+
 const POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
-  name: backend-allow-frontend
+  name: backend-allow-frontend-spiffe-id
 spec:
   endpointSelector:
-    matchLabels: {app: backend}
+    matchLabels: {spiffe.io/spiffe-id: spiffe://identity.example.com/backend}
   ingress:
   - fromEndpoints:
-    - matchLabels: {app: frontend}
+    - matchLabels: {spiffe.io/spiffe-id: spiffe://identity.example.com/frontend}
     toPorts:
     - ports:
       - {port: \"8080\", protocol: TCP}
 ";
+
+/// The identity plane the network part uses: the server's admin socket, the agent's SPIFFE ID
+/// and its admin (Delegated Identity API) socket.
+pub struct Identity {
+    /// Server admin socket.
+    pub admin_socket: PathBuf,
+    /// The agent's SPIFFE ID (parent of the entries).
+    pub agent_id: String,
+    /// The agent's admin socket.
+    pub agent_admin_socket: PathBuf,
+}
+
+fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> admin::Entry {
+    admin::Entry {
+        spiffe_id: spiffe_id.to_owned(),
+        parent_id: parent.to_owned(),
+        selectors: selectors
+            .iter()
+            .map(|s| {
+                let (t, v) = s.split_once(':').unwrap_or((s, ""));
+                admin::Selector {
+                    r#type: t.to_owned(),
+                    value: v.to_owned(),
+                }
+            })
+            .collect(),
+        ..admin::Entry::default()
+    }
+}
+
+/// Creates an entry; returns its id.
+async fn create_entry(
+    entries: &mut EntriesClient<tonic::transport::Channel>,
+    e: admin::Entry,
+) -> anyhow::Result<String> {
+    let what = e.spiffe_id.clone();
+    let r = client::reply(
+        entries
+            .create_entry(admin::CreateEntryRequest { entry: Some(e) })
+            .await,
+    )
+    .with_context(|| format!("registering {what}"))?;
+    Ok(r.entry.map(|e| e.id).unwrap_or_default())
+}
+
+/// Polls endpoint `name` until `done` holds (at most `limit`).
+async fn wait_endpoint(
+    eps: &mut pb::endpoints_client::EndpointsClient<tonic::transport::Channel>,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&pb::Endpoint) -> bool,
+) -> anyhow::Result<pb::Endpoint> {
+    let start = Instant::now();
+    loop {
+        let e = client::reply(
+            eps.get_endpoint(pb::GetEndpointRequest {
+                name: name.to_owned(),
+            })
+            .await,
+        )?;
+        if done(&e) {
+            return Ok(e);
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "endpoint {name}: {what} not reached after {limit:?} (now {} {})",
+            e.spiffe_id_source,
+            e.spiffe_id.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn show(e: &pb::Endpoint) -> String {
+    format!(
+        "{:<8} identity {:<6} {:<12} {} ({})",
+        e.name,
+        e.identity,
+        e.ipv4,
+        e.spiffe_id.as_deref().unwrap_or("no SPIFFE ID"),
+        e.spiffe_id_source
+    )
+}
 
 /// Everything the demo made, removed on drop (also after an error).
 struct Cleanup {
@@ -90,7 +183,7 @@ fn probe(exe: &Path, netns: &str, target: &str) -> bool {
 }
 
 /// Runs the network part, or says why it is skipped.
-pub async fn run(dir: &Path) -> anyhow::Result<()> {
+pub async fn run(dir: &Path, id: &Identity) -> anyhow::Result<()> {
     println!("\n== Network: identity-based policy in the eBPF datapath ==");
     if !nix::unistd::geteuid().is_root() {
         println!(
@@ -107,6 +200,41 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         pin_dir: PathBuf::from(format!("/sys/fs/bpf/sigil-demo-{}", std::process::id())),
         socket: socket.clone(),
     };
+    // netd is a workload of the agent (root) and its authorized delegate; frontend and backend
+    // get SPIFFE IDs from entries written as for SPIRE's k8s workload attestor.
+    let mut entries = EntriesClient::new(client::connect(&id.admin_socket).await?);
+    let parent = id.agent_id.as_str();
+    create_entry(
+        &mut entries,
+        entry(super::demo::NETD_ID, parent, &["unix:uid:0"]),
+    )
+    .await?;
+    let fe_selectors = ["k8s:ns:default", "k8s:pod-label:app:frontend"];
+    let frontend_entry =
+        create_entry(&mut entries, entry(FRONTEND_ID, parent, &fe_selectors)).await?;
+    create_entry(
+        &mut entries,
+        entry(
+            BACKEND_ID,
+            parent,
+            &["k8s:ns:default", "k8s:pod-label:app:backend"],
+        ),
+    )
+    .await?;
+    println!(
+        "Registered {} (netd, authorized delegate of the agent), {FRONTEND_ID} for {} and {BACKEND_ID} for k8s:ns:default,k8s:pod-label:app:backend",
+        super::demo::NETD_ID,
+        fe_selectors.join(",")
+    );
+    let delegate = sigil_delegated_client::Client::new(&id.agent_admin_socket);
+    let start = Instant::now();
+    while let Err(e) = delegate.check().await {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent never served netd as a delegate: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let log = std::fs::File::create(dir.join("netd.log")).context("creating netd.log")?;
     c.netd = Some(
         Command::new(&exe)
@@ -117,6 +245,9 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             .arg(dir.join("netd-state"))
             .arg("--bpf-pin-dir")
             .arg(&c.pin_dir)
+            .arg("--agent-socket")
+            .arg(&id.agent_admin_socket)
+            .args(["--identity-fallback-wait", "2s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -175,6 +306,29 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         );
         addr.insert(name, (e.ipv4.clone(), e.netns_name.clone()));
     }
+    // Each starts pending (reserved identity init, everything dropped) until netd has its SVID
+    // from the agent; `other` has no entry and falls back to its classic labels after the wait.
+    println!("SPIFFE identities from the agent (Delegated Identity API):");
+    for (name, want) in [
+        ("frontend", Some(FRONTEND_ID)),
+        ("backend", Some(BACKEND_ID)),
+        ("other", None),
+    ] {
+        let e = wait_endpoint(
+            &mut eps,
+            name,
+            "its SPIFFE identity",
+            Duration::from_secs(20),
+            |e| match want {
+                Some(id) => {
+                    e.spiffe_id.as_deref() == Some(id) && e.spiffe_id_source == "registered"
+                }
+                None => e.spiffe_id_source == "classic-fallback",
+            },
+        )
+        .await?;
+        println!("  {}", show(&e));
+    }
     let (backend_ip, backend_ns) = addr.get("backend").cloned().unwrap_or_default();
     c.server = Some(
         command_in_netns(&netns_path(&backend_ns), &exe)
@@ -216,7 +370,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .await,
     )?;
     println!(
-        "Imported {} (frontend -> backend on TCP 8080 only; backend ingress is now default deny)",
+        "Imported {} (into backend's SPIFFE ID only from frontend's SPIFFE ID, TCP 8080; backend ingress is now default deny)",
         imported.policies.join(", ")
     );
 
@@ -243,6 +397,58 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             }
         );
     }
+    let probe_now = |ns: &String| {
+        let (exe, ns, t) = (exe.clone(), ns.clone(), target.clone());
+        tokio::task::spawn_blocking(move || probe(&exe, &ns, &t))
+    };
+    let verdict = |ok: bool| if ok { "ALLOWED" } else { "DENIED" };
+
+    // The entry goes: frontend loses its SPIFFE ID (classic labels), and with it the policy's allow.
+    client::reply(
+        entries
+            .delete_entry(admin::DeleteEntryRequest {
+                id: frontend_entry.clone(),
+            })
+            .await,
+    )
+    .context("deleting frontend's entry")?;
+    let start = Instant::now();
+    let e = wait_endpoint(
+        &mut eps,
+        "frontend",
+        "classic-fallback",
+        Duration::from_secs(10),
+        |e| e.spiffe_id_source == "classic-fallback",
+    )
+    .await?;
+    println!(
+        "\nDeleted frontend's entry on the server: after {} ms frontend is {}",
+        start.elapsed().as_millis(),
+        show(&e)
+    );
+    println!(
+        "  frontend -> backend {target}: {}",
+        verdict(probe_now(&front_ns).await?)
+    );
+    create_entry(&mut entries, entry(FRONTEND_ID, parent, &fe_selectors)).await?;
+    let start = Instant::now();
+    let e = wait_endpoint(
+        &mut eps,
+        "frontend",
+        "registered",
+        Duration::from_secs(10),
+        |e| e.spiffe_id_source == "registered",
+    )
+    .await?;
+    println!(
+        "Created it again: after {} ms frontend is {}",
+        start.elapsed().as_millis(),
+        show(&e)
+    );
+    println!(
+        "  frontend -> backend {target}: {}",
+        verdict(probe_now(&front_ns).await?)
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     reader.abort();
     println!("Monitor events:");
