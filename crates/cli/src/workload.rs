@@ -210,45 +210,8 @@ pub async fn health(socket: &Path, shallow: bool, timeout: Duration) -> anyhow::
 }
 
 /// Splits concatenated DER values (the Workload API's certificate lists) into one buffer each.
-pub fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let at = out.len();
-        let len = der_len(bytes).ok_or_else(|| {
-            format!(
-                "certificate {at} is not a complete DER value ({} bytes left)",
-                bytes.len()
-            )
-        })?;
-        let (one, rest) = bytes.split_at(len);
-        out.push(one.to_vec());
-        bytes = rest;
-    }
-    Ok(out)
-}
-
-/// Total length (header included) of the DER SEQUENCE at the start of `b`, if it fits in `b`.
-fn der_len(b: &[u8]) -> Option<usize> {
-    // Certificates are SEQUENCEs (tag 0x30) with a definite length, which DER requires.
-    if *b.first()? != 0x30 {
-        return None;
-    }
-    let first = usize::from(*b.get(1)?);
-    let (header, body) = if first < 0x80 {
-        (2, first)
-    } else {
-        let n = first & 0x7f;
-        if n == 0 || n > std::mem::size_of::<usize>() {
-            return None;
-        }
-        let len = b
-            .get(2..2 + n)?
-            .iter()
-            .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
-        (2 + n, len)
-    };
-    let total = header.checked_add(body)?;
-    (total <= b.len()).then_some(total)
+pub fn split_der(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    sigil_spiffe::der::split_certificates(bytes).map_err(|e| e.to_string())
 }
 
 /// A protobuf `Struct` (ValidateJWTSVID's claims) as JSON; whole numbers come back as integers.
@@ -335,22 +298,6 @@ mod tests {
         assert!(resolve_socket(None, Some("tcp://1.2.3.4:1")).is_err());
         // The flag wins over a bad variable, which then is never looked at.
         assert!(resolve_socket(Some(flag), Some("tcp://1.2.3.4:1")).is_ok());
-    }
-
-    #[test]
-    fn concatenated_der_splits_into_values() {
-        let short = [0x30, 0x03, 1, 2, 3];
-        let mut long = vec![0x30, 0x81, 0x80];
-        long.extend(std::iter::repeat_n(7u8, 0x80));
-        let joined = [&short[..], &long[..], &short[..]].concat();
-        let parts = split_der(&joined).unwrap();
-        assert_eq!(parts, vec![short.to_vec(), long.clone(), short.to_vec()]);
-        assert_eq!(split_der(&[]).unwrap(), Vec::<Vec<u8>>::new());
-        // Truncated, wrong tag, and an indefinite length are refused, naming the position.
-        let err = split_der(&[&short[..], &long[..10]].concat()).unwrap_err();
-        assert!(err.contains("certificate 1"), "{err}");
-        assert!(split_der(&[0x31, 0x00]).is_err());
-        assert!(split_der(&[0x30, 0x80, 0, 0]).is_err());
     }
 
     #[test]

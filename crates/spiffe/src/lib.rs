@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod der;
 pub mod id;
 pub mod jwt;
 pub mod x509;

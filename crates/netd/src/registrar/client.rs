@@ -161,42 +161,14 @@ pub async fn connect_entries(
     Ok(EntriesClient::new(channel))
 }
 
-/// Splits concatenated DER certificates (the Workload API's form).
-fn split_der(mut bytes: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let Some(len) = der_len(bytes) else {
-            bail!("certificate {} is not a complete DER value", out.len());
-        };
-        let (one, rest) = bytes.split_at(len);
-        out.push(CertificateDer::from(one.to_vec()));
-        bytes = rest;
-    }
+/// Splits concatenated DER certificates (the Workload API's form); at least one.
+fn split_der(bytes: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let out: Vec<CertificateDer<'static>> = sigil_spiffe::der::split_certificates(bytes)?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
     if out.is_empty() {
         bail!("no certificate");
     }
     Ok(out)
-}
-
-/// Length (header included) of the DER SEQUENCE at the start of `b`, if it fits in `b`.
-fn der_len(b: &[u8]) -> Option<usize> {
-    if *b.first()? != 0x30 {
-        return None;
-    }
-    let first = usize::from(*b.get(1)?);
-    let (header, body) = if first < 0x80 {
-        (2, first)
-    } else {
-        let n = first & 0x7f;
-        if n == 0 || n > std::mem::size_of::<usize>() {
-            return None;
-        }
-        let len = b
-            .get(2..2 + n)?
-            .iter()
-            .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
-        (2 + n, len)
-    };
-    let total = header.checked_add(body)?;
-    (total <= b.len()).then_some(total)
 }
