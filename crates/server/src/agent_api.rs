@@ -156,11 +156,7 @@ impl NodeApi {
         let state = self.state.clone();
         let kind = attestation_type.to_string();
         let svid = blocking(move || {
-            let svid = state
-                .ca
-                .load()
-                .sign_csr(&csr, &id, &[], None)
-                .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+            let svid = sign_agent_csr(&state, &csr, &id)?;
             state
                 .ds
                 .upsert_agent(&AttestedAgent {
@@ -434,11 +430,7 @@ impl pb::node_server::Node for NodeApi {
         let state = self.state.clone();
         let id = caller.record.spiffe_id.clone();
         let svid = blocking(move || {
-            let svid = state
-                .ca
-                .load()
-                .sign_csr(&csr, &id, &[], None)
-                .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+            let svid = sign_agent_csr(&state, &csr, &id)?;
             state
                 .ds
                 .record_agent_renewal(&id, &svid.serial_hex, unix(svid.expires_at))
@@ -820,4 +812,14 @@ impl EntryStream {
             }
         }
     }
+}
+
+/// Signs an agent's CSR for its SPIFFE ID (attestation and renewal alike); a bad CSR is
+/// `InvalidArgument` naming the `csr` field.
+fn sign_agent_csr(state: &State, csr: &[u8], id: &SpiffeId) -> Result<sigil_ca::X509Svid, Status> {
+    state
+        .ca
+        .load()
+        .sign_csr(csr, id, &[], None)
+        .map_err(|e| Status::invalid_argument(format!("csr: {e}")))
 }
