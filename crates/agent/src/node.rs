@@ -228,6 +228,13 @@ fn write_private(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `path` with `.new` appended: where a file is staged before it replaces `path`.
+fn staged(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".new");
+    PathBuf::from(s)
+}
+
 fn pem(tag: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
@@ -272,14 +279,46 @@ impl Store {
     }
 
     /// Saves the agent SVID (0644) and key (0600); the key is written first.
+    ///
+    /// The key and the SVID must change together: both are written beside the current pair as
+    /// `.new` files first (the SVID last: its arrival is the commit point), then renamed into
+    /// place. A process killed in between leaves staged files that the next load rolls forward
+    /// (both staged) or drops (the SVID not staged yet), so a key never meets another SVID.
     pub fn save_identity(&self, id: &AgentIdentity) -> anyhow::Result<()> {
-        write_private(&self.key_path(), key_pem(&id.key).as_bytes(), 0o600)?;
-        write_private(&self.svid_path(), certs_pem(&id.chain).as_bytes(), 0o644)?;
+        write_private(
+            &staged(&self.key_path()),
+            key_pem(&id.key).as_bytes(),
+            0o600,
+        )?;
+        write_private(
+            &staged(&self.svid_path()),
+            certs_pem(&id.chain).as_bytes(),
+            0o644,
+        )?;
+        self.commit_staged()
+    }
+
+    /// Completes or drops an interrupted [`Store::save_identity`] (see there).
+    fn commit_staged(&self) -> anyhow::Result<()> {
+        let (key, svid) = (self.key_path(), self.svid_path());
+        let (key_new, svid_new) = (staged(&key), staged(&svid));
+        if svid_new.exists() {
+            if key_new.exists() {
+                std::fs::rename(&key_new, &key)
+                    .with_context(|| format!("cannot write {}", key.display()))?;
+            }
+            std::fs::rename(&svid_new, &svid)
+                .with_context(|| format!("cannot write {}", svid.display()))?;
+        } else if key_new.exists() {
+            std::fs::remove_file(&key_new)
+                .with_context(|| format!("cannot remove {}", key_new.display()))?;
+        }
         Ok(())
     }
 
     /// Loads a stored agent SVID and key, if both exist.
     pub fn load_identity(&self) -> anyhow::Result<Option<AgentIdentity>> {
+        self.commit_staged()?;
         if !self.svid_path().exists() || !self.key_path().exists() {
             return Ok(None);
         }
@@ -305,8 +344,10 @@ impl Store {
 
     /// Removes the stored identity (after eviction).
     pub fn clear_identity(&self) {
-        let _ = std::fs::remove_file(self.svid_path());
-        let _ = std::fs::remove_file(self.key_path());
+        for p in [self.svid_path(), self.key_path()] {
+            let _ = std::fs::remove_file(staged(&p));
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Saves the trust domain's X.509 authorities.
@@ -466,4 +507,54 @@ fn sign_challenge(key_path: &Path, nonce: &[u8]) -> anyhow::Result<Vec<u8>> {
     kp.sign(&signature::RSA_PKCS1_SHA256, &rng, nonce, &mut sig)
         .map_err(|e| anyhow::anyhow!("x509pop: sign: {e}"))?;
     Ok(sig)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod staged_tests {
+    use super::*;
+
+    fn read(p: &Path) -> Option<String> {
+        std::fs::read_to_string(p).ok()
+    }
+
+    /// Every point at which a save can be cut: the next load sees the old pair or the new pair,
+    /// never a key of one with the SVID of the other.
+    #[test]
+    fn an_interrupted_save_is_rolled_forward_or_dropped_never_mixed() {
+        // (staged key, staged SVID) present when the process died → the pair a load must see.
+        let cases = [
+            ((true, false), ("old", "old")),  // died before the SVID was staged
+            ((true, true), ("new", "new")),   // died after staging, before any rename
+            ((false, true), ("new", "new")),  // died after the key's rename
+            ((false, false), ("old", "old")), // nothing staged
+        ];
+        for ((key_staged, svid_staged), (want_key, want_svid)) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store {
+                dir: dir.path().to_path_buf(),
+            };
+            let (key, svid) = (store.key_path(), store.svid_path());
+            std::fs::write(&svid, "old").unwrap();
+            if key_staged || !svid_staged {
+                std::fs::write(&key, "old").unwrap();
+            } else {
+                std::fs::write(&key, "new").unwrap();
+            }
+            if key_staged {
+                std::fs::write(staged(&key), "new").unwrap();
+            }
+            if svid_staged {
+                std::fs::write(staged(&svid), "new").unwrap();
+            }
+            store.commit_staged().unwrap();
+            let case = (key_staged, svid_staged);
+            assert_eq!(read(&key).as_deref(), Some(want_key), "{case:?}");
+            assert_eq!(read(&svid).as_deref(), Some(want_svid), "{case:?}");
+            assert!(
+                !staged(&key).exists() && !staged(&svid).exists(),
+                "{case:?}"
+            );
+        }
+    }
 }
