@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_proto::agent::v1 as pb;
 use sigil_proto::agent::v1::node_client::NodeClient;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
@@ -151,7 +151,7 @@ impl Connector {
             .load()
             .get(&self.td)
             .is_some_and(|b| !b.x509_authorities.is_empty());
-        let mut cfg = if self.insecure && identity.is_none() && !bundle_known {
+        let cfg = if self.insecure && identity.is_none() && !bundle_known {
             let b = builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(InsecureBootstrapVerifier::new()));
@@ -172,27 +172,10 @@ impl Connector {
                 None => b.with_no_client_auth(),
             }
         };
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let cfg = Arc::new(cfg);
-        let addr = self.addr.clone();
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let cfg = cfg.clone();
-                let addr = addr.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                    let _ = tcp.set_nodelay(true);
-                    let name = ServerName::try_from("localhost")
-                        .map_err(std::io::Error::other)?
-                        .to_owned();
-                    let tls = tokio_rustls::TlsConnector::from(cfg)
-                        .connect(name, tcp)
-                        .await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            }))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channel = sigil_daemon::dial::tls_channel(endpoint, &self.addr, cfg)
             .await
             .with_context(|| format!("cannot reach sigil-server at {}", self.addr))?;
         Ok(channel)

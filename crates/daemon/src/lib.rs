@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod dial;
 pub mod dir;
 pub mod health;
 pub mod layer;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_proto::admin::v1::entries_client::EntriesClient;
 use sigil_proto::workload as wpb;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -122,7 +122,7 @@ pub async fn connect_entries(
         Arc::new(ArcSwap::from_pointee(set)),
         PeerPolicy::Exact(td.id_with_path("/sigil/server")?),
     ));
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -133,27 +133,10 @@ pub async fn connect_entries(
         PrivateKeyDer::Pkcs8(svid.key.clone_key()),
     )
     .context("netd's SVID cannot be used as a TLS client certificate")?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let cfg = Arc::new(cfg);
-    let addr = server_address.to_owned();
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = Endpoint::from_shared(format!("http://{server_address}"))?
         .connect_timeout(CALL_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let cfg = cfg.clone();
-            let addr = addr.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
-                let name = ServerName::try_from("localhost")
-                    .map_err(std::io::Error::other)?
-                    .to_owned();
-                let tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
+        .timeout(CALL_TIMEOUT);
+    let channel = sigil_daemon::dial::tls_channel(endpoint, server_address, cfg)
         .await
         .with_context(|| {
             format!("server_address: cannot reach sigil-server at {server_address}")
