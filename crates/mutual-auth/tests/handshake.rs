@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rcgen::{CertificateParams, DnType, KeyUsagePurpose, SanType};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sigil_identity::NumericIdentity;
@@ -41,27 +40,14 @@ fn id_of(n: NumericIdentity) -> Option<SpiffeId> {
 }
 
 fn ca() -> TestCa {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, "cluster CA");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.subject_alt_names = vec![SanType::URI(format!("spiffe://{TD}").try_into().unwrap())];
-    TestCa::root_with(p).unwrap()
+    TestCa::spiffe(TD).unwrap()
 }
 
 /// An X.509-SVID for `id` signed by `ca`, valid for `valid_for` from an hour ago.
 fn svid(ca: &TestCa, id: &SpiffeId, valid_for: Duration) -> Arc<CertifiedKey> {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, "svid");
-    p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let now = std::time::SystemTime::now();
-    p.not_before = (now - Duration::from_secs(3600)).into();
-    p.not_after = (now - Duration::from_secs(3600) + valid_for).into();
-    let (cert, key) = ca.sign(&p).unwrap();
-    let chain = vec![CertificateDer::from(cert.der().to_vec())];
-    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    Arc::new(sigil_tls::certified_key(chain, &key).unwrap())
+    let (cert, key) = ca.svid(id.as_str(), valid_for).unwrap();
+    let key = PrivateKeyDer::Pkcs8(key.into());
+    Arc::new(sigil_tls::certified_key(vec![CertificateDer::from(cert)], &key).unwrap())
 }
 
 fn bundles(ca: &TestCa) -> SharedBundles {
