@@ -7,8 +7,12 @@
 //! - [`session`]: AES-256-GCM per direction, 64-bit counter nonces, the header as associated
 //!   data, and a 2048-packet replay window ([`replay`]); every refused packet is counted by
 //!   reason.
-#![forbid(unsafe_code)]
+//! - [`carrier`]: the data path over a TUN device ([`tun`], the crate's one `unsafe` block:
+//!   the TUNSETIFF ioctl) and a UDP socket, with the receive-side checks.
+#![deny(unsafe_code)]
 
+pub mod carrier;
 pub mod handshake;
 pub mod replay;
 pub mod session;
+pub mod tun;
