@@ -400,8 +400,18 @@ fn inject(netns: &Path, outer_src: Ipv4Addr, spoof: bool, node: Ipv4Addr, payloa
     );
 }
 
+/// A drop of an IPv4 packet at `endpoint` (the endpoints' own IPv6 link-local chatter, which
+/// these tests do not look at, is left out).
 fn is_drop_at(e: &Event, endpoint: u32) -> bool {
-    e.verdict == Verdict::Dropped && e.endpoint_id == endpoint
+    e.verdict == Verdict::Dropped && e.endpoint_id == endpoint && e.saddr.is_ipv4()
+}
+
+/// A new IPv4 connection into `endpoint` passed.
+fn is_allowed_into(e: &Event, endpoint: u32) -> bool {
+    e.verdict == Verdict::Allowed
+        && e.endpoint_id == endpoint
+        && e.direction == Direction::Ingress
+        && e.saddr.is_ipv4()
 }
 
 #[test]
@@ -419,12 +429,24 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_the_source_identitys_policy()
         &be,
         &[allow(FRONTEND, PROTO_TCP), allow(FRONTEND, PROTO_UDP)],
     );
+    let mut ev0 = c.events(0);
     let mut ev1 = c.events(1);
     let cap = c.capture();
 
     assert!(tcp_ok(&fe, v4(&be), PORT, true), "frontend -> backend TCP");
+    let sent = ev0.wait_for("the connection leaving the frontend", |e| {
+        e.verdict == Verdict::Allowed
+            && e.endpoint_id == fe.endpoint_id
+            && e.direction == Direction::Egress
+            && e.protocol == PROTO_TCP
+    });
+    assert_eq!(
+        (sent.src_identity, sent.dst_identity, sent.via_tunnel),
+        (FRONTEND, BACKEND, true),
+        "the sender reports the identity it puts in the VNI"
+    );
     let opened = ev1.wait_for("the allowed connection at the backend", |e| {
-        e.verdict == Verdict::Allowed && e.endpoint_id == be.endpoint_id && e.protocol == PROTO_TCP
+        is_allowed_into(e, be.endpoint_id) && e.protocol == PROTO_TCP
     });
     assert_eq!(
         (opened.src_identity, opened.via_tunnel, opened.saddr),
@@ -519,7 +541,7 @@ fn the_hosts_own_traffic_leaves_as_the_node() {
         "node 0's host reaches the backend as remote-node"
     );
     let ev = ev1.wait_for("the host's datagram", |e| {
-        e.verdict == Verdict::Allowed && e.endpoint_id == be.endpoint_id
+        is_allowed_into(e, be.endpoint_id)
     });
     assert_eq!(
         (ev.src_identity, ev.via_tunnel, ev.saddr),
@@ -614,9 +636,7 @@ fn forged_tunnel_packets_are_dropped_at_the_tunnel_device() {
         n1,
         &vxlan_payload(FRONTEND, fe_ip, be_ip, PORT, b"ok"),
     );
-    let ev = ev1.wait_for("the genuine packet", |e| {
-        e.verdict == Verdict::Allowed && e.endpoint_id == be.endpoint_id
-    });
+    let ev = ev1.wait_for("the genuine packet", |e| is_allowed_into(e, be.endpoint_id));
     assert_eq!((ev.src_identity, ev.via_tunnel), (FRONTEND, true));
 
     // A forged VNI from an address that is not a cluster node.
@@ -837,7 +857,9 @@ fn known_exposure_a_spoofed_node_address_can_forge_identities() {
         b"x",
     );
     inject(&underlay, n0, true, n1, &payload);
-    let ev = ev1.wait_for("the forged identity", |e| e.endpoint_id == be.endpoint_id);
+    let ev = ev1.wait_for("the forged identity", |e| {
+        e.endpoint_id == be.endpoint_id && e.direction == Direction::Ingress && e.saddr.is_ipv4()
+    });
     assert_eq!(
         (ev.verdict, ev.src_identity, ev.via_tunnel),
         (Verdict::Allowed, FRONTEND, true),
