@@ -85,6 +85,7 @@ mod tests {
             dport: 8080,
             drop_reason: 181,
             rule_cookie: 7,
+            via_tunnel: false,
         };
         let pb = event_pb(&ev, &snap);
         assert_eq!(pb.rule_cookie, 7);
