@@ -251,8 +251,6 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             admin_socket: l.admin_socket.clone(),
             agent_id: agent_id.clone(),
             agent_admin_socket: l.agent_admin_socket.clone(),
-            server_address: l.bind.clone(),
-            bundle: l.bundle.clone(),
         };
         result = super::demo_net::run(&l.dir, &ctx)
             .await
