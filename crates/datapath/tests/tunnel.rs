@@ -905,6 +905,29 @@ fn setup_is_idempotent_and_teardown_disarms_the_carrier() {
     );
     assert!(udp_ok(&fe, v4(&be), PORT, true));
 
+    // A restarted daemon: the loader's process is gone (its Datapath dropped), the filters and
+    // pins stay; a fresh load reads the tunnel back from its map, and set-up adopts the device.
+    let (pin, path) = (c.nodes[0].pin.clone(), c.nodes[0].path.clone());
+    let old = std::mem::replace(
+        &mut c.nodes[0].dp,
+        in_netns(&path, || Ok(Datapath::load(&pin)?)).expect("reload"),
+    );
+    drop(old);
+    assert!(udp_ok(&fe, v4(&be), PORT, true), "carried with no loader");
+    assert_eq!(c.nodes[0].dp.tunnel().expect("tunnel"), Some((first, ip)));
+    let dp = &mut c.nodes[0].dp;
+    let readopted =
+        in_netns(&path, || Ok(dp.setup_tunnel(&TunnelConfig::new(ip))?)).expect("re-adopt");
+    assert_eq!(readopted, first);
+    assert_eq!(
+        (filters(&path, "ingress"), filters(&path, "egress")),
+        (1, 1)
+    );
+    assert!(
+        udp_ok(&fe, v4(&be), PORT, true),
+        "carried after the restart"
+    );
+
     let mut ev0 = c.events(0);
     let n0 = &mut c.nodes[0];
     let dp = &mut n0.dp;
