@@ -709,6 +709,15 @@ fn forged_tunnel_packets_are_dropped_at_the_tunnel_device() {
         );
     }
 
+    // Every forged packet is counted at the tunnel device (1 + 5 + 3 + 1 + 3 above).
+    let dropped = c.nodes[1]
+        .dp
+        .maps()
+        .counters
+        .get(vx1, Verdict::Dropped)
+        .expect("counter");
+    assert!(dropped.packets >= 13, "{dropped:?}");
+
     // Control again: the genuine path still works.
     assert!(udp_ok(&fe, v4(&be), PORT, true));
 }
