@@ -9,7 +9,7 @@
 #[path = "datapath/support.rs"]
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use sigil_datapath::{
     DROP_UNKNOWN_SENDER, Datapath, DatapathError, Direction, EndpointConfig, Event,
     IDENTITY_REMOTE_NODE, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
 };
-use sigil_netlink::{Netlink, Ns, RtNetlink};
+use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink};
 use sigil_test_util::netns::in_netns;
 use sigil_test_util::topology::Topology;
 use support::{BLOCK_WAIT, EchoServer, Events, PASS_WAIT, can_run, rule, tcp_ok, udp_ok};
@@ -161,14 +161,28 @@ impl Cluster {
 
     /// (Re-)registers a pod's identity and enforcement on its node and on the others.
     fn register(&mut self, node: usize, pod: &EndpointNet, identity: u32, ingress: bool) {
-        let ip = pod.ipv4.expect("v4 pod");
         let host_ip = self.nodes[node].ip;
+        let addrs: Vec<(IpAddr, u8)> = [
+            pod.ipv4.map(|a| (IpAddr::V4(a), 32)),
+            pod.ipv6.map(|a| (IpAddr::V6(a), 128)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         for (i, n) in self.nodes.iter_mut().enumerate() {
             let maps = n.dp.maps_mut();
+            for &(addr, len) in &addrs {
+                if i == node {
+                    maps.ipcache
+                        .upsert(addr, len, identity)
+                        .expect("local ipcache");
+                } else {
+                    maps.ipcache
+                        .upsert_tunneled(addr, len, identity, host_ip)
+                        .expect("remote ipcache");
+                }
+            }
             if i == node {
-                maps.ipcache
-                    .upsert(IpAddr::V4(ip), 32, identity)
-                    .expect("local ipcache");
                 maps.endpoints
                     .set(
                         pod.endpoint_id,
@@ -176,17 +190,49 @@ impl Cluster {
                             identity,
                             ingress_enforced: ingress,
                             egress_enforced: false,
-                            ipv4: Some(ip),
-                            ipv6: None,
+                            ipv4: pod.ipv4,
+                            ipv6: pod.ipv6,
                         },
                     )
                     .expect("endpoint config");
-            } else {
-                maps.ipcache
-                    .upsert_tunneled(IpAddr::V4(ip), 32, identity, host_ip)
-                    .expect("remote ipcache");
             }
         }
+    }
+
+    /// Gives a pod an IPv6 address fd00:5347:(node+1)::`host` (default via fe80::1, which its
+    /// host veth gets), routed to it on its node, and registers it.
+    fn add_ipv6(
+        &mut self,
+        node: usize,
+        pod: &mut EndpointNet,
+        host: u16,
+        identity: u32,
+        ingress: bool,
+    ) {
+        let v6 = Ipv6Addr::new(0xfd00, 0x5347, node as u16 + 1, 0, 0, 0, 0, host);
+        let gw = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        let nl = RtNetlink::new();
+        let p = Ns::Named(&pod.netns);
+        nl.add_address(p, "eth0", IpAddr::V6(v6), 128, true)
+            .expect("pod v6");
+        nl.replace_route(
+            p,
+            &Route::via(Prefix::default_v6(), IpAddr::V6(gw), Some("eth0")),
+        )
+        .expect("pod v6 default");
+        let node_ns = self.topo.nodes[node].netns.clone();
+        let n = Ns::Named(&node_ns);
+        nl.set_sysctl(n, "net/ipv6/conf/all/forwarding", "1")
+            .expect("v6 forwarding");
+        nl.add_address(n, &pod.host_interface, IpAddr::V6(gw), 64, true)
+            .expect("gateway");
+        nl.replace_route(
+            n,
+            &Route::dev(Prefix::host(IpAddr::V6(v6)), &pod.host_interface),
+        )
+        .expect("v6 host route");
+        pod.ipv6 = Some(v6);
+        self.register(node, pod, identity, ingress);
     }
 
     fn policy(&mut self, node: usize, pod: &EndpointNet, entries: &[(PolicyKey, PolicyEntry)]) {
@@ -514,6 +560,55 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_the_source_identitys_policy()
 }
 
 #[test]
+fn ipv6_pods_are_carried_over_the_ipv4_underlay() {
+    if !can_run() {
+        return;
+    }
+    let mut c = Cluster::new("tun-v6");
+    let mut fe = c.pod(0, 2, FRONTEND, false);
+    let mut other = c.pod(0, 3, OTHER, false);
+    let mut be = c.pod(1, 2, BACKEND, true);
+    c.add_ipv6(0, &mut fe, 2, FRONTEND, false);
+    c.add_ipv6(0, &mut other, 3, OTHER, false);
+    c.add_ipv6(1, &mut be, 2, BACKEND, true);
+    let _srv = EchoServer::start(&be, &[PORT]);
+    c.policy(
+        1,
+        &be,
+        &[allow(FRONTEND, PROTO_TCP), allow(FRONTEND, PROTO_UDP)],
+    );
+    let mut ev1 = c.events(1);
+    let cap = c.capture();
+    let be6 = IpAddr::V6(be.ipv6.expect("v6"));
+    assert!(
+        tcp_ok(&fe, be6, PORT, true),
+        "frontend -> backend TCP over IPv6"
+    );
+    assert!(
+        udp_ok(&fe, be6, PORT, true),
+        "frontend -> backend UDP over IPv6"
+    );
+    assert!(!udp_ok(&other, be6, PORT, false), "other -> backend denied");
+    let ev = ev1.wait_for("the denied IPv6 datagram", |e| {
+        e.verdict == Verdict::Dropped
+            && e.endpoint_id == be.endpoint_id
+            && e.saddr.is_ipv6()
+            && e.protocol == PROTO_UDP
+            && e.dport == PORT
+    });
+    assert_eq!(
+        (ev.drop_reason, ev.src_identity, ev.via_tunnel),
+        (DROP_POLICY_DENIED, OTHER, true)
+    );
+    let seen = cap.finish();
+    assert!(
+        seen.iter()
+            .any(|s| s.vni == FRONTEND && s.outer_src == c.nodes[0].ip),
+        "IPv6 inside VXLAN with VNI {FRONTEND}: {seen:?}"
+    );
+}
+
+#[test]
 fn the_hosts_own_traffic_leaves_as_the_node() {
     if !can_run() {
         return;
@@ -708,6 +803,15 @@ fn forged_tunnel_packets_are_dropped_at_the_tunnel_device() {
             "inner destination {dst}"
         );
     }
+
+    // Every forged packet is counted at the tunnel device (1 + 5 + 3 + 1 + 3 above).
+    let dropped = c.nodes[1]
+        .dp
+        .maps()
+        .counters
+        .get(vx1, Verdict::Dropped)
+        .expect("counter");
+    assert!(dropped.packets >= 13, "{dropped:?}");
 
     // Control again: the genuine path still works.
     assert!(udp_ok(&fe, v4(&be), PORT, true));
@@ -904,6 +1008,29 @@ fn setup_is_idempotent_and_teardown_disarms_the_carrier() {
         (1, 1)
     );
     assert!(udp_ok(&fe, v4(&be), PORT, true));
+
+    // A restarted daemon: the loader's process is gone (its Datapath dropped), the filters and
+    // pins stay; a fresh load reads the tunnel back from its map, and set-up adopts the device.
+    let (pin, path) = (c.nodes[0].pin.clone(), c.nodes[0].path.clone());
+    let old = std::mem::replace(
+        &mut c.nodes[0].dp,
+        in_netns(&path, || Ok(Datapath::load(&pin)?)).expect("reload"),
+    );
+    drop(old);
+    assert!(udp_ok(&fe, v4(&be), PORT, true), "carried with no loader");
+    assert_eq!(c.nodes[0].dp.tunnel().expect("tunnel"), Some((first, ip)));
+    let dp = &mut c.nodes[0].dp;
+    let readopted =
+        in_netns(&path, || Ok(dp.setup_tunnel(&TunnelConfig::new(ip))?)).expect("re-adopt");
+    assert_eq!(readopted, first);
+    assert_eq!(
+        (filters(&path, "ingress"), filters(&path, "egress")),
+        (1, 1)
+    );
+    assert!(
+        udp_ok(&fe, v4(&be), PORT, true),
+        "carried after the restart"
+    );
 
     let mut ev0 = c.events(0);
     let n0 = &mut c.nodes[0];
