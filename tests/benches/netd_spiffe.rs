@@ -352,9 +352,22 @@ fn scale_run(
 
     // Every endpoint as wanted, its IPCache entry its identity, and that identity the first the
     // poller saw.
-    let list = rt
-        .block_on(client.list_endpoints(npb::ListEndpointsRequest {}))?
-        .into_inner();
+    // The listing reads the snapshot netd publishes after its kernel writes: wait for it.
+    let wait = Instant::now();
+    let list = loop {
+        let list = rt
+            .block_on(client.list_endpoints(npb::ListEndpointsRequest {}))?
+            .into_inner();
+        let behind = list
+            .endpoints
+            .iter()
+            .filter(|e| e.name.starts_with(prefix) && e.spiffe_id_source != want_source)
+            .count();
+        if behind == 0 || wait.elapsed() > Duration::from_secs(10) {
+            break list;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let maps = Maps::open_pinned(&netd.pin_dir)?;
     let mut first = vec![0u32; n];
     let mut per_endpoint = vec![Duration::ZERO; n];
