@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod cluster;
 pub mod demo;
 pub mod demo_net;
 pub mod endpoint;

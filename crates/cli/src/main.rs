@@ -59,6 +59,12 @@ enum Command {
     /// Manage endpoints of sigil-netd.
     #[command(subcommand)]
     Endpoint(cmd::endpoint::EndpointCommand),
+    /// The cluster's nodes, as sigil-netd sees them (cluster mode).
+    #[command(subcommand)]
+    Node(cmd::cluster::NodeCommand),
+    /// Numeric identities sigil-netd knows (cluster mode).
+    #[command(subcommand)]
+    Identity(cmd::cluster::IdentityCommand),
     /// Stream sigil-netd's verdict and drop events.
     Monitor(cmd::monitor::MonitorArgs),
     /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
@@ -101,6 +107,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Netd(c) => return cmd::netd::run(c).await,
         Command::Endpoint(c) => cmd::endpoint::run(c).await?,
         Command::Monitor(a) => cmd::monitor::run(a).await?,
+        Command::Node(c) => cmd::cluster::run_node(c).await?,
+        Command::Identity(c) => cmd::cluster::run_identity(c).await?,
         Command::Policy(c) => return cmd::policy::run(c).await,
     }
     Ok(done)

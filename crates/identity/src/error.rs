@@ -24,6 +24,14 @@ pub enum IdentityError {
         /// The identity released.
         id: NumericIdentity,
     },
+    /// The allocator's backend (the cluster's kvstore) could not be asked.
+    #[error("identity backend unavailable for labels {labels:?}: {reason}")]
+    Unavailable {
+        /// The labels asked for.
+        labels: String,
+        /// Why (the backend's error).
+        reason: String,
+    },
     /// A range given to the allocator lies outside the allowed bounds.
     #[error("invalid {scope} identity range {first}..={last} (must lie within {min}..={max})")]
     InvalidRange {

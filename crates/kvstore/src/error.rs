@@ -65,6 +65,16 @@ pub enum KvError {
         /// The size asked for.
         prefix_len: u8,
     },
+    /// A claim (node name, pod CIDR) is held by another live node.
+    #[error("{what} {value:?} is already held by node {holder:?}")]
+    Conflict {
+        /// What was claimed (`node name`, `pod CIDR`).
+        what: &'static str,
+        /// The value claimed.
+        value: String,
+        /// Who holds it.
+        holder: String,
+    },
     /// A value read from etcd is not what sigil writes there.
     #[error("corrupt etcd value at {key:?}: {reason}")]
     Corrupt {

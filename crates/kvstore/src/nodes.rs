@@ -232,6 +232,134 @@ impl KvStore {
             .await
     }
 
+    /// Registers this node's entry under its lease, refusing a name another live session holds
+    /// (an etcd transaction: the key is absent or already under this node's lease). The error
+    /// is [`KvError::Conflict`] naming the holder's address.
+    pub async fn register_node(&self, info: &NodeInfo) -> Result<(), KvError> {
+        info.validate()?;
+        if info.name != self.inner.cfg.node_name {
+            return Err(KvError::invalid(
+                "node.name",
+                &info.name,
+                format!("this store is node {:?}", self.inner.cfg.node_name),
+            ));
+        }
+        let value =
+            serde_json::to_vec(info).map_err(|e| KvError::invalid("node", &info.name, e))?;
+        let key = self.inner.keys.node(&info.name);
+        self.claim(key, value, "node name", &info.name, |v| {
+            serde_json::from_slice::<NodeInfo>(v)
+                .map(|n| format!("{} at {}", n.name, n.ip))
+                .unwrap_or_else(|_| String::from_utf8_lossy(v).into_owned())
+        })
+        .await
+    }
+
+    /// Claims `cidr` as this node's pod CIDR under its lease, refusing one that another live
+    /// session holds or that overlaps another node's pod CIDR ([`KvError::Conflict`]).
+    pub async fn claim_pod_cidr(&self, cidr: Cidr) -> Result<(), KvError> {
+        let inner = &self.inner;
+        let node = inner.cfg.node_name.clone();
+        let prefix = inner.keys.podcidr_prefix();
+        let mut c = inner.client.clone();
+        let resp = inner
+            .call(
+                "get",
+                c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let Some(other) = key
+                .strip_prefix(&prefix)
+                .and_then(|s| s.rsplit_once('-'))
+                .and_then(|(a, l)| Cidr::new(a.parse().ok()?, l.parse().ok()?).ok())
+            else {
+                continue;
+            };
+            let overlaps = other.contains(cidr.addr) || cidr.contains(other.addr);
+            if overlaps && other != cidr && kv.value() != node.as_bytes() {
+                return Err(KvError::Conflict {
+                    what: "pod CIDR",
+                    value: cidr.to_string(),
+                    holder: format!(
+                        "{} (overlapping {other})",
+                        String::from_utf8_lossy(kv.value())
+                    ),
+                });
+            }
+        }
+        let key = format!("{prefix}{}-{}", cidr.addr, cidr.len);
+        self.claim(key, node.into_bytes(), "pod CIDR", &cidr.to_string(), |v| {
+            String::from_utf8_lossy(v).into_owned()
+        })
+        .await
+    }
+
+    /// Writes `key` = `value` under this node's lease if the key is absent or already under
+    /// that lease; otherwise a conflict naming `holder(existing value)`.
+    async fn claim(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        what: &'static str,
+        claimed: &str,
+        holder: impl Fn(&[u8]) -> String,
+    ) -> Result<(), KvError> {
+        let inner = &self.inner;
+        let lease = inner.lease_id();
+        let mut c = inner.client.clone();
+        let put = || {
+            TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        inner.remember(key.clone(), Owned::Plain(value.clone()));
+        let mine = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+            .and_then([put()]);
+        let res = inner.call("txn (claim)", c.txn(mine)).await;
+        if let Ok(r) = &res
+            && r.succeeded()
+        {
+            return Ok(());
+        }
+        let fresh = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([put()])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let r = match res {
+            Ok(_) => inner.call("txn (claim)", c.txn(fresh)).await,
+            Err(e) => Err(e),
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                inner.forget(&key);
+                return Err(e);
+            }
+        };
+        if r.succeeded() {
+            return Ok(());
+        }
+        inner.forget(&key);
+        let held = r
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| holder(kv.value())),
+                _ => None,
+            })
+            .unwrap_or_else(|| "another node".to_owned());
+        Err(KvError::Conflict {
+            what,
+            value: claimed.to_owned(),
+            holder: held,
+        })
+    }
+
     /// Every node entry now in etcd (invalid entries are skipped with a warning).
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, KvError> {
         let inner = &self.inner;

@@ -31,6 +31,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Deadline of each etcd request.
     pub request_timeout: Duration,
+    /// A lease this node held before (a restart within its TTL): taken over if still alive,
+    /// so the keys it owns never lapse and its claims (node name, pod CIDR) stay its own.
+    pub resume_lease: Option<i64>,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             node_ip,
             lease_ttl: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
+            resume_lease: None,
         }
     }
 
@@ -181,7 +185,13 @@ impl KvStore {
             owned: Mutex::new(BTreeMap::new()),
             keepalive: Mutex::new(None),
         });
-        let id = inner.grant().await?;
+        let id = match inner.cfg.resume_lease {
+            Some(old) if inner.alive(old).await? => {
+                tracing::info!(lease = old, "resuming this node's etcd lease");
+                old
+            }
+            _ => inner.grant().await?,
+        };
         inner.lease.send_replace(id);
         let weak = Arc::downgrade(&inner);
         let task = tokio::spawn(keep_alive(weak));
@@ -257,6 +267,15 @@ impl Inner {
         let mut c = self.client.clone();
         let resp = self.call("lease grant", c.lease_grant(ttl, None)).await?;
         Ok(resp.id())
+    }
+
+    /// Whether lease `id` still exists in etcd.
+    async fn alive(&self, id: i64) -> Result<bool, KvError> {
+        let mut c = self.client.clone();
+        let resp = self
+            .call("lease time-to-live", c.lease_time_to_live(id, None))
+            .await?;
+        Ok(resp.ttl() > 0)
     }
 
     fn owned(&self) -> MutexGuard<'_, BTreeMap<String, Owned>> {

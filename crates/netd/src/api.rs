@@ -1,4 +1,8 @@
-//! The gRPC API on the Unix socket: endpoints, policies, monitor, status.
+//! The gRPC API on the Unix socket: endpoints, policies, monitor, status, cluster view.
+
+mod cluster;
+
+pub use cluster::resolve;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ pub struct Api {
     config: Arc<Config>,
     counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
+    nodes: Option<crate::cluster::NodesView>,
 }
 
 impl Api {
@@ -39,7 +44,22 @@ impl Api {
             config,
             counters: Arc::new(counters),
             events,
+            nodes: None,
         }
+    }
+
+    /// In cluster mode: the registered nodes, as the cluster task publishes them.
+    pub fn with_cluster(self, nodes: crate::cluster::NodesView) -> Self {
+        Self {
+            nodes: Some(nodes),
+            ..self
+        }
+    }
+
+    fn cluster_nodes(&self) -> Result<Arc<Vec<sigil_kvstore::NodeInfo>>, Status> {
+        self.nodes.as_ref().map(|n| n.load_full()).ok_or_else(|| {
+            Status::failed_precondition("this netd is a single node: start it with --kvstore etcd")
+        })
     }
 
     fn endpoint(&self, rec: &EndpointRecord) -> pb::Endpoint {

@@ -120,6 +120,32 @@ pub struct RunArgs {
     /// (e.g. 5s, 500ms).
     #[arg(long)]
     pub identity_fallback_wait: Option<String>,
+    // Cluster mode (see `cluster`).
+    /// The cluster's kvstore: `etcd` (without it netd is a single node).
+    #[arg(long)]
+    pub kvstore: Option<String>,
+    /// etcd client URLs, comma-separated (`http://host:2379,...`).
+    #[arg(long)]
+    pub kvstore_endpoints: Option<String>,
+    /// Cluster ID, 0..=255 (bits 16-23 of every identity this cluster allocates).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// This node's underlay address (the one other nodes reach it on).
+    #[arg(long)]
+    pub node_ip: Option<String>,
+    /// How traffic to other nodes' endpoints travels: vxlan (default) or disabled (routed to
+    /// the node's underlay address).
+    #[arg(long)]
+    pub tunnel: Option<String>,
+    /// A cluster range to lease this node's /24 pod CIDR from (instead of --pod-cidr).
+    #[arg(long)]
+    pub cluster_pod_cidr: Option<String>,
+    /// TTL of this node's etcd lease: a silent node disappears after it (default 15s).
+    #[arg(long)]
+    pub kvstore_lease_ttl: Option<String>,
+    /// How long an unused cluster identity is kept before it is collected (default 5m).
+    #[arg(long)]
+    pub identity_gc_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,6 +174,68 @@ struct FileConfig {
     identity_mode: Option<String>,
     agent_socket: Option<PathBuf>,
     identity_fallback_wait: Option<String>,
+    kvstore: Option<String>,
+    kvstore_endpoints: Option<String>,
+    cluster_id: Option<String>,
+    node_ip: Option<String>,
+    tunnel: Option<String>,
+    cluster_pod_cidr: Option<String>,
+    kvstore_lease_ttl: Option<String>,
+    identity_gc_grace: Option<String>,
+}
+
+/// How traffic to other nodes' endpoints travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tunnel {
+    /// Encapsulated in VXLAN to the hosting node.
+    Vxlan,
+    /// Routed to the hosting node's underlay address (direct routing).
+    Disabled,
+}
+
+/// Default TTL of a node's etcd lease.
+pub const DEFAULT_KVSTORE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+/// Default grace before an unused cluster identity is collected.
+pub const DEFAULT_IDENTITY_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+/// Prefix length of a pod CIDR leased from `--cluster-pod-cidr`.
+pub const LEASED_POD_CIDR_LEN: u8 = 24;
+
+/// Cluster mode: where etcd is and who this node is in it.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// Cluster name (keys under `sigil/<name>/`).
+    pub cluster_name: String,
+    /// Cluster ID.
+    pub cluster_id: u8,
+    /// This node's underlay address.
+    pub node_ip: IpAddr,
+    /// The carrier between nodes.
+    pub tunnel: Tunnel,
+    /// The range to lease this node's pod CIDR from (`None`: `pod_cidr` is claimed as is).
+    pub cluster_pod_cidr: Option<PodCidr<Ipv4Addr>>,
+    /// TTL of this node's lease.
+    pub lease_ttl: std::time::Duration,
+    /// Grace before an unused identity is collected.
+    pub gc_grace: std::time::Duration,
+}
+
+impl ClusterConfig {
+    /// The kvstore's config for this node (`resume_lease`: the lease of a previous run).
+    pub fn kvstore(&self, node_name: &str, resume_lease: Option<i64>) -> sigil_kvstore::Config {
+        let mut c = sigil_kvstore::Config::new(
+            self.endpoints.clone(),
+            &self.cluster_name,
+            self.cluster_id,
+            node_name,
+            self.node_ip,
+        );
+        c.lease_ttl = self.lease_ttl;
+        c.request_timeout = std::time::Duration::from_secs(2);
+        c.resume_lease = resume_lease;
+        c
+    }
 }
 
 /// A validated configuration.
@@ -185,6 +273,8 @@ pub struct Config {
     pub agent_socket: PathBuf,
     /// Wait before a pending endpoint falls back to its classic labels.
     pub identity_fallback_wait: std::time::Duration,
+    /// Cluster mode (`--kvstore`); `None`: a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Where endpoints' SPIFFE IDs come from.
@@ -326,10 +416,20 @@ impl Config {
         let file: FileConfig = l.read_file()?;
         let spiffe_ids = spiffe_id_config(&l, args, &file)?;
         let node_name = l
-            .get("node_name", args.node_name.clone(), file.node_name)?
+            .get("node_name", args.node_name.clone(), file.node_name.clone())?
             .unwrap_or_else(hostname);
         if node_name.is_empty() {
             bail!("node_name: invalid value \"\": must not be empty");
+        }
+        let cluster = cluster_config(&l, args, &file, &node_name, &spiffe_ids)?;
+        if let Some(c) = &cluster
+            && let Some(range) = c.cluster_pod_cidr
+            && l.raw("pod_cidr", args.pod_cidr.clone(), file.pod_cidr.clone())
+                .is_some()
+        {
+            bail!(
+                "cluster_pod_cidr: invalid value \"{range}\": set together with pod_cidr; give one of them"
+            );
         }
         let pod_cidr = l
             .parse("pod_cidr", args.pod_cidr.clone(), file.pod_cidr, |v| {
@@ -408,6 +508,7 @@ impl Config {
             )?
             .unwrap_or(DEFAULT_IDENTITY_FALLBACK_WAIT);
         Ok(Self {
+            cluster,
             spiffe_ids,
             identity_mode,
             agent_socket,
@@ -540,6 +641,164 @@ fn spiffe_id_config(
     })
 }
 
+/// Cluster mode's settings, each checked by name and value; `None` without `kvstore`, where
+/// setting any of them is an error.
+fn cluster_config(
+    l: &sigil_daemon::Layers,
+    args: &RunArgs,
+    file: &FileConfig,
+    node_name: &str,
+    spiffe_ids: &SpiffeIdConfig,
+) -> anyhow::Result<Option<ClusterConfig>> {
+    let kvstore = l.parse(
+        "kvstore",
+        args.kvstore.clone(),
+        file.kvstore.clone(),
+        |v| match v {
+            "etcd" => Ok(()),
+            _ => Err("the only kvstore is etcd"),
+        },
+    )?;
+    let endpoints = l.parse(
+        "kvstore_endpoints",
+        args.kvstore_endpoints.clone(),
+        file.kvstore_endpoints.clone(),
+        |v| {
+            let list: Vec<String> = v.split(',').map(|e| e.trim().to_owned()).collect();
+            for e in &list {
+                let rest = e
+                    .strip_prefix("http://")
+                    .ok_or_else(|| format!("{e:?} does not start with http://"))?;
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{e:?} is not http://HOST:PORT"))?;
+                if host.is_empty() || port.parse::<u16>().is_err() || port == "0" {
+                    return Err(format!("{e:?} is not http://HOST:PORT"));
+                }
+            }
+            Ok(list)
+        },
+    )?;
+    let cluster_id = l.parse(
+        "cluster_id",
+        args.cluster_id.clone(),
+        file.cluster_id.clone(),
+        |v| v.parse::<u8>().map_err(|_| "must be an integer 0..=255"),
+    )?;
+    let node_ip = l.parse(
+        "node_ip",
+        args.node_ip.clone(),
+        file.node_ip.clone(),
+        |v| match v.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
+                Err("must be a unicast, non-loopback address")
+            }
+            Ok(ip) => Ok(ip),
+            Err(_) => Err("not an IP address"),
+        },
+    )?;
+    let tunnel = l.parse(
+        "tunnel",
+        args.tunnel.clone(),
+        file.tunnel.clone(),
+        |v| match v {
+            "vxlan" => Ok(Tunnel::Vxlan),
+            "disabled" => Ok(Tunnel::Disabled),
+            _ => Err("vxlan or disabled"),
+        },
+    )?;
+    let cluster_pod_cidr = l.parse(
+        "cluster_pod_cidr",
+        args.cluster_pod_cidr.clone(),
+        file.cluster_pod_cidr.clone(),
+        |v| {
+            let c = PodCidr::<Ipv4Addr>::parse("cluster_pod_cidr", v)
+                .map_err(|e| reason("cluster_pod_cidr", v, e))?;
+            if c.prefix_len > LEASED_POD_CIDR_LEN {
+                return Err(format!(
+                    "must be /{LEASED_POD_CIDR_LEN} or larger: nodes lease /{LEASED_POD_CIDR_LEN}s from it"
+                ));
+            }
+            Ok(c)
+        },
+    )?;
+    let lease_ttl = l.parse(
+        "kvstore_lease_ttl",
+        args.kvstore_lease_ttl.clone(),
+        file.kvstore_lease_ttl.clone(),
+        |v| match sigil_daemon::runtime::parse_drain_timeout(v) {
+            Ok(d)
+                if d >= std::time::Duration::from_secs(2)
+                    && d <= std::time::Duration::from_secs(3600)
+                    && d.subsec_nanos() == 0 =>
+            {
+                Ok(d)
+            }
+            Ok(_) => Err("must be whole seconds, 2s to 1h".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+    )?;
+    let gc_grace = l.parse(
+        "identity_gc_grace",
+        args.identity_gc_grace.clone(),
+        file.identity_gc_grace.clone(),
+        sigil_daemon::runtime::parse_drain_timeout,
+    )?;
+    let cluster_name = l.get(
+        "cluster_name",
+        args.cluster_name.clone(),
+        file.cluster_name.clone(),
+    )?;
+    if kvstore.is_none() {
+        let set = [
+            ("kvstore_endpoints", endpoints.is_some()),
+            ("cluster_id", cluster_id.is_some()),
+            ("node_ip", node_ip.is_some()),
+            ("tunnel", tunnel.is_some()),
+            ("cluster_pod_cidr", cluster_pod_cidr.is_some()),
+            ("kvstore_lease_ttl", lease_ttl.is_some()),
+            ("identity_gc_grace", gc_grace.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
+            bail!("{key}: set without kvstore; cluster settings need --kvstore etcd");
+        }
+        return Ok(None);
+    }
+    let endpoints = endpoints
+        .ok_or_else(|| anyhow::anyhow!("kvstore_endpoints: required with kvstore etcd"))?;
+    let node_ip = node_ip.ok_or_else(|| {
+        anyhow::anyhow!("node_ip: required with kvstore etcd (this node's underlay address)")
+    })?;
+    if spiffe_ids.mode == SpiffeIdMode::Opaque {
+        bail!(
+            "spiffe_id_mode: invalid value \"opaque\": not supported with kvstore etcd (an opaque \
+             ID names a number; use istio, verbose or registered in a cluster)"
+        );
+    }
+    let cluster_name = cluster_name.unwrap_or_else(|| crate::spiffe_id::DEFAULT_CLUSTER.to_owned());
+    let c = ClusterConfig {
+        endpoints,
+        cluster_name,
+        cluster_id: cluster_id.unwrap_or(0),
+        node_ip,
+        tunnel: tunnel.unwrap_or(Tunnel::Vxlan),
+        cluster_pod_cidr,
+        lease_ttl: lease_ttl.unwrap_or(DEFAULT_KVSTORE_LEASE_TTL),
+        gc_grace: gc_grace.unwrap_or(DEFAULT_IDENTITY_GC_GRACE),
+    };
+    // Names as etcd keys take them: the kvstore's own check names the field and value.
+    c.kvstore(node_name, None)
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if c.tunnel == Tunnel::Vxlan {
+        bail!(
+            "tunnel: invalid value \"vxlan\": the VXLAN carrier is not in this build yet; \
+             use --tunnel disabled (direct routing between node addresses)"
+        );
+    }
+    Ok(Some(c))
+}
+
 /// The reason alone of a field parser's error (the layer's error names the field and value itself).
 fn reason(field: &str, value: &str, e: anyhow::Error) -> String {
     let full = format!("{e:#}");
@@ -591,6 +850,166 @@ mod tests {
         };
         let e = Config::from_args(&bad).expect_err("enforcement");
         assert!(e.to_string().contains("enforcement") && e.to_string().contains("sometimes"));
+    }
+
+    fn cluster_args() -> RunArgs {
+        RunArgs {
+            node_name: Some("node-a".into()),
+            kvstore: Some("etcd".into()),
+            kvstore_endpoints: Some("http://10.0.0.1:2379,http://10.0.0.2:2379".into()),
+            node_ip: Some("192.168.1.1".into()),
+            tunnel: Some("disabled".into()),
+            ..RunArgs::default()
+        }
+    }
+
+    #[test]
+    fn cluster_flags_are_checked_by_name_and_value() {
+        let c = Config::from_layers(&cluster_args(), env(&[])).expect("cluster config");
+        let cc = c.cluster.expect("cluster mode");
+        assert_eq!(cc.endpoints.len(), 2);
+        assert_eq!(cc.cluster_id, 0);
+        assert_eq!(cc.lease_ttl, DEFAULT_KVSTORE_LEASE_TTL);
+        assert_eq!(cc.gc_grace, DEFAULT_IDENTITY_GC_GRACE);
+        assert!(
+            Config::from_layers(&RunArgs::default(), env(&[]))
+                .expect("single")
+                .cluster
+                .is_none()
+        );
+        let bad = |args: RunArgs, needles: &[&str]| {
+            let e = format!(
+                "{:#}",
+                Config::from_layers(&args, env(&[])).expect_err("refused")
+            );
+            for n in needles {
+                assert!(e.contains(n), "{n:?} not in {e}");
+            }
+        };
+        bad(
+            RunArgs {
+                kvstore: Some("consul".into()),
+                ..cluster_args()
+            },
+            &["kvstore", "consul"],
+        );
+        bad(
+            RunArgs {
+                cluster_id: Some("256".into()),
+                ..cluster_args()
+            },
+            &["cluster_id", "256", "0..=255"],
+        );
+        bad(
+            RunArgs {
+                cluster_id: Some("-1".into()),
+                ..cluster_args()
+            },
+            &["cluster_id", "-1"],
+        );
+        bad(
+            RunArgs {
+                node_ip: Some("0.0.0.0".into()),
+                ..cluster_args()
+            },
+            &["node_ip", "0.0.0.0"],
+        );
+        bad(
+            RunArgs {
+                node_ip: Some("node-a".into()),
+                ..cluster_args()
+            },
+            &["node_ip", "not an IP"],
+        );
+        bad(
+            RunArgs {
+                node_ip: None,
+                ..cluster_args()
+            },
+            &["node_ip", "required"],
+        );
+        bad(
+            RunArgs {
+                kvstore_endpoints: None,
+                ..cluster_args()
+            },
+            &["kvstore_endpoints", "required"],
+        );
+        bad(
+            RunArgs {
+                kvstore_endpoints: Some("https://x:1".into()),
+                ..cluster_args()
+            },
+            &["kvstore_endpoints", "https://x:1", "http://"],
+        );
+        bad(
+            RunArgs {
+                tunnel: Some("geneve".into()),
+                ..cluster_args()
+            },
+            &["tunnel", "geneve"],
+        );
+        bad(
+            RunArgs {
+                tunnel: None,
+                ..cluster_args()
+            },
+            &["tunnel", "vxlan"],
+        );
+        bad(
+            RunArgs {
+                kvstore_lease_ttl: Some("1s".into()),
+                ..cluster_args()
+            },
+            &["kvstore_lease_ttl", "1s"],
+        );
+        bad(
+            RunArgs {
+                cluster_name: Some("Bad_Name".into()),
+                ..cluster_args()
+            },
+            &["cluster_name", "Bad_Name"],
+        );
+        bad(
+            RunArgs {
+                node_name: Some("Node_A".into()),
+                ..cluster_args()
+            },
+            &["node_name", "Node_A"],
+        );
+        bad(
+            RunArgs {
+                cluster_pod_cidr: Some("10.0.0.0/25".into()),
+                ..cluster_args()
+            },
+            &["cluster_pod_cidr", "10.0.0.0/25", "/24"],
+        );
+        bad(
+            RunArgs {
+                cluster_pod_cidr: Some("10.0.0.0/16".into()),
+                pod_cidr: Some("10.0.1.0/24".into()),
+                ..cluster_args()
+            },
+            &["cluster_pod_cidr", "pod_cidr"],
+        );
+        bad(
+            RunArgs {
+                spiffe_id_mode: Some("opaque".into()),
+                trust_domain: Some("example.org".into()),
+                agent_spiffe_id: Some("spiffe://example.org/agent".into()),
+                server_address: Some("127.0.0.1:8081".into()),
+                ..cluster_args()
+            },
+            &["spiffe_id_mode", "opaque", "kvstore"],
+        );
+        // Cluster settings without a kvstore are a mistake, not ignored.
+        bad(
+            RunArgs {
+                node_ip: Some("192.168.1.1".into()),
+                ..RunArgs::default()
+            },
+            &["node_ip", "without kvstore"],
+        );
     }
 
     fn env(pairs: &[(&str, &str)]) -> impl FnOnce(Option<&Path>) -> sigil_daemon::Layers {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use sigil_datapath::Datapath;
 use sigil_datapath::netns::{self, EndpointSpec};
-use sigil_identity::{Allocator, LocalAllocator, reserved_identities};
+use sigil_identity::{Allocator, IdentityError, NumericIdentity, reserved_identities};
 use sigil_labels::Labels;
 use sigil_policy::{IpPrefix, PolicyDeltas, PolicyEngine, PolicyId, parse_documents};
 
@@ -37,6 +37,14 @@ pub use policies::{Committed, ParsedFiles, parse_import, read_policy_dir, yaml_f
 
 /// How long a released identity number is held back before reuse.
 const IDENTITY_GRACE: Duration = Duration::from_secs(60);
+
+/// What cluster mode gives [`Daemon::start_with`].
+pub struct ClusterStart {
+    /// The cluster allocator, bridged for the writer.
+    pub ids: crate::identities::ClusterIds,
+    /// Every cluster identity etcd holds now.
+    pub identities: Vec<(NumericIdentity, Labels)>,
+}
 
 /// Input of [`Daemon::create_endpoint`].
 #[derive(Debug, Clone, Default)]
@@ -74,7 +82,12 @@ pub struct Daemon {
     config: Config,
     datapath: Datapath,
     engine: PolicyEngine,
-    alloc: Arc<LocalAllocator>,
+    alloc: Arc<crate::identities::Identities>,
+    /// Cluster mode: every cluster identity known from etcd (held here or not), so that the
+    /// engine keeps an identity other nodes' endpoints carry after this node releases it.
+    remote_ids: BTreeMap<u32, Labels>,
+    /// Cluster mode: IPCache entries of other nodes' endpoints and of node addresses.
+    remote_ips: BTreeMap<IpAddr, u32>,
     /// Bumped by every change of the engine; a policy job compiled at another generation is
     /// compiled again.
     generation: u64,
@@ -91,15 +104,38 @@ impl Daemon {
     /// Loads the datapath (adopting pinned maps), restores the state file, and reconciles
     /// the kernel with it: every endpoint's map replaced, stale entries removed.
     pub fn start(config: Config) -> Result<Self, NetdError> {
+        Self::start_with(config, None)
+    }
+
+    /// [`Daemon::start`], in cluster mode with `cluster`: endpoint identities from etcd, and
+    /// the cluster's identities known to the engine before any map is installed (so a restart
+    /// removes no allow of a remote identity); IPCache entries outside this node's pod CIDRs
+    /// are kept until the cluster view has synced ([`Daemon::prune_remote`]).
+    pub fn start_with(config: Config, cluster: Option<ClusterStart>) -> Result<Self, NetdError> {
         if config.bpf_pin_dir.starts_with("/sys/fs/bpf") {
             sigil_datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        } else {
+            sigil_datapath::ensure_bpffs(&config.bpf_pin_dir)?;
         }
         let datapath = Datapath::load_with(&config.bpf_pin_dir, config.policy_map_max_entries)?;
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {
             netns::blackhole_route(&cidr)?;
         }
         let state = State::load(&config.state_dir)?;
-        let alloc = Arc::new(LocalAllocator::new(0, IDENTITY_GRACE));
+        let (alloc, remote_ids) = match cluster {
+            Some(c) => (
+                crate::identities::Identities::clustered(IDENTITY_GRACE, c.ids),
+                c.identities
+                    .into_iter()
+                    .map(|(id, l)| (id.get(), l))
+                    .collect(),
+            ),
+            None => (
+                crate::identities::Identities::local(IDENTITY_GRACE),
+                BTreeMap::new(),
+            ),
+        };
+        let alloc = Arc::new(alloc);
         let mut items = Vec::new();
         for rec in state.endpoints.values() {
             // A pending endpoint holds the reserved init identity, not an allocated one.
@@ -119,15 +155,25 @@ impl Daemon {
                 .map_err(|e| NetdError::invalid("cidr_identities", prefix, e))?;
             items.push((*id, cidr_labels(&p)?));
         }
-        crate::state::restore_identities(&alloc, items)?;
+        alloc.restore(items)?;
         let mut engine = PolicyEngine::new(config.enforcement);
         engine.add_identities(reserved_identities());
         engine.add_identities(alloc.list());
+        let held: BTreeSet<u32> = alloc.list().iter().map(|(id, _)| id.get()).collect();
+        engine.add_identities(
+            remote_ids
+                .iter()
+                .filter(|(id, _)| !held.contains(id))
+                .map(|(id, l)| (NumericIdentity::new(*id), l.clone()))
+                .collect::<Vec<_>>(),
+        );
         let mut d = Self {
             config,
             datapath,
             engine,
             alloc,
+            remote_ids,
+            remote_ips: BTreeMap::new(),
             generation: 0,
             state,
             sources: BTreeMap::new(),
@@ -188,11 +234,11 @@ impl Daemon {
                     let labels = identity_labels(&rec.pod_labels, &rec.namespace, None)?;
                     let (id, fresh) = self.alloc.allocate(&labels)?;
                     if fresh {
-                        self.engine.add_identity(id, labels);
+                        self.engine_add(id, labels);
                     }
                     let old = nid(rec.identity);
                     if !old.is_reserved() && self.alloc.release(old)? {
-                        self.engine.remove_identity(old);
+                        self.engine_remove(old);
                     }
                     rec.identity = id.get();
                     rec.spiffe_id = None;
@@ -288,11 +334,27 @@ impl Daemon {
                 desired.insert((p.addr(), p.prefix_len()), *id);
             }
         }
+        let own: Vec<IpPrefix> = [
+            self.config.pod_cidr.prefix(),
+            self.config.pod_cidr_v6.prefix(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let clustered = self.alloc.is_clustered();
         let maps = self.datapath.maps_mut();
         for e in maps.ipcache.entries()? {
-            if !desired.contains_key(&(e.addr, e.prefix_len)) {
-                maps.ipcache.remove(e.addr, e.prefix_len)?;
+            if desired.contains_key(&(e.addr, e.prefix_len)) {
+                continue;
             }
+            let host = e.prefix_len == if e.addr.is_ipv4() { 32 } else { 128 };
+            if clustered && host && !own.iter().any(|p| prefix_has(p, e.addr)) {
+                // Another node's endpoint or a node address: kept until the cluster view
+                // has synced, so a restart leaves no gap for remote traffic.
+                self.remote_ips.insert(e.addr, e.identity);
+                continue;
+            }
+            maps.ipcache.remove(e.addr, e.prefix_len)?;
         }
         for ((addr, len), id) in &desired {
             maps.ipcache.upsert(*addr, *len, *id)?;
@@ -374,6 +436,7 @@ impl Daemon {
             service_account,
             uid: crate::state::new_uid(),
             identity: 0,
+            cluster_pending: false,
             ipv4,
             ipv6,
             host_index: index,
@@ -391,16 +454,26 @@ impl Daemon {
         let (id, fresh) = if rec.is_pending() {
             (sigil_identity::NumericIdentity::INIT, false)
         } else {
-            self.alloc.allocate(&labels)?
+            match self.alloc.allocate(&labels) {
+                Ok(v) => v,
+                Err(e @ IdentityError::Unavailable { .. }) => {
+                    // etcd cannot be asked: the endpoint waits at init, dropping everything,
+                    // and takes its identity when etcd answers (`retry_pending`).
+                    tracing::warn!(endpoint = %req.name, error = %e, "endpoint waits at init for its cluster identity");
+                    rec.cluster_pending = true;
+                    (sigil_identity::NumericIdentity::INIT, false)
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         let deltas = if fresh {
-            self.engine.add_identity(id, labels)
+            self.engine_add(id, labels)
         } else {
             PolicyDeltas::default()
         };
         let undo_identity = |d: &mut Self| {
             if !id.is_reserved() && d.alloc.release(id).unwrap_or(false) {
-                d.engine.remove_identity(id);
+                d.engine_remove(id);
             }
         };
         let net = match netns::create_endpoint(&EndpointSpec {
@@ -471,7 +544,7 @@ impl Daemon {
         self.state.endpoints.remove(name);
         let id = nid(rec.identity);
         let deltas = if !id.is_reserved() && self.alloc.release(id)? {
-            self.engine.remove_identity(id)
+            self.engine_remove(id)
         } else {
             PolicyDeltas::default()
         };
@@ -562,7 +635,7 @@ impl Daemon {
             Some(labels) => {
                 let (id, fresh) = self.alloc.allocate(&labels)?;
                 let deltas = if fresh {
-                    self.engine.add_identity(id, labels)
+                    self.engine_add(id, labels)
                 } else {
                     PolicyDeltas::default()
                 };
@@ -578,7 +651,7 @@ impl Daemon {
             if apply {
                 self.release_held(old)?;
             } else if self.alloc.release(old)? {
-                self.engine.remove_identity(old);
+                self.engine_remove(old);
             }
         }
         if apply {
@@ -591,7 +664,7 @@ impl Daemon {
     /// Drops a reference taken by [`Daemon::hold_classic`].
     fn release_held(&mut self, id: sigil_identity::NumericIdentity) -> Result<(), NetdError> {
         let gone = if self.alloc.release(id)? {
-            self.engine.remove_identity(id)
+            self.engine_remove(id)
         } else {
             PolicyDeltas::default()
         };
@@ -680,11 +753,12 @@ impl Daemon {
         }
         let (new, fresh) = self.alloc.allocate(&labels)?;
         let deltas = if fresh {
-            self.engine.add_identity(new, labels)
+            self.engine_add(new, labels)
         } else {
             PolicyDeltas::default()
         };
         rec.identity = new.get();
+        rec.cluster_pending = false;
         self.install_endpoint(&rec)?;
         self.state.endpoints.insert(name.to_owned(), rec.clone());
         self.apply_deltas(std::slice::from_ref(&deltas), Some(rec.identity))?;
@@ -692,7 +766,7 @@ impl Daemon {
         ipc.upsert(IpAddr::V4(rec.ipv4), 32, rec.identity)?;
         ipc.upsert(IpAddr::V6(rec.ipv6), 128, rec.identity)?;
         let gone = if !old.is_reserved() && self.alloc.release(old)? {
-            self.engine.remove_identity(old)
+            self.engine_remove(old)
         } else {
             PolicyDeltas::default()
         };
@@ -701,6 +775,134 @@ impl Daemon {
         self.publish();
         tracing::info!(endpoint = %name, old = old.get(), new = new.get(), "endpoint identity changed");
         Ok(rec)
+    }
+
+    /// Adds a freshly allocated identity to the engine, unless the cluster view put it there.
+    fn engine_add(&mut self, id: NumericIdentity, labels: Labels) -> PolicyDeltas {
+        if self.remote_ids.contains_key(&id.get()) {
+            return PolicyDeltas::default();
+        }
+        self.engine.add_identity(id, labels)
+    }
+
+    /// Removes an identity this node released from the engine, unless the cluster still has it.
+    fn engine_remove(&mut self, id: NumericIdentity) -> PolicyDeltas {
+        if self.remote_ids.contains_key(&id.get()) {
+            return PolicyDeltas::default();
+        }
+        self.engine.remove_identity(id)
+    }
+
+    // ---- cluster ----
+
+    /// A cluster identity appeared (`Some`: its labels) or was collected (`None`): the engine
+    /// learns or forgets it, and every map follows.
+    pub fn set_remote_identity(
+        &mut self,
+        id: NumericIdentity,
+        labels: Option<Labels>,
+    ) -> Result<(), NetdError> {
+        let held = self.alloc.lookup(id);
+        let deltas = match labels {
+            Some(labels) => {
+                if self.remote_ids.get(&id.get()) == Some(&labels) {
+                    return Ok(());
+                }
+                let mut deltas = Vec::new();
+                if held.is_none() {
+                    if self.remote_ids.contains_key(&id.get()) {
+                        deltas.push(self.engine.remove_identity(id));
+                    }
+                    deltas.push(self.engine.add_identity(id, labels.clone()));
+                }
+                self.remote_ids.insert(id.get(), labels);
+                deltas
+            }
+            None => {
+                if self.remote_ids.remove(&id.get()).is_none() || held.is_some() {
+                    return Ok(());
+                }
+                vec![self.engine.remove_identity(id)]
+            }
+        };
+        self.apply_deltas(&deltas, None)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Installs (`Some(identity)`) or removes another node's endpoint address or a node
+    /// address in the kernel IPCache. Addresses of this node's pod CIDRs are refused: only
+    /// this node says what its endpoints are.
+    pub fn set_remote_ip(&mut self, ip: IpAddr, identity: Option<u32>) -> Result<(), NetdError> {
+        let own = [
+            self.config.pod_cidr.prefix(),
+            self.config.pod_cidr_v6.prefix(),
+        ];
+        if own.iter().flatten().any(|p| prefix_has(p, ip)) {
+            return Err(NetdError::invalid(
+                "ip",
+                ip,
+                "lies in this node's pod CIDR; only this node publishes its endpoints",
+            ));
+        }
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        let ipc = &mut self.datapath.maps_mut().ipcache;
+        match identity {
+            Some(id) => {
+                if self.remote_ips.get(&ip) == Some(&id) {
+                    return Ok(());
+                }
+                ipc.upsert(ip, len, id)?;
+                self.remote_ips.insert(ip, id);
+            }
+            None => {
+                if self.remote_ips.remove(&ip).is_some() {
+                    ipc.remove(ip, len)?;
+                }
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// After the cluster view synced: removes remote IPCache entries not in `keep` (left from
+    /// before a restart, or of nodes gone meanwhile).
+    pub fn prune_remote(&mut self, keep: &BTreeSet<IpAddr>) -> Result<usize, NetdError> {
+        let stale: Vec<IpAddr> = self
+            .remote_ips
+            .keys()
+            .filter(|ip| !keep.contains(ip))
+            .copied()
+            .collect();
+        for ip in &stale {
+            self.set_remote_ip(*ip, None)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Endpoints waiting at init for their cluster identity try again; returns how many are
+    /// still waiting.
+    pub fn retry_pending(&mut self) -> Result<usize, NetdError> {
+        let waiting: Vec<EndpointRecord> = self
+            .state
+            .endpoints
+            .values()
+            .filter(|r| r.cluster_pending && r.spiffe_source != SpiffeSource::Pending)
+            .cloned()
+            .collect();
+        let mut left = 0;
+        for rec in waiting {
+            let labels = rec.labels()?;
+            let name = rec.name.clone();
+            match self.move_identity(rec, labels) {
+                Ok(r) => {
+                    tracing::info!(endpoint = %name, identity = r.identity, "endpoint took its cluster identity");
+                }
+                Err(NetdError::Identity(IdentityError::Unavailable { .. })) => left += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(left)
     }
 
     fn free_host_index(&self) -> Result<u32, NetdError> {
@@ -786,6 +988,19 @@ impl Daemon {
             snap.endpoints.insert(r.name.clone(), (r.clone(), labels));
         }
         snap.identity_count = self.alloc.len();
+        for (id, labels) in &self.remote_ids {
+            snap.identities
+                .entry(*id)
+                .or_insert_with(|| label_strings(labels));
+        }
+        snap.remote_ips = self.remote_ips.clone();
+        snap.cluster_ids = self.remote_ids.keys().copied().collect();
+        snap.cidr_identities = self
+            .state
+            .cidr_identities
+            .iter()
+            .filter_map(|(p, id)| Some((p.parse().ok()?, *id)))
+            .collect();
         let mut api_yaml: HashMap<&str, Arc<str>> = HashMap::new();
         for f in &self.state.imported {
             let text: Arc<str> = Arc::from(f.yaml.as_str());
@@ -833,6 +1048,12 @@ impl Daemon {
     pub fn identity_count(&self) -> usize {
         self.alloc.len()
     }
+}
+
+/// Whether address `ip` lies in prefix `p`.
+pub(crate) fn prefix_has(p: &IpPrefix, ip: IpAddr) -> bool {
+    let len = if ip.is_ipv4() { 32 } else { 128 };
+    IpPrefix::new(ip, len).is_some_and(|h| p.contains(&h))
 }
 
 /// Sorted `source:key=value` strings.

@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod identities;
 pub mod monitor;
 pub mod reconcile;
 pub mod registrar;
@@ -55,7 +57,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// API serves and false when draining begins. In-flight calls then get `drain_timeout` to finish.
 /// Subsystems register their metrics into `rt.metrics`.
 pub async fn serve(
-    config: Config,
+    mut config: Config,
     mut stop: tokio_watch::Receiver<bool>,
     rt: sigil_daemon::Runtime,
 ) -> anyhow::Result<()> {
@@ -64,6 +66,16 @@ pub async fn serve(
     let pin_dir = config.bpf_pin_dir.clone();
     let policy_dir = config.policy_dir.clone();
     sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
+    // Cluster mode: join before the datapath starts (the pod CIDR may be leased, and the
+    // cluster's identities must be in the engine before any map is installed).
+    let joined = match &config.cluster {
+        Some(_) => Some(cluster::join(&mut config).await?),
+        None => None,
+    };
+    let cluster_start = joined.as_ref().map(|j| daemon::ClusterStart {
+        ids: identities::ClusterIds::new(Arc::clone(&j.alloc), tokio::runtime::Handle::current()),
+        identities: j.alloc.list(),
+    });
     let agent = match config.identity_mode {
         config::IdentityMode::Spiffe => {
             let client = sigil_delegated_client::Client::new(&config.agent_socket);
@@ -73,8 +85,9 @@ pub async fn serve(
         config::IdentityMode::Classic => None,
     };
     let config = Arc::new(config);
-    let daemon = tokio::task::block_in_place(|| Daemon::start((*config).clone()))
-        .context("starting netd")?;
+    let daemon =
+        tokio::task::block_in_place(|| Daemon::start_with((*config).clone(), cluster_start))
+            .context("starting netd")?;
     let endpoints = daemon.list_endpoints().len();
     let (handle, reconciler) = reconcile::spawn(daemon).context("starting the reconciler")?;
     // Derived SPIFFE ID modes: netd keeps this node's entries on the server itself.
@@ -107,12 +120,30 @@ pub async fn serve(
             stop.clone(),
         ))
     });
+    let nodes_view: Option<cluster::NodesView> = joined
+        .as_ref()
+        .map(|_| Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())));
+    let cluster_task = match (joined, config.cluster.clone(), &nodes_view) {
+        (Some(j), Some(cc), Some(view)) => Some(tokio::spawn(cluster::run(
+            j,
+            cc,
+            config.state_dir.clone(),
+            handle.clone(),
+            Arc::clone(view),
+            stop.clone(),
+        ))),
+        _ => None,
+    };
     let listener = api_listener(&socket)?;
-    let api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
+    let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
+    if let Some(view) = nodes_view {
+        api = api.with_cluster(view);
+    }
     let router = tonic::transport::Server::builder()
         .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
+        .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api))
         .add_service(
             sigil_daemon::Health::new(
@@ -122,6 +153,7 @@ pub async fn serve(
                     "sigil.netd.v1.Policies",
                     "sigil.netd.v1.Monitor",
                     "sigil.netd.v1.Status",
+                    "sigil.netd.v1.Cluster",
                 ],
             )
             .into_server(),
@@ -170,6 +202,9 @@ pub async fn serve(
     }
     if let Some(i) = identities {
         let _ = i.await;
+    }
+    if let Some(c) = cluster_task {
+        let _ = c.await;
     }
     // Every handle is gone with the server and the watcher: the reconciler finishes the
     // change in hand and stops.

@@ -23,8 +23,25 @@ const STALE_RETRIES: usize = 3;
 
 type Reply<T> = oneshot::Sender<Result<T, NetdError>>;
 
+/// A change of the cluster view for the writer (see [`crate::cluster`]).
+#[derive(Debug, Clone)]
+pub enum ClusterOp {
+    /// A cluster identity appeared or changed (`Some`) or was collected (`None`).
+    Identity(
+        sigil_identity::NumericIdentity,
+        Option<sigil_labels::Labels>,
+    ),
+    /// A remote endpoint or node address in the IPCache (`None`: removed).
+    Ip(std::net::IpAddr, Option<u32>),
+    /// The cluster view synced: remote IPCache entries not in this set go.
+    Prune(std::collections::BTreeSet<std::net::IpAddr>),
+    /// Endpoints waiting at init for their cluster identity try again.
+    RetryPending,
+}
+
 /// A desired-state change for the writer, with where its answer goes.
 enum Command {
+    Cluster(ClusterOp, Reply<usize>),
     CreateEndpoint(CreateEndpoint, Reply<EndpointRecord>),
     DeleteEndpoint(String, Reply<()>),
     SetLabels {
@@ -81,6 +98,18 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
     // A reply whose caller has gone (a cancelled request) is dropped: the change stands.
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
+            Command::Cluster(op, reply) => {
+                d.bump_generation();
+                let res = match op {
+                    ClusterOp::Identity(id, labels) => {
+                        d.set_remote_identity(id, labels).map(|()| 0)
+                    }
+                    ClusterOp::Ip(ip, id) => d.set_remote_ip(ip, id).map(|()| 0),
+                    ClusterOp::Prune(keep) => d.prune_remote(&keep),
+                    ClusterOp::RetryPending => d.retry_pending(),
+                };
+                let _ = reply.send(res);
+            }
             Command::CreateEndpoint(req, reply) => {
                 d.bump_generation();
                 let _ = reply.send(d.create_endpoint(req));
@@ -168,6 +197,12 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(cmd(tx)).await.map_err(stopped)?;
         rx.await.map_err(stopped)?
+    }
+
+    /// Applies a change of the cluster view (see [`ClusterOp`]); returns the number the
+    /// operation counts (entries pruned, endpoints still waiting), else 0.
+    pub async fn cluster(&self, op: ClusterOp) -> Result<usize, NetdError> {
+        self.call(|r| Command::Cluster(op, r)).await
     }
 
     /// Creates an endpoint.

@@ -31,6 +31,12 @@ pub struct Snapshot {
     pub endpoint_ids: HashMap<u32, String>,
     /// Rule cookie → `Kind/namespace/name: rule path`.
     pub rules: HashMap<u32, String>,
+    /// Cluster mode: other nodes' endpoint addresses and node addresses in the IPCache.
+    pub remote_ips: BTreeMap<IpAddr, u32>,
+    /// Cluster mode: every cluster identity known from etcd.
+    pub cluster_ids: std::collections::BTreeSet<u32>,
+    /// Node-local CIDR identities of the prefixes policies name.
+    pub cidr_identities: Vec<(sigil_policy::IpPrefix, u32)>,
     /// Network namespace (nsfs device, inode) → endpoint name; built on the first lookup by namespace
     /// after this snapshot was published (a `stat` per endpoint), so publishing stays as cheap as before.
     netns_index: OnceLock<HashMap<(u64, u64), String>>,
@@ -199,6 +205,7 @@ mod tests {
             svid_expires_at: None,
             classic_identity: None,
             identity: 256,
+            cluster_pending: false,
             ipv4: "10.0.0.2".parse().expect("ipv4"),
             ipv6: "fd00::2".parse().expect("ipv6"),
             host_index: 2,

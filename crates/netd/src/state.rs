@@ -95,6 +95,10 @@ pub struct EndpointRecord {
     pub uid: String,
     /// Numeric identity.
     pub identity: u32,
+    /// Cluster mode: its identity could not be allocated in etcd yet (etcd unreachable); it
+    /// holds `init` with a drop-all map until the allocation succeeds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster_pending: bool,
     /// IPv4 address.
     pub ipv4: Ipv4Addr,
     /// IPv6 address.
@@ -152,7 +156,7 @@ impl EndpointRecord {
 
     /// Whether the endpoint waits for its SVID (it holds the reserved `init` identity).
     pub fn is_pending(&self) -> bool {
-        self.spiffe_source == SpiffeSource::Pending
+        self.spiffe_source == SpiffeSource::Pending || self.cluster_pending
     }
 
     /// The identity labels: pod labels, the namespace label, the SPIFFE ID label.

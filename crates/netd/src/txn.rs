@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use sigil_identity::{Allocator, LocalAllocator};
+use sigil_identity::Allocator;
 use sigil_policy::{Document, IpPrefix, PeerSelector, Peers, PolicyDeltas, PolicyEngine, PolicyId};
 
 use crate::error::NetdError;
@@ -44,7 +44,7 @@ pub struct PolicyJob {
     pub(crate) cidr_identities: BTreeMap<String, u32>,
     /// Policies the directory gave before (deleted by a `Dir` change that no longer has them).
     pub(crate) dir_ids: BTreeSet<PolicyId>,
-    pub(crate) alloc: Arc<LocalAllocator>,
+    pub(crate) alloc: Arc<crate::identities::Identities>,
 }
 
 /// A compiled change: the new engine and the deltas from the current one. Not yet in the
@@ -114,7 +114,7 @@ impl Compiled {
 /// ([`Allocated::keep`]).
 pub struct Allocated {
     list: CidrList,
-    alloc: Arc<LocalAllocator>,
+    alloc: Arc<crate::identities::Identities>,
 }
 
 impl Allocated {
@@ -135,7 +135,7 @@ impl Drop for Allocated {
     }
 }
 
-fn release_added(alloc: &LocalAllocator, added: &CidrList) {
+fn release_added(alloc: &crate::identities::Identities, added: &CidrList) {
     for (p, id) in added {
         if let Err(e) = alloc.release(nid(*id)) {
             tracing::warn!(prefix = %p, identity = id, error = %e, "releasing an unused CIDR identity");
@@ -148,7 +148,7 @@ fn release_added(alloc: &LocalAllocator, added: &CidrList) {
 /// on error the identities allocated so far are given back.
 pub(crate) fn sync_cidrs(
     engine: &mut PolicyEngine,
-    alloc: &LocalAllocator,
+    alloc: &crate::identities::Identities,
     cidr_identities: &mut BTreeMap<String, u32>,
     deltas: &mut Vec<PolicyDeltas>,
 ) -> Result<(CidrList, CidrList), NetdError> {

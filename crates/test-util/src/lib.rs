@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod certs;
 pub mod clock;
+pub mod cluster;
 pub mod etcd;
 pub mod netd;
 pub mod netns;
@@ -15,6 +16,7 @@ pub mod topology;
 pub use agent::AgentProcess;
 pub use certs::TestCa;
 pub use clock::ManualClock;
+pub use cluster::{ClusterNode, TestCluster, wait_for};
 pub use etcd::{EtcdServer, can_run_etcd};
 pub use netd::NetdProcess;
 pub use netns::TestNetns;

@@ -36,6 +36,8 @@ pub struct NetdProcess {
     pub netns: Option<String>,
     /// Extra `netd run` flags, given on every (re)start.
     pub extra_args: Vec<String>,
+    /// `--node-name` (default `e2e`).
+    pub node_name: String,
 }
 
 impl NetdProcess {
@@ -59,8 +61,22 @@ impl NetdProcess {
         b: u8,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let mut n = Self::prepare(netns, tag, a, b, extra)?;
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// The directories and flags of [`NetdProcess::start_with`], not started: set fields
+    /// (`node_name`, `pin_dir`) then call [`NetdProcess::spawn`].
+    pub fn prepare(
+        netns: Option<&str>,
+        tag: &str,
+        a: u8,
+        b: u8,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let root = tempfile::tempdir()?;
-        let mut n = NetdProcess {
+        let n = NetdProcess {
             child: None,
             api_socket: root.path().join("run").join("netd.sock"),
             state_dir: root.path().join("state"),
@@ -74,10 +90,10 @@ impl NetdProcess {
             log: root.path().join("netd.log"),
             netns: netns.map(str::to_owned),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            node_name: "e2e".to_owned(),
             root,
         };
         std::fs::create_dir_all(&n.policy_dir)?;
-        n.spawn()?;
         Ok(n)
     }
 
@@ -88,7 +104,7 @@ impl NetdProcess {
             None => Command::new(sigil_bin()),
         };
         let child = spawn_logged(
-            cmd.args(["netd", "run", "--node-name", "e2e"])
+            cmd.args(["netd", "run", "--node-name", &self.node_name])
                 .arg("--api-socket")
                 .arg(&self.api_socket)
                 .arg("--state-dir")
@@ -193,6 +209,10 @@ impl Drop for NetdProcess {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
             }
+        }
+        if !self.pin_dir.starts_with("/sys/fs/bpf") {
+            // netd mounted a bpffs there.
+            let _ = Command::new("umount").arg(&self.pin_dir).status();
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
     }

@@ -109,6 +109,8 @@ pub struct Topology {
     pub endpoints: Vec<Endpoint>,
     /// Every namespace made, removed in reverse order on drop.
     created: Vec<String>,
+    /// Whether the bridge has its `.254` address.
+    underlay_addressed: bool,
 }
 
 impl Topology {
@@ -132,6 +134,7 @@ impl Topology {
             nodes: Vec::new(),
             endpoints: Vec::new(),
             created: Vec::new(),
+            underlay_addressed: false,
         };
         t.build(n, subnet)?;
         Ok(t)
@@ -210,6 +213,29 @@ impl Topology {
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Gives the underlay bridge the address `.254` of the underlay subnet (idempotent) and
+    /// returns it: a service run in the underlay namespace on it (etcd, say) is reachable
+    /// from every node.
+    pub fn underlay_address(&mut self) -> anyhow::Result<Ipv4Addr> {
+        let IpAddr::V4(net) = self.underlay.addr() else {
+            bail!("the underlay is IPv4");
+        };
+        let o = net.octets();
+        let ip = Ipv4Addr::new(o[0], o[1], o[2], 254);
+        if !self.underlay_addressed {
+            let u = Ns::Named(&self.underlay_netns);
+            self.nl
+                .add_address(u, UNDERLAY_BRIDGE, IpAddr::V4(ip), 24, false)?;
+            self.underlay_addressed = true;
+        }
+        Ok(ip)
+    }
+
+    /// Path of the underlay namespace.
+    pub fn underlay_path(&self) -> PathBuf {
+        crate::netns::named_netns_path(&self.underlay_netns)
     }
 
     /// Namespace path of node `i` (shorthand).

@@ -44,6 +44,10 @@ pub struct SourceArgs {
     /// Source IP address outside the cluster.
     #[arg(long, value_name = "IP", value_parser = cidr)]
     src_cidr: Option<Peer>,
+    /// Source address, resolved by the running sigil-netd (`--api-socket`) to what its
+    /// datapath sees: a local or remote endpoint, a node, a CIDR identity, or the world.
+    #[arg(long, value_name = "IP")]
+    src_ip: Option<std::net::IpAddr>,
 }
 
 /// The destination of a traced flow: exactly one of these flags.
@@ -59,6 +63,9 @@ pub struct DestinationArgs {
     /// Destination IP address outside the cluster.
     #[arg(long, value_name = "IP", value_parser = cidr)]
     dst_cidr: Option<Peer>,
+    /// Destination address, resolved by the running sigil-netd (see `--src-ip`).
+    #[arg(long, value_name = "IP")]
+    dst_ip: Option<std::net::IpAddr>,
 }
 
 /// SPIFFE IDs of the traced endpoints: the `spiffe:spiffe.io/spiffe-id` label, alone or added to
@@ -66,10 +73,10 @@ pub struct DestinationArgs {
 #[derive(Debug, clap::Args)]
 pub struct SpiffeIdArgs {
     /// Source endpoint's SPIFFE ID (with `--src`, added to its labels).
-    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["src_entity", "src_cidr"])]
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["src_entity", "src_cidr", "src_ip"])]
     src_spiffe_id: Option<String>,
     /// Destination endpoint's SPIFFE ID (with `--dst`, added to its labels).
-    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["dst_entity", "dst_cidr"])]
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = spiffe_id, conflicts_with_all = ["dst_entity", "dst_cidr", "dst_ip"])]
     dst_spiffe_id: Option<String>,
 }
 
@@ -98,9 +105,13 @@ impl From<ModeArg> for EnforcementMode {
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
     /// Policy file, or directory of `*.yaml` / `*.yml` files (an empty directory holds no
-    /// policy). Repeat for more; all are loaded as one set.
-    #[arg(long, value_name = "PATH", required = true)]
+    /// policy). Repeat for more; all are loaded as one set. Without it, `--src-ip`/`--dst-ip`
+    /// trace through the policies the running sigil-netd holds.
+    #[arg(long, value_name = "PATH")]
     policies: Vec<PathBuf>,
+    /// sigil-netd's API socket, asked for `--src-ip`/`--dst-ip` (and its policies).
+    #[command(flatten)]
+    socket: super::netd::NetdSocket,
     #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
@@ -217,18 +228,33 @@ fn namespace_hint(flag: &str, peer: &Peer, docs: &[Document]) {
 }
 
 /// Runs the trace and returns its result (the caller prints it).
-fn trace(a: TraceArgs) -> anyhow::Result<(TraceResult, Format)> {
-    let docs = load(&a.policies, Some("--policies"))?;
+async fn trace(a: TraceArgs) -> anyhow::Result<(TraceResult, Format)> {
     let s = a.source;
+    let d = a.destination;
+    let by_ip = s.src_ip.is_some() || d.dst_ip.is_some();
+    let docs = match (a.policies.is_empty(), by_ip) {
+        (false, _) => load(&a.policies, Some("--policies"))?,
+        (true, true) => super::cluster::netd_policies(&a.socket).await?,
+        (true, false) => anyhow::bail!(
+            "--policies: required unless --src-ip or --dst-ip trace against a running sigil-netd"
+        ),
+    };
     let ids = a.spiffe_ids;
+    let src_ip = match s.src_ip {
+        Some(ip) => Some(super::cluster::peer_of_ip(&a.socket, ip).await?),
+        None => None,
+    };
+    let dst_ip = match d.dst_ip {
+        Some(ip) => Some(super::cluster::peer_of_ip(&a.socket, ip).await?),
+        None => None,
+    };
     let src = one_peer(
-        [s.src, s.src_entity, s.src_cidr],
+        [s.src.or(src_ip), s.src_entity, s.src_cidr],
         ids.src_spiffe_id,
         "source",
     )?;
-    let d = a.destination;
     let dst = one_peer(
-        [d.dst, d.dst_entity, d.dst_cidr],
+        [d.dst.or(dst_ip), d.dst_entity, d.dst_cidr],
         ids.dst_spiffe_id,
         "destination",
     )?;
@@ -296,7 +322,7 @@ fn validate(paths: &[PathBuf], format: Format) -> anyhow::Result<()> {
 pub async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Trace(a) => {
-            let (result, format) = trace(*a)?;
+            let (result, format) = trace(*a).await?;
             match format {
                 Format::Json => output::print_json(&result)?,
                 Format::Text => println!("{result}"),

@@ -22,6 +22,7 @@ fn ep(name: &str, ns: &str, sa: &str, labels: &[&str], identity: u32) -> Endpoin
         svid_expires_at: None,
         classic_identity: None,
         identity,
+        cluster_pending: false,
         ipv4: Ipv4Addr::new(10, 0, 0, 2),
         ipv6: Ipv6Addr::LOCALHOST,
         host_index: 2,

@@ -18,6 +18,7 @@ fn ep(name: &str, ns: &str, sa: &str, labels: &[&str]) -> EndpointRecord {
         svid_expires_at: None,
         classic_identity: None,
         identity: 0,
+        cluster_pending: false,
         ipv4: Ipv4Addr::new(10, 0, 0, 2),
         ipv6: Ipv6Addr::LOCALHOST,
         host_index: 2,

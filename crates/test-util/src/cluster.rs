@@ -1,0 +1,149 @@
+//! A sigil cluster on one machine for root tests: a [`Topology`] of N nodes, one etcd in the
+//! underlay namespace (reachable from every node on the bridge's address), and one
+//! sigil-netd per node in cluster mode with its own socket, state and pin directories and
+//! pod CIDR `10.<a>.<i>.0/24`. Dropped in order: netds (and their endpoints), etcd, the
+//! namespaces.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::{EtcdServer, NetdProcess, Topology};
+
+/// Polls `cond` every 20 ms until it holds (Ok), fails with the last state after `timeout`.
+/// `cond` returns `Ok(None)` when satisfied, `Ok(Some(state))` to go on (the state is shown
+/// if time runs out).
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let last = cond()?;
+        let Some(state) = last else {
+            return Ok(());
+        };
+        if start.elapsed() > timeout {
+            bail!("{what}: not after {timeout:?} (last: {state})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One node of a [`TestCluster`].
+pub struct ClusterNode {
+    /// Its netd.
+    pub netd: NetdProcess,
+    /// Node name (`node<i>`).
+    pub name: String,
+    /// Index in the topology.
+    pub index: usize,
+}
+
+/// See the module documentation.
+pub struct TestCluster {
+    /// The nodes' netds (dropped first).
+    pub nodes: Vec<ClusterNode>,
+    /// The cluster's etcd.
+    pub etcd: EtcdServer,
+    /// The namespaces (dropped last).
+    pub topo: Topology,
+    /// Cluster name.
+    pub name: String,
+    /// Second octet of the pod CIDRs.
+    pub a: u8,
+    /// Extra `netd run` flags of every node.
+    pub extra: Vec<String>,
+}
+
+impl TestCluster {
+    /// Builds `n` nodes with etcd and starts a netd on each (`--tunnel disabled`, lease TTL
+    /// 4 s, plus `extra`), waiting until each serves.
+    pub fn start(n: usize, a: u8, extra: &[&str]) -> anyhow::Result<TestCluster> {
+        let mut topo = Topology::new(n)?;
+        let ip = topo.underlay_address()?;
+        let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
+        let mut c = TestCluster {
+            nodes: Vec::new(),
+            etcd,
+            topo,
+            name: format!("t{}", std::process::id()),
+            a,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..n {
+            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &[])?;
+            c.nodes.push(ClusterNode {
+                netd,
+                name: format!("node{i}"),
+                index: i,
+            });
+        }
+        Ok(c)
+    }
+
+    /// The flags that put a netd on topology node `i` into this cluster.
+    pub fn cluster_args(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let node = self.topo.node(i)?;
+        let mut v: Vec<String> = [
+            "--kvstore",
+            "etcd",
+            "--kvstore-endpoints",
+            &self.etcd.endpoint(),
+            "--cluster-name",
+            &self.name,
+            "--cluster-id",
+            "1",
+            "--node-ip",
+            &node.underlay_ip.to_string(),
+            "--tunnel",
+            "disabled",
+            "--kvstore-lease-ttl",
+            "4s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(self.extra.iter().cloned());
+        Ok(v)
+    }
+
+    /// Starts (and waits for) a netd on topology node `i` named `name`, pod CIDR
+    /// `10.<a>.<b>.0/24`, with `more` flags; it is not added to [`TestCluster::nodes`].
+    pub fn spawn_netd(
+        &self,
+        i: usize,
+        name: &str,
+        b: u8,
+        more: &[&str],
+    ) -> anyhow::Result<NetdProcess> {
+        let mut args = self.cluster_args(i)?;
+        args.extend(more.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node = self.topo.node(i)?;
+        let mut netd = NetdProcess::prepare(
+            Some(&node.netns),
+            &format!("{}-{name}-{b}", self.name),
+            self.a,
+            b,
+            &refs,
+        )?;
+        netd.node_name = name.to_owned();
+        netd.spawn()
+            .with_context(|| format!("netd {name} on node {i}"))?;
+        Ok(netd)
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> anyhow::Result<&ClusterNode> {
+        self.nodes
+            .get(i)
+            .with_context(|| format!("no node {i} in a cluster of {}", self.nodes.len()))
+    }
+
+    /// The etcd key prefix of this cluster (`sigil/<name>/`).
+    pub fn prefix(&self) -> String {
+        format!("sigil/{}/", self.name)
+    }
+}
