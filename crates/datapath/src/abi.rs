@@ -365,7 +365,9 @@ pub(crate) struct EventRaw {
     pub(crate) daddr: [u8; 16],
     pub(crate) drop_reason: u32,
     pub(crate) rule_cookie: u32,
-    pub(crate) pad: u32,
+    pub(crate) tcp_flags: u8,
+    pub(crate) auth_required: u8,
+    pub(crate) pad: [u8; 2],
 }
 
 mirrors!(lpm IpCacheKey => c::IPCACHE_KEY, [family, pad, addr]);
@@ -393,7 +395,7 @@ mirrors!(CtKeyRaw => c::CT_KEY, [
 mirrors!(CtValueRaw => c::CT_VALUE, [created_ns, last_seen_ns, flags, pad]);
 mirrors!(EventRaw => c::EVENT, [
     ts_ns, endpoint_id, src_identity, dst_identity, family, protocol, direction, verdict,
-    sport, dport, saddr, daddr, drop_reason, rule_cookie, pad,
+    sport, dport, saddr, daddr, drop_reason, rule_cookie, tcp_flags, auth_required, pad,
 ]);
 mirrors!(CounterKeyRaw => c::COUNTER_KEY, [endpoint_id, verdict, pad]);
 mirrors!(CounterValueRaw => c::COUNTER_VALUE, [packets, bytes]);

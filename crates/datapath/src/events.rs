@@ -66,6 +66,11 @@ pub struct Event {
     pub drop_reason: u32,
     /// Cookie of the deciding policy entry (0 when none matched).
     pub rule_cookie: u32,
+    /// The packet's TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, URG 0x20,
+    /// ECE 0x40, CWR 0x80); 0 for other protocols.
+    pub tcp_flags: u8,
+    /// Whether the deciding allow entry requires authentication.
+    pub auth_required: bool,
 }
 
 impl Event {
@@ -95,6 +100,8 @@ impl Event {
             daddr: addr_from(raw.family, &raw.daddr),
             drop_reason: raw.drop_reason,
             rule_cookie: raw.rule_cookie,
+            tcp_flags: raw.tcp_flags,
+            auth_required: raw.auth_required != 0,
         })
     }
 }
@@ -201,6 +208,8 @@ mod tests {
         );
         put(&mut b, "drop_reason", &DROP_POLICY_DENIED.to_ne_bytes());
         put(&mut b, "rule_cookie", &9u32.to_ne_bytes());
+        put(&mut b, "tcp_flags", &[0x12]);
+        put(&mut b, "auth_required", &[1]);
         let ev = Event::parse(&b).expect("parse");
         assert_eq!(
             (ev.ts_ns, ev.endpoint_id, ev.src_identity, ev.dst_identity),
@@ -215,6 +224,7 @@ mod tests {
             (ev.sport, ev.dport, ev.drop_reason, ev.rule_cookie),
             (40000, 8080, 133, 9)
         );
+        assert_eq!((ev.tcp_flags, ev.auth_required), (0x12, true));
         assert_eq!(ev.saddr.to_string(), "10.0.0.1");
         assert_eq!(ev.daddr.to_string(), "10.0.0.2");
 
