@@ -105,7 +105,38 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sigil_frag SEC(".maps");
 
+/* This node's tunnel device and underlay address (one entry, key 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct tunnel_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sigil_tunnel SEC(".maps");
+
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
+static long (*bpf_skb_get_tunnel_key)(void *skb, void *key, __u32 size, __u64 flags) = (void *)20;
+static long (*bpf_skb_set_tunnel_key)(void *skb, void *key, __u32 size, __u64 flags) = (void *)21;
+static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+static long (*bpf_skb_change_type)(void *skb, __u32 type) = (void *)32;
+
+#define PACKET_HOST 0
+#define TUNNEL_TTL 64
+
+/* The kernel's struct bpf_tunnel_key (UAPI), with the IPv4 members of its unions named: the
+ * underlay is IPv4, so the programs pass no BPF_F_TUNINFO_IPV6. Addresses in host byte order.
+ * Kept out of sigil.h: it is kernel ABI, not sigil's. */
+struct bpf_tunnel_key {
+	__u32 tunnel_id;
+	__u32 remote_ipv4;
+	__u32 remote_ipv6_rest[3];
+	__u8 tunnel_tos;
+	__u8 tunnel_ttl;
+	__u16 tunnel_ext;
+	__u32 tunnel_label;
+	__u32 local_ipv4;
+	__u32 local_ipv6_rest[3];
+};
 
 /* Extension headers followed before giving up (RFC 8200's recommended order has at most six:
  * hop-by-hop, destination options, routing, fragment, authentication, destination options). */
@@ -366,7 +397,15 @@ static __attribute__((noinline)) int sender_ok(const struct __sk_buff *skb, cons
 	return !owner || *owner == skb->ingress_ifindex;
 }
 
-static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
+/* What the IPCache says about an address: identity (world when absent), flags and, for
+ * addresses on other nodes, the tunnel endpoint (network order, as a __u32). */
+struct peer {
+	__u32 identity;
+	__u32 flags;
+	__u32 tunnel_endpoint;
+};
+
+static __attribute__((noinline)) int lookup_peer(const __u8 *addr, __u32 family, struct peer *p)
 {
 	struct ipcache_key k = {};
 	struct ipcache_value *v;
@@ -375,7 +414,52 @@ static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
 	k.prefixlen = 32 + (family == 4 ? 32 : 128);
 	__builtin_memcpy(k.addr, addr, 16);
 	v = bpf_map_lookup_elem(&sigil_ipcache, &k);
-	return v ? v->identity : IDENTITY_WORLD;
+	if (!v) {
+		p->identity = IDENTITY_WORLD;
+		p->flags = 0;
+		p->tunnel_endpoint = 0;
+		return 0;
+	}
+	p->identity = v->identity;
+	p->flags = v->flags;
+	__builtin_memcpy(&p->tunnel_endpoint, v->tunnel_endpoint, 4);
+	return 1;
+}
+
+static __always_inline __u32 lookup_identity(__u8 family, const __u8 *addr)
+{
+	struct peer p = {};
+
+	lookup_peer(addr, family, &p);
+	return p.identity;
+}
+
+static __always_inline struct tunnel_config *tunnel_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&sigil_tunnel, &zero);
+}
+
+/* Whether an identity may travel in a VNI: remote-node (a node's own traffic) or a cluster
+ * identity. 0, the other reserved identities and node-local ones (bit 24 and up) may not. */
+static __always_inline int vni_ok(__u32 identity)
+{
+	return identity == IDENTITY_REMOTE_NODE ||
+	       (identity >= IDENTITY_CLUSTER_MIN && identity <= IDENTITY_VNI_MAX);
+}
+
+/* The tunnel endpoint (network order) of a peer on another node, 0 for local ones. A node
+ * entry of this node itself (its own underlay address) is local. */
+static __always_inline __u32 remote_endpoint(const struct peer *p, const struct tunnel_config *t)
+{
+	__u32 local = 0;
+
+	if (!(p->flags & (IPCACHE_F_TUNNEL | IPCACHE_F_NODE)) || !p->tunnel_endpoint)
+		return 0;
+	if (t)
+		__builtin_memcpy(&local, t->local_ipv4, 4);
+	return p->tunnel_endpoint == local ? 0 : p->tunnel_endpoint;
 }
 
 static __always_inline void count(__u32 ep, __u8 verdict, __u32 len)
@@ -401,6 +485,10 @@ struct ctx {
 	__u32 ep;
 	__u32 src_identity;
 	__u32 dst_identity;
+	__u32 flags;           /* EVENT_F_* */
+	__u32 tunnel_endpoint; /* leaving: the destination's node (network order), 0 = local */
+	__u32 tunnel_ifindex;  /* leaving: the tunnel device */
+	__u32 tunnel_local;    /* leaving: this node's underlay address (network order) */
 	__u8 direction;
 	__u8 auth_required; /* set once the deciding entry is known */
 };
@@ -432,10 +520,10 @@ static __always_inline void emit(const struct ctx *c, const struct flow *f, __u8
 	__builtin_memcpy(e->daddr, f->daddr, 16);
 	e->drop_reason = reason;
 	e->rule_cookie = cookie;
+	e->flags = c->flags;
 	e->tcp_flags = f->tcp_flags;
 	e->auth_required = c->auth_required;
-	e->pad[0] = 0;
-	e->pad[1] = 0;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -551,76 +639,111 @@ static __always_inline int drop(struct __sk_buff *skb, const struct ctx *c, cons
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct ctx *c)
 {
 	struct flow f = {};
-	struct ctx c = {};
 	struct ct_key key = {};
 	struct ct_value *ct;
 	struct endpoint_config *cfg;
+	struct tunnel_config *t;
+	struct peer remote = {};
 	struct decision d;
 	enum parse_result parsed;
 	__u32 local_identity, remote_identity;
 	__u8 closing;
-	int enforced;
+	int enforced, from_tunnel = 0;
 
 	parsed = parse(skb, &f);
 	if (parsed == PARSE_PASS)
 		return TC_ACT_OK;
 
-	c.now = bpf_ktime_get_boot_ns();
-	c.ep = skb->ifindex;
-	c.direction = direction;
-	cfg = bpf_map_lookup_elem(&sigil_endpoints, &c.ep);
+	c->now = bpf_ktime_get_boot_ns();
+	c->ep = skb->ifindex;
+	c->direction = direction;
+	cfg = bpf_map_lookup_elem(&sigil_endpoints, &c->ep);
+	t = tunnel_config();
 	if (direction == DIR_EGRESS) {
 		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.saddr);
-		remote_identity = lookup_identity(f.family, f.daddr);
-		c.src_identity = local_identity;
-		c.dst_identity = remote_identity;
+		lookup_peer(f.daddr, f.family, &remote);
+		remote_identity = remote.identity;
+		c->tunnel_endpoint = remote_endpoint(&remote, t);
+		if (c->tunnel_endpoint) {
+			c->flags |= EVENT_F_TUNNEL;
+			if (t) {
+				c->tunnel_ifindex = t->ifindex;
+				__builtin_memcpy(&c->tunnel_local, t->local_ipv4, 4);
+			}
+		}
+		c->src_identity = local_identity;
+		c->dst_identity = remote_identity;
 	} else {
 		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.daddr);
-		remote_identity = lookup_identity(f.family, f.saddr);
-		c.src_identity = remote_identity;
-		c.dst_identity = local_identity;
+		lookup_peer(f.saddr, f.family, &remote);
+		remote_identity = remote.identity;
+		/* Only a packet that arrived on the tunnel device carries the identity its VNI gave
+		 * (in the mark, set by sigil_from_tunnel); anything else's mark is not looked at. */
+		if (t && t->ifindex && skb->ingress_ifindex == t->ifindex) {
+			from_tunnel = 1;
+			c->flags |= EVENT_F_TUNNEL;
+			remote_identity = (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY
+						  ? skb->mark & MARK_IDENTITY_MASK
+						  : 0;
+		}
+		c->src_identity = remote_identity;
+		c->dst_identity = local_identity;
 	}
 
 	/* Before anything else, conntrack included: a packet that leaves an endpoint with
 	 * another's address would get that endpoint's identity, policy and connections; so would
-	 * one entering an endpoint with a local endpoint's address that it was not sent from. */
+	 * one entering an endpoint with a local endpoint's address that it was not sent from, or
+	 * with the address of something on another node that did not come through the tunnel. */
 	if (direction == DIR_EGRESS && !source_ok(cfg, &f))
-		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
-	if (direction == DIR_INGRESS && !sender_ok(skb, &f))
-		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
+		return drop(skb, c, &f, DROP_INVALID_SIP, 0);
+	if (direction == DIR_INGRESS) {
+		if (!sender_ok(skb, &f))
+			return drop(skb, c, &f, DROP_INVALID_SIP, 0);
+		if (from_tunnel && !vni_ok(remote_identity))
+			return drop(skb, c, &f, DROP_INVALID_IDENTITY, 0);
+		if (!from_tunnel && remote_endpoint(&remote, t))
+			return drop(skb, c, &f, DROP_INVALID_SIP, 0);
+	}
+	/* The VNI carries cluster identities only: node-local ones never go on the wire. */
+	if (c->tunnel_endpoint) {
+		if (!vni_ok(local_identity))
+			return drop(skb, c, &f, DROP_INVALID_IDENTITY, 0);
+		if (!c->tunnel_ifindex)
+			return drop(skb, c, &f, DROP_NO_TUNNEL, 0);
+	}
 	if (parsed == PARSE_ND) {
 		if (nd_on_link(cfg, &f, direction))
 			return TC_ACT_OK;
 		parsed = PARSE_IP;
 	}
 	if (parsed == PARSE_BAD)
-		return drop(skb, &c, &f, f.bad_reason, 0);
+		return drop(skb, c, &f, f.bad_reason, 0);
 
 	enforced = cfg && (direction == DIR_INGRESS ? cfg->ingress_enforced : cfg->egress_enforced);
 	if (f.frag == FRAG_LATER) {
 		struct frag_key fk = {};
 		struct frag_value *fv;
 
-		frag_key_of(&fk, &c, &f);
+		frag_key_of(&fk, c, &f);
 		fv = bpf_map_lookup_elem(&sigil_frag, &fk);
 		/* Another CPU may have stamped the entry after this packet read the clock. */
-		if (fv && (fv->seen_ns >= c.now || c.now - fv->seen_ns < FRAG_LIFETIME_NS)) {
+		if (fv && (fv->seen_ns >= c->now || c->now - fv->seen_ns < FRAG_LIFETIME_NS)) {
 			f.protocol = fv->protocol;
 			f.sport = fv->sport;
 			f.dport = fv->dport;
 		} else if (enforced) {
 			/* Its flow is unknown, so no entry can be said to allow it. */
-			return drop(skb, &c, &f, DROP_FRAG_NOT_FOUND, 0);
+			return drop(skb, c, &f, DROP_FRAG_NOT_FOUND, 0);
 		}
 	}
 	closing = (f.tcp_flags & (TCP_FIN | TCP_RST)) ? CT_CLOSING : 0;
 
 	/* A reply: the reversed tuple was opened in the other direction. Replies are not
 	 * policy-checked; the opening direction is, on every packet. */
-	key.endpoint_id = c.ep;
+	key.endpoint_id = c->ep;
 	key.family = f.family;
 	key.protocol = f.protocol;
 	key.direction = direction ^ 1;
@@ -629,15 +752,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	key.sport = f.dport;
 	key.dport = f.sport;
 	ct = bpf_map_lookup_elem(&sigil_ct, &key);
-	if (ct && ct_alive(ct, f.protocol, c.now)) {
-		ct->last_seen_ns = c.now;
+	if (ct && ct_alive(ct, f.protocol, c->now)) {
+		ct->last_seen_ns = c->now;
 		ct->flags |= closing;
 		if (!(ct->flags & CT_SEEN_REPLY)) {
 			ct->flags |= CT_SEEN_REPLY;
-			emit(&c, &f, VERDICT_ALLOWED_REPLY, 0, 0);
+			emit(c, &f, VERDICT_ALLOWED_REPLY, 0, 0);
 		}
-		frag_note(&c, &f, 1);
-		count(c.ep, VERDICT_ALLOWED_REPLY, skb->len);
+		frag_note(c, &f, 1);
+		count(c->ep, VERDICT_ALLOWED_REPLY, skb->len);
 		return TC_ACT_OK;
 	}
 
@@ -647,18 +770,18 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	key.sport = f.sport;
 	key.dport = f.dport;
 
-	decide(&d, &c, &f, remote_identity, local_identity, cfg);
-	c.auth_required = d.auth_required;
+	decide(&d, c, &f, remote_identity, local_identity, cfg);
+	c->auth_required = d.auth_required;
 	if (d.drop_reason) {
 		/* Forget the connection so its replies stop passing as replies. */
 		bpf_map_delete_elem(&sigil_ct, &key);
-		frag_note(&c, &f, 0);
-		return drop(skb, &c, &f, d.drop_reason, d.cookie);
+		frag_note(c, &f, 0);
+		return drop(skb, c, &f, d.drop_reason, d.cookie);
 	}
 
 	ct = bpf_map_lookup_elem(&sigil_ct, &key);
-	if (ct && ct_alive(ct, f.protocol, c.now)) {
-		ct->last_seen_ns = c.now;
+	if (ct && ct_alive(ct, f.protocol, c->now)) {
+		ct->last_seen_ns = c->now;
 		ct->flags |= closing;
 	} else if (f.protocol == IPPROTO_TCP && (f.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN) {
 		/* Only an opening SYN opens a TCP connection. Otherwise a packet in the reverse
@@ -669,25 +792,157 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	} else {
 		struct ct_value fresh = {};
 
-		fresh.created_ns = c.now;
-		fresh.last_seen_ns = c.now;
+		fresh.created_ns = c->now;
+		fresh.last_seen_ns = c->now;
 		fresh.flags = closing;
 		bpf_map_update_elem(&sigil_ct, &key, &fresh, BPF_ANY);
-		emit(&c, &f, VERDICT_ALLOWED, 0, d.cookie);
+		emit(c, &f, VERDICT_ALLOWED, 0, d.cookie);
 	}
-	frag_note(&c, &f, 1);
-	count(c.ep, VERDICT_ALLOWED, skb->len);
+	frag_note(c, &f, 1);
+	count(c->ep, VERDICT_ALLOWED, skb->len);
 	return TC_ACT_OK;
+}
+
+/* Encapsulation towards another node: the tunnel key carries the source identity as VNI and
+ * the destination's node as remote; the VXLAN device (collect metadata) builds the outer
+ * headers and routes them on the underlay. */
+static __attribute__((noinline)) int encap(struct __sk_buff *skb, __u32 identity, __u32 remote,
+					   __u32 local, __u32 ifindex)
+{
+	struct bpf_tunnel_key key = {};
+
+	key.tunnel_id = identity;
+	key.remote_ipv4 = __builtin_bswap32(remote);
+	key.local_ipv4 = __builtin_bswap32(local);
+	key.tunnel_ttl = TUNNEL_TTL;
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(ifindex, 0);
 }
 
 SEC("classifier")
 int sigil_from_ep(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_EGRESS);
+	struct ctx c = {};
+	int verdict = handle(skb, DIR_EGRESS, &c);
+
+	/* Everything that passes towards another node's address goes into the tunnel: new
+	 * connections, replies and untracked packets alike. */
+	if (verdict != TC_ACT_OK || !c.tunnel_endpoint)
+		return verdict;
+	return encap(skb, c.src_identity, c.tunnel_endpoint, c.tunnel_local, c.tunnel_ifindex);
 }
 
 SEC("classifier")
 int sigil_to_ep(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_INGRESS);
+	struct ctx c = {};
+
+	return handle(skb, DIR_INGRESS, &c);
+}
+
+/* Whether a packet that came out of the tunnel is for this node: a local endpoint or this
+ * node's own underlay address. Anything else would be relayed (to the underlay, or back into
+ * the tunnel) under a source the sender chose. */
+static __attribute__((noinline)) int for_this_node(const struct flow *f,
+						   const struct tunnel_config *t)
+{
+	struct ep_addr_key k = {};
+
+	if (f->family == 4 && t && addr_eq(f->daddr, t->local_ipv4, 4))
+		return 1;
+	k.family = f->family;
+	__builtin_memcpy(k.addr, f->daddr, 16);
+	return bpf_map_lookup_elem(&sigil_ep_addrs, &k) != 0;
+}
+
+/* At the VXLAN device's ingress: packets from other nodes. The VNI is the source identity;
+ * the outer source must be a cluster node, the inner source an address that node hosts, the
+ * inner destination something on this node. The identity then rides in skb->mark to
+ * sigil_to_ep, which trusts it only for packets that arrived on this device. */
+SEC("classifier")
+int sigil_from_tunnel(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key key = {};
+	struct flow f = {};
+	struct ctx c = {};
+	struct peer p = {};
+	struct tunnel_config *t;
+	__u8 outer[16] = {};
+	__u32 outer_be;
+	enum parse_result parsed;
+
+	parsed = parse(skb, &f);
+	c.now = bpf_ktime_get_boot_ns();
+	c.ep = skb->ifindex;
+	c.direction = DIR_INGRESS;
+	c.flags = EVENT_F_TUNNEL;
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return drop(skb, &c, &f, DROP_NO_TUNNEL_KEY, 0);
+	c.src_identity = key.tunnel_id;
+	outer_be = __builtin_bswap32(key.remote_ipv4);
+	__builtin_memcpy(outer, &outer_be, 4);
+	if (!lookup_peer(outer, 4, &p) || !(p.flags & IPCACHE_F_NODE))
+		return drop(skb, &c, &f, DROP_UNKNOWN_SENDER, 0);
+	if (!vni_ok(key.tunnel_id))
+		return drop(skb, &c, &f, DROP_INVALID_IDENTITY, 0);
+	if (parsed == PARSE_PASS)
+		return drop(skb, &c, &f, DROP_INVALID, 0);
+	/* A node speaks for the addresses it hosts (its endpoints, itself), not for another
+	 * node's: else it could pass its packets off as replies of their connections. */
+	lookup_peer(f.saddr, f.family, &p);
+	if (!(p.flags & (IPCACHE_F_TUNNEL | IPCACHE_F_NODE)) || p.tunnel_endpoint != outer_be)
+		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
+	t = tunnel_config();
+	if (!for_this_node(&f, t))
+		return drop(skb, &c, &f, DROP_NO_LOCAL_ENDPOINT, 0);
+	skb->mark = MARK_MAGIC_IDENTITY | key.tunnel_id;
+	/* The inner frame is addressed to the sending endpoint's host veth, not to this device;
+	 * the stack would discard it as another host's. */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	return TC_ACT_OK;
+}
+
+/* At the VXLAN device's egress. Packets from local endpoints come with their tunnel key (set
+ * by sigil_from_ep). Without one, only the host's own traffic (routed to a remote pod CIDR)
+ * may enter the tunnel, and it leaves as the node: VNI 6 (remote-node at the receiver).
+ * Anything the host forwards from elsewhere is refused, so the node is no relay. */
+SEC("classifier")
+int sigil_to_tunnel(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key key = {};
+	struct flow f = {};
+	struct ctx c = {};
+	struct peer p = {};
+	struct tunnel_config *t;
+	__u32 remote;
+	enum parse_result parsed;
+
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0)
+		return TC_ACT_OK;
+	parsed = parse(skb, &f);
+	c.now = bpf_ktime_get_boot_ns();
+	c.ep = skb->ifindex;
+	c.direction = DIR_EGRESS;
+	c.flags = EVENT_F_TUNNEL;
+	c.src_identity = IDENTITY_REMOTE_NODE;
+	/* The device's own link-scoped chatter (IPv6 router solicitations, MLD) goes nowhere. */
+	if (parsed == PARSE_PASS || (f.family == 6 && link_scoped(f.daddr)))
+		return TC_ACT_SHOT;
+	if (skb->ingress_ifindex != 0)
+		return drop(skb, &c, &f, DROP_ENCAP_PROHIBITED, 0);
+	t = tunnel_config();
+	lookup_peer(f.daddr, f.family, &p);
+	c.dst_identity = p.identity;
+	remote = remote_endpoint(&p, t);
+	if (!remote || !t)
+		return drop(skb, &c, &f, DROP_NO_TUNNEL, 0);
+	key.tunnel_id = IDENTITY_REMOTE_NODE;
+	key.remote_ipv4 = __builtin_bswap32(remote);
+	__builtin_memcpy(&key.local_ipv4, t->local_ipv4, 4);
+	key.local_ipv4 = __builtin_bswap32(key.local_ipv4);
+	key.tunnel_ttl = TUNNEL_TTL;
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return drop(skb, &c, &f, DROP_NO_TUNNEL, 0);
+	return TC_ACT_OK;
 }

@@ -23,6 +23,7 @@ typedef __u32 __be32;
 
 /* enum bpf_map_type */
 #define BPF_MAP_TYPE_HASH 1
+#define BPF_MAP_TYPE_ARRAY 2
 #define BPF_MAP_TYPE_PERCPU_HASH 5
 #define BPF_MAP_TYPE_PERCPU_ARRAY 6
 #define BPF_MAP_TYPE_LRU_HASH 9
@@ -87,6 +88,9 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
  * padding, no bit-fields) ---- */
 
 #define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 6 /* a cluster node other than this one (Cilium's) */
+#define IDENTITY_CLUSTER_MIN 256 /* first identity that is not reserved */
+#define IDENTITY_VNI_MAX 0xffffff /* a VNI has 24 bits; node-local identities (bit 24) never fit */
 #define DIR_INGRESS 0 /* into the endpoint */
 #define DIR_EGRESS 1  /* out of the endpoint */
 
@@ -101,6 +105,22 @@ static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 #define DROP_FRAG_NOT_FOUND 175 /* non-first fragment whose first fragment was not seen */
 #define DROP_POLICY_DENY 181   /* an explicit deny entry matched */
 #define DROP_AUTH_REQUIRED 189 /* allow entry needs auth, none recorded */
+#define DROP_NO_TUNNEL_KEY 147 /* a packet on the tunnel device without tunnel metadata */
+#define DROP_NO_LOCAL_ENDPOINT 152 /* tunnelled packet for no local endpoint nor this node */
+#define DROP_NO_TUNNEL 160 /* no tunnel device, or no tunnel endpoint for the destination */
+#define DROP_ENCAP_PROHIBITED 170 /* forwarded (not local) traffic routed into the tunnel */
+#define DROP_INVALID_IDENTITY 171 /* VNI 0, reserved, or a node-local identity */
+#define DROP_UNKNOWN_SENDER 172 /* tunnel packet whose outer source is not a cluster node */
+
+/* skb->mark from the tunnel device's ingress program to the endpoint's: the high byte says it
+ * carries an identity, the low 24 bits are that identity (Cilium's MARK_MAGIC_IDENTITY idea).
+ * Trusted only when the packet arrived on the tunnel device (skb->ingress_ifindex). */
+#define MARK_MAGIC_MASK 0xff000000
+#define MARK_MAGIC_IDENTITY 0x53000000
+#define MARK_IDENTITY_MASK 0x00ffffff
+
+/* Events: the packet came from / leaves through the tunnel (identity from / into the VNI). */
+#define EVENT_F_TUNNEL 1
 
 struct ipcache_key {
 	__u32 prefixlen; /* 32 (family + pad) + address prefix length */
@@ -109,9 +129,19 @@ struct ipcache_key {
 	__u8 addr[16];   /* IPv4 in the first 4 bytes, rest zero */
 };
 
+#define IPCACHE_F_TUNNEL 1 /* tunnel_endpoint is set: the address lives on another node */
+#define IPCACHE_F_NODE 2   /* the address is a cluster node's underlay address */
+
 struct ipcache_value {
 	__u32 identity;
-	__u32 flags;
+	__u32 flags; /* IPCACHE_F_* */
+	__u8 tunnel_endpoint[4]; /* IPv4 underlay address of the hosting node (network order) */
+};
+
+/* The single entry of sigil_tunnel: this node's VXLAN device, written by setup_tunnel. */
+struct tunnel_config {
+	__u32 ifindex; /* the collect-metadata VXLAN device; 0 = no tunnel */
+	__u8 local_ipv4[4]; /* this node's underlay address (network order) */
 };
 
 struct policy_key {
@@ -222,9 +252,10 @@ struct event {
 	__u8 daddr[16];
 	__u32 drop_reason;
 	__u32 rule_cookie;
+	__u32 flags; /* EVENT_F_* */
 	__u8 tcp_flags;     /* the packet's TCP flags byte (FIN 0x01 ... CWR 0x80); 0 for other protocols */
 	__u8 auth_required; /* 1: the deciding allow entry requires authentication */
-	__u8 pad[2];        /* zero; every struct here names all its bytes */
+	__u8 pad[6];        /* zero; every struct here names all its bytes */
 };
 
 struct counter_key {

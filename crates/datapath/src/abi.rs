@@ -212,7 +212,25 @@ pub(crate) struct IpCacheKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct IpCacheValue {
     pub(crate) identity: u32,
+    /// `IPCACHE_F_TUNNEL` | `IPCACHE_F_NODE`.
     pub(crate) flags: u32,
+    /// IPv4 underlay address of the hosting node, network order (with `IPCACHE_F_TUNNEL`).
+    pub(crate) tunnel_endpoint: [u8; 4],
+}
+
+/// `ipcache_value.flags`: `tunnel_endpoint` is set, the address lives on another node.
+pub(crate) const IPCACHE_F_TUNNEL: u32 = 1;
+/// `ipcache_value.flags`: the address is a cluster node's underlay address.
+pub(crate) const IPCACHE_F_NODE: u32 = 2;
+
+/// `struct tunnel_config`: the one entry of `sigil_tunnel`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct TunnelConfigRaw {
+    /// The VXLAN device's ifindex; 0 = no tunnel.
+    pub(crate) ifindex: u32,
+    /// This node's underlay address, network order.
+    pub(crate) local_ipv4: [u8; 4],
 }
 
 /// Policy LPM data after the prefix length. `endpoint_id` and `remote_identity` are native
@@ -365,13 +383,23 @@ pub(crate) struct EventRaw {
     pub(crate) daddr: [u8; 16],
     pub(crate) drop_reason: u32,
     pub(crate) rule_cookie: u32,
+    /// `EVENT_F_TUNNEL`.
+    pub(crate) flags: u32,
     pub(crate) tcp_flags: u8,
     pub(crate) auth_required: u8,
-    pub(crate) pad: [u8; 2],
+    pub(crate) pad: [u8; 6],
 }
 
+/// `event.flags`: the packet came from, or leaves through, the tunnel.
+pub(crate) const EVENT_F_TUNNEL: u32 = 1;
+/// skb mark bits that say the mark carries an identity from the tunnel device.
+pub(crate) const MARK_MAGIC_MASK: u32 = 0xff00_0000;
+/// The value of those bits.
+pub(crate) const MARK_MAGIC_IDENTITY: u32 = 0x5300_0000;
+
 mirrors!(lpm IpCacheKey => c::IPCACHE_KEY, [family, pad, addr]);
-mirrors!(IpCacheValue => c::IPCACHE_VALUE, [identity, flags]);
+mirrors!(IpCacheValue => c::IPCACHE_VALUE, [identity, flags, tunnel_endpoint]);
+mirrors!(TunnelConfigRaw => c::TUNNEL_CONFIG, [ifindex, local_ipv4]);
 mirrors!(lpm PolicyKeyData => c::POLICY_KEY, [
     endpoint_id, remote_identity, direction, protocol, dport_be as "dport",
 ]);
@@ -395,7 +423,7 @@ mirrors!(CtKeyRaw => c::CT_KEY, [
 mirrors!(CtValueRaw => c::CT_VALUE, [created_ns, last_seen_ns, flags, pad]);
 mirrors!(EventRaw => c::EVENT, [
     ts_ns, endpoint_id, src_identity, dst_identity, family, protocol, direction, verdict,
-    sport, dport, saddr, daddr, drop_reason, rule_cookie, tcp_flags, auth_required, pad,
+    sport, dport, saddr, daddr, drop_reason, rule_cookie, flags, tcp_flags, auth_required, pad,
 ]);
 mirrors!(CounterKeyRaw => c::COUNTER_KEY, [endpoint_id, verdict, pad]);
 mirrors!(CounterValueRaw => c::COUNTER_VALUE, [packets, bytes]);
@@ -414,6 +442,20 @@ same_numbers!(
     codes::DROP_FRAG_NOT_FOUND => DROP_FRAG_NOT_FOUND,
     codes::DROP_POLICY_DENY => DROP_POLICY_DENY,
     codes::DROP_AUTH_REQUIRED => DROP_AUTH_REQUIRED,
+    codes::DROP_NO_TUNNEL_KEY => DROP_NO_TUNNEL_KEY,
+    codes::DROP_NO_LOCAL_ENDPOINT => DROP_NO_LOCAL_ENDPOINT,
+    codes::DROP_NO_TUNNEL => DROP_NO_TUNNEL,
+    codes::DROP_ENCAP_PROHIBITED => DROP_ENCAP_PROHIBITED,
+    codes::DROP_INVALID_IDENTITY => DROP_INVALID_IDENTITY,
+    codes::DROP_UNKNOWN_SENDER => DROP_UNKNOWN_SENDER,
+    crate::IDENTITY_REMOTE_NODE => IDENTITY_REMOTE_NODE,
+    crate::tunnel::IDENTITY_CLUSTER_MIN => IDENTITY_CLUSTER_MIN,
+    crate::tunnel::VNI_MAX => IDENTITY_VNI_MAX,
+    IPCACHE_F_TUNNEL => IPCACHE_F_TUNNEL,
+    IPCACHE_F_NODE => IPCACHE_F_NODE,
+    EVENT_F_TUNNEL => EVENT_F_TUNNEL,
+    MARK_MAGIC_MASK => MARK_MAGIC_MASK,
+    MARK_MAGIC_IDENTITY => MARK_MAGIC_IDENTITY,
     EP_HAS_IPV4 => EP_HAS_IPV4,
     EP_HAS_IPV6 => EP_HAS_IPV6,
     codes::CT_SEEN_REPLY => CT_SEEN_REPLY,
@@ -460,6 +502,8 @@ unsafe impl Pod for CounterValueRaw {}
 
 // SAFETY: as above.
 unsafe impl Pod for EventRaw {}
+// SAFETY: as above.
+unsafe impl Pod for TunnelConfigRaw {}
 // SAFETY: as above.
 unsafe impl Pod for FragKeyRaw {}
 // SAFETY: as above.

@@ -32,6 +32,26 @@ pub const DROP_POLICY_DENY: u32 = 181;
 /// Drop reason: the allow entry requires authentication and none is recorded (Cilium's 189).
 pub const DROP_AUTH_REQUIRED: u32 = 189;
 
+/// Drop reason: a packet on the tunnel device without tunnel metadata, or with an IPv6
+/// underlay (Cilium's 147, error retrieving tunnel key).
+pub const DROP_NO_TUNNEL_KEY: u32 = 147;
+/// Drop reason: a packet from the tunnel for neither a local endpoint nor this node (Cilium's
+/// 152, no matching local container): a node is no relay.
+pub const DROP_NO_LOCAL_ENDPOINT: u32 = 152;
+/// Drop reason: the destination lives on another node but there is no tunnel device, or the
+/// host routed a packet into the tunnel for an address without a tunnel endpoint (Cilium's
+/// 160, no tunnel endpoint).
+pub const DROP_NO_TUNNEL: u32 = 160;
+/// Drop reason: the host forwarded a packet from elsewhere into the tunnel; only local
+/// endpoints and the host's own traffic may enter it (Cilium's 170, encapsulation prohibited).
+pub const DROP_ENCAP_PROHIBITED: u32 = 170;
+/// Drop reason: an identity that may not travel in a VNI — 0, a reserved identity other than
+/// remote-node, or a node-local one — whether received or about to be sent (Cilium's 171).
+pub const DROP_INVALID_IDENTITY: u32 = 171;
+/// Drop reason: a tunnel packet whose outer source is not a cluster node in the IPCache
+/// (Cilium's 172, unknown sender).
+pub const DROP_UNKNOWN_SENDER: u32 = 172;
+
 /// The datapath's verdict on a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verdict {

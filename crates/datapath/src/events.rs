@@ -14,10 +14,12 @@ use aya::maps::{Map, MapData, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::abi::{EventRaw, read_record};
+use crate::abi::{EVENT_F_TUNNEL, EventRaw, read_record};
 use crate::codes::{
-    DROP_AUTH_REQUIRED, DROP_FRAG_NOT_FOUND, DROP_INVALID, DROP_INVALID_EXTHDR, DROP_INVALID_SIP,
-    DROP_POLICY_DENIED, DROP_POLICY_DENY, Direction, Verdict, addr_from,
+    DROP_AUTH_REQUIRED, DROP_ENCAP_PROHIBITED, DROP_FRAG_NOT_FOUND, DROP_INVALID,
+    DROP_INVALID_EXTHDR, DROP_INVALID_IDENTITY, DROP_INVALID_SIP, DROP_NO_LOCAL_ENDPOINT,
+    DROP_NO_TUNNEL, DROP_NO_TUNNEL_KEY, DROP_POLICY_DENIED, DROP_POLICY_DENY, DROP_UNKNOWN_SENDER,
+    Direction, Verdict, addr_from,
 };
 use crate::error::DatapathError;
 use crate::maps::MAP_EVENTS;
@@ -33,6 +35,12 @@ pub fn drop_reason_name(code: u32) -> &'static str {
         DROP_POLICY_DENIED => "policy denied",
         DROP_POLICY_DENY => "policy deny",
         DROP_AUTH_REQUIRED => "auth required",
+        DROP_NO_TUNNEL_KEY => "error retrieving tunnel key",
+        DROP_NO_LOCAL_ENDPOINT => "no matching local endpoint",
+        DROP_NO_TUNNEL => "no tunnel endpoint",
+        DROP_ENCAP_PROHIBITED => "encapsulation prohibited",
+        DROP_INVALID_IDENTITY => "invalid identity",
+        DROP_UNKNOWN_SENDER => "unknown sender",
         _ => "unknown",
     }
 }
@@ -62,10 +70,14 @@ pub struct Event {
     pub sport: u16,
     /// Destination port (0 without ports).
     pub dport: u16,
-    /// The drop reason (132, 133, 134, 156, 175, 181 or 189) when dropped, else 0.
+    /// The drop reason (see [`drop_reason_name`]) when dropped, else 0.
     pub drop_reason: u32,
     /// Cookie of the deciding policy entry (0 when none matched).
     pub rule_cookie: u32,
+    /// The packet came from another node through the tunnel (`src_identity` is then its
+    /// VNI), or leaves through it (`src_identity` goes into the VNI). `endpoint_id` is the
+    /// tunnel device's ifindex for drops at the tunnel device itself.
+    pub via_tunnel: bool,
     /// The packet's TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, URG 0x20,
     /// ECE 0x40, CWR 0x80); 0 for other protocols.
     pub tcp_flags: u8,
@@ -100,6 +112,7 @@ impl Event {
             daddr: addr_from(raw.family, &raw.daddr),
             drop_reason: raw.drop_reason,
             rule_cookie: raw.rule_cookie,
+            via_tunnel: raw.flags & EVENT_F_TUNNEL != 0,
             tcp_flags: raw.tcp_flags,
             auth_required: raw.auth_required != 0,
         })
@@ -211,6 +224,10 @@ mod tests {
         put(&mut b, "tcp_flags", &[0x12]);
         put(&mut b, "auth_required", &[1]);
         let ev = Event::parse(&b).expect("parse");
+        assert!(!ev.via_tunnel);
+        put(&mut b, "flags", &1u32.to_ne_bytes());
+        let ev = Event::parse(&b).expect("parse");
+        assert!(ev.via_tunnel);
         assert_eq!(
             (ev.ts_ns, ev.endpoint_id, ev.src_identity, ev.dst_identity),
             (123, 7, 1001, 1002)

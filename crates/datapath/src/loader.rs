@@ -23,15 +23,27 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/da
 pub const PROG_FROM_ENDPOINT: &str = "sigil_from_ep";
 /// Program at the host veth's egress hook: packets entering the endpoint (its ingress).
 pub const PROG_TO_ENDPOINT: &str = "sigil_to_ep";
+/// Program at the VXLAN device's ingress hook: packets from other nodes.
+pub const PROG_FROM_TUNNEL: &str = "sigil_from_tunnel";
+/// Program at the VXLAN device's egress hook: the host's own packets to other nodes.
+pub const PROG_TO_TUNNEL: &str = "sigil_to_tunnel";
 
 /// Filter priority of our programs on the clsact hooks (lower runs first).
 pub const TC_PRIORITY: u16 = 1;
 /// Filter handle of our programs.
 pub const TC_HANDLE: u32 = 0x5347;
 
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
+type Hook = (&'static str, TcAttachType, &'static str);
+
+const HOOKS: [Hook; 2] = [
     (PROG_FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
     (PROG_TO_ENDPOINT, TcAttachType::Egress, "egress"),
+];
+
+/// The programs of the tunnel device.
+pub(crate) const TUNNEL_HOOKS: [Hook; 2] = [
+    (PROG_FROM_TUNNEL, TcAttachType::Ingress, "ingress"),
+    (PROG_TO_TUNNEL, TcAttachType::Egress, "egress"),
 ];
 
 /// Loaded programs plus the maps, all pinned under one bpffs directory.
@@ -39,6 +51,8 @@ pub struct Datapath {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     maps: Maps,
+    /// The tunnel device [`Datapath::setup_tunnel`] set up.
+    pub(crate) tunnel_device: Option<String>,
 }
 
 impl Datapath {
@@ -73,7 +87,8 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             cause: Box::new(e),
         })?;
-        for (name, _, _) in HOOKS {
+        for (name, _, _) in HOOKS.iter().chain(&TUNNEL_HOOKS) {
+            let name = *name;
             let prog = program(&mut ebpf, name)?;
             prog.load().map_err(|e| prog_err(name, e))?;
             // Pin under a temporary name, then rename over the old pin: readers of the pin
@@ -104,6 +119,7 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             ebpf,
             maps,
+            tunnel_device: None,
         })
     }
 
@@ -128,6 +144,14 @@ impl Datapath {
     /// place. The attachment stays when this `Datapath` is dropped or the process exits;
     /// remove it with [`Datapath::detach`] (deleting the interface removes it too).
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attach_hooks(interface, &HOOKS)
+    }
+
+    pub(crate) fn attach_hooks(
+        &mut self,
+        interface: &str,
+        hooks: &[Hook],
+    ) -> Result<(), DatapathError> {
         if let Err(e) = tc::qdisc_add_clsact(interface) {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(nix::libc::EEXIST))
                 || matches!(&e, tc::TcError::AlreadyAttached);
@@ -138,7 +162,7 @@ impl Datapath {
                 });
             }
         }
-        for (name, attach_type, hook) in HOOKS {
+        for &(name, attach_type, hook) in hooks {
             let prog = program(&mut self.ebpf, name)?;
             let created = prog.attach_with_options(
                 interface,
@@ -186,7 +210,11 @@ impl Datapath {
 
     /// Removes sigil's filters from an interface (no loaded programs needed).
     pub fn detach(interface: &str) -> Result<(), DatapathError> {
-        for (_, attach_type, hook) in HOOKS {
+        Self::detach_hooks(interface, &HOOKS)
+    }
+
+    pub(crate) fn detach_hooks(interface: &str, hooks: &[Hook]) -> Result<(), DatapathError> {
+        for &(_, attach_type, hook) in hooks {
             let link = SchedClassifierLink::attached(
                 interface,
                 attach_type,
@@ -218,7 +246,7 @@ impl Datapath {
         let names = MAP_SPECS
             .iter()
             .map(|(n, ..)| *n)
-            .chain(HOOKS.iter().map(|(n, ..)| *n));
+            .chain(HOOKS.iter().chain(&TUNNEL_HOOKS).map(|(n, ..)| *n));
         for name in names {
             let path = pin_dir.join(name);
             match std::fs::remove_file(&path) {

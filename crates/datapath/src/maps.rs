@@ -21,7 +21,7 @@ use aya::maps::lpm_trie::Key;
 use crate::abi::{
     AuthKeyRaw, AuthValueRaw, CounterKeyRaw, CounterValueRaw, CtKeyRaw, CtValueRaw,
     EndpointConfigRaw, EpAddrKey, FragKeyRaw, FragValueRaw, IpCacheKey, IpCacheValue,
-    PolicyKeyData, PolicyValueRaw, size32,
+    PolicyKeyData, PolicyValueRaw, TunnelConfigRaw, size32,
 };
 use crate::error::DatapathError;
 use crate::policy::PolicyMap;
@@ -46,11 +46,13 @@ pub const MAP_COUNTERS: &str = "sigil_counters";
 pub const MAP_EV_LOST: &str = "sigil_ev_lost";
 /// Fragment tracking LRU hash: a first fragment's flow for its later fragments.
 pub const MAP_FRAG: &str = "sigil_frag";
+/// This node's tunnel device and underlay address (an array of one).
+pub const MAP_TUNNEL: &str = "sigil_tunnel";
 
 /// Layout of each map this build creates, checked against maps pinned by an earlier run.
 ///
 /// Sizes come from the Rust mirrors, which `crate::abi` checks against `bpf/sigil.h`.
-pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 10] = [
+pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 11] = [
     (
         MAP_IPCACHE,
         MapType::LpmTrie,
@@ -107,6 +109,12 @@ pub(crate) const MAP_SPECS: [(&str, MapType, u32, u32); 10] = [
         size32::<FragKeyRaw>(),
         size32::<FragValueRaw>(),
     ),
+    (
+        MAP_TUNNEL,
+        MapType::Array,
+        size32::<u32>(),
+        size32::<TunnelConfigRaw>(),
+    ),
 ];
 
 /// Every map except the ring buffer (read through [`crate::EventReader`]).
@@ -123,6 +131,8 @@ pub struct Maps {
     pub conntrack: Conntrack,
     /// Packet and byte counters.
     pub counters: Counters,
+    /// This node's tunnel device (written by [`crate::Datapath::setup_tunnel`]).
+    pub(crate) tunnel: crate::tunnel::TunnelMap,
 }
 
 impl Maps {
@@ -148,6 +158,7 @@ impl Maps {
                 typed(MAP_COUNTERS, take(MAP_COUNTERS)?)?,
                 typed(MAP_EV_LOST, take(MAP_EV_LOST)?)?,
             ),
+            tunnel: crate::tunnel::TunnelMap::new(typed(MAP_TUNNEL, take(MAP_TUNNEL)?)?),
         })
     }
 

@@ -92,6 +92,7 @@ mod tests {
             dport: 8080,
             drop_reason: 181,
             rule_cookie: 7,
+            via_tunnel: false,
             tcp_flags: 0,
             auth_required: false,
         };

@@ -277,7 +277,8 @@ impl Netlink for RtNetlink {
         with_handle(ns, |h| async move {
             let mut b = LinkMessageBuilder::<LinkVxlan>::new(&vx.name)
                 .port(vx.port)
-                .learning(vx.learning);
+                .learning(vx.learning)
+                .arp(vx.arp);
             if let Some(vni) = vx.vni {
                 b = b.id(vni);
             }

@@ -253,6 +253,9 @@ pub struct Vxlan {
     pub external: bool,
     /// Learn remote MACs from received packets.
     pub learning: bool,
+    /// Resolve neighbours on the device with ARP; `false` sets IFF_NOARP (neighbours resolve
+    /// to the device's own address at once), for devices whose remote an eBPF program picks.
+    pub arp: bool,
 }
 
 /// A forwarding-database entry on a VXLAN device: frames to `mac` go to the tunnel endpoint

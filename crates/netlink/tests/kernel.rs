@@ -235,6 +235,7 @@ fn bridge_vxlan_fdb_neighbours_and_sysctls() {
             dev: Some("u0".into()),
             external: true,
             learning: false,
+            arp: false,
         },
     )
     .expect("vxlan");
@@ -244,6 +245,7 @@ fn bridge_vxlan_fdb_neighbours_and_sysctls() {
         "{shown}"
     );
     assert!(shown.contains("nolearning"), "{shown}");
+    assert!(shown.contains("NOARP"), "{shown}");
     let no_vni = nl
         .add_vxlan(
             ns,
@@ -255,6 +257,7 @@ fn bridge_vxlan_fdb_neighbours_and_sysctls() {
                 dev: None,
                 external: false,
                 learning: false,
+                arp: true,
             },
         )
         .expect_err("no VNI");
@@ -270,6 +273,7 @@ fn bridge_vxlan_fdb_neighbours_and_sysctls() {
             dev: None,
             external: false,
             learning: false,
+            arp: true,
         },
     )
     .expect("vxlan with vni");

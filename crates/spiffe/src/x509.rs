@@ -151,6 +151,12 @@ pub fn spiffe_id_of_leaf(cert: &CertificateDer<'_>) -> Result<SpiffeId, X509Svid
     leaf_id(&parse(cert)?)
 }
 
+/// The leaf's notAfter, in seconds since the Unix epoch (an authentication that rests on the
+/// certificate ends with it).
+pub fn leaf_not_after(cert: &CertificateDer<'_>) -> Result<i64, X509SvidError> {
+    Ok(parse(cert)?.validity().not_after.timestamp())
+}
+
 fn leaf_profile(cert: &X509Certificate<'_>) -> Result<SpiffeId, X509SvidError> {
     let id = leaf_id(cert)?;
     if id.is_trust_domain_id() {

@@ -1,9 +1,11 @@
 //! Certificate fixtures: a P-256 CA (root or intermediate) that issues leaf certificates, for
 //! x509pop node CAs, upstream CAs and trust bundles in tests.
 
+use std::time::{Duration, SystemTime};
+
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
 /// A CA that can issue certificates: self-signed ([`TestCa::new`]) or signed by another
@@ -71,6 +73,28 @@ impl TestCa {
     pub fn sign(&self, params: &CertificateParams) -> anyhow::Result<(Certificate, KeyPair)> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         Ok((params.signed_by(&key, &self.issuer)?, key))
+    }
+
+    /// A root CA of SPIFFE trust domain `td` (URI SAN `spiffe://td`), as a trust domain's
+    /// signing authority.
+    pub fn spiffe(td: &str) -> anyhow::Result<Self> {
+        let mut params = ca_params(&format!("{td} CA"))?;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into()?)];
+        Self::root_with(params)
+    }
+
+    /// An X.509-SVID for `spiffe_id` signed by this CA, valid from an hour ago for `valid_for`:
+    /// (leaf DER, PKCS#8 key DER).
+    pub fn svid(&self, spiffe_id: &str, valid_for: Duration) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let mut params = named("svid")?;
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let start = SystemTime::now() - Duration::from_secs(3600);
+        params.not_before = start.into();
+        params.not_after = (start + valid_for).into();
+        let (cert, key) = self.sign(&params)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
     }
 
     /// The CA's private key, PKCS#8 PEM (for a CA that sigil itself loads, such as an

@@ -24,7 +24,7 @@ use crate::cmd::{server, svid};
 use crate::output;
 use crate::workload;
 
-const TRUST_DOMAIN: &str = "identity.example.com";
+pub(crate) const TRUST_DOMAIN: &str = "identity.example.com";
 const WORKLOAD_ID: &str = "spiffe://identity.example.com/demo/workload";
 /// sigil-netd's SPIFFE ID: an authorized delegate of the agent (its Delegated Identity API).
 pub(crate) const NETD_ID: &str = "spiffe://identity.example.com/netd";

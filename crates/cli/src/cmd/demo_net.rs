@@ -23,10 +23,10 @@ use crate::cmd::monitor::event_line;
 const POD_CIDR: &str = "10.199.0.0/24";
 const POD_CIDR_V6: &str = "fd00:199::/64";
 
-const FRONTEND_ID: &str = "spiffe://identity.example.com/frontend";
-const BACKEND_ID: &str = "spiffe://identity.example.com/backend";
+pub(crate) const FRONTEND_ID: &str = "spiffe://identity.example.com/frontend";
+pub(crate) const BACKEND_ID: &str = "spiffe://identity.example.com/backend";
 
-const POLICY: &str = "apiVersion: cilium.io/v2
+pub(crate) const POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: backend-allow-frontend-spiffe-id
@@ -52,7 +52,7 @@ pub struct Identity {
     pub agent_admin_socket: PathBuf,
 }
 
-fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> admin::Entry {
+pub(crate) fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> admin::Entry {
     admin::Entry {
         spiffe_id: spiffe_id.to_owned(),
         parent_id: parent.to_owned(),
@@ -71,7 +71,7 @@ fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> admin::Entry {
 }
 
 /// Creates an entry; returns its id.
-async fn create_entry(
+pub(crate) async fn create_entry(
     entries: &mut EntriesClient<tonic::transport::Channel>,
     e: admin::Entry,
 ) -> anyhow::Result<String> {
@@ -86,7 +86,7 @@ async fn create_entry(
 }
 
 /// Polls endpoint `name` until `done` holds (at most `limit`).
-async fn wait_endpoint(
+pub(crate) async fn wait_endpoint(
     eps: &mut pb::endpoints_client::EndpointsClient<tonic::transport::Channel>,
     name: &str,
     what: &str,
@@ -114,7 +114,7 @@ async fn wait_endpoint(
     }
 }
 
-fn show(e: &pb::Endpoint) -> String {
+pub(crate) fn show(e: &pb::Endpoint) -> String {
     format!(
         "{:<8} identity {:<6} {:<12} {} ({})",
         e.name,
@@ -173,7 +173,7 @@ impl Drop for Cleanup {
     }
 }
 
-fn probe(exe: &Path, netns: &str, target: &str) -> bool {
+pub(crate) fn probe(exe: &Path, netns: &str, target: &str) -> bool {
     command_in_netns(&netns_path(netns), exe)
         .args(["netd", "probe", "--connect", target, "--timeout", "500ms"])
         .stdout(Stdio::null())

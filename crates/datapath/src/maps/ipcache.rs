@@ -1,11 +1,13 @@
-//! IPCache: the address prefix → numeric identity trie the datapath consults for every packet.
+//! IPCache: the address prefix → numeric identity trie the datapath consults for every packet,
+//! with, for addresses on other nodes, the node's underlay address (the tunnel endpoint) and,
+//! for the nodes' own underlay addresses, a node mark.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 
 use super::{MAP_IPCACHE, is_not_found};
-use crate::abi::{IpCacheKey, IpCacheValue};
+use crate::abi::{IPCACHE_F_NODE, IPCACHE_F_TUNNEL, IpCacheKey, IpCacheValue};
 use crate::error::DatapathError;
 
 /// The bits before the address: family byte and three bytes of padding.
@@ -20,6 +22,13 @@ pub struct IpCacheEntry {
     pub prefix_len: u8,
     /// Numeric identity.
     pub identity: u32,
+    /// The underlay address of the node hosting the address, for addresses on other nodes
+    /// (packets to them are encapsulated towards it; packets from them must come through the
+    /// tunnel from it).
+    pub tunnel_endpoint: Option<Ipv4Addr>,
+    /// The address is a cluster node's underlay address ([`IpCache::upsert_node`]): tunnel
+    /// packets are accepted only from such addresses.
+    pub is_node: bool,
 }
 
 /// The `sigil_ipcache` LPM trie. Addresses not in it have identity 2 (world).
@@ -32,12 +41,60 @@ impl IpCache {
         Self { trie }
     }
 
-    /// Maps a prefix to an identity (replacing any earlier identity of the same prefix).
+    /// Maps a prefix to an identity (replacing any earlier entry of the same prefix, tunnel
+    /// endpoint and node mark included): an address on this node, or outside the cluster.
     pub fn upsert(
         &mut self,
         addr: IpAddr,
         prefix_len: u8,
         identity: u32,
+    ) -> Result<(), DatapathError> {
+        self.insert(addr, prefix_len, identity, 0, None)
+    }
+
+    /// Maps a prefix on another node to an identity and to that node's underlay address:
+    /// packets from local endpoints to it are encapsulated towards `tunnel_endpoint` with the
+    /// source's identity as VNI, and packets from it are accepted only through the tunnel,
+    /// from that node.
+    pub fn upsert_tunneled(
+        &mut self,
+        addr: IpAddr,
+        prefix_len: u8,
+        identity: u32,
+        tunnel_endpoint: Ipv4Addr,
+    ) -> Result<(), DatapathError> {
+        check_underlay("tunnel_endpoint", tunnel_endpoint)?;
+        self.insert(
+            addr,
+            prefix_len,
+            identity,
+            IPCACHE_F_TUNNEL,
+            Some(tunnel_endpoint),
+        )
+    }
+
+    /// Marks another cluster node's underlay address: identity remote-node (6), its own
+    /// tunnel endpoint. Tunnel packets are accepted only from such addresses. This node's
+    /// own address needs no entry (it is recognised by [`crate::tunnel::TunnelConfig`]'s
+    /// `local_ip`; give it identity host, 1, with [`IpCache::upsert`] if wanted).
+    pub fn upsert_node(&mut self, node_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        check_underlay("node_ip", node_ip)?;
+        self.insert(
+            IpAddr::V4(node_ip),
+            32,
+            crate::IDENTITY_REMOTE_NODE,
+            IPCACHE_F_TUNNEL | IPCACHE_F_NODE,
+            Some(node_ip),
+        )
+    }
+
+    fn insert(
+        &mut self,
+        addr: IpAddr,
+        prefix_len: u8,
+        identity: u32,
+        flags: u32,
+        tunnel_endpoint: Option<Ipv4Addr>,
     ) -> Result<(), DatapathError> {
         if identity == 0 {
             return Err(DatapathError::invalid(
@@ -47,8 +104,13 @@ impl IpCache {
             ));
         }
         let key = lpm_key(addr, prefix_len)?;
+        let value = IpCacheValue {
+            identity,
+            flags,
+            tunnel_endpoint: tunnel_endpoint.map_or([0; 4], |a| a.octets()),
+        };
         self.trie
-            .insert(&key, IpCacheValue { identity, flags: 0 }, 0)
+            .insert(&key, value, 0)
             .map_err(|e| DatapathError::map(MAP_IPCACHE, "insert", e))
     }
 
@@ -64,10 +126,17 @@ impl IpCache {
 
     /// The identity the datapath resolves for an address (longest prefix), if any entry matches.
     pub fn lookup(&self, addr: IpAddr) -> Result<Option<u32>, DatapathError> {
+        Ok(self.lookup_entry(addr)?.map(|e| e.identity))
+    }
+
+    /// What the datapath resolves for an address (longest prefix), if any entry matches. The
+    /// kernel does not say which prefix matched: `addr` is the address asked about and
+    /// `prefix_len` its full length.
+    pub fn lookup_entry(&self, addr: IpAddr) -> Result<Option<IpCacheEntry>, DatapathError> {
         let full = if addr.is_ipv4() { 32 } else { 128 };
         let key = lpm_key(addr, full)?;
         match self.trie.get(&key, 0) {
-            Ok(v) => Ok(Some(v.identity)),
+            Ok(v) => Ok(Some(entry(addr, full, &v))),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(DatapathError::map(MAP_IPCACHE, "lookup", e)),
         }
@@ -96,14 +165,33 @@ impl IpCache {
                 6 => IpAddr::V6(Ipv6Addr::from(data.addr)),
                 _ => continue,
             };
-            out.push(IpCacheEntry {
-                addr,
-                prefix_len,
-                identity: value.identity,
-            });
+            out.push(entry(addr, prefix_len, &value));
         }
         Ok(out)
     }
+}
+
+fn entry(addr: IpAddr, prefix_len: u8, v: &IpCacheValue) -> IpCacheEntry {
+    IpCacheEntry {
+        addr,
+        prefix_len,
+        identity: v.identity,
+        tunnel_endpoint: (v.flags & IPCACHE_F_TUNNEL != 0)
+            .then(|| Ipv4Addr::from(v.tunnel_endpoint)),
+        is_node: v.flags & IPCACHE_F_NODE != 0,
+    }
+}
+
+/// An underlay address must be one a node can have: unicast, not loopback or unspecified.
+fn check_underlay(field: &'static str, a: Ipv4Addr) -> Result<(), DatapathError> {
+    if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+        return Err(DatapathError::invalid(
+            field,
+            a,
+            "must be a node's unicast underlay address (not unspecified, loopback, multicast or broadcast)",
+        ));
+    }
+    Ok(())
 }
 
 fn lpm_key(addr: IpAddr, prefix_len: u8) -> Result<Key<IpCacheKey>, DatapathError> {

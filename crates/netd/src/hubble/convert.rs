@@ -283,6 +283,7 @@ mod tests {
             dport: 443,
             drop_reason: reason,
             rule_cookie: 9,
+            via_tunnel: false,
             tcp_flags: 0x02,
             auth_required: false,
         }
