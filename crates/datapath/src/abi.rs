@@ -588,13 +588,13 @@ mod tests {
         );
 
         // Whole-struct size and alignment.
-        let err = compare(&c::EVENT, 80, 8, false, &event_fields()).expect_err("size");
+        let err = compare(&c::EVENT, 88, 8, false, &event_fields()).expect_err("size");
         assert_eq!(err, c::EVENT.size_msg);
-        let err = compare(&c::EVENT, 72, 4, false, &event_fields()).expect_err("align");
+        let err = compare(&c::EVENT, 80, 4, false, &event_fields()).expect_err("align");
         assert_eq!(err, c::EVENT.align_msg);
 
         // An LPM key must start with the prefix length.
-        let err = compare(&c::EVENT, 72, 8, true, &event_fields()).expect_err("lpm");
+        let err = compare(&c::EVENT, 80, 8, true, &event_fields()).expect_err("lpm");
         assert_eq!(err, c::EVENT.lpm_msg);
     }
 
