@@ -15,6 +15,9 @@ const PROTOS: &[&str] = &[
     "proto/spire/api/types/x509svid.proto",
     "proto/spire/api/types/jwtsvid.proto",
     "proto/spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
+    "proto/flow/flow.proto",
+    "proto/relay/relay.proto",
+    "proto/observer/observer.proto",
 ];
 
 // google.protobuf.Struct (ValidateJWTSVIDResponse.claims) maps to `::prost_types::Struct`: prost

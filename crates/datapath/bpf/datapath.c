@@ -490,6 +490,7 @@ struct ctx {
 	__u32 tunnel_ifindex;  /* leaving: the tunnel device */
 	__u32 tunnel_local;    /* leaving: this node's underlay address (network order) */
 	__u8 direction;
+	__u8 auth_required; /* set once the deciding entry is known */
 };
 
 static __always_inline void emit(const struct ctx *c, const struct flow *f, __u8 verdict,
@@ -520,6 +521,9 @@ static __always_inline void emit(const struct ctx *c, const struct flow *f, __u8
 	e->drop_reason = reason;
 	e->rule_cookie = cookie;
 	e->flags = c->flags;
+	e->tcp_flags = f->tcp_flags;
+	e->auth_required = c->auth_required;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -540,6 +544,7 @@ static __always_inline int ct_alive(const struct ct_value *v, __u8 protocol, __u
 struct decision {
 	__u32 drop_reason; /* 0 = allow */
 	__u32 cookie;
+	__u8 auth_required;
 };
 
 static __always_inline void decide(struct decision *d, const struct ctx *c,
@@ -563,6 +568,7 @@ static __always_inline void decide(struct decision *d, const struct ctx *c,
 
 	d->drop_reason = 0;
 	d->cookie = 0;
+	d->auth_required = 0;
 	if (exact && exact->deny) {
 		d->drop_reason = DROP_POLICY_DENY;
 		d->cookie = exact->rule_cookie;
@@ -573,6 +579,7 @@ static __always_inline void decide(struct decision *d, const struct ctx *c,
 		int auth = (exact && exact->auth_required) || (any && any->auth_required);
 
 		d->cookie = exact ? exact->rule_cookie : any->rule_cookie;
+		d->auth_required = auth;
 		if (auth) {
 			struct auth_key ak = {};
 			struct auth_value *av;
@@ -764,6 +771,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 	key.dport = f.dport;
 
 	decide(&d, c, &f, remote_identity, local_identity, cfg);
+	c->auth_required = d.auth_required;
 	if (d.drop_reason) {
 		/* Forget the connection so its replies stop passing as replies. */
 		bpf_map_delete_elem(&sigil_ct, &key);

@@ -253,6 +253,9 @@ struct event {
 	__u32 drop_reason;
 	__u32 rule_cookie;
 	__u32 flags; /* EVENT_F_* */
+	__u8 tcp_flags;     /* the packet's TCP flags byte (FIN 0x01 ... CWR 0x80); 0 for other protocols */
+	__u8 auth_required; /* 1: the deciding allow entry requires authentication */
+	__u8 pad[6];        /* zero; every struct here names all its bytes */
 };
 
 struct counter_key {

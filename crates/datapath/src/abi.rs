@@ -385,6 +385,9 @@ pub(crate) struct EventRaw {
     pub(crate) rule_cookie: u32,
     /// `EVENT_F_TUNNEL`.
     pub(crate) flags: u32,
+    pub(crate) tcp_flags: u8,
+    pub(crate) auth_required: u8,
+    pub(crate) pad: [u8; 6],
 }
 
 /// `event.flags`: the packet came from, or leaves through, the tunnel.
@@ -420,7 +423,7 @@ mirrors!(CtKeyRaw => c::CT_KEY, [
 mirrors!(CtValueRaw => c::CT_VALUE, [created_ns, last_seen_ns, flags, pad]);
 mirrors!(EventRaw => c::EVENT, [
     ts_ns, endpoint_id, src_identity, dst_identity, family, protocol, direction, verdict,
-    sport, dport, saddr, daddr, drop_reason, rule_cookie, flags,
+    sport, dport, saddr, daddr, drop_reason, rule_cookie, flags, tcp_flags, auth_required, pad,
 ]);
 mirrors!(CounterKeyRaw => c::COUNTER_KEY, [endpoint_id, verdict, pad]);
 mirrors!(CounterValueRaw => c::COUNTER_VALUE, [packets, bytes]);
@@ -585,13 +588,13 @@ mod tests {
         );
 
         // Whole-struct size and alignment.
-        let err = compare(&c::EVENT, 80, 8, false, &event_fields()).expect_err("size");
+        let err = compare(&c::EVENT, 88, 8, false, &event_fields()).expect_err("size");
         assert_eq!(err, c::EVENT.size_msg);
-        let err = compare(&c::EVENT, 72, 4, false, &event_fields()).expect_err("align");
+        let err = compare(&c::EVENT, 80, 4, false, &event_fields()).expect_err("align");
         assert_eq!(err, c::EVENT.align_msg);
 
         // An LPM key must start with the prefix length.
-        let err = compare(&c::EVENT, 72, 8, true, &event_fields()).expect_err("lpm");
+        let err = compare(&c::EVENT, 80, 8, true, &event_fields()).expect_err("lpm");
         assert_eq!(err, c::EVENT.lpm_msg);
     }
 

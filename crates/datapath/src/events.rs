@@ -78,6 +78,11 @@ pub struct Event {
     /// VNI), or leaves through it (`src_identity` goes into the VNI). `endpoint_id` is the
     /// tunnel device's ifindex for drops at the tunnel device itself.
     pub via_tunnel: bool,
+    /// The packet's TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, URG 0x20,
+    /// ECE 0x40, CWR 0x80); 0 for other protocols.
+    pub tcp_flags: u8,
+    /// Whether the deciding allow entry requires authentication.
+    pub auth_required: bool,
 }
 
 impl Event {
@@ -108,6 +113,8 @@ impl Event {
             drop_reason: raw.drop_reason,
             rule_cookie: raw.rule_cookie,
             via_tunnel: raw.flags & EVENT_F_TUNNEL != 0,
+            tcp_flags: raw.tcp_flags,
+            auth_required: raw.auth_required != 0,
         })
     }
 }
@@ -214,6 +221,8 @@ mod tests {
         );
         put(&mut b, "drop_reason", &DROP_POLICY_DENIED.to_ne_bytes());
         put(&mut b, "rule_cookie", &9u32.to_ne_bytes());
+        put(&mut b, "tcp_flags", &[0x12]);
+        put(&mut b, "auth_required", &[1]);
         let ev = Event::parse(&b).expect("parse");
         assert!(!ev.via_tunnel);
         put(&mut b, "flags", &1u32.to_ne_bytes());
@@ -232,6 +241,7 @@ mod tests {
             (ev.sport, ev.dport, ev.drop_reason, ev.rule_cookie),
             (40000, 8080, 133, 9)
         );
+        assert_eq!((ev.tcp_flags, ev.auth_required), (0x12, true));
         assert_eq!(ev.saddr.to_string(), "10.0.0.1");
         assert_eq!(ev.daddr.to_string(), "10.0.0.2");
 

@@ -146,6 +146,23 @@ pub struct RunArgs {
     /// How long an unused cluster identity is kept before it is collected (default 5m).
     #[arg(long)]
     pub identity_gc_grace: Option<String>,
+    // Hubble's Observer API (see `hubble`).
+    /// Unix socket of the Hubble Observer API (0600; default `hubble.sock` beside the API socket).
+    #[arg(long)]
+    pub hubble_socket: Option<PathBuf>,
+    /// Also serve the Hubble Observer API on this TCP address (plaintext, no authentication:
+    /// loopback only unless `--hubble-listen-allow-remote`).
+    #[arg(long)]
+    pub hubble_listen_address: Option<String>,
+    /// Allow a non-loopback `--hubble-listen-address` (anyone who reaches it reads every flow).
+    #[arg(long)]
+    pub hubble_listen_allow_remote: Option<bool>,
+    /// Capacity of the flow ring buffer (default 4095, as Hubble's).
+    #[arg(long)]
+    pub hubble_max_flows: Option<usize>,
+    /// Most follow streams (`GetFlows` with follow) open at once; more are refused (default 64).
+    #[arg(long)]
+    pub hubble_max_follow_streams: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +253,11 @@ impl ClusterConfig {
         c.resume_lease = resume_lease;
         c
     }
+    hubble_socket: Option<PathBuf>,
+    hubble_listen_address: Option<String>,
+    hubble_listen_allow_remote: Option<bool>,
+    hubble_max_flows: Option<usize>,
+    hubble_max_follow_streams: Option<usize>,
 }
 
 /// A validated configuration.
@@ -275,6 +297,21 @@ pub struct Config {
     pub identity_fallback_wait: std::time::Duration,
     /// Cluster mode (`--kvstore`); `None`: a single node.
     pub cluster: Option<ClusterConfig>,
+    /// Hubble's Observer API.
+    pub hubble: HubbleConfig,
+}
+
+/// Where and how the Hubble Observer API is served.
+#[derive(Debug, Clone)]
+pub struct HubbleConfig {
+    /// Its Unix socket (0600).
+    pub socket: PathBuf,
+    /// An optional TCP address (loopback unless allowed).
+    pub listen_address: Option<std::net::SocketAddr>,
+    /// Flow ring capacity.
+    pub max_flows: usize,
+    /// Follow streams open at once.
+    pub max_follow_streams: usize,
 }
 
 /// Where endpoints' SPIFFE IDs come from.
@@ -413,7 +450,14 @@ impl Config {
         layers: impl FnOnce(Option<&Path>) -> sigil_daemon::Layers,
     ) -> anyhow::Result<Self> {
         let l = layers(args.config.as_deref());
-        let file: FileConfig = l.read_file()?;
+        let mut file: FileConfig = l.read_file()?;
+        let hubble_file = HubbleFile {
+            hubble_socket: file.hubble_socket.take(),
+            hubble_listen_address: file.hubble_listen_address.take(),
+            hubble_listen_allow_remote: file.hubble_listen_allow_remote.take(),
+            hubble_max_flows: file.hubble_max_flows.take(),
+            hubble_max_follow_streams: file.hubble_max_follow_streams.take(),
+        };
         let spiffe_ids = spiffe_id_config(&l, args, &file)?;
         let node_name = l
             .get("node_name", args.node_name.clone(), file.node_name.clone())?
@@ -507,8 +551,10 @@ impl Config {
                 sigil_daemon::runtime::parse_drain_timeout,
             )?
             .unwrap_or(DEFAULT_IDENTITY_FALLBACK_WAIT);
+        let hubble = hubble_config(&l, args, hubble_file, &api_socket)?;
         Ok(Self {
             cluster,
+            hubble,
             spiffe_ids,
             identity_mode,
             agent_socket,
@@ -531,6 +577,90 @@ impl Config {
             drain_timeout: common.drain_timeout,
         })
     }
+}
+
+/// The Hubble keys of the file, taken out before the other keys are consumed.
+struct HubbleFile {
+    hubble_socket: Option<PathBuf>,
+    hubble_listen_address: Option<String>,
+    hubble_listen_allow_remote: Option<bool>,
+    hubble_max_flows: Option<usize>,
+    hubble_max_follow_streams: Option<usize>,
+}
+
+/// The Hubble settings, each checked by name and value.
+fn hubble_config(
+    l: &sigil_daemon::Layers,
+    args: &RunArgs,
+    file: HubbleFile,
+    api_socket: &Path,
+) -> anyhow::Result<HubbleConfig> {
+    let socket = l
+        .get(
+            "hubble_socket",
+            args.hubble_socket.clone(),
+            file.hubble_socket,
+        )?
+        .unwrap_or_else(|| {
+            api_socket
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(crate::hubble::DEFAULT_SOCKET_NAME)
+        });
+    if socket.parent().is_none_or(|p| p.as_os_str().is_empty()) || socket == api_socket {
+        bail!(
+            "hubble_socket: invalid value {:?}: must be a socket path with a directory, not the API socket",
+            socket.display().to_string()
+        );
+    }
+    let allow_remote = l
+        .get(
+            "hubble_listen_allow_remote",
+            args.hubble_listen_allow_remote,
+            file.hubble_listen_allow_remote,
+        )?
+        .unwrap_or(false);
+    let listen_address = l.parse(
+        "hubble_listen_address",
+        args.hubble_listen_address.clone(),
+        file.hubble_listen_address,
+        |v| match v.parse::<std::net::SocketAddr>() {
+            Err(_) => Err("want IP:PORT (e.g. 127.0.0.1:4244)"),
+            Ok(a) if !a.ip().is_loopback() && !allow_remote => Err(
+                "not a loopback address: the Hubble API is plaintext without authentication; set hubble_listen_allow_remote to serve it beyond this host",
+            ),
+            Ok(a) => Ok(a),
+        },
+    )?;
+    let max_flows = l
+        .get(
+            "hubble_max_flows",
+            args.hubble_max_flows,
+            file.hubble_max_flows,
+        )?
+        .unwrap_or(crate::hubble::DEFAULT_MAX_FLOWS);
+    if !(1..=crate::hubble::MAX_MAX_FLOWS).contains(&max_flows) {
+        bail!(
+            "hubble_max_flows: invalid value {max_flows}: must be 1..={}",
+            crate::hubble::MAX_MAX_FLOWS
+        );
+    }
+    let max_follow_streams = l
+        .get(
+            "hubble_max_follow_streams",
+            args.hubble_max_follow_streams,
+            file.hubble_max_follow_streams,
+        )?
+        .unwrap_or(crate::hubble::DEFAULT_MAX_FOLLOW_STREAMS);
+    if !(1..=65_536).contains(&max_follow_streams) {
+        bail!("hubble_max_follow_streams: invalid value {max_follow_streams}: must be 1..=65536");
+    }
+    Ok(HubbleConfig {
+        socket,
+        listen_address,
+        max_flows,
+        max_follow_streams,
+    })
 }
 
 /// The SPIFFE ID mode and, in derived modes, the registrar's settings, each checked by name and value.
@@ -1146,5 +1276,75 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hubble_defaults_beside_the_api_socket_and_a_remote_listener_needs_consent() {
+        let c = Config::from_layers(&RunArgs::default(), env(&[])).expect("default");
+        assert_eq!(c.hubble.socket, PathBuf::from("/run/sigil/hubble.sock"));
+        assert_eq!(
+            (c.hubble.max_flows, c.hubble.max_follow_streams),
+            (4095, 64)
+        );
+        assert_eq!(c.hubble.listen_address, None);
+        let local = RunArgs {
+            hubble_listen_address: Some("127.0.0.1:4244".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::from_layers(&local, env(&[])).expect("loopback");
+        assert_eq!(
+            c.hubble.listen_address,
+            Some("127.0.0.1:4244".parse().unwrap())
+        );
+        let remote = RunArgs {
+            hubble_listen_address: Some("0.0.0.0:4244".into()),
+            ..RunArgs::default()
+        };
+        let e = Config::from_layers(&remote, env(&[])).expect_err("remote");
+        assert!(
+            e.to_string().starts_with(
+                "hubble_listen_address: invalid value \"0.0.0.0:4244\" from flag: not a loopback"
+            ),
+            "{e}"
+        );
+        let allowed = RunArgs {
+            hubble_listen_allow_remote: Some(true),
+            ..remote
+        };
+        let c = Config::from_layers(&allowed, env(&[])).expect("allowed");
+        assert!(c.hubble.listen_address.is_some());
+        for (args, want) in [
+            (
+                RunArgs {
+                    hubble_max_flows: Some(0),
+                    ..RunArgs::default()
+                },
+                "hubble_max_flows: invalid value 0",
+            ),
+            (
+                RunArgs {
+                    hubble_max_follow_streams: Some(0),
+                    ..RunArgs::default()
+                },
+                "hubble_max_follow_streams: invalid value 0",
+            ),
+            (
+                RunArgs {
+                    hubble_socket: Some(DEFAULT_API_SOCKET.into()),
+                    ..RunArgs::default()
+                },
+                "hubble_socket: invalid value",
+            ),
+            (
+                RunArgs {
+                    hubble_listen_address: Some("localhost".into()),
+                    ..RunArgs::default()
+                },
+                "hubble_listen_address: invalid value \"localhost\"",
+            ),
+        ] {
+            let e = Config::from_layers(&args, env(&[])).expect_err(want);
+            assert!(e.to_string().starts_with(want), "{e}");
+        }
     }
 }

@@ -978,7 +978,15 @@ impl Daemon {
         }
         for (cookie, policy, path) in self.engine.rule_cookies() {
             snap.rules.insert(cookie, format!("{policy}: {path}"));
+            snap.rule_refs.insert(
+                cookie,
+                crate::snapshot::RuleRef {
+                    policy: policy.clone(),
+                    path: path.to_owned(),
+                },
+            );
         }
+        snap.revision = self.generation;
         for r in self.state.endpoints.values() {
             let labels = snap
                 .identities

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod identities;
+pub mod hubble;
 pub mod monitor;
 pub mod reconcile;
 pub mod registrar;
@@ -100,10 +101,18 @@ pub async fn serve(
         .context("opening the event ring buffer")?;
     let counters =
         sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?;
+    let flows = Arc::new(hubble::FlowRing::new(config.hubble.max_flows));
+    let recorder = hubble::Recorder::new(Arc::clone(&flows), &config.node_name);
     let monitor = tokio::spawn(monitor::run(
         reader,
         handle.snapshot_cell(),
         events_tx.clone(),
+        Some(recorder.clone()),
+    ));
+    let lost_watcher = tokio::spawn(hubble::watch_lost(
+        sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?,
+        recorder,
+        stop.clone(),
     ));
     let watcher = policy_dir.map(|dir| tokio::spawn(watch::run(dir, handle.clone(), stop.clone())));
     let identities = agent.map(|client| {
@@ -158,6 +167,7 @@ pub async fn serve(
             )
             .into_server(),
         );
+    let hubble_servers = serve_hubble(&config, flows, ready.clone(), stop.clone())?;
     let mut stop_server = stop.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
@@ -168,6 +178,7 @@ pub async fn serve(
         },
     ));
     ready.set_ready();
+    tracing::info!(hubble_socket = %config.hubble.socket.display(), hubble_listen_address = ?config.hubble.listen_address, max_flows = config.hubble.max_flows, "Hubble Observer API serving");
     tracing::info!(api_socket = %socket.display(), pin_dir = %pin_dir.display(), endpoints, "sigil-netd ready");
     let served = tokio::select! {
         r = &mut server => Some(r),
@@ -191,6 +202,19 @@ pub async fn serve(
     };
     let served = served.map_err(|e| anyhow::anyhow!("API server task: {e}"))?;
     let _ = stop.wait_for(|s| *s).await;
+    // Follow streams end on stop, so the Hubble servers finish their graceful shutdown promptly;
+    // the drain bound covers a client that does not read.
+    for (what, mut h) in hubble_servers {
+        match sigil_daemon::drain(what, &mut h, config.drain_timeout).await {
+            Some(Ok(Err(e))) => tracing::warn!(error = %e, "{what} stopped with an error"),
+            Some(_) => {}
+            None => {
+                h.abort();
+                let _ = h.await;
+            }
+        }
+    }
+    let _ = lost_watcher.await;
     monitor.abort();
     if let Some(r) = registrar {
         // A round cut short is harmless: the next start lists and adopts what is there.
@@ -213,4 +237,67 @@ pub async fn serve(
     served.context("API server")?;
     tracing::info!("sigil-netd stopped; the datapath stays attached");
     Ok(())
+}
+
+/// A spawned gRPC server: what it is and its task.
+type ServerTask = (
+    &'static str,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+);
+
+/// Binds the Hubble Unix socket (0600, like the API socket) and, if configured, the TCP address,
+/// and serves `observer.Observer` with `grpc.health.v1` on each until `stop`.
+fn serve_hubble(
+    config: &Config,
+    flows: Arc<hubble::FlowRing>,
+    ready: sigil_daemon::Readiness,
+    stop: tokio_watch::Receiver<bool>,
+) -> anyhow::Result<Vec<ServerTask>> {
+    let h = &config.hubble;
+    let listener = sigil_daemon::bind_unix("hubble_socket", &h.socket, 0o755, 0o600)?;
+    let router = |address: String| {
+        let observer = hubble::Observer::new(
+            Arc::clone(&flows),
+            &config.node_name,
+            &address,
+            h.max_follow_streams,
+            stop.clone(),
+        );
+        tonic::transport::Server::builder()
+            // Each follow stream is an HTTP/2 stream: bound them per connection too.
+            .max_concurrent_streams(Some(256))
+            .add_service(observer.into_server())
+            .add_service(
+                sigil_daemon::Health::new(ready.clone(), &[hubble::HEALTH_SERVICE]).into_server(),
+            )
+    };
+    let shutdown = |mut s: tokio_watch::Receiver<bool>| async move {
+        let _ = s.wait_for(|v| *v).await;
+    };
+    let mut tasks: Vec<ServerTask> = vec![(
+        "Hubble API (Unix socket)",
+        tokio::spawn(
+            router(format!("unix://{}", h.socket.display())).serve_with_incoming_shutdown(
+                sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
+                    listener,
+                    "Hubble API",
+                )),
+                shutdown(stop.clone()),
+            ),
+        ),
+    )];
+    if let Some(addr) = h.listen_address {
+        let tcp = sigil_daemon::accept::bind_tcp(addr)
+            .with_context(|| format!("hubble_listen_address: binding {addr}"))?;
+        let bound = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(address = %bound, "Hubble Observer API on TCP");
+        tasks.push((
+            "Hubble API (TCP)",
+            tokio::spawn(router(bound).serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                shutdown(stop.clone()),
+            )),
+        ));
+    }
+    Ok(tasks)
 }

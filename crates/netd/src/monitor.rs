@@ -39,17 +39,24 @@ pub fn event_pb(ev: &Event, snap: &Snapshot) -> pb::Event {
     }
 }
 
-/// Reads events until the reader fails, publishing each to `tx` (no subscriber: dropped).
+/// Reads events until the reader fails, publishing each to `tx` (no subscriber: dropped) and
+/// recording it as a Hubble flow with `flows`.
 pub async fn run(
     mut reader: EventReader,
     snapshot: Arc<ArcSwap<Snapshot>>,
     tx: broadcast::Sender<pb::Event>,
+    flows: Option<crate::hubble::Recorder>,
 ) {
     loop {
         match reader.next().await {
             Ok(ev) => {
                 let snap = snapshot.load();
-                let _ = tx.send(event_pb(&ev, &snap));
+                if let Some(f) = &flows {
+                    f.record(&ev, &snap);
+                }
+                if tx.receiver_count() > 0 {
+                    let _ = tx.send(event_pb(&ev, &snap));
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "event reader stopped");
@@ -86,6 +93,8 @@ mod tests {
             drop_reason: 181,
             rule_cookie: 7,
             via_tunnel: false,
+            tcp_flags: 0,
+            auth_required: false,
         };
         let pb = event_pb(&ev, &snap);
         assert_eq!(pb.rule_cookie, 7);

@@ -37,9 +37,22 @@ pub struct Snapshot {
     pub cluster_ids: std::collections::BTreeSet<u32>,
     /// Node-local CIDR identities of the prefixes policies name.
     pub cidr_identities: Vec<(sigil_policy::IpPrefix, u32)>,
+    /// Rule cookie → the policy and rule it stands for (for flows' `*_allowed_by`/`*_denied_by`).
+    pub rule_refs: HashMap<u32, RuleRef>,
+    /// The daemon's generation when this snapshot was published (flows' policy revision).
+    pub revision: u64,
     /// Network namespace (nsfs device, inode) → endpoint name; built on the first lookup by namespace
     /// after this snapshot was published (a `stat` per endpoint), so publishing stays as cheap as before.
     netns_index: OnceLock<HashMap<(u64, u64), String>>,
+}
+
+/// The policy and rule a cookie stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    /// The policy.
+    pub policy: PolicyId,
+    /// The rule's path in its document (e.g. `spec.ingressDeny[0]`).
+    pub path: String,
 }
 
 impl Snapshot {

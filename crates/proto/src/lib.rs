@@ -42,6 +42,24 @@ pub mod grpc {
     }
 }
 
+/// Hubble's flow messages (package `flow`), wire compatible with Hubble's.
+#[allow(clippy::all, rust_2018_idioms)]
+pub mod flow {
+    tonic::include_proto!("flow");
+}
+
+/// Hubble's Observer API (package `observer`), served by sigil-netd.
+#[allow(clippy::all, rust_2018_idioms)]
+pub mod observer {
+    tonic::include_proto!("observer");
+}
+
+/// Hubble Relay's node status messages (package `relay`), used by the Observer API.
+#[allow(clippy::all, rust_2018_idioms)]
+pub mod relay {
+    tonic::include_proto!("relay");
+}
+
 /// sigil-netd's API: endpoints, policies, monitor, status (Unix socket).
 pub mod netd {
     /// Version 1.
