@@ -912,6 +912,7 @@ fn start_netd_with(tag: &str, a: u8, b: u8, extra: &[&str]) -> NetdProcess {
         pod_cidr_v6: format!("fd00:{a:x}{b:02x}::/64"),
         log: root.path().join("netd.log"),
         extra_args: Vec::new(),
+        node_name: "e2e".into(),
         root,
     };
     std::fs::create_dir_all(&n.policy_dir).expect("policy dir");

@@ -129,10 +129,13 @@ async fn etcd_identities(c: &mut Client) -> anyhow::Result<BTreeMap<u32, String>
             Some(GetOptions::new().with_prefix()),
         )
         .await?;
+    // Both ranges at one revision: a GC pass between two plain reads would look like a torn
+    // pair (it deletes both keys in one transaction).
+    let rev = ids.header().map_or(0, |h| h.revision());
     let by_labels = c
         .get(
             "sigil/test/identities/labels/",
-            Some(GetOptions::new().with_prefix()),
+            Some(GetOptions::new().with_prefix().with_revision(rev)),
         )
         .await?;
     let mut out = BTreeMap::new();
