@@ -229,6 +229,7 @@ fn start_netd(bin: &Path, tag: &str, a: u8) -> Res<NetdProcess> {
         log: root.path().join("netd.log"),
         netns: None,
         extra_args: Vec::new(),
+        node_name: "bench".into(),
         root,
     };
     std::fs::create_dir_all(&n.policy_dir)?;

@@ -218,6 +218,7 @@ fn big_netd(tag: &str, a: u8, extra: &[&str]) -> Res<NetdProcess> {
         log: root.path().join("netd.log"),
         netns: None,
         extra_args: extra.iter().map(|s| (*s).to_owned()).collect(),
+        node_name: "bench".into(),
         root,
     };
     std::fs::create_dir_all(&n.policy_dir)?;

@@ -199,6 +199,11 @@ struct FileConfig {
     cluster_pod_cidr: Option<String>,
     kvstore_lease_ttl: Option<String>,
     identity_gc_grace: Option<String>,
+    hubble_socket: Option<PathBuf>,
+    hubble_listen_address: Option<String>,
+    hubble_listen_allow_remote: Option<bool>,
+    hubble_max_flows: Option<usize>,
+    hubble_max_follow_streams: Option<usize>,
 }
 
 /// How traffic to other nodes' endpoints travels.
@@ -253,11 +258,6 @@ impl ClusterConfig {
         c.resume_lease = resume_lease;
         c
     }
-    hubble_socket: Option<PathBuf>,
-    hubble_listen_address: Option<String>,
-    hubble_listen_allow_remote: Option<bool>,
-    hubble_max_flows: Option<usize>,
-    hubble_max_follow_streams: Option<usize>,
 }
 
 /// A validated configuration.
