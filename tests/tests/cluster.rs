@@ -544,11 +544,31 @@ fn a_three_node_cluster_shares_identities_and_enforces_policy_across_nodes() {
         for e in webs.iter().chain(&clients).chain([&admin]) {
             if e.node != i {
                 wait_ipcache(&c, i, e.ip, Some(e.identity), Duration::from_secs(5));
+                // Through the VXLAN carrier: the entry names the hosting node as tunnel endpoint.
+                let maps = sigil_datapath::Maps::open_pinned(&c.nodes[i].netd.pin_dir)
+                    .expect("pinned maps");
+                let entry = maps.ipcache.lookup_entry(IpAddr::V4(e.ip)).expect("lookup");
+                assert_eq!(
+                    entry.and_then(|x| x.tunnel_endpoint),
+                    Some(c.topo.nodes[e.node].underlay_ip),
+                    "{} on node {i}",
+                    e.ip
+                );
             }
         }
         for (j, n) in c.topo.nodes.iter().enumerate() {
             if j != i {
                 wait_ipcache(&c, i, n.underlay_ip, Some(6), Duration::from_secs(5));
+                let maps = sigil_datapath::Maps::open_pinned(&c.nodes[i].netd.pin_dir)
+                    .expect("pinned maps");
+                let entry = maps
+                    .ipcache
+                    .lookup_entry(IpAddr::V4(n.underlay_ip))
+                    .expect("lookup");
+                assert!(
+                    entry.is_some_and(|x| x.is_node),
+                    "node {j} not a cluster node on node {i}"
+                );
             }
         }
     }

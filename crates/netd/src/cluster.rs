@@ -11,7 +11,7 @@
 //! other machines: invalid values are logged and ignored, never trusted.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,7 +196,7 @@ struct View {
     tunnel: Tunnel,
     nodes: BTreeMap<String, NodeInfo>,
     entries: BTreeMap<IpAddr, IpCacheEntry>,
-    installed: BTreeMap<IpAddr, u32>,
+    installed: BTreeMap<IpAddr, (u32, Option<Ipv4Addr>)>,
     routes: BTreeMap<Cidr, IpAddr>,
     rejected: HashSet<(IpAddr, String)>,
     published: BTreeMap<IpAddr, u32>,
@@ -205,18 +205,25 @@ struct View {
 impl View {
     /// What the kernel IPCache should hold of the cluster: node addresses as remote-node,
     /// valid remote endpoints with their identities.
-    fn desired(&mut self) -> BTreeMap<IpAddr, u32> {
+    fn desired(&mut self) -> BTreeMap<IpAddr, (u32, Option<Ipv4Addr>)> {
         let mut out = BTreeMap::new();
+        let vxlan = self.tunnel == Tunnel::Vxlan;
+        // With the carrier, entries name the node to tunnel to (nodes: themselves, as cluster
+        // nodes the tunnel accepts VXLAN from).
+        let via = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) if vxlan => Some(v4),
+            _ => None,
+        };
         for n in self.nodes.values() {
             if n.name != self.me.name && n.ip != self.me.ip {
-                out.insert(n.ip, NumericIdentity::REMOTE_NODE.get());
+                out.insert(n.ip, (NumericIdentity::REMOTE_NODE.get(), via(n.ip)));
             }
         }
         let mut seen = HashSet::new();
         for e in self.entries.values() {
             match check_entry(e, &self.nodes, &self.me) {
                 None => {
-                    out.insert(e.ip, e.identity.get());
+                    out.insert(e.ip, (e.identity.get(), via(e.host_ip)));
                 }
                 Some(why) => {
                     let key = (e.ip, e.node.clone());
@@ -240,7 +247,7 @@ impl View {
             .copied()
             .collect();
         for ip in stale {
-            match handle.cluster(ClusterOp::Ip(ip, None)).await {
+            match handle.cluster(ClusterOp::Ip(ip, None, None)).await {
                 Ok(_) => {
                     self.installed.remove(&ip);
                 }
@@ -249,13 +256,13 @@ impl View {
                 }
             }
         }
-        for (ip, id) in want {
-            if self.installed.get(&ip) == Some(&id) {
+        for (ip, (id, via)) in want {
+            if self.installed.get(&ip) == Some(&(id, via)) {
                 continue;
             }
-            match handle.cluster(ClusterOp::Ip(ip, Some(id))).await {
+            match handle.cluster(ClusterOp::Ip(ip, Some(id), via)).await {
                 Ok(_) => {
-                    self.installed.insert(ip, id);
+                    self.installed.insert(ip, (id, via));
                 }
                 Err(e) => {
                     tracing::warn!(ip = %ip, error = %e, "installing a remote IPCache entry failed")
@@ -275,9 +282,6 @@ impl View {
                 want.insert(c, n.ip);
             }
         }
-        if self.tunnel != Tunnel::Disabled {
-            want.clear();
-        }
         let gone: Vec<Cidr> = self
             .routes
             .keys()
@@ -288,7 +292,7 @@ impl View {
             let Some(via) = self.routes.get(&c).copied() else {
                 continue;
             };
-            if let Err(e) = route(c, via, false).await {
+            if let Err(e) = route(c, via, self.tunnel, false).await {
                 tracing::warn!(cidr = %c, error = %e, "removing a pod CIDR route failed");
             }
             self.routes.remove(&c);
@@ -297,7 +301,7 @@ impl View {
             if self.routes.get(&c) == Some(&via) {
                 continue;
             }
-            match route(c, via, true).await {
+            match route(c, via, self.tunnel, true).await {
                 Ok(()) => {
                     self.routes.insert(c, via);
                 }
@@ -309,11 +313,20 @@ impl View {
     }
 }
 
-/// Routes `cidr` via `via` (direct routing; `add`) or removes that route.
-async fn route(cidr: Cidr, via: IpAddr, add: bool) -> anyhow::Result<()> {
+/// Routes `cidr` (another node's pod CIDR) via the node's address `via` (direct routing) or
+/// into the VXLAN device (the host's own packets then leave as the node, VNI 6; endpoints'
+/// packets are redirected by their IPCache entries anyway); `add`, or removes that route.
+async fn route(cidr: Cidr, via: IpAddr, tunnel: Tunnel, add: bool) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         let nl = RtNetlink::new();
-        let r = Route::via(Prefix::new(cidr.addr(), cidr.len())?, via, None);
+        let r = match tunnel {
+            Tunnel::Vxlan => sigil_datapath::tunnel::tunnel_route(
+                sigil_datapath::tunnel::DEFAULT_DEVICE,
+                cidr.addr(),
+                cidr.len(),
+            )?,
+            Tunnel::Disabled => Route::via(Prefix::new(cidr.addr(), cidr.len())?, via, None),
+        };
         if add {
             nl.replace_route(Ns::Current, &r)?;
         } else {

@@ -920,10 +920,11 @@ fn cluster_config(
     c.kvstore(node_name, None)
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if c.tunnel == Tunnel::Vxlan {
+    if c.tunnel == Tunnel::Vxlan && !c.node_ip.is_ipv4() {
         bail!(
-            "tunnel: invalid value \"vxlan\": the VXLAN carrier is not in this build yet; \
-             use --tunnel disabled (direct routing between node addresses)"
+            "node_ip: invalid value \"{}\": the VXLAN carrier needs an IPv4 underlay address \
+             (or --tunnel disabled)",
+            c.node_ip
         );
     }
     Ok(Some(c))

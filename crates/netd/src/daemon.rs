@@ -12,7 +12,7 @@
 //! ([`crate::txn`]): the engine and the state change only after the kernel took every write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,7 +117,20 @@ impl Daemon {
         } else {
             sigil_datapath::ensure_bpffs(&config.bpf_pin_dir)?;
         }
-        let datapath = Datapath::load_with(&config.bpf_pin_dir, config.policy_map_max_entries)?;
+        let mut datapath = Datapath::load_with(&config.bpf_pin_dir, config.policy_map_max_entries)?;
+        // The VXLAN carrier first: remote entries with tunnel endpoints need its device.
+        if let Some(c) = &config.cluster
+            && c.tunnel == crate::config::Tunnel::Vxlan
+        {
+            let std::net::IpAddr::V4(local) = c.node_ip else {
+                return Err(NetdError::invalid(
+                    "node_ip",
+                    c.node_ip,
+                    "the VXLAN carrier needs an IPv4 underlay address",
+                ));
+            };
+            datapath.setup_tunnel(&sigil_datapath::tunnel::TunnelConfig::new(local))?;
+        }
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {
             netns::blackhole_route(&cidr)?;
         }
@@ -833,7 +846,12 @@ impl Daemon {
     /// Installs (`Some(identity)`) or removes another node's endpoint address or a node
     /// address in the kernel IPCache. Addresses of this node's pod CIDRs are refused: only
     /// this node says what its endpoints are.
-    pub fn set_remote_ip(&mut self, ip: IpAddr, identity: Option<u32>) -> Result<(), NetdError> {
+    pub fn set_remote_ip(
+        &mut self,
+        ip: IpAddr,
+        identity: Option<u32>,
+        tunnel: Option<Ipv4Addr>,
+    ) -> Result<(), NetdError> {
         let own = [
             self.config.pod_cidr.prefix(),
             self.config.pod_cidr_v6.prefix(),
@@ -849,10 +867,18 @@ impl Daemon {
         let ipc = &mut self.datapath.maps_mut().ipcache;
         match identity {
             Some(id) => {
-                if self.remote_ips.get(&ip) == Some(&id) {
+                if self.remote_ips.get(&ip) == Some(&id) && tunnel.is_none() {
                     return Ok(());
                 }
-                ipc.upsert(ip, len, id)?;
+                match (tunnel, ip) {
+                    // A node's underlay address: remote-node, and a cluster node for the
+                    // carrier's sender check.
+                    (Some(_), IpAddr::V4(node)) if id == NumericIdentity::REMOTE_NODE.get() => {
+                        ipc.upsert_node(node)?
+                    }
+                    (Some(via), _) => ipc.upsert_tunneled(ip, len, id, via)?,
+                    (None, _) => ipc.upsert(ip, len, id)?,
+                }
                 self.remote_ips.insert(ip, id);
             }
             None => {
@@ -875,7 +901,7 @@ impl Daemon {
             .copied()
             .collect();
         for ip in &stale {
-            self.set_remote_ip(*ip, None)?;
+            self.set_remote_ip(*ip, None, None)?;
         }
         Ok(stale.len())
     }

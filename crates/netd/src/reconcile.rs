@@ -31,8 +31,9 @@ pub enum ClusterOp {
         sigil_identity::NumericIdentity,
         Option<sigil_labels::Labels>,
     ),
-    /// A remote endpoint or node address in the IPCache (`None`: removed).
-    Ip(std::net::IpAddr, Option<u32>),
+    /// A remote endpoint or node address in the IPCache (`None`: removed), with the tunnel
+    /// endpoint (the hosting node's underlay address) when the VXLAN carrier is on.
+    Ip(std::net::IpAddr, Option<u32>, Option<std::net::Ipv4Addr>),
     /// The cluster view synced: remote IPCache entries not in this set go.
     Prune(std::collections::BTreeSet<std::net::IpAddr>),
     /// Endpoints waiting at init for their cluster identity try again.
@@ -104,7 +105,7 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
                     ClusterOp::Identity(id, labels) => {
                         d.set_remote_identity(id, labels).map(|()| 0)
                     }
-                    ClusterOp::Ip(ip, id) => d.set_remote_ip(ip, id).map(|()| 0),
+                    ClusterOp::Ip(ip, id, via) => d.set_remote_ip(ip, id, via).map(|()| 0),
                     ClusterOp::Prune(keep) => d.prune_remote(&keep),
                     ClusterOp::RetryPending => d.retry_pending(),
                 };

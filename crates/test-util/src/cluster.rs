@@ -55,12 +55,24 @@ pub struct TestCluster {
     pub a: u8,
     /// Extra `netd run` flags of every node.
     pub extra: Vec<String>,
+    /// `--tunnel` of every node (`vxlan` or `disabled`).
+    pub tunnel: String,
 }
 
 impl TestCluster {
-    /// Builds `n` nodes with etcd and starts a netd on each (`--tunnel disabled`, lease TTL
+    /// Builds `n` nodes with etcd and starts a netd on each (`--tunnel vxlan`, lease TTL
     /// 4 s, plus `extra`), waiting until each serves.
     pub fn start(n: usize, a: u8, extra: &[&str]) -> anyhow::Result<TestCluster> {
+        Self::start_with_tunnel(n, a, "vxlan", extra)
+    }
+
+    /// As [`TestCluster::start`] with `--tunnel tunnel` (`vxlan` or `disabled`).
+    pub fn start_with_tunnel(
+        n: usize,
+        a: u8,
+        tunnel: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<TestCluster> {
         let mut topo = Topology::new(n)?;
         let ip = topo.underlay_address()?;
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
@@ -71,6 +83,7 @@ impl TestCluster {
             name: format!("t{}", std::process::id()),
             a,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tunnel: tunnel.to_owned(),
         };
         for i in 0..n {
             let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &[])?;
@@ -98,7 +111,7 @@ impl TestCluster {
             "--node-ip",
             &node.underlay_ip.to_string(),
             "--tunnel",
-            "disabled",
+            &self.tunnel,
             "--kvstore-lease-ttl",
             "4s",
         ]
