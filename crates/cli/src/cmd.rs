@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bundle;
 pub mod cluster;
 pub mod demo;
+pub mod demo_cluster;
 pub mod demo_net;
 pub mod endpoint;
 pub mod entry;

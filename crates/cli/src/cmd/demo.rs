@@ -251,10 +251,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             admin_socket: l.admin_socket.clone(),
             agent_id: agent_id.clone(),
             agent_admin_socket: l.agent_admin_socket.clone(),
+            server_address: l.bind.clone(),
+            bundle: l.bundle.clone(),
         };
-        result = super::demo_net::run(&l.dir, &ctx)
-            .await
-            .map(|()| String::new());
+        let net = match super::demo_net::run(&l.dir, &ctx).await {
+            Ok(()) => super::demo_cluster::run(&l.dir, &ctx).await,
+            Err(e) => Err(e),
+        };
+        result = net.map(|()| String::new());
     }
     if result.is_err() {
         eprintln!("{}\n", daemons.log_tails());

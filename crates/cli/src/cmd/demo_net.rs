@@ -50,6 +50,10 @@ pub struct Identity {
     pub agent_id: String,
     /// The agent's admin socket.
     pub agent_admin_socket: PathBuf,
+    /// The server's agent API address (for the cluster part's agents).
+    pub server_address: String,
+    /// The bootstrap trust bundle (PEM) agents start from.
+    pub bundle: PathBuf,
 }
 
 pub(crate) fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> admin::Entry {
