@@ -159,6 +159,7 @@ fn write_lease(state_dir: &Path, id: i64) -> anyhow::Result<()> {
 pub fn check_entry(
     e: &IpCacheEntry,
     nodes: &BTreeMap<String, NodeInfo>,
+    node_ips: &HashSet<IpAddr>,
     me: &NodeInfo,
 ) -> Option<String> {
     let Some(node) = nodes.get(&e.node) else {
@@ -177,7 +178,7 @@ pub fn check_entry(
     if inside(&me.pod_cidr_v4) || inside(&me.pod_cidr_v6) {
         return Some(format!("{} lies in this node's pod CIDR", e.ip));
     }
-    if nodes.values().any(|n| n.ip == e.ip) {
+    if node_ips.contains(&e.ip) {
         return Some(format!("{} is a node address", e.ip));
     }
     None
@@ -220,8 +221,9 @@ impl View {
             }
         }
         let mut seen = HashSet::new();
+        let node_ips: HashSet<IpAddr> = self.nodes.values().map(|n| n.ip).collect();
         for e in self.entries.values() {
-            match check_entry(e, &self.nodes, &self.me) {
+            match check_entry(e, &self.nodes, &node_ips, &self.me) {
                 None => {
                     out.insert(e.ip, (e.identity.get(), via(e.host_ip)));
                 }
@@ -387,6 +389,39 @@ async fn publish_local(view: &mut View, store: &KvStore, handle: &Handle) -> boo
     ok
 }
 
+/// Takes a node-registry event into the view; true when the view changed.
+fn on_node(view: &mut View, ev: NodeEvent, synced: &mut bool) -> bool {
+    match ev {
+        NodeEvent::Upsert(n) => {
+            if n.name == view.me.name {
+                return false;
+            }
+            view.nodes.insert(n.name.clone(), n);
+        }
+        NodeEvent::Delete(name) => {
+            if view.nodes.remove(&name).is_some() {
+                tracing::info!(node = %name, "node left the cluster");
+            }
+        }
+        NodeEvent::Synced => *synced = true,
+    }
+    true
+}
+
+/// Takes an IPCache event into the view; true when the view changed.
+fn on_ipcache(view: &mut View, ev: IpCacheEvent, synced: &mut bool) -> bool {
+    match ev {
+        IpCacheEvent::Upsert(e) => {
+            view.entries.insert(e.ip, e);
+        }
+        IpCacheEvent::Delete(ip) => {
+            view.entries.remove(&ip);
+        }
+        IpCacheEvent::Synced => *synced = true,
+    }
+    true
+}
+
 /// Keeps the datapath in step with the cluster until `stop`; see the module documentation.
 pub async fn run(
     joined: Joined,
@@ -442,37 +477,11 @@ pub async fn run(
                 None => break,
             },
             ev = nodes.next() => match ev {
-                Some(NodeEvent::Upsert(n)) => {
-                    if n.name != view.me.name {
-                        view.nodes.insert(n.name.clone(), n);
-                        dirty_view = true;
-                    }
-                }
-                Some(NodeEvent::Delete(name)) => {
-                    if view.nodes.remove(&name).is_some() {
-                        tracing::info!(node = %name, "node left the cluster");
-                    }
-                    dirty_view = true;
-                }
-                Some(NodeEvent::Synced) => {
-                    nodes_synced = true;
-                    dirty_view = true;
-                }
+                Some(ev) => dirty_view |= on_node(&mut view, ev, &mut nodes_synced),
                 None => break,
             },
             ev = ipcache.next() => match ev {
-                Some(IpCacheEvent::Upsert(e)) => {
-                    view.entries.insert(e.ip, e);
-                    dirty_view = true;
-                }
-                Some(IpCacheEvent::Delete(ip)) => {
-                    view.entries.remove(&ip);
-                    dirty_view = true;
-                }
-                Some(IpCacheEvent::Synced) => {
-                    ipcache_synced = true;
-                    dirty_view = true;
-                }
+                Some(ev) => dirty_view |= on_ipcache(&mut view, ev, &mut ipcache_synced),
                 None => break,
             },
             r = changes.changed() => {
@@ -508,6 +517,16 @@ pub async fn run(
             let mut all: Vec<NodeInfo> = vec![view.me.clone()];
             all.extend(view.nodes.values().cloned());
             nodes_view.store(Arc::new(all));
+        }
+        // Everything else already queued goes into the view before it is applied once: the
+        // view is recomputed whole, so applying per event made a burst of N entries cost N².
+        if dirty_view {
+            while let Some(ev) = nodes.try_next() {
+                on_node(&mut view, ev, &mut nodes_synced);
+            }
+            while let Some(ev) = ipcache.try_next() {
+                on_ipcache(&mut view, ev, &mut ipcache_synced);
+            }
         }
         if dirty_view && nodes_synced && ipcache_synced {
             view.apply(&handle).await;
