@@ -242,32 +242,43 @@ impl View {
 
     async fn apply(&mut self, handle: &Handle) {
         let want = self.desired();
-        let stale: Vec<IpAddr> = self
+        let mut batch: Vec<(IpAddr, Option<u32>, Option<Ipv4Addr>)> = self
             .installed
             .keys()
             .filter(|ip| !want.contains_key(ip))
-            .copied()
+            .map(|ip| (*ip, None, None))
             .collect();
-        for ip in stale {
-            match handle.cluster(ClusterOp::Ip(ip, None, None)).await {
-                Ok(_) => {
-                    self.installed.remove(&ip);
-                }
-                Err(e) => {
-                    tracing::warn!(ip = %ip, error = %e, "removing a remote IPCache entry failed")
-                }
+        for (ip, (id, via)) in &want {
+            if self.installed.get(ip) != Some(&(*id, *via)) {
+                batch.push((*ip, Some(*id), *via));
             }
         }
-        for (ip, (id, via)) in want {
-            if self.installed.get(&ip) == Some(&(id, via)) {
-                continue;
-            }
-            match handle.cluster(ClusterOp::Ip(ip, Some(id), via)).await {
-                Ok(_) => {
-                    self.installed.insert(ip, (id, via));
-                }
-                Err(e) => {
-                    tracing::warn!(ip = %ip, error = %e, "installing a remote IPCache entry failed")
+        if batch.is_empty() {
+            self.sync_routes().await;
+            return;
+        }
+        // One writer turn for the whole change; if any of it failed, the entries go one by
+        // one so that exactly the failed ones are retried on the next change.
+        let whole = handle.cluster(ClusterOp::Ips(batch.clone())).await;
+        for (ip, id, via) in batch {
+            let done = match &whole {
+                Ok(0) => true,
+                _ => match handle.cluster(ClusterOp::Ip(ip, id, via)).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(ip = %ip, error = %e, "a remote IPCache change failed");
+                        false
+                    }
+                },
+            };
+            if done {
+                match id {
+                    Some(id) => {
+                        self.installed.insert(ip, (id, via));
+                    }
+                    None => {
+                        self.installed.remove(&ip);
+                    }
                 }
             }
         }

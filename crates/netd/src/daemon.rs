@@ -852,6 +852,34 @@ impl Daemon {
         identity: Option<u32>,
         tunnel: Option<Ipv4Addr>,
     ) -> Result<(), NetdError> {
+        self.write_remote_ip(ip, identity, tunnel)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// [`Daemon::set_remote_ip`] for a batch, published once (a burst of remote entries must
+    /// not copy the snapshot once per entry); returns how many failed (each logged).
+    pub fn set_remote_ips(
+        &mut self,
+        batch: Vec<(IpAddr, Option<u32>, Option<Ipv4Addr>)>,
+    ) -> Result<usize, NetdError> {
+        let mut failed = 0;
+        for (ip, identity, tunnel) in batch {
+            if let Err(e) = self.write_remote_ip(ip, identity, tunnel) {
+                tracing::warn!(ip = %ip, error = %e, "a remote IPCache change failed");
+                failed += 1;
+            }
+        }
+        self.publish();
+        Ok(failed)
+    }
+
+    fn write_remote_ip(
+        &mut self,
+        ip: IpAddr,
+        identity: Option<u32>,
+        tunnel: Option<Ipv4Addr>,
+    ) -> Result<(), NetdError> {
         let own = [
             self.config.pod_cidr.prefix(),
             self.config.pod_cidr_v6.prefix(),
@@ -887,7 +915,6 @@ impl Daemon {
                 }
             }
         }
-        self.publish();
         Ok(())
     }
 

@@ -34,6 +34,8 @@ pub enum ClusterOp {
     /// A remote endpoint or node address in the IPCache (`None`: removed), with the tunnel
     /// endpoint (the hosting node's underlay address) when the VXLAN carrier is on.
     Ip(std::net::IpAddr, Option<u32>, Option<std::net::Ipv4Addr>),
+    /// Many [`ClusterOp::Ip`] changes at once; answers how many failed.
+    Ips(Vec<(std::net::IpAddr, Option<u32>, Option<std::net::Ipv4Addr>)>),
     /// The cluster view synced: remote IPCache entries not in this set go.
     Prune(std::collections::BTreeSet<std::net::IpAddr>),
     /// Endpoints waiting at init for their cluster identity try again.
@@ -106,6 +108,7 @@ fn run(mut d: Daemon, mut rx: mpsc::Receiver<Command>) {
                         d.set_remote_identity(id, labels).map(|()| 0)
                     }
                     ClusterOp::Ip(ip, id, via) => d.set_remote_ip(ip, id, via).map(|()| 0),
+                    ClusterOp::Ips(batch) => d.set_remote_ips(batch),
                     ClusterOp::Prune(keep) => d.prune_remote(&keep),
                     ClusterOp::RetryPending => d.retry_pending(),
                 };
