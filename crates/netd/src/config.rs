@@ -1080,12 +1080,22 @@ mod tests {
             },
             &["tunnel", "geneve"],
         );
-        bad(
-            RunArgs {
+        let vx = Config::from_layers(
+            &RunArgs {
                 tunnel: None,
                 ..cluster_args()
             },
-            &["tunnel", "vxlan"],
+            env(&[]),
+        )
+        .expect("vxlan by default");
+        assert_eq!(vx.cluster.expect("cluster").tunnel, Tunnel::Vxlan);
+        bad(
+            RunArgs {
+                tunnel: None,
+                node_ip: Some("fd00::1".into()),
+                ..cluster_args()
+            },
+            &["node_ip", "fd00::1", "IPv4"],
         );
         bad(
             RunArgs {
