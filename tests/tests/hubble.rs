@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -18,7 +18,7 @@ use sigil_proto::flow as fpb;
 use sigil_proto::observer as opb;
 use sigil_proto::observer::observer_client::ObserverClient;
 use sigil_test_util::netns::command_in_named_netns;
-use sigil_test_util::{NetdProcess, sigil_bin};
+use sigil_test_util::{Children, NetdProcess, sigil_bin};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 fn can_run(python: bool) -> bool {
@@ -40,19 +40,6 @@ fn can_run(python: bool) -> bool {
     };
     sigil_test_util::can_run_as_root_and("the Hubble API test", check)
         && sigil_test_util::can_run_with_bpffs("the Hubble API test")
-}
-
-/// Child processes killed on drop (echo servers, followers).
-#[derive(Default)]
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Ep {

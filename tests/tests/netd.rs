@@ -6,47 +6,17 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey};
 use sigil_policy::{Document, Peer, TraceVerdict, parse_documents, trace};
 use sigil_test_util::netns::{command_in_named_netns, in_netns, named_netns_path};
-use sigil_test_util::{NetdProcess, sigil_bin};
+use sigil_test_util::{Children, NetdProcess, sigil_bin};
 
 fn can_run() -> bool {
     sigil_test_util::can_run_with_bpffs("the netd test")
-}
-
-/// Child processes killed on drop (echo servers, monitors).
-#[derive(Default)]
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Children {
-    fn echo(&mut self, netns: &str, port: u16) {
-        self.echo_on(netns, &format!("0.0.0.0:{port}"));
-    }
-
-    /// An echo server on `bind` (`[::]:PORT` serves IPv6 and IPv4).
-    fn echo_on(&mut self, netns: &str, bind: &str) {
-        let child = command_in_named_netns(netns, sigil_bin())
-            .args(["netd", "echo-server", "--bind", bind])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("echo server");
-        self.0.push(child);
-    }
 }
 
 /// A namespace outside the pods standing in for the world: a veth from the node, its own /24.

@@ -8,10 +8,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sigil_test_util::{AgentProcess, NetdProcess, ServerProcess, sigil_bin};
+use sigil_test_util::{AgentProcess, Children, NetdProcess, ServerProcess, sigil_bin};
 
 const TD: &str = "identity.example.com";
 
@@ -21,33 +21,6 @@ fn can_run() -> bool {
             .err()
             .map(|e| format!("no bpffs: {e}"))
     })
-}
-
-/// Child processes killed on drop (echo servers).
-#[derive(Default)]
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Children {
-    fn echo(&mut self, netns: &str, port: u16) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(sigil_bin())
-            .args(["netd", "echo-server", "--bind", &format!("0.0.0.0:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("echo server");
-        self.0.push(child);
-    }
 }
 
 /// Server, agent (netd an authorized delegate, registered as `unix:uid:0`) and netd in spiffe

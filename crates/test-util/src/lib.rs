@@ -20,7 +20,7 @@ pub use cluster::{ClusterNode, TestCluster, wait_for};
 pub use etcd::{EtcdServer, can_run_etcd};
 pub use netd::NetdProcess;
 pub use netns::TestNetns;
-pub use process::{ServerProcess, free_port, sigil_bin};
+pub use process::{Children, ServerProcess, free_port, sigil_bin};
 #[cfg(feature = "bpf")]
 pub use root::can_run_with_bpffs;
 pub use root::{can_run_as_root, can_run_as_root_and, skip_unless};

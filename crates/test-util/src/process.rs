@@ -199,3 +199,40 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+/// Child processes (echo servers, monitors, followers) killed and reaped on drop, so a failing test
+/// leaves none behind.
+#[derive(Debug, Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Children {
+    /// Adds `child` to the set.
+    pub fn push(&mut self, child: Child) {
+        self.0.push(child);
+    }
+
+    /// A `sigil netd echo-server` on `0.0.0.0:port` inside the named namespace `netns`.
+    pub fn echo(&mut self, netns: &str, port: u16) {
+        self.echo_on(netns, &format!("0.0.0.0:{port}"));
+    }
+
+    /// A `sigil netd echo-server` on `bind` (`[::]:PORT` serves IPv6 and IPv4) inside `netns`.
+    pub fn echo_on(&mut self, netns: &str, bind: &str) {
+        let child = crate::netns::command_in_named_netns(netns, sigil_bin())
+            .args(["netd", "echo-server", "--bind", bind])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("echo server");
+        self.0.push(child);
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
