@@ -8,28 +8,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sigil_test_util::netns::command_in_named_netns;
-use sigil_test_util::{NetdProcess, TestCluster, can_run_etcd, sigil_bin, wait_for};
+use sigil_test_util::{Children, NetdProcess, TestCluster, can_run_etcd, sigil_bin, wait_for};
 
 fn can_run() -> bool {
     sigil_test_util::can_run_with_bpffs("the observe test")
-}
-
-/// Child processes killed on drop (echo servers, followers).
-#[derive(Default)]
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Ep {
@@ -51,13 +38,7 @@ fn create(netd: &NetdProcess, name: &str, labels: &str) -> Ep {
 }
 
 fn echo(children: &mut Children, ep: &Ep, port: u16) {
-    let child = command_in_named_netns(&ep.netns, sigil_bin())
-        .args(["netd", "echo-server", "--bind", &format!("0.0.0.0:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("echo server");
-    children.0.push(child);
+    children.echo(&ep.netns, port);
 }
 
 /// Whether a TCP echo from `netns` to `addr:port` comes back.
