@@ -37,6 +37,7 @@ const LOST_POLL: Duration = Duration::from_secs(1);
 pub struct Recorder {
     ring: Arc<FlowRing>,
     node_name: Arc<str>,
+    metrics: Option<crate::metrics::FlowMetrics>,
 }
 
 impl Recorder {
@@ -45,6 +46,15 @@ impl Recorder {
         Self {
             ring,
             node_name: Arc::from(node_name),
+            metrics: None,
+        }
+    }
+
+    /// Also counts every flow and lost event in Hubble's metrics.
+    pub fn with_metrics(self, metrics: crate::metrics::FlowMetrics) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
         }
     }
 
@@ -58,11 +68,17 @@ impl Recorder {
             unix,
             uuid::Uuid::new_v4().to_string(),
         );
+        if let Some(m) = &self.metrics {
+            m.observe(&flow);
+        }
         self.ring.push(unix, Item::Flow(flow));
     }
 
     /// Stores a notice that `n` datapath events were lost (the kernel ring buffer was full).
     pub fn record_lost(&self, n: u64) {
+        if let Some(m) = &self.metrics {
+            m.lost(n);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
