@@ -283,7 +283,8 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 }
 
 impl GrpcMetricsLayer {
-    /// The label of a request path: `/<service>/<method>` when the service is ours and the method
+    /// The label of a request path: `/<service>/<method>` when the service is ours (or
+    /// `grpc.health.v1.Health`) and the method
     /// a plain identifier of at most 64 characters, else `unknown`.
     fn method_label(&self, path: &str) -> Arc<str> {
         let known = path
@@ -293,7 +294,8 @@ impl GrpcMetricsLayer {
                 !m.is_empty()
                     && m.len() <= 64
                     && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    && self.services.iter().any(|s| &**s == *svc)
+                    && (*svc == "grpc.health.v1.Health"
+                        || self.services.iter().any(|s| &**s == *svc))
             });
         match known {
             Some(_) => Arc::from(path),
