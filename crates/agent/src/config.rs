@@ -88,6 +88,7 @@ struct FileConfig {
     netd_socket: Option<String>,
     x509_svid_cache_max_size: Option<usize>,
     drain_timeout: Option<String>,
+    metrics_address: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
 }
@@ -135,6 +136,8 @@ pub struct AgentConfig {
     pub svid_cache_max: usize,
     /// Bound on finishing in-flight calls after SIGTERM.
     pub drain_timeout: std::time::Duration,
+    /// Where Prometheus metrics are served (`None`: not served).
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Log level.
     pub log_level: String,
     /// JSON logs.
@@ -230,11 +233,13 @@ impl AgentConfig {
         }
         let common = l.common(
             &args.common,
-            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout)
+                .with_metrics_address(file.metrics_address),
         )?;
         let log_json = common.log_format == sigil_daemon::LogFormat::Json;
         Ok(AgentConfig {
             drain_timeout: common.drain_timeout,
+            metrics_address: common.metrics_address,
             server_address,
             trust_domain,
             trust_bundle,

@@ -76,6 +76,9 @@ pub async fn serve(
     let admin_listener =
         sigil_daemon::bind_unix("admin_socket_path", &config.admin_socket_path, 0o700, 0o600)?;
     let manager = manager::Manager::start(config.clone(), cache.clone()).await?;
+    manager.metrics.register(&rt.metrics, &cache);
+    let attestor = manager.metrics.counting(attestor);
+    let grpc_metrics = sigil_daemon::GrpcMetrics::register(&rt.metrics, metrics::PREFIX);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(manager.clone().run_sync());
     tasks.spawn(manager.clone().run_minter());
@@ -98,8 +101,12 @@ pub async fn serve(
     // The servers apart from the background tasks: on stop they get the drain timeout.
     let mut servers = tokio::task::JoinSet::new();
     let health1 = health.clone();
+    let workload_layer = grpc_metrics.layer(&["SpiffeWorkloadAPI"]);
+    let delegated_layer =
+        grpc_metrics.layer(&["spire.api.agent.delegatedidentity.v1.DelegatedIdentity"]);
     servers.spawn(async move {
         tonic::transport::Server::builder()
+            .layer(workload_layer)
             .add_service(SpiffeWorkloadApiServer::new(workload))
             .add_service(reflection)
             .add_service(health1.into_server())
@@ -116,6 +123,7 @@ pub async fn serve(
     let delegated = delegated::DelegatedApi::new(manager.clone(), attestor.clone());
     servers.spawn(async move {
         tonic::transport::Server::builder()
+            .layer(delegated_layer)
             .add_service(delegated.into_server())
             .add_service(health.into_server())
             .serve_with_incoming_shutdown(
@@ -129,6 +137,16 @@ pub async fn serve(
             .await
             .context("admin API")
     });
+    let metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let (bound, task) =
+                sigil_daemon::serve_metrics(addr, rt.metrics.clone(), stop_rx.clone())
+                    .with_context(|| format!("metrics_address: binding {addr}"))?;
+            tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let ready = rt.ready;
     ready.set_ready();
     tracing::info!(
@@ -161,6 +179,9 @@ pub async fn serve(
         while servers.join_next().await.is_some() {}
     }
     tasks.abort_all();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     let _ = std::fs::remove_file(&config.socket_path);
     let _ = std::fs::remove_file(&config.admin_socket_path);
     outcome
@@ -175,3 +196,4 @@ fn task_outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow
 }
 
 pub mod delegated;
+pub mod metrics;

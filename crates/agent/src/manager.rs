@@ -47,6 +47,8 @@ pub struct Manager {
     pub reconnect: Notify,
     /// Set when the agent must stop (banned, or evicted without a way to attest again).
     pub fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// SVID counters.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 fn now() -> SystemTime {
@@ -92,6 +94,7 @@ impl Manager {
             attestations: AtomicU64::new(0),
             reconnect: Notify::new(),
             fatal: tokio::sync::watch::channel(None).0,
+            metrics: Default::default(),
         });
         match m.store.load_identity()? {
             Some(id) if id.expires_at > now() => {
@@ -129,6 +132,7 @@ impl Manager {
         self.cache.set_bundles(set);
         self.identity.store(Some(Arc::new(id)));
         self.attestations.fetch_add(1, Ordering::SeqCst);
+        self.metrics.agent_svid("attestation");
         Ok(())
     }
 
@@ -152,6 +156,7 @@ impl Manager {
         self.store.save_identity(&new)?;
         tracing::info!(agent = %new.id, expires = ?new.expires_at, "agent SVID renewed");
         self.identity.store(Some(Arc::new(new)));
+        self.metrics.agent_svid("renewal");
         self.reconnect.notify_one();
         Ok(())
     }
@@ -400,6 +405,7 @@ impl Manager {
                 revision: e.revision,
             });
         }
+        self.metrics.x509_minted(out.len() as u64);
         Ok(out)
     }
 
@@ -425,6 +431,7 @@ impl Manager {
             })
             .await?
             .into_inner();
+        self.metrics.jwt_minted();
         let jwt = crate::cache::CachedJwt {
             token: r.token,
             spiffe_id: entry.spiffe_id.clone(),

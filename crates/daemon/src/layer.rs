@@ -202,6 +202,9 @@ pub struct CommonArgs {
     /// 500ms).
     #[arg(long)]
     pub drain_timeout: Option<String>,
+    /// Serve Prometheus metrics at http://<address>/metrics (e.g. 127.0.0.1:9962); off when unset.
+    #[arg(long)]
+    pub metrics_address: Option<String>,
 }
 
 impl CommonArgs {
@@ -215,7 +218,14 @@ impl CommonArgs {
             log_level,
             log_format,
             drain_timeout,
+            metrics_address: None,
         }
+    }
+
+    /// With the file's `metrics_address`.
+    pub fn with_metrics_address(mut self, metrics_address: Option<String>) -> Self {
+        self.metrics_address = metrics_address;
+        self
     }
 }
 
@@ -228,6 +238,8 @@ pub struct CommonOptions {
     pub log_format: crate::LogFormat,
     /// Drain bound after SIGTERM (default [`crate::DEFAULT_DRAIN_TIMEOUT`]).
     pub drain_timeout: std::time::Duration,
+    /// Where `/metrics` is served (none: no listener).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// A configuration file that cannot be read or parsed.
@@ -272,7 +284,7 @@ impl Layers {
     }
 
     /// The options every daemon has, from its flags and its file's values of the same keys:
-    /// the log options first, then `drain_timeout`.
+    /// the log options first, then `drain_timeout`, then `metrics_address`.
     pub fn common(
         &self,
         flags: &CommonArgs,
@@ -283,10 +295,17 @@ impl Layers {
             (flags.log_format.clone(), file.log_format),
         )?;
         let drain_timeout = self.drain_timeout(flags.drain_timeout.clone(), file.drain_timeout)?;
+        let metrics_address = self.parse(
+            "metrics_address",
+            flags.metrics_address.clone(),
+            file.metrics_address,
+            crate::metrics::parse_metrics_address,
+        )?;
         Ok(CommonOptions {
             log_level,
             log_format,
             drain_timeout,
+            metrics_address,
         })
     }
 }

@@ -10,12 +10,14 @@ pub mod dial;
 pub mod dir;
 pub mod health;
 pub mod layer;
+pub mod metrics;
 pub mod runtime;
 
 pub use accept::raise_fd_limit;
 pub use dir::{DirError, check_peer, check_socket, connect_trusted, own_dir};
 pub use health::Health;
 pub use layer::{CommonArgs, CommonOptions, ConfigFileError, LayerError, Layers, Source};
+pub use metrics::{GaugeFn, GrpcMetrics, serve_metrics};
 pub use runtime::{
     BindError, DEFAULT_DRAIN_TIMEOUT, Metrics, Readiness, Runtime, bind_unix, drain,
 };

@@ -212,6 +212,35 @@ impl Metrics {
             .register(name, help, metric);
     }
 
+    /// Registers a collector (metrics computed at scrape time) under `prefix`.
+    pub fn register_collector(
+        &self,
+        prefix: &str,
+        collector: impl prometheus_client::collector::Collector,
+    ) {
+        let mut r = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.sub_registry_with_prefix(prefix)
+            .register_collector(Box::new(collector));
+    }
+
+    /// Registers `metric` under its full `name` (no prefix added; for names another project
+    /// defined, such as Hubble's `hubble_flows_processed`).
+    pub fn register_unprefixed(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        let mut r = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.register(name, help, metric);
+    }
+
     /// The OpenMetrics text format of every registered metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let r = self

@@ -29,6 +29,7 @@ pub struct Api {
     events: broadcast::Sender<pb::Event>,
     nodes: Option<crate::cluster::NodesView>,
     export: Option<Arc<crate::hubble::export::ExportCounters>>,
+    import_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Api {
@@ -47,6 +48,7 @@ impl Api {
             events,
             nodes: None,
             export: None,
+            import_latency: None,
         }
     }
 
@@ -62,6 +64,14 @@ impl Api {
     pub fn with_cluster(self, nodes: crate::cluster::NodesView) -> Self {
         Self {
             nodes: Some(nodes),
+            ..self
+        }
+    }
+
+    /// Records the duration of each successful policy import in `h`.
+    pub fn with_import_latency(self, h: prometheus_client::metrics::histogram::Histogram) -> Self {
+        Self {
+            import_latency: Some(h),
             ..self
         }
     }
@@ -220,6 +230,7 @@ impl pb::policies_server::Policies for Api {
         &self,
         req: Request<pb::ImportPoliciesRequest>,
     ) -> Result<Response<pb::ImportPoliciesResponse>, Status> {
+        let started = std::time::Instant::now();
         let files: Vec<(String, String)> = req
             .into_inner()
             .files
@@ -231,6 +242,9 @@ impl pb::policies_server::Policies for Api {
             .await
             .map_err(|_| Status::unavailable("netd is stopping"))??;
         let (policies, n) = self.handle.change_policy(op).await?;
+        if let Some(h) = &self.import_latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         Ok(Response::new(pb::ImportPoliciesResponse {
             policies,
             endpoints_updated: count(n),

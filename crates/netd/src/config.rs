@@ -198,6 +198,7 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     drain_timeout: Option<String>,
+    metrics_address: Option<String>,
     policy_map_max_entries: Option<u32>,
     spiffe_id_mode: Option<String>,
     spiffe_id_template: Option<String>,
@@ -310,6 +311,8 @@ pub struct Config {
     pub log_format: sigil_daemon::LogFormat,
     /// Bound on finishing in-flight API calls after SIGTERM.
     pub drain_timeout: std::time::Duration,
+    /// Where Prometheus metrics are served (`None`: not served).
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Policy map capacity when it is created (`None`: the object's 1 048 576).
     pub policy_map_max_entries: Option<u32>,
     /// SPIFFE ID mode, and in derived modes what the registrar needs.
@@ -557,7 +560,8 @@ impl Config {
         }
         let common = l.common(
             &args.common,
-            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout)
+                .with_metrics_address(file.metrics_address),
         )?;
         let agent_socket = l.get("agent_socket", args.agent_socket.clone(), file.agent_socket)?;
         let identity_mode = l
@@ -608,6 +612,7 @@ impl Config {
             log_level: common.log_level,
             log_format: common.log_format,
             drain_timeout: common.drain_timeout,
+            metrics_address: common.metrics_address,
         })
     }
 }

@@ -39,6 +39,7 @@ pub struct Recorder {
     ring: Arc<FlowRing>,
     node_name: Arc<str>,
     export: Option<export::Exporter>,
+    metrics: Option<crate::metrics::FlowMetrics>,
 }
 
 impl Recorder {
@@ -48,6 +49,15 @@ impl Recorder {
             ring,
             node_name: Arc::from(node_name),
             export: None,
+            metrics: None,
+        }
+    }
+
+    /// Also counts every flow and lost event in Hubble's metrics.
+    pub fn with_metrics(self, metrics: crate::metrics::FlowMetrics) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
         }
     }
 
@@ -67,6 +77,9 @@ impl Recorder {
             unix,
             uuid::Uuid::new_v4().to_string(),
         );
+        if let Some(m) = &self.metrics {
+            m.observe(&flow);
+        }
         if let Some(x) = &self.export {
             x.flow(&flow, flow.time);
         }
@@ -75,6 +88,9 @@ impl Recorder {
 
     /// Stores a notice that `n` datapath events were lost (the kernel ring buffer was full).
     pub fn record_lost(&self, n: u64) {
+        if let Some(m) = &self.metrics {
+            m.lost(n);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))

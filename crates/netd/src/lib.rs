@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod error;
 pub mod hubble;
 pub mod identities;
+pub mod metrics;
 pub mod monitor;
 pub mod reconcile;
 pub mod registrar;
@@ -102,7 +103,9 @@ pub async fn serve(
     let counters =
         sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?;
     let flows = Arc::new(hubble::FlowRing::new(config.hubble.max_flows));
-    let recorder = hubble::Recorder::new(Arc::clone(&flows), &config.node_name);
+    let netd_metrics = metrics::NetdMetrics::register(&rt.metrics, handle.snapshot_cell());
+    let recorder = hubble::Recorder::new(Arc::clone(&flows), &config.node_name)
+        .with_metrics(netd_metrics.flows.clone());
     let (recorder, export_counters, export_thread) = match &config.hubble.export {
         Some(x) => {
             let (exporter, thread) = hubble::export::Exporter::start(x, &config.node_name)?;
@@ -153,33 +156,39 @@ pub async fn serve(
         _ => None,
     };
     let listener = api_listener(&socket)?;
-    let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
+    let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx)
+        .with_import_latency(netd_metrics.import_latency.clone());
     if let Some(view) = nodes_view {
         api = api.with_cluster(view);
     }
     if let Some(c) = export_counters {
         api = api.with_export(c);
     }
+    let services = [
+        "sigil.netd.v1.Endpoints",
+        "sigil.netd.v1.Policies",
+        "sigil.netd.v1.Monitor",
+        "sigil.netd.v1.Status",
+        "sigil.netd.v1.Cluster",
+    ];
     let router = tonic::transport::Server::builder()
+        .layer(netd_metrics.grpc.layer(&services))
         .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api))
-        .add_service(
-            sigil_daemon::Health::new(
-                ready.clone(),
-                &[
-                    "sigil.netd.v1.Endpoints",
-                    "sigil.netd.v1.Policies",
-                    "sigil.netd.v1.Monitor",
-                    "sigil.netd.v1.Status",
-                    "sigil.netd.v1.Cluster",
-                ],
-            )
-            .into_server(),
-        );
+        .add_service(sigil_daemon::Health::new(ready.clone(), &services).into_server());
     let hubble_servers = serve_hubble(&config, flows, ready.clone(), stop.clone())?;
+    let metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let (bound, task) = sigil_daemon::serve_metrics(addr, rt.metrics.clone(), stop.clone())
+                .with_context(|| format!("metrics_address: binding {addr}"))?;
+            tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let mut stop_server = stop.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         sigil_h2_authority::normalize_incoming(sigil_daemon::accept::unix_incoming(
@@ -227,6 +236,9 @@ pub async fn serve(
         }
     }
     let _ = lost_watcher.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     monitor.abort();
     let _ = monitor.await;
     // The recorders are gone: the export writer writes what is queued and ends.

@@ -367,7 +367,9 @@ impl pb::node_server::Node for NodeApi {
         let (tx, rx) = mpsc::channel(2);
         match params.kind {
             Some(pb::attest_params::Kind::JoinToken(jt)) => {
-                let result = api.attest_join_token(jt.token, params.csr).await?;
+                let result = api.attest_join_token(jt.token, params.csr).await;
+                api.state.metrics.attestation("join_token", result.is_ok());
+                let result = result?;
                 let _ = tx
                     .send(Ok(pb::AttestAgentResponse {
                         step: Some(pb::attest_agent_response::Step::Result(result)),
@@ -375,17 +377,25 @@ impl pb::node_server::Node for NodeApi {
                     .await;
             }
             Some(pb::attest_params::Kind::X509pop(pop)) => {
+                let m = api.state.metrics.clone();
+                let failed = |e: Status| {
+                    m.attestation("x509pop", false);
+                    e
+                };
                 let roots = api.state.x509pop_roots.clone().ok_or_else(|| {
-                    Status::permission_denied("x509pop attestation is not enabled on this server")
+                    failed(Status::permission_denied(
+                        "x509pop attestation is not enabled on this server",
+                    ))
                 })?;
-                let path_cas = x509pop_verify(&roots, &pop.cert_chain, api.state.clock.now())?;
+                let path_cas = x509pop_verify(&roots, &pop.cert_chain, api.state.clock.now())
+                    .map_err(failed)?;
                 let leaf = pop.cert_chain[0].clone();
-                let (fp, selectors) = x509pop_identity(&leaf, &path_cas)?;
+                let (fp, selectors) = x509pop_identity(&leaf, &path_cas).map_err(failed)?;
                 let td = api.state.trust_domain();
                 let id = td
                     .id_with_path(&format!("/sigil/agent/x509pop/{fp}"))
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                api.refuse_if_banned(&id).await?;
+                    .map_err(|e| failed(Status::internal(e.to_string())))?;
+                api.refuse_if_banned(&id).await.map_err(failed)?;
                 let nonce: [u8; 32] = rand::random();
                 tx.send(Ok(pb::AttestAgentResponse {
                     step: Some(pb::attest_agent_response::Step::Challenge(nonce.to_vec())),
@@ -409,6 +419,7 @@ impl pb::node_server::Node for NodeApi {
                             .await
                     }
                     .await;
+                    api.state.metrics.attestation("x509pop", outcome.is_ok());
                     let _ = tx
                         .send(outcome.map(|r| pb::AttestAgentResponse {
                             step: Some(pb::attest_agent_response::Step::Result(r)),
@@ -508,6 +519,7 @@ impl pb::node_server::Node for NodeApi {
                 break;
             }
             let ca = self.state.ca.load_full();
+            let metrics = self.state.metrics.clone();
             handles.push(tokio::task::spawn_blocking(move || {
                 chunk
                     .into_iter()
@@ -515,14 +527,21 @@ impl pb::node_server::Node for NodeApi {
                         let ttl = (e.x509_svid_ttl > 0)
                             .then(|| Duration::from_secs(e.x509_svid_ttl as u64));
                         let r = match ca.sign_csr(&csr, &e.spiffe_id, &e.dns_names, ttl) {
-                            Ok(svid) => pb::X509svidResult {
-                                status_code: 0,
-                                status_message: String::new(),
-                                entry_id: e.id.clone(),
-                                spiffe_id: e.spiffe_id.to_string(),
-                                cert_chain: svid.cert_chain.iter().map(|c| c.to_vec()).collect(),
-                                expires_at: unix(svid.expires_at),
-                            },
+                            Ok(svid) => {
+                                metrics.x509_signed();
+                                pb::X509svidResult {
+                                    status_code: 0,
+                                    status_message: String::new(),
+                                    entry_id: e.id.clone(),
+                                    spiffe_id: e.spiffe_id.to_string(),
+                                    cert_chain: svid
+                                        .cert_chain
+                                        .iter()
+                                        .map(|c| c.to_vec())
+                                        .collect(),
+                                    expires_at: unix(svid.expires_at),
+                                }
+                            }
                             Err(err) => pb::X509svidResult {
                                 status_code: tonic::Code::InvalidArgument as i32,
                                 status_message: format!("csr: {err}"),
@@ -592,6 +611,7 @@ impl pb::node_server::Node for NodeApi {
             .load()
             .mint_jwt_svid(&e.spiffe_id, &req.audience, ttl)
             .map_err(|err| Status::internal(err.to_string()))?;
+        self.state.metrics.jwt_signed();
         Ok(Response::new(pb::NewJwtsvidResponse {
             token: jwt.token,
             expires_at: unix(jwt.expires_at),
@@ -817,9 +837,11 @@ impl EntryStream {
 /// Signs an agent's CSR for its SPIFFE ID (attestation and renewal alike); a bad CSR is
 /// `InvalidArgument` naming the `csr` field.
 fn sign_agent_csr(state: &State, csr: &[u8], id: &SpiffeId) -> Result<sigil_ca::X509Svid, Status> {
-    state
+    let svid = state
         .ca
         .load()
         .sign_csr(csr, id, &[], None)
-        .map_err(|e| Status::invalid_argument(format!("csr: {e}")))
+        .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+    state.metrics.x509_signed();
+    Ok(svid)
 }

@@ -95,6 +95,7 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     drain_timeout: Option<String>,
+    metrics_address: Option<String>,
 }
 
 pub use sigil_daemon::LogFormat;
@@ -130,6 +131,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Bound on finishing in-flight calls after SIGTERM.
     pub drain_timeout: Duration,
+    /// Where Prometheus metrics are served (`None`: not served).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn parse_duration(field: &str, value: &str) -> anyhow::Result<Duration> {
@@ -251,10 +254,12 @@ impl ServerConfig {
         };
         let common = l.common(
             &args.common,
-            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout),
+            CommonArgs::new(file.log_level, file.log_format, file.drain_timeout)
+                .with_metrics_address(file.metrics_address),
         )?;
         Ok(ServerConfig {
             drain_timeout: common.drain_timeout,
+            metrics_address: common.metrics_address,
             data_dir,
             trust_domain,
             bind,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod listen;
+pub mod metrics;
 pub mod migrate;
 pub mod state;
 pub mod validate;
@@ -69,9 +70,20 @@ pub async fn serve(
         .with_context(|| format!("bind: cannot listen on {}", state.config.bind))?;
     let bound = tcp.local_addr()?;
 
+    state.metrics.register(&rt.metrics, &state);
+    let grpc_metrics = sigil_daemon::GrpcMetrics::register(&rt.metrics, metrics::PREFIX);
     let admin = admin::Admin::new(state.clone());
     let tls_entries = admin_tls::TlsEntries::new(admin.clone(), state.clone());
+    let admin_services = [
+        "sigil.admin.v1.Entries",
+        "sigil.admin.v1.Agents",
+        "sigil.admin.v1.Bundles",
+        "sigil.admin.v1.JoinTokens",
+        "sigil.admin.v1.Svids",
+        "sigil.admin.v1.TrustDomain",
+    ];
     let admin_router = tonic::transport::Server::builder()
+        .layer(grpc_metrics.layer(&admin_services))
         .add_service(
             admin_pb::entries_server::EntriesServer::new(admin.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -84,22 +96,10 @@ pub async fn serve(
         ))
         .add_service(admin_pb::svids_server::SvidsServer::new(admin.clone()))
         .add_service(admin_pb::trust_domain_server::TrustDomainServer::new(admin))
-        .add_service(
-            sigil_daemon::Health::new(
-                rt.ready.clone(),
-                &[
-                    "sigil.admin.v1.Entries",
-                    "sigil.admin.v1.Agents",
-                    "sigil.admin.v1.Bundles",
-                    "sigil.admin.v1.JoinTokens",
-                    "sigil.admin.v1.Svids",
-                    "sigil.admin.v1.TrustDomain",
-                ],
-            )
-            .into_server(),
-        );
+        .add_service(sigil_daemon::Health::new(rt.ready.clone(), &admin_services).into_server());
     // The TLS listener also serves the entry API to admin workloads (checked per call).
     let node_router = tonic::transport::Server::builder()
+        .layer(grpc_metrics.layer(&["sigil.agent.v1.Node", "sigil.admin.v1.Entries"]))
         .add_service(
             agent_pb::node_server::NodeServer::new(agent_api::NodeApi::new(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -129,6 +129,15 @@ pub async fn serve(
             let _ = stop_node.wait_for(|s| *s).await;
         },
     ));
+    let metrics_server = match state.config.metrics_address {
+        Some(addr) => {
+            let (bound, task) = sigil_daemon::serve_metrics(addr, rt.metrics.clone(), stop.clone())
+                .with_context(|| format!("metrics_address: binding {addr}"))?;
+            tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let ready = rt.ready;
     ready.set_ready();
     tracing::info!(
@@ -155,6 +164,9 @@ pub async fn serve(
     let _ = stop.wait_for(|s| *s).await;
     ready.set_not_ready();
     ticker.abort();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     // No new connections; calls in flight get the drain timeout, then end with their connections.
     let (admin_abort, node_abort) = (admin_task.abort_handle(), node_task.abort_handle());
     let joined = async { tokio::join!(admin_task, node_task) };

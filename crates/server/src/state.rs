@@ -61,6 +61,8 @@ pub struct State {
     pub server_svid_renew_at: std::sync::Mutex<SystemTime>,
     /// Roots trusted for x509pop node attestation.
     pub x509pop_roots: Option<Vec<CertificateDer<'static>>>,
+    /// Counters of SVIDs and attestations.
+    pub metrics: crate::metrics::ServerMetrics,
 }
 
 /// Seconds since the Unix epoch.
@@ -174,6 +176,7 @@ impl State {
             server_cert: Arc::new(RotatingCert::new(certified)),
             server_svid_renew_at: std::sync::Mutex::new(renew_at),
             x509pop_roots,
+            metrics: Default::default(),
         });
         state.refresh_bundles()?;
         Ok(state)

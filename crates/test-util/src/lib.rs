@@ -7,6 +7,7 @@ pub mod certs;
 pub mod clock;
 pub mod cluster;
 pub mod etcd;
+pub mod metrics;
 pub mod netd;
 pub mod netns;
 pub mod process;
