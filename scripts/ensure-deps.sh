@@ -16,6 +16,8 @@ command -v setpriv >/dev/null 2>&1 && command -v prlimit >/dev/null 2>&1 && comm
 [ -x /usr/bin/python3 ] || need+=(python3)
 # sigil-kvstore tests and multi-node netd: a private etcd (3.4) per test.
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# netd's service map (tests/tests/service_map.rs): the page rendered by a real headless browser.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2

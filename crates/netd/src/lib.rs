@@ -20,6 +20,7 @@ pub mod spiffe;
 pub mod spiffe_id;
 pub mod state;
 pub mod txn;
+pub mod ui;
 pub mod watch;
 
 use std::path::Path;
@@ -167,6 +168,15 @@ pub async fn serve(
             )
             .into_server(),
         );
+    let ui = match &config.ui {
+        Some(c) => Some(ui::spawn(
+            c,
+            &config.node_name,
+            Arc::clone(&flows),
+            stop.clone(),
+        )?),
+        None => None,
+    };
     let hubble_servers = serve_hubble(&config, flows, ready.clone(), stop.clone())?;
     let mut stop_server = stop.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
@@ -215,6 +225,9 @@ pub async fn serve(
         }
     }
     let _ = lost_watcher.await;
+    if let Some(u) = ui {
+        let _ = u.await;
+    }
     monitor.abort();
     if let Some(r) = registrar {
         // A round cut short is harmless: the next start lists and adopts what is there.
