@@ -301,7 +301,7 @@ mod tests {
 
     /// Even identities have a SPIFFE ID.
     fn labels(id: u32) -> Vec<&'static str> {
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             vec!["k8s:app=x", "spiffe:spiffe.io/spiffe-id=spiffe://td/even"]
         } else {
             vec!["k8s:app=y"]
