@@ -83,7 +83,10 @@ pub async fn serve(
                 let resp = respond(&req, bound, &graph);
                 async move { Ok::<_, Infallible>(resp) }
             });
+            // One request per connection: the page polls once a second, and an idle keep-alive
+            // connection would hold one of the few places (and stalls headless browsers).
             let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
