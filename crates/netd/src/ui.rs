@@ -146,6 +146,42 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_toml_keys_reach_netds_config() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("netd.toml");
+        let args = crate::RunArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let load = || {
+            crate::Config::from_layers(&args, |p| {
+                sigil_daemon::Layers::with_env("netd", p, HashMap::new())
+            })
+        };
+        std::fs::write(
+            &file,
+            "ui_address = \"0.0.0.0:12000\"\nui_allow_remote = true\n",
+        )
+        .expect("write");
+        let c = load().expect("config");
+        assert_eq!(
+            c.ui,
+            Some(UiConfig {
+                address: "0.0.0.0:12000".parse().expect("addr")
+            })
+        );
+        std::fs::write(&file, "ui_address = \"0.0.0.0:12000\"\n").expect("write");
+        let e = load().expect_err("no consent");
+        assert!(
+            e.to_string()
+                .starts_with("ui_address: invalid value \"0.0.0.0:12000\" from config file"),
+            "{e}"
+        );
+        std::fs::write(&file, "").expect("write");
+        assert_eq!(load().expect("default").ui, None);
+    }
+
     #[tokio::test]
     async fn the_follower_folds_the_ring_and_counts_what_it_missed() {
         use sigil_proto::flow as fpb;
