@@ -12,8 +12,8 @@
 //!    per 10 000 remote endpoints.
 //!
 //! `cargo bench -p sigil-e2e --bench cluster` (uses the `sigil` binary of the same profile, or
-//! `SIGIL_BIN`); `ONLY=latency|throughput|scale` runs one part. The nodes run `--tunnel
-//! disabled` (direct routing over the underlay) until the VXLAN carrier is wired into netd.
+//! `SIGIL_BIN`); `ONLY=latency|throughput|scale` runs one part. The nodes run netd's
+//! default carrier in cluster mode, `--tunnel vxlan` (source identity in the VNI).
 //! `CONVERGE_SECS` (default 600) bounds the wait for the simulated entries; past it the part
 //! reports how far each node got instead of failing.
 
@@ -269,7 +269,7 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
     let setups: [(&str, &Path, Ipv4Addr); 2] = [
         ("plain routed, no datapath (baseline)", &a.netns_path, b.ip),
         (
-            "sigil: endpoints + allow policy, direct routing (--tunnel disabled)",
+            "sigil: endpoints + allow policy, VXLAN carrier (--tunnel vxlan)",
             &ips[0].1,
             ips[1].0,
         ),

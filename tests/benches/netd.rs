@@ -360,6 +360,7 @@ impl Plain {
             self.names.push(name.to_owned());
             netns::create_endpoint(&EndpointSpec {
                 name: name.into(),
+                mtu: None,
                 ipv4: Some(Ipv4Addr::new(10, 233, 0, host)),
                 ipv6: None,
             })?;

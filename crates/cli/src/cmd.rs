@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod entry;
 pub mod monitor;
 pub mod netd;
+pub mod observe;
 pub mod policy;
 pub mod policy_repo;
 pub mod server;

@@ -10,7 +10,7 @@ mod workload;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// The `sigil` command line.
 #[derive(Debug, Parser)]
@@ -67,12 +67,19 @@ enum Command {
     Identity(cmd::cluster::IdentityCommand),
     /// Stream sigil-netd's verdict and drop events.
     Monitor(cmd::monitor::MonitorArgs),
+    /// Show flows from sigil-netd's Hubble Observer API (`hubble observe`'s flags and formats),
+    /// of one node or, with `--cluster`, of every node merged in time order.
+    Observe(Box<cmd::observe::ObserveArgs>),
     /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
     Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, &matches)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -92,7 +99,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+async fn dispatch(command: Command, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     let done = ExitCode::SUCCESS;
     match command {
         Command::Server(c) => return cmd::server::run(c).await,
@@ -107,6 +114,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Netd(c) => return cmd::netd::run(c).await,
         Command::Endpoint(c) => cmd::endpoint::run(c).await?,
         Command::Monitor(a) => cmd::monitor::run(a).await?,
+        Command::Observe(a) => {
+            // The filter flags' order matters (`--not`): read it from the matches.
+            let sub = matches
+                .subcommand_matches("observe")
+                .ok_or_else(|| anyhow::anyhow!("internal: no matches for `observe`"))?;
+            cmd::observe::run(*a, sub).await?
+        }
         Command::Node(c) => cmd::cluster::run_node(c).await?,
         Command::Identity(c) => cmd::cluster::run_identity(c).await?,
         Command::Policy(c) => return cmd::policy::run(c).await,
@@ -117,7 +131,6 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn command_definition_is_consistent() {

@@ -31,6 +31,11 @@ pub const ENDPOINT_INTERFACE: &str = "eth0";
 /// The kernel implementation the functions without `_with` use.
 const KERNEL: RtNetlink = RtNetlink;
 
+/// Smallest endpoint MTU: IPv6's minimum link MTU (endpoints carry IPv6).
+pub const ENDPOINT_MTU_MIN: u32 = 1280;
+/// Largest endpoint MTU: a veth's maximum.
+pub const ENDPOINT_MTU_MAX: u32 = 65535;
+
 /// What to create for one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
@@ -40,6 +45,10 @@ pub struct EndpointSpec {
     pub ipv4: Option<Ipv4Addr>,
     /// IPv6 address (a /128 on eth0).
     pub ipv6: Option<Ipv6Addr>,
+    /// MTU of the endpoint's interface, `None` for the kernel's (1500). Over a tunnel it must
+    /// leave room for the encapsulation (the tunnel device's MTU), or every full-sized packet
+    /// is fragmented on the underlay.
+    pub mtu: Option<u32>,
 }
 
 /// A created endpoint's network side.
@@ -145,6 +154,17 @@ pub fn create_endpoint_with(
     {
         return Err(DatapathError::invalid("ipv6", a, "not a unicast address"));
     }
+    if let Some(m) = spec.mtu
+        && !(ENDPOINT_MTU_MIN..=ENDPOINT_MTU_MAX).contains(&m)
+    {
+        return Err(DatapathError::invalid(
+            "mtu",
+            m,
+            format!(
+                "must be {ENDPOINT_MTU_MIN}-{ENDPOINT_MTU_MAX} (IPv6's minimum to a veth's maximum)"
+            ),
+        ));
+    }
     let ns = netns_name(&spec.name);
     let host = host_interface_name(&spec.name);
     if nl.netns_exists(&ns) {
@@ -184,6 +204,9 @@ fn plumb(
     let inside = Ns::Named(ns);
     let eth0 = ENDPOINT_INTERFACE;
     nl.add_veth(node, host, eth0, Some(ns))?;
+    if let Some(mtu) = spec.mtu {
+        nl.set_mtu(inside, eth0, mtu)?;
+    }
     if spec.ipv4.is_some() {
         nl.set_sysctl(node, &format!("net/ipv4/conf/{host}/proxy_arp"), "1")?;
         nl.set_sysctl(node, &format!("net/ipv4/neigh/{host}/proxy_delay"), "0")?;

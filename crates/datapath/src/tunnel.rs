@@ -51,7 +51,15 @@ pub struct TunnelConfig {
     /// This node's underlay address: the outer source of what it sends, and what other nodes
     /// know it by (their [`crate::IpCache::upsert_node`] entry for it).
     pub local_ip: Ipv4Addr,
+    /// MTU of the device, i.e. of the packets it carries before encapsulation: the underlay's
+    /// minus [`VXLAN_OVERHEAD`], so that encapsulated packets are never fragmented on the
+    /// underlay. Endpoints whose traffic crosses the tunnel take it too
+    /// ([`Datapath::tunnel_mtu`]).
+    pub mtu: u32,
 }
+
+/// The underlay MTU [`TunnelConfig::new`] assumes (Ethernet's).
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 
 impl TunnelConfig {
     /// [`DEFAULT_DEVICE`] on [`DEFAULT_PORT`] with this node's underlay address.
@@ -60,6 +68,7 @@ impl TunnelConfig {
             device: DEFAULT_DEVICE.to_owned(),
             port: DEFAULT_PORT,
             local_ip,
+            mtu: DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD,
         }
     }
 
@@ -72,6 +81,16 @@ impl TunnelConfig {
                 "tunnel port",
                 self.port,
                 "must be a UDP port (1-65535)",
+            ));
+        }
+        if !(1280..=65535 - VXLAN_OVERHEAD).contains(&self.mtu) {
+            return Err(DatapathError::invalid(
+                "tunnel mtu",
+                self.mtu,
+                format!(
+                    "must be 1280-{} (IPv6's minimum to the largest that still encapsulates)",
+                    65535 - VXLAN_OVERHEAD
+                ),
             ));
         }
         let a = self.local_ip;
@@ -133,6 +152,8 @@ pub fn ensure_device(nl: &dyn Netlink, cfg: &TunnelConfig) -> Result<u32, Datapa
         )?;
     }
     nl.set_sysctl(ns, &format!("net/ipv4/conf/{}/rp_filter", cfg.device), "0")?;
+    // Set on an adopted device too: a device left by an older netd may have the kernel's 1500.
+    nl.set_mtu(ns, &cfg.device, cfg.mtu)?;
     nl.set_link_up(ns, &cfg.device, true)?;
     nl.link_index(ns, &cfg.device)?.ok_or_else(|| {
         DatapathError::invalid("tunnel device", &cfg.device, "vanished while being set up")
@@ -186,6 +207,16 @@ impl Datapath {
             .unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
         RtNetlink::new().delete_link(Ns::Current, &device)?;
         Ok(())
+    }
+
+    /// The MTU of the tunnel device set up by this `Datapath` ([`TunnelConfig::mtu`]), `None`
+    /// without one. Endpoints whose traffic crosses the tunnel take it, so that their packets
+    /// are not fragmented on the underlay.
+    pub fn tunnel_mtu(&self) -> Result<Option<u32>, DatapathError> {
+        match &self.tunnel_device {
+            Some(dev) => Ok(RtNetlink::new().link_mtu(Ns::Current, dev)?),
+            None => Ok(None),
+        }
     }
 
     /// The tunnel device's ifindex and this node's underlay address, if a tunnel is set up
@@ -262,6 +293,14 @@ mod tests {
                 },
                 "tunnel device",
                 "a-name-longer-than-15",
+            ),
+            (
+                TunnelConfig {
+                    mtu: 1279,
+                    ..TunnelConfig::new(ip)
+                },
+                "tunnel mtu",
+                "1279",
             ),
             (
                 TunnelConfig::new(Ipv4Addr::UNSPECIFIED),

@@ -12,6 +12,7 @@ use sigil_netlink::{FakeNetlink, Netlink, Ns, Op, Prefix, Route};
 fn spec(name: &str, v4: bool, v6: bool) -> EndpointSpec {
     EndpointSpec {
         name: name.to_owned(),
+        mtu: None,
         ipv4: v4.then_some(Ipv4Addr::new(10, 1, 0, 5)),
         ipv6: v6.then(|| "fd00::5".parse::<Ipv6Addr>().expect("v6")),
     }
@@ -193,12 +194,52 @@ fn existing_namespaces_and_host_veths_are_refused_untouched() {
 }
 
 #[test]
+fn an_mtu_is_set_on_the_endpoint_side_before_it_comes_up_and_the_node_side_keeps_its_own() {
+    let nl = FakeNetlink::new();
+    let plain = create_endpoint_with(&nl, &spec("plain", true, false)).expect("create");
+    assert_eq!(
+        nl.link_mtu(Ns::Named(&plain.netns), "eth0").expect("mtu"),
+        Some(sigil_netlink::FAKE_DEFAULT_MTU),
+        "without an MTU the kernel's stays"
+    );
+    let tunneled = create_endpoint_with(
+        &nl,
+        &EndpointSpec {
+            mtu: Some(1450),
+            ..spec("tunneled", true, true)
+        },
+    )
+    .expect("create");
+    assert_eq!(
+        nl.link_mtu(Ns::Named(&tunneled.netns), "eth0")
+            .expect("mtu"),
+        Some(1450)
+    );
+    assert_eq!(
+        nl.link_mtu(Ns::Current, &tunneled.host_interface)
+            .expect("mtu"),
+        Some(sigil_netlink::FAKE_DEFAULT_MTU)
+    );
+    let ops = nl.ops();
+    let set = ops
+        .iter()
+        .position(|o| matches!(o, Op::SetMtu { mtu: 1450, link, .. } if link == "eth0"))
+        .expect("the MTU is set");
+    let up = ops
+        .iter()
+        .rposition(|o| matches!(o, Op::SetLinkUp { link, up: true, ns } if link == "eth0" && *ns == Some("sigil-tunneled".into())))
+        .expect("eth0 comes up");
+    assert!(set < up, "the MTU is set before the interface comes up");
+}
+
+#[test]
 fn bad_specs_are_refused_before_any_operation() {
     let nl = FakeNetlink::new();
     let cases = [
         (
             EndpointSpec {
                 name: "-x".into(),
+                mtu: None,
                 ipv4: None,
                 ipv6: None,
             },
@@ -207,6 +248,7 @@ fn bad_specs_are_refused_before_any_operation() {
         (
             EndpointSpec {
                 name: "a".into(),
+                mtu: None,
                 ipv4: Some(Ipv4Addr::BROADCAST),
                 ipv6: None,
             },
@@ -215,10 +257,29 @@ fn bad_specs_are_refused_before_any_operation() {
         (
             EndpointSpec {
                 name: "a".into(),
+                mtu: None,
                 ipv4: None,
                 ipv6: Some("ff02::1".parse().expect("v6")),
             },
             "ipv6",
+        ),
+        (
+            EndpointSpec {
+                name: "a".into(),
+                mtu: Some(1279),
+                ipv4: None,
+                ipv6: None,
+            },
+            "invalid mtu \"1279\"",
+        ),
+        (
+            EndpointSpec {
+                name: "a".into(),
+                mtu: Some(65536),
+                ipv4: None,
+                ipv6: None,
+            },
+            "65536",
         ),
     ];
     for (s, field) in cases {

@@ -28,6 +28,7 @@ pub struct Api {
     counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
     nodes: Option<crate::cluster::NodesView>,
+    export: Option<Arc<crate::hubble::export::ExportCounters>>,
 }
 
 impl Api {
@@ -45,6 +46,15 @@ impl Api {
             counters: Arc::new(counters),
             events,
             nodes: None,
+            export: None,
+        }
+    }
+
+    /// With the flow exporter's counters, shown in the status.
+    pub fn with_export(self, counters: Arc<crate::hubble::export::ExportCounters>) -> Self {
+        Self {
+            export: Some(counters),
+            ..self
         }
     }
 
@@ -309,6 +319,22 @@ impl pb::status_server::Status for Api {
             identities: count(snap.identity_count),
             policies: count(snap.policies.len()),
             lost_events: self.counters.lost_events().unwrap_or(0),
+            hubble_export: self.export.as_ref().map(|x| {
+                use std::sync::atomic::Ordering::Relaxed;
+                pb::HubbleExportStatus {
+                    path: c
+                        .hubble
+                        .export
+                        .as_ref()
+                        .map(|e| e.path.display().to_string())
+                        .unwrap_or_default(),
+                    exported: x.exported.load(Relaxed),
+                    dropped: x.dropped.load(Relaxed),
+                    write_errors: x.write_errors.load(Relaxed),
+                    filtered_out: x.filtered_out.load(Relaxed),
+                    rotations: x.rotations.load(Relaxed),
+                }
+            }),
         }))
     }
 }

@@ -170,6 +170,25 @@ pub struct RunArgs {
     /// Allow a non-loopback `--ui-address` (anyone who reaches it sees every flow).
     #[arg(long)]
     pub ui_allow_remote: Option<bool>,
+    /// Export flows as JSON lines to this file (Hubble's exporter; created 0600, its directory
+    /// writable only by its owner).
+    #[arg(long)]
+    pub hubble_export_file_path: Option<PathBuf>,
+    /// Rotate the export file past this size in MB (default 10; fractions allowed).
+    #[arg(long)]
+    pub hubble_export_file_max_size_mb: Option<f64>,
+    /// Rotated export files kept (default 5).
+    #[arg(long)]
+    pub hubble_export_file_max_backups: Option<u32>,
+    /// Export only flows matching one of these Hubble FlowFilters (JSON objects or an array).
+    #[arg(long)]
+    pub hubble_export_allowlist: Option<String>,
+    /// Do not export flows matching one of these Hubble FlowFilters (JSON objects or an array).
+    #[arg(long)]
+    pub hubble_export_denylist: Option<String>,
+    /// Events waiting for the export writer; more are dropped and counted (default 65536).
+    #[arg(long)]
+    pub hubble_export_queue_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +232,12 @@ struct FileConfig {
     hubble_max_follow_streams: Option<usize>,
     ui_address: Option<String>,
     ui_allow_remote: Option<bool>,
+    hubble_export_file_path: Option<PathBuf>,
+    hubble_export_file_max_size_mb: Option<f64>,
+    hubble_export_file_max_backups: Option<u32>,
+    hubble_export_allowlist: Option<String>,
+    hubble_export_denylist: Option<String>,
+    hubble_export_queue_size: Option<usize>,
 }
 
 /// How traffic to other nodes' endpoints travels.
@@ -323,6 +348,8 @@ pub struct HubbleConfig {
     pub max_flows: usize,
     /// Follow streams open at once.
     pub max_follow_streams: usize,
+    /// The flow exporter, if configured.
+    pub export: Option<crate::hubble::export::ExportConfig>,
 }
 
 /// Where endpoints' SPIFFE IDs come from.
@@ -468,6 +495,12 @@ impl Config {
             hubble_listen_allow_remote: file.hubble_listen_allow_remote.take(),
             hubble_max_flows: file.hubble_max_flows.take(),
             hubble_max_follow_streams: file.hubble_max_follow_streams.take(),
+            hubble_export_file_path: file.hubble_export_file_path.take(),
+            hubble_export_file_max_size_mb: file.hubble_export_file_max_size_mb.take(),
+            hubble_export_file_max_backups: file.hubble_export_file_max_backups.take(),
+            hubble_export_allowlist: file.hubble_export_allowlist.take(),
+            hubble_export_denylist: file.hubble_export_denylist.take(),
+            hubble_export_queue_size: file.hubble_export_queue_size.take(),
         };
         let ui = crate::ui::config(
             &l,
@@ -603,6 +636,12 @@ struct HubbleFile {
     hubble_listen_allow_remote: Option<bool>,
     hubble_max_flows: Option<usize>,
     hubble_max_follow_streams: Option<usize>,
+    hubble_export_file_path: Option<PathBuf>,
+    hubble_export_file_max_size_mb: Option<f64>,
+    hubble_export_file_max_backups: Option<u32>,
+    hubble_export_allowlist: Option<String>,
+    hubble_export_denylist: Option<String>,
+    hubble_export_queue_size: Option<usize>,
 }
 
 /// The Hubble settings, each checked by name and value.
@@ -612,6 +651,18 @@ fn hubble_config(
     file: HubbleFile,
     api_socket: &Path,
 ) -> anyhow::Result<HubbleConfig> {
+    let export = export_config(
+        l,
+        args,
+        ExportFile {
+            path: file.hubble_export_file_path,
+            max_size_mb: file.hubble_export_file_max_size_mb,
+            max_backups: file.hubble_export_file_max_backups,
+            allowlist: file.hubble_export_allowlist,
+            denylist: file.hubble_export_denylist,
+            queue_size: file.hubble_export_queue_size,
+        },
+    )?;
     let socket = l
         .get(
             "hubble_socket",
@@ -677,7 +728,107 @@ fn hubble_config(
         listen_address,
         max_flows,
         max_follow_streams,
+        export,
     })
+}
+
+/// The exporter keys of the file.
+struct ExportFile {
+    path: Option<PathBuf>,
+    max_size_mb: Option<f64>,
+    max_backups: Option<u32>,
+    allowlist: Option<String>,
+    denylist: Option<String>,
+    queue_size: Option<usize>,
+}
+
+/// The flow exporter's settings, each checked by name and value; `None` without a path.
+fn export_config(
+    l: &sigil_daemon::Layers,
+    args: &RunArgs,
+    file: ExportFile,
+) -> anyhow::Result<Option<crate::hubble::export::ExportConfig>> {
+    use crate::hubble::export;
+    let path = l.get(
+        "hubble_export_file_path",
+        args.hubble_export_file_path.clone(),
+        file.path,
+    )?;
+    let max_mb = l
+        .get(
+            "hubble_export_file_max_size_mb",
+            args.hubble_export_file_max_size_mb,
+            file.max_size_mb,
+        )?
+        .unwrap_or(export::DEFAULT_MAX_SIZE_MB);
+    if !(max_mb.is_finite() && max_mb > 0.0 && max_mb <= 1_048_576.0) {
+        bail!(
+            "hubble_export_file_max_size_mb: invalid value {max_mb}: must be > 0 and at most 1048576"
+        );
+    }
+    let max_backups = l
+        .get(
+            "hubble_export_file_max_backups",
+            args.hubble_export_file_max_backups,
+            file.max_backups,
+        )?
+        .unwrap_or(export::DEFAULT_MAX_BACKUPS);
+    if max_backups > 1000 {
+        bail!("hubble_export_file_max_backups: invalid value {max_backups}: must be at most 1000");
+    }
+    let queue = l
+        .get(
+            "hubble_export_queue_size",
+            args.hubble_export_queue_size,
+            file.queue_size,
+        )?
+        .unwrap_or(export::DEFAULT_QUEUE);
+    if !(1..=16_777_216).contains(&queue) {
+        bail!("hubble_export_queue_size: invalid value {queue}: must be 1..=16777216");
+    }
+    let list = |key: &str, flag: Option<String>, file: Option<String>| {
+        l.parse(key, flag, file, |v| export::parse_filter_list(key, v))
+            .map(Option::unwrap_or_default)
+    };
+    let allowlist = list(
+        "hubble_export_allowlist",
+        args.hubble_export_allowlist.clone(),
+        file.allowlist,
+    )?;
+    let denylist = list(
+        "hubble_export_denylist",
+        args.hubble_export_denylist.clone(),
+        file.denylist,
+    )?;
+    // Hubble's filter rules (CIDRs, selectors, ...) checked now, not at the first flow.
+    crate::hubble::filter::Filters::new(&allowlist, &denylist).map_err(|e| {
+        anyhow::anyhow!(
+            "hubble_export_allowlist/denylist: {}",
+            e.to_string()
+                .replace("whitelist", "allowlist")
+                .replace("blacklist", "denylist")
+        )
+    })?;
+    let Some(path) = path else {
+        if !allowlist.is_empty() || !denylist.is_empty() {
+            bail!("hubble_export_allowlist/denylist: set, but hubble_export_file_path is not");
+        }
+        return Ok(None);
+    };
+    if !path.is_absolute() {
+        bail!(
+            "hubble_export_file_path: invalid value {:?}: must be an absolute path",
+            path.display().to_string()
+        );
+    }
+    Ok(Some(export::ExportConfig {
+        path,
+        max_size_bytes: (max_mb * 1_048_576.0) as u64,
+        max_backups,
+        allowlist,
+        denylist,
+        queue,
+    }))
 }
 
 /// The SPIFFE ID mode and, in derived modes, the registrar's settings, each checked by name and value.

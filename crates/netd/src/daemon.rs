@@ -98,6 +98,9 @@ pub struct Daemon {
     /// Bumped after every publish, for watchers of the endpoint set (the SPIFFE identity
     /// subscriptions).
     changed: tokio::sync::watch::Sender<u64>,
+    /// MTU of new endpoints' interfaces: the tunnel device's over the VXLAN carrier (room for
+    /// the encapsulation), the kernel's default otherwise.
+    endpoint_mtu: Option<u32>,
 }
 
 impl Daemon {
@@ -131,6 +134,7 @@ impl Daemon {
             };
             datapath.setup_tunnel(&sigil_datapath::tunnel::TunnelConfig::new(local))?;
         }
+        let endpoint_mtu = datapath.tunnel_mtu()?;
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {
             netns::blackhole_route(&cidr)?;
         }
@@ -193,6 +197,7 @@ impl Daemon {
             dir_files: BTreeMap::new(),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             changed: tokio::sync::watch::channel(0).0,
+            endpoint_mtu,
         };
         d.convert_identity_mode()?;
         // Reconcile installs every map whole from the engine, so the deltas are not needed.
@@ -306,6 +311,7 @@ impl Daemon {
                 netns::delete_endpoint(&name)?;
                 let net = netns::create_endpoint(&EndpointSpec {
                     name: name.clone(),
+                    mtu: self.endpoint_mtu,
                     ipv4: Some(rec.ipv4),
                     ipv6: Some(rec.ipv6),
                 })?;
@@ -491,6 +497,7 @@ impl Daemon {
         };
         let net = match netns::create_endpoint(&EndpointSpec {
             name: req.name.clone(),
+            mtu: self.endpoint_mtu,
             ipv4: Some(ipv4),
             ipv6: Some(ipv6),
         }) {

@@ -5,6 +5,7 @@
 //! authentication of its own).
 
 pub mod convert;
+pub mod export;
 pub mod filter;
 pub mod ring;
 pub mod server;
@@ -37,6 +38,7 @@ const LOST_POLL: Duration = Duration::from_secs(1);
 pub struct Recorder {
     ring: Arc<FlowRing>,
     node_name: Arc<str>,
+    export: Option<export::Exporter>,
 }
 
 impl Recorder {
@@ -45,7 +47,14 @@ impl Recorder {
         Self {
             ring,
             node_name: Arc::from(node_name),
+            export: None,
         }
+    }
+
+    /// Also hands every flow and lost-event notice to `exporter`.
+    pub fn with_export(mut self, exporter: export::Exporter) -> Self {
+        self.export = Some(exporter);
+        self
     }
 
     /// Converts `ev` with the names in `snap` and stores it.
@@ -58,6 +67,9 @@ impl Recorder {
             unix,
             uuid::Uuid::new_v4().to_string(),
         );
+        if let Some(x) = &self.export {
+            x.flow(&flow, flow.time);
+        }
         self.ring.push(unix, Item::Flow(flow));
     }
 
@@ -67,14 +79,21 @@ impl Recorder {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        self.ring.push(
-            now,
-            Item::Lost(fpb::LostEvent {
-                source: fpb::LostEventSource::PerfEventRingBuffer as i32,
-                num_events_lost: n,
-                cpu: None,
-            }),
-        );
+        let lost = fpb::LostEvent {
+            source: fpb::LostEventSource::PerfEventRingBuffer as i32,
+            num_events_lost: n,
+            cpu: None,
+        };
+        if let Some(x) = &self.export {
+            x.lost(
+                lost,
+                Some(prost_types::Timestamp {
+                    seconds: now.div_euclid(1_000_000_000),
+                    nanos: i32::try_from(now.rem_euclid(1_000_000_000)).unwrap_or(0),
+                }),
+            );
+        }
+        self.ring.push(now, Item::Lost(lost));
     }
 }
 

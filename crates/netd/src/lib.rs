@@ -104,6 +104,15 @@ pub async fn serve(
         sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?;
     let flows = Arc::new(hubble::FlowRing::new(config.hubble.max_flows));
     let recorder = hubble::Recorder::new(Arc::clone(&flows), &config.node_name);
+    let (recorder, export_counters, export_thread) = match &config.hubble.export {
+        Some(x) => {
+            let (exporter, thread) = hubble::export::Exporter::start(x, &config.node_name)?;
+            let counters = Arc::clone(exporter.counters());
+            tracing::info!(path = %x.path.display(), max_size_bytes = x.max_size_bytes, max_backups = x.max_backups, "exporting flows");
+            (recorder.with_export(exporter), Some(counters), Some(thread))
+        }
+        None => (recorder, None, None),
+    };
     let monitor = tokio::spawn(monitor::run(
         reader,
         handle.snapshot_cell(),
@@ -148,6 +157,9 @@ pub async fn serve(
     let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx);
     if let Some(view) = nodes_view {
         api = api.with_cluster(view);
+    }
+    if let Some(c) = export_counters {
+        api = api.with_export(c);
     }
     let router = tonic::transport::Server::builder()
         .add_service(pb::endpoints_server::EndpointsServer::new(api.clone()))
@@ -229,6 +241,11 @@ pub async fn serve(
         let _ = u.await;
     }
     monitor.abort();
+    let _ = monitor.await;
+    // The recorders are gone: the export writer writes what is queued and ends.
+    if let Some(t) = export_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     if let Some(r) = registrar {
         // A round cut short is harmless: the next start lists and adopts what is there.
         r.abort();

@@ -48,6 +48,11 @@ pub enum Op {
         link: String,
         up: bool,
     },
+    SetMtu {
+        ns: Option<String>,
+        link: String,
+        mtu: u32,
+    },
     DeleteLink {
         ns: Option<String>,
         link: String,
@@ -88,6 +93,9 @@ pub enum Op {
     },
 }
 
+/// The MTU the fake reports for a link nobody set one on (Ethernet's).
+pub const FAKE_DEFAULT_MTU: u32 = 1500;
+
 type FailWhen = Box<dyn Fn(&Op) -> bool + Send>;
 
 #[derive(Default)]
@@ -96,6 +104,8 @@ struct State {
     netns: BTreeSet<String>,
     /// (namespace, link) → ifindex.
     links: BTreeMap<(Option<String>, String), u32>,
+    /// (namespace, link) → MTU set through [`Netlink::set_mtu`] (others: [`FAKE_DEFAULT_MTU`]).
+    mtus: BTreeMap<(Option<String>, String), u32>,
     /// veth peers, both directions.
     peers: BTreeMap<(Option<String>, String), (Option<String>, String)>,
     routes: BTreeSet<(Option<String>, String)>,
@@ -380,8 +390,10 @@ impl Netlink for FakeNetlink {
             |s| {
                 let key = (owned(ns), link.to_owned());
                 let existed = s.links.remove(&key).is_some();
+                s.mtus.remove(&key);
                 if let Some(p) = s.peers.remove(&key) {
                     s.peers.remove(&p);
+                    s.mtus.remove(&p);
                     s.links.remove(&p);
                 }
                 let gone = format!(" dev {link}");
@@ -396,6 +408,30 @@ impl Netlink for FakeNetlink {
         let s = self.lock();
         need_ns(&s, &owned(ns))?;
         Ok(s.links.get(&(owned(ns), link.to_owned())).copied())
+    }
+
+    fn set_mtu(&self, ns: Ns<'_>, link: &str, mtu: u32) -> Result<(), NetlinkError> {
+        self.record(
+            Op::SetMtu {
+                ns: owned(ns),
+                link: link.to_owned(),
+                mtu,
+            },
+            |s| {
+                need_link(s, &owned(ns), link, "setting the MTU of")?;
+                s.mtus.insert((owned(ns), link.to_owned()), mtu);
+                Ok(())
+            },
+        )
+    }
+
+    fn link_mtu(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError> {
+        let s = self.lock();
+        need_ns(&s, &owned(ns))?;
+        let key = (owned(ns), link.to_owned());
+        Ok(s.links
+            .contains_key(&key)
+            .then(|| s.mtus.get(&key).copied().unwrap_or(FAKE_DEFAULT_MTU)))
     }
 
     fn add_address(

@@ -14,7 +14,7 @@ pub mod rt;
 pub mod types;
 
 pub use error::NetlinkError;
-pub use fake::{FakeNetlink, Op};
+pub use fake::{FAKE_DEFAULT_MTU, FakeNetlink, Op};
 pub use namespace::{NETNS_DIR, command_in_netns, netns_path};
 pub use rt::RtNetlink;
 pub use types::{Fdb, Mac, Ns, Prefix, Route, RouteVia, Vxlan};
@@ -63,6 +63,10 @@ pub trait Netlink: Send + Sync {
     fn delete_link(&self, ns: Ns<'_>, link: &str) -> Result<bool, NetlinkError>;
     /// The ifindex of a link, `None` if it does not exist.
     fn link_index(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError>;
+    /// Sets a link's MTU (bytes of IP packet it carries).
+    fn set_mtu(&self, ns: Ns<'_>, link: &str, mtu: u32) -> Result<(), NetlinkError>;
+    /// A link's MTU, `None` if the link does not exist.
+    fn link_mtu(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError>;
 
     /// Adds an address to a link; `nodad` skips IPv6 duplicate address detection.
     fn add_address(

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -374,6 +374,51 @@ impl Netlink for RtNetlink {
 
     fn link_index(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError> {
         with_handle(ns, |h| async move { lookup(&h, ns, link).await })
+    }
+
+    fn set_mtu(&self, ns: Ns<'_>, link: &str, mtu: u32) -> Result<(), NetlinkError> {
+        with_handle(ns, |h| async move {
+            let op = "setting the MTU of";
+            let i = index_of(&h, ns, link, op).await?;
+            let msg = LinkUnspec::new_with_index(i).mtu(mtu).build();
+            h.link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::kernel(op, object("link", link, ns), io_error(e)))
+        })
+    }
+
+    fn link_mtu(&self, ns: Ns<'_>, link: &str) -> Result<Option<u32>, NetlinkError> {
+        validate_ifname(link)?;
+        with_handle(ns, |h| async move {
+            match h
+                .link()
+                .get()
+                .match_name(link.to_owned())
+                .execute()
+                .try_next()
+                .await
+            {
+                Ok(Some(m)) => Ok(m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(v) => Some(*v),
+                    _ => None,
+                })),
+                Ok(None) => Ok(None),
+                Err(e) => {
+                    let e = io_error(e);
+                    if e.raw_os_error() == Some(ENODEV) {
+                        Ok(None)
+                    } else {
+                        Err(NetlinkError::kernel(
+                            "reading the MTU of",
+                            object("link", link, ns),
+                            e,
+                        ))
+                    }
+                }
+            }
+        })
     }
 
     fn add_address(

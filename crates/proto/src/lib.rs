@@ -5,6 +5,7 @@
 //! API. Module paths mirror protobuf packages because prost links packages with `super::` paths.
 #![forbid(unsafe_code)]
 
+pub mod json;
 pub mod spire;
 pub mod workload;
 

@@ -117,12 +117,22 @@ pub async fn run(cmd: NetdCommand) -> anyhow::Result<ExitCode> {
         NetdCommand::Status(a) => {
             let mut c = pb::status_client::StatusClient::new(a.socket.connect().await?);
             let s = client::reply(c.get_status(pb::GetStatusRequest {}).await)?;
-            let json = serde_json::json!({
+            let mut json = serde_json::json!({
                 "node_name": s.node_name, "pod_cidr": s.pod_cidr, "pod_cidr_v6": s.pod_cidr_v6,
                 "bpf_pin_dir": s.bpf_pin_dir, "policy_dir": s.policy_dir,
                 "enforcement": s.enforcement, "endpoints": s.endpoints,
                 "identities": s.identities, "policies": s.policies, "lost_events": s.lost_events,
             });
+            if let (Some(x), Some(map)) = (&s.hubble_export, json.as_object_mut()) {
+                map.insert(
+                    "hubble_export".into(),
+                    serde_json::json!({
+                        "path": x.path, "exported": x.exported, "dropped": x.dropped,
+                        "write_errors": x.write_errors, "filtered_out": x.filtered_out,
+                        "rotations": x.rotations,
+                    }),
+                );
+            }
             match a.output.output {
                 Format::Json => output::print_json(&json)?,
                 Format::Text => {

@@ -671,6 +671,7 @@ fn endpoint_plumbing_rejects_bad_input_and_cleans_up() {
 
     let dup = netns::create_endpoint(&EndpointSpec {
         name: ep.name.clone(),
+        mtu: None,
         ipv4: Some("10.231.9.200".parse().expect("addr")),
         ipv6: None,
     })
@@ -687,6 +688,7 @@ fn endpoint_plumbing_rejects_bad_input_and_cleans_up() {
 
     let bad_name = netns::create_endpoint(&EndpointSpec {
         name: "bad/name".into(),
+        mtu: None,
         ipv4: None,
         ipv6: None,
     })
@@ -695,6 +697,7 @@ fn endpoint_plumbing_rejects_bad_input_and_cleans_up() {
     let multicast = format!("{}-m", ep.name);
     let err = netns::create_endpoint(&EndpointSpec {
         name: multicast.clone(),
+        mtu: None,
         ipv4: Some("224.0.0.1".parse().expect("addr")),
         ipv6: None,
     })

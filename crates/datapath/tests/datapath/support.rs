@@ -115,6 +115,7 @@ impl TestNet {
         self.cleanup.endpoints.push(name.clone());
         netns::create_endpoint(&EndpointSpec {
             name,
+            mtu: None,
             ipv4: Some(Ipv4Addr::new(10, 231, self.subnet, host)),
             ipv6: Some(Ipv6Addr::new(
                 0xfd00,
