@@ -18,6 +18,8 @@ command -v setpriv >/dev/null 2>&1 && command -v prlimit >/dev/null 2>&1 && comm
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # Metrics tests check every daemon's /metrics text with promtool.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# netd's service map (tests/tests/service_map.rs): the page rendered by a real headless browser.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2

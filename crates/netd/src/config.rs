@@ -163,6 +163,13 @@ pub struct RunArgs {
     /// Most follow streams (`GetFlows` with follow) open at once; more are refused (default 64).
     #[arg(long)]
     pub hubble_max_follow_streams: Option<usize>,
+    /// Serve the live service map on this TCP address (plaintext, no authentication: loopback
+    /// only unless `--ui-allow-remote`; default off).
+    #[arg(long)]
+    pub ui_address: Option<String>,
+    /// Allow a non-loopback `--ui-address` (anyone who reaches it sees every flow).
+    #[arg(long)]
+    pub ui_allow_remote: Option<bool>,
     /// Export flows as JSON lines to this file (Hubble's exporter; created 0600, its directory
     /// writable only by its owner).
     #[arg(long)]
@@ -224,6 +231,8 @@ struct FileConfig {
     hubble_listen_allow_remote: Option<bool>,
     hubble_max_flows: Option<usize>,
     hubble_max_follow_streams: Option<usize>,
+    ui_address: Option<String>,
+    ui_allow_remote: Option<bool>,
     hubble_export_file_path: Option<PathBuf>,
     hubble_export_file_max_size_mb: Option<f64>,
     hubble_export_file_max_backups: Option<u32>,
@@ -327,6 +336,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Hubble's Observer API.
     pub hubble: HubbleConfig,
+    /// The live service map (`None`: off).
+    pub ui: Option<crate::ui::UiConfig>,
 }
 
 /// Where and how the Hubble Observer API is served.
@@ -494,6 +505,11 @@ impl Config {
             hubble_export_denylist: file.hubble_export_denylist.take(),
             hubble_export_queue_size: file.hubble_export_queue_size.take(),
         };
+        let ui = crate::ui::config(
+            &l,
+            (args.ui_address.clone(), file.ui_address.take()),
+            (args.ui_allow_remote, file.ui_allow_remote.take()),
+        )?;
         let spiffe_ids = spiffe_id_config(&l, args, &file)?;
         let node_name = l
             .get("node_name", args.node_name.clone(), file.node_name.clone())?
@@ -592,6 +608,7 @@ impl Config {
         Ok(Self {
             cluster,
             hubble,
+            ui,
             spiffe_ids,
             identity_mode,
             agent_socket,

@@ -21,6 +21,7 @@ pub mod spiffe;
 pub mod spiffe_id;
 pub mod state;
 pub mod txn;
+pub mod ui;
 pub mod watch;
 
 use std::path::Path;
@@ -179,6 +180,15 @@ pub async fn serve(
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api))
         .add_service(sigil_daemon::Health::new(ready.clone(), &services).into_server());
+    let ui = match &config.ui {
+        Some(c) => Some(ui::spawn(
+            c,
+            &config.node_name,
+            Arc::clone(&flows),
+            stop.clone(),
+        )?),
+        None => None,
+    };
     let hubble_servers = serve_hubble(&config, flows, ready.clone(), stop.clone())?;
     let metrics_server = match config.metrics_address {
         Some(addr) => {
@@ -238,6 +248,9 @@ pub async fn serve(
     let _ = lost_watcher.await;
     if let Some(m) = metrics_server {
         let _ = m.await;
+    }
+    if let Some(u) = ui {
+        let _ = u.await;
     }
     monitor.abort();
     let _ = monitor.await;
