@@ -28,6 +28,7 @@ pub struct Api {
     counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
     nodes: Option<crate::cluster::NodesView>,
+    auth: Option<crate::auth::AuthView>,
 }
 
 impl Api {
@@ -45,6 +46,15 @@ impl Api {
             counters: Arc::new(counters),
             events,
             nodes: None,
+            auth: None,
+        }
+    }
+
+    /// The auth manager's granted entries (`sigil auth list`).
+    pub fn with_auth(self, auth: crate::auth::AuthView) -> Self {
+        Self {
+            auth: Some(auth),
+            ..self
         }
     }
 
