@@ -65,6 +65,9 @@ enum Command {
     /// Numeric identities sigil-netd knows (cluster mode).
     #[command(subcommand)]
     Identity(cmd::cluster::IdentityCommand),
+    /// Identity pairs sigil-netd has authenticated (mutual authentication, cluster mode).
+    #[command(subcommand)]
+    Auth(cmd::auth::AuthCommand),
     /// Stream sigil-netd's verdict and drop events.
     Monitor(cmd::monitor::MonitorArgs),
     /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
@@ -109,6 +112,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Monitor(a) => cmd::monitor::run(a).await?,
         Command::Node(c) => cmd::cluster::run_node(c).await?,
         Command::Identity(c) => cmd::cluster::run_identity(c).await?,
+        Command::Auth(c) => cmd::auth::run(c).await?,
         Command::Policy(c) => return cmd::policy::run(c).await,
     }
     Ok(done)
