@@ -460,21 +460,27 @@ fn policy_required_mutual_auth_across_nodes() {
     );
 
     // Revocation: the backend's auth policy goes on node 1; its entry goes and the established
-    // connection is cut (the backend stays enforced by backend-base).
-    let mut n = 1000;
-    assert!(echo(&mut conn, n, Duration::from_secs(2)));
+    // connection is cut (the backend stays enforced by backend-base). Echoes run every ~10 ms
+    // on a thread meanwhile; the last one to come back says when the connection was cut.
+    assert!(echo(&mut conn, 1000, Duration::from_secs(2)));
+    let until = Instant::now() + Duration::from_millis(1500);
+    let echoes = std::thread::spawn(move || {
+        let mut ok = Vec::new();
+        let mut n = 1001;
+        while Instant::now() < until {
+            n += 1;
+            if echo(&mut conn, n, Duration::from_millis(10)) {
+                ok.push(Instant::now());
+            }
+        }
+        ok
+    });
+    let asked = Instant::now();
     c.nodes[1]
         .netd
         .cli_ok(&["policy", "delete", "default/backend-auth"])
         .expect("policy delete");
     let deleted = Instant::now();
-    let mut last_ok = Duration::ZERO;
-    while deleted.elapsed() < Duration::from_millis(600) {
-        n += 1;
-        if echo(&mut conn, n, Duration::from_millis(20)) {
-            last_ok = deleted.elapsed();
-        }
-    }
     let mut gone_after = Duration::ZERO;
     wait_for("the auth entry revoked", Duration::from_secs(2), || {
         let l = auth_list(&c, 1);
@@ -482,12 +488,24 @@ fn policy_required_mutual_auth_across_nodes() {
         Ok((!l.is_empty()).then(|| format!("{l:?}")))
     })
     .expect("revoked");
+    let ok = echoes.join().expect("echo thread");
+    let last = ok.last().copied().unwrap_or(asked);
+    let cut_after = last.saturating_duration_since(deleted);
     eprintln!(
-        "policy deleted: last echo {last_ok:?} after, entry seen gone {gone_after:?} after (includes the CLI)"
+        "policy delete took {:?}; entry seen gone {gone_after:?} after it returned (one `sigil auth list` \
+         included); last echo {:?} after the delete was asked, {cut_after:?} after it returned; {} echoes before",
+        deleted - asked,
+        last.saturating_duration_since(asked),
+        ok.len()
+    );
+    assert!(!ok.is_empty(), "the connection echoed before the delete");
+    assert!(
+        cut_after <= Duration::from_millis(100),
+        "connection cut within 100 ms of the delete (last echo {cut_after:?} after)"
     );
     assert!(
-        last_ok <= Duration::from_millis(100),
-        "connection cut within 100 ms (last echo after {last_ok:?})"
+        gone_after <= Duration::from_millis(300),
+        "entry revoked at once ({gone_after:?}, CLI included)"
     );
     assert!(
         c.nodes[1].netd.log_text().contains("pair revoked"),

@@ -1188,6 +1188,27 @@ fn auth_entries_are_keyed_by_the_peers_node() {
     // Control: both ends authenticated with the node that hosts the peer.
     grant(&mut c, 1, key(BACKEND, FRONTEND, AuthKey::node(n0)));
     assert!(tcp_ok(&fe, v4(&be), PORT, true), "authenticated pair");
+
+    // An established connection needs the entry on every packet of its opening direction:
+    // revoking the sender's entry cuts it at its next packet.
+    let mut conn = support::tcp_connect(&fe, v4(&be), PORT, PASS_WAIT).expect("connect");
+    assert!(support::echo(&mut conn, b"one", PASS_WAIT), "established");
+    c.nodes[0]
+        .dp
+        .maps_mut()
+        .auth
+        .revoke(key(FRONTEND, BACKEND, AuthKey::node(n1)))
+        .expect("revoke");
+    ev0.drain();
+    assert!(
+        !support::echo(&mut conn, b"two", BLOCK_WAIT),
+        "cut after the revocation"
+    );
+    let ev = ev0.wait_for("the established connection's drop", |e| {
+        is_drop_at(e, fe.endpoint_id)
+    });
+    assert_eq!(ev.drop_reason, DROP_AUTH_REQUIRED);
+    grant(&mut c, 0, key(FRONTEND, BACKEND, AuthKey::node(n1)));
     assert_eq!(
         key(0, 0, AuthKey::node(n0)).node_ip(),
         Some(n0),
