@@ -38,6 +38,17 @@ impl ClusterIdentity {
     /// Registers `spiffe_id` for workloads with `selectors` under node `i`'s agent (so only
     /// that node is given its SVIDs).
     pub fn entry(&self, i: usize, spiffe_id: &str, selectors: &[&str]) -> anyhow::Result<()> {
+        self.entry_with(i, spiffe_id, selectors, &[])
+    }
+
+    /// [`ClusterIdentity::entry`] with more `sigil entry create` flags (`--x509-svid-ttl 20`).
+    pub fn entry_with(
+        &self,
+        i: usize,
+        spiffe_id: &str,
+        selectors: &[&str],
+        more: &[&str],
+    ) -> anyhow::Result<()> {
         let parent = self.agent_id(i)?;
         let mut args = vec![
             "entry",
@@ -50,6 +61,7 @@ impl ClusterIdentity {
         for s in selectors {
             args.extend(["--selector", s]);
         }
+        args.extend(more);
         let out = self.server.cli(&args)?;
         if !out.status.success() {
             bail!(
