@@ -326,6 +326,8 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
     let mut granted: BTreeMap<Want, Grant> = BTreeMap::new();
     let mut inflight: BTreeSet<Want> = BTreeSet::new();
     let mut retry_at: BTreeMap<Want, tokio::time::Instant> = BTreeMap::new();
+    // Pairs whose last handshake failed: logged once at warn, then at debug until one works.
+    let mut failing: BTreeSet<Want> = BTreeSet::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let mut tick = tokio::time::interval(TICK);
     let ctx = Arc::new(NetdAuth::new(Arc::clone(&m.snapshot), Arc::clone(&m.keys)));
@@ -358,6 +360,7 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                                 tracing::info!(local = l, remote = r, node = ?node, expires, renewed, "mutual auth: pair authenticated");
                                 granted.insert(want, Grant { expires_unix: expires, granted_unix: unix_now(), keys_gen: made_with });
                                 retry_at.remove(&want);
+                                failing.remove(&want);
                             }
                             Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
                         }
@@ -365,7 +368,11 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                     Ok(_) => {}
                     Err(e) => {
                         let (l, r, node) = want;
-                        tracing::warn!(local = l, remote = r, node = ?node, error = %e, "mutual auth: handshake failed");
+                        if failing.insert(want) {
+                            tracing::warn!(local = l, remote = r, node = ?node, error = %e, "mutual auth: handshake failed; retrying");
+                        } else {
+                            tracing::debug!(local = l, remote = r, node = ?node, error = %e, "mutual auth: handshake failed again");
+                        }
                         retry_at.insert(want, tokio::time::Instant::now() + RETRY);
                     }
                 }
@@ -393,6 +400,7 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
             }
         }
         retry_at.retain(|w, _| need.contains(w));
+        failing.retain(|w| need.contains(w));
         let now = unix_now();
         let clock = tokio::time::Instant::now();
         for &w in &need {
