@@ -1,6 +1,7 @@
 //! The subcommands, one module each.
 
 pub mod agent;
+pub mod auth;
 pub mod bundle;
 pub mod cluster;
 pub mod demo;

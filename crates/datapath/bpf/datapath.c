@@ -489,6 +489,7 @@ struct ctx {
 	__u32 tunnel_endpoint; /* leaving: the destination's node (network order), 0 = local */
 	__u32 tunnel_ifindex;  /* leaving: the tunnel device */
 	__u32 tunnel_local;    /* leaving: this node's underlay address (network order) */
+	__u32 remote_node;     /* the peer's node (network order), 0 = this node: auth key */
 	__u8 direction;
 	__u8 auth_required; /* set once the deciding entry is known */
 };
@@ -586,7 +587,10 @@ static __always_inline void decide(struct decision *d, const struct ctx *c,
 
 			ak.local_identity = local_identity;
 			ak.remote_identity = remote_identity;
-			ak.remote_node = 0;
+			/* The node is part of the key: a pair authenticated with one node says
+			 * nothing about the same identities reached through another (an address
+			 * reused there while this node's IPCache is stale). */
+			ak.remote_node = c->remote_node;
 			av = bpf_map_lookup_elem(&sigil_auth, &ak);
 			if (!av || av->expiry_ns < c->now)
 				d->drop_reason = DROP_AUTH_REQUIRED;
@@ -667,6 +671,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 		lookup_peer(f.daddr, f.family, &remote);
 		remote_identity = remote.identity;
 		c->tunnel_endpoint = remote_endpoint(&remote, t);
+		c->remote_node = c->tunnel_endpoint;
 		if (c->tunnel_endpoint) {
 			c->flags |= EVENT_F_TUNNEL;
 			if (t) {
@@ -685,6 +690,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 		if (t && t->ifindex && skb->ingress_ifindex == t->ifindex) {
 			from_tunnel = 1;
 			c->flags |= EVENT_F_TUNNEL;
+			/* sigil_from_tunnel let it in only if this is its outer source. */
+			c->remote_node = remote.tunnel_endpoint;
 			remote_identity = (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY
 						  ? skb->mark & MARK_IDENTITY_MASK
 						  : 0;

@@ -208,7 +208,8 @@ struct frag_value {
 struct auth_key {
 	__u32 local_identity;
 	__u32 remote_identity;
-	__u32 remote_node; /* 0 = this node */
+	__u32 remote_node; /* the peer's node: its underlay IPv4 as the IPCache's tunnel_endpoint
+			    * holds it (network order bytes); 0 = this node */
 };
 
 struct auth_value {

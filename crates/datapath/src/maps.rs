@@ -200,6 +200,14 @@ impl Counters {
     }
 }
 
+impl AuthMap {
+    /// Opens the pinned auth map of a loaded datapath (netd's auth manager owns it).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        check_pins(pin_dir)?;
+        Ok(AuthMap::new(typed(MAP_AUTH, open_pin(pin_dir, MAP_AUTH)?)?))
+    }
+}
+
 fn typed<T: TryFrom<Map, Error = MapError>>(
     name: &'static str,
     map: Map,

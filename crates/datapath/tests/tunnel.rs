@@ -24,9 +24,9 @@ use nix::sys::socket::{
 use sigil_datapath::netns::{self, EndpointNet};
 use sigil_datapath::tunnel::{DEFAULT_PORT, TunnelConfig};
 use sigil_datapath::{
-    DROP_INVALID_IDENTITY, DROP_INVALID_SIP, DROP_NO_LOCAL_ENDPOINT, DROP_POLICY_DENIED,
-    DROP_UNKNOWN_SENDER, Datapath, DatapathError, Direction, EndpointConfig, Event,
-    IDENTITY_REMOTE_NODE, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
+    AuthKey, DROP_AUTH_REQUIRED, DROP_INVALID_IDENTITY, DROP_INVALID_SIP, DROP_NO_LOCAL_ENDPOINT,
+    DROP_POLICY_DENIED, DROP_UNKNOWN_SENDER, Datapath, DatapathError, Direction, EndpointConfig,
+    Event, IDENTITY_REMOTE_NODE, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict,
 };
 use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink};
 use sigil_test_util::netns::in_netns;
@@ -1111,4 +1111,121 @@ char _license[] __attribute__((section("license"), used)) = "GPL";
         "{msg}"
     );
     assert!(sigil_datapath::Maps::open_pinned(&pin).is_err());
+}
+
+/// An auth entry names the peer's node: a pair authenticated for this node (0) or for another
+/// node does not let the same identities through from or to the node that hosts the peer.
+#[test]
+fn auth_entries_are_keyed_by_the_peers_node() {
+    if !can_run() {
+        return;
+    }
+    let mut c = Cluster::new("tun-auth");
+    let fe = c.pod(0, 2, FRONTEND, false);
+    let be = c.pod(1, 2, BACKEND, true);
+    let _srv = EchoServer::start(&be, &[PORT]);
+    let with_auth = |(k, v): (PolicyKey, PolicyEntry)| {
+        (
+            k,
+            PolicyEntry {
+                auth_required: true,
+                ..v
+            },
+        )
+    };
+    c.policy(1, &be, &[with_auth(allow(FRONTEND, PROTO_TCP))]);
+    c.policy(
+        0,
+        &fe,
+        &[with_auth(rule(
+            BACKEND,
+            Direction::Egress,
+            (PROTO_TCP, PORT, 16),
+            false,
+            7,
+        ))],
+    );
+    let (n0, n1) = (c.nodes[0].ip, c.nodes[1].ip);
+    let key = |local, remote, node| AuthKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_node: node,
+    };
+    let grant = |c: &mut Cluster, node: usize, k: AuthKey| {
+        c.nodes[node]
+            .dp
+            .maps_mut()
+            .auth
+            .grant(k, Duration::from_secs(60))
+            .expect("grant");
+    };
+    let mut ev0 = c.events(0);
+    let mut ev1 = c.events(1);
+
+    // Attack: the pairs authenticated, but as local peers (node 0) or with a third node.
+    let elsewhere = Ipv4Addr::new(192, 0, 2, 99);
+    for node in [0, AuthKey::node(elsewhere)] {
+        grant(&mut c, 0, key(FRONTEND, BACKEND, node));
+        grant(&mut c, 1, key(BACKEND, FRONTEND, node));
+    }
+    assert!(!tcp_ok(&fe, v4(&be), PORT, false), "wrong node: dropped");
+    let ev = ev0.wait_for("the egress auth drop", |e| is_drop_at(e, fe.endpoint_id));
+    assert_eq!(
+        (ev.drop_reason, ev.auth_required),
+        (DROP_AUTH_REQUIRED, true)
+    );
+
+    // The sender's side authenticated with node 1: the receiver still wants its own.
+    grant(&mut c, 0, key(FRONTEND, BACKEND, AuthKey::node(n1)));
+    ev1.drain();
+    assert!(!tcp_ok(&fe, v4(&be), PORT, false), "receiver not yet");
+    let ev = ev1.wait_for("the ingress auth drop", |e| is_drop_at(e, be.endpoint_id));
+    assert_eq!(
+        (ev.drop_reason, ev.src_identity, ev.via_tunnel),
+        (DROP_AUTH_REQUIRED, FRONTEND, true)
+    );
+
+    // Control: both ends authenticated with the node that hosts the peer.
+    grant(&mut c, 1, key(BACKEND, FRONTEND, AuthKey::node(n0)));
+    assert!(tcp_ok(&fe, v4(&be), PORT, true), "authenticated pair");
+
+    // An established connection needs the entry on every packet of its opening direction:
+    // revoking the sender's entry cuts it at its next packet.
+    let mut conn = support::tcp_connect(&fe, v4(&be), PORT, PASS_WAIT).expect("connect");
+    assert!(support::echo(&mut conn, b"one", PASS_WAIT), "established");
+    c.nodes[0]
+        .dp
+        .maps_mut()
+        .auth
+        .revoke(key(FRONTEND, BACKEND, AuthKey::node(n1)))
+        .expect("revoke");
+    ev0.drain();
+    assert!(
+        !support::echo(&mut conn, b"two", BLOCK_WAIT),
+        "cut after the revocation"
+    );
+    let ev = ev0.wait_for("the established connection's drop", |e| {
+        is_drop_at(e, fe.endpoint_id)
+    });
+    assert_eq!(ev.drop_reason, DROP_AUTH_REQUIRED);
+    grant(&mut c, 0, key(FRONTEND, BACKEND, AuthKey::node(n1)));
+    assert_eq!(
+        key(0, 0, AuthKey::node(n0)).node_ip(),
+        Some(n0),
+        "node round trip"
+    );
+
+    // Revoked at the receiver: new connections drop again.
+    c.nodes[1]
+        .dp
+        .maps_mut()
+        .auth
+        .revoke(key(BACKEND, FRONTEND, AuthKey::node(n0)))
+        .expect("revoke");
+    ev1.drain();
+    assert!(!tcp_ok(&fe, v4(&be), PORT, false), "revoked");
+    let ev = ev1.wait_for("the drop after revocation", |e| {
+        is_drop_at(e, be.endpoint_id)
+    });
+    assert_eq!(ev.drop_reason, DROP_AUTH_REQUIRED);
 }

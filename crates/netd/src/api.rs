@@ -30,6 +30,7 @@ pub struct Api {
     nodes: Option<crate::cluster::NodesView>,
     export: Option<Arc<crate::hubble::export::ExportCounters>>,
     import_latency: Option<prometheus_client::metrics::histogram::Histogram>,
+    auth: Option<crate::auth::AuthView>,
 }
 
 impl Api {
@@ -49,6 +50,15 @@ impl Api {
             nodes: None,
             export: None,
             import_latency: None,
+            auth: None,
+        }
+    }
+
+    /// The auth manager's granted entries (`sigil auth list`).
+    pub fn with_auth(self, auth: crate::auth::AuthView) -> Self {
+        Self {
+            auth: Some(auth),
+            ..self
         }
     }
 

@@ -146,6 +146,9 @@ pub struct RunArgs {
     /// How long an unused cluster identity is kept before it is collected (default 5m).
     #[arg(long)]
     pub identity_gc_grace: Option<String>,
+    /// TCP port of the mutual-authentication handshake on --node-ip (default 4250, Cilium's).
+    #[arg(long)]
+    pub mutual_auth_port: Option<String>,
     // Hubble's Observer API (see `hubble`).
     /// Unix socket of the Hubble Observer API (0600; default `hubble.sock` beside the API socket).
     #[arg(long)]
@@ -226,6 +229,7 @@ struct FileConfig {
     cluster_pod_cidr: Option<String>,
     kvstore_lease_ttl: Option<String>,
     identity_gc_grace: Option<String>,
+    mutual_auth_port: Option<String>,
     hubble_socket: Option<PathBuf>,
     hubble_listen_address: Option<String>,
     hubble_listen_allow_remote: Option<bool>,
@@ -276,6 +280,8 @@ pub struct ClusterConfig {
     pub lease_ttl: std::time::Duration,
     /// Grace before an unused identity is collected.
     pub gc_grace: std::time::Duration,
+    /// TCP port of the mutual-authentication handshake (on `node_ip`).
+    pub mutual_auth_port: u16,
 }
 
 impl ClusterConfig {
@@ -1047,6 +1053,15 @@ fn cluster_config(
         file.identity_gc_grace.clone(),
         sigil_daemon::runtime::parse_drain_timeout,
     )?;
+    let mutual_auth_port = l.parse(
+        "mutual_auth_port",
+        args.mutual_auth_port.clone(),
+        file.mutual_auth_port.clone(),
+        |v| match v.parse::<u16>() {
+            Ok(0) | Err(_) => Err("must be a TCP port, 1..=65535"),
+            Ok(p) => Ok(p),
+        },
+    )?;
     let cluster_name = l.get(
         "cluster_name",
         args.cluster_name.clone(),
@@ -1061,6 +1076,7 @@ fn cluster_config(
             ("cluster_pod_cidr", cluster_pod_cidr.is_some()),
             ("kvstore_lease_ttl", lease_ttl.is_some()),
             ("identity_gc_grace", gc_grace.is_some()),
+            ("mutual_auth_port", mutual_auth_port.is_some()),
         ];
         if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
             bail!("{key}: set without kvstore; cluster settings need --kvstore etcd");
@@ -1088,6 +1104,7 @@ fn cluster_config(
         cluster_pod_cidr,
         lease_ttl: lease_ttl.unwrap_or(DEFAULT_KVSTORE_LEASE_TTL),
         gc_grace: gc_grace.unwrap_or(DEFAULT_IDENTITY_GC_GRACE),
+        mutual_auth_port: mutual_auth_port.unwrap_or(sigil_mutual_auth::DEFAULT_PORT),
     };
     // Names as etcd keys take them: the kvstore's own check names the field and value.
     c.kvstore(node_name, None)
@@ -1175,6 +1192,7 @@ mod tests {
         assert_eq!(cc.cluster_id, 0);
         assert_eq!(cc.lease_ttl, DEFAULT_KVSTORE_LEASE_TTL);
         assert_eq!(cc.gc_grace, DEFAULT_IDENTITY_GC_GRACE);
+        assert_eq!(cc.mutual_auth_port, 4250);
         assert!(
             Config::from_layers(&RunArgs::default(), env(&[]))
                 .expect("single")
@@ -1253,6 +1271,15 @@ mod tests {
             },
             &["tunnel", "geneve"],
         );
+        for port in ["0", "65536", "https"] {
+            bad(
+                RunArgs {
+                    mutual_auth_port: Some(port.into()),
+                    ..cluster_args()
+                },
+                &["mutual_auth_port", port],
+            );
+        }
         let vx = Config::from_layers(
             &RunArgs {
                 tunnel: None,

@@ -88,6 +88,8 @@ pub struct Daemon {
     remote_ids: BTreeMap<u32, Labels>,
     /// Cluster mode: IPCache entries of other nodes' endpoints and of node addresses.
     remote_ips: BTreeMap<IpAddr, u32>,
+    /// Cluster mode: the tunnel endpoint (hosting node) of remote entries that have one.
+    remote_via: BTreeMap<IpAddr, Ipv4Addr>,
     /// Bumped by every change of the engine; a policy job compiled at another generation is
     /// compiled again.
     generation: u64,
@@ -191,6 +193,7 @@ impl Daemon {
             alloc,
             remote_ids,
             remote_ips: BTreeMap::new(),
+            remote_via: BTreeMap::new(),
             generation: 0,
             state,
             sources: BTreeMap::new(),
@@ -905,6 +908,10 @@ impl Daemon {
                 if self.remote_ips.get(&ip) == Some(&id) && tunnel.is_none() {
                     return Ok(());
                 }
+                match tunnel {
+                    Some(via) => self.remote_via.insert(ip, via),
+                    None => self.remote_via.remove(&ip),
+                };
                 match (tunnel, ip) {
                     // A node's underlay address: remote-node, and a cluster node for the
                     // carrier's sender check.
@@ -920,6 +927,7 @@ impl Daemon {
                 if self.remote_ips.remove(&ip).is_some() {
                     ipc.remove(ip, len)?;
                 }
+                self.remote_via.remove(&ip);
             }
         }
         Ok(())
@@ -1062,6 +1070,8 @@ impl Daemon {
                 .or_insert_with(|| label_strings(labels));
         }
         snap.remote_ips = self.remote_ips.clone();
+        snap.remote_via = self.remote_via.clone();
+        snap.auth_rules = self.auth_rules();
         snap.cluster_ids = self.remote_ids.keys().copied().collect();
         snap.cidr_identities = self
             .state
@@ -1102,6 +1112,35 @@ impl Daemon {
         }
         self.snapshot.store(Arc::new(snap));
         self.changed.send_replace(self.generation);
+    }
+
+    /// (local endpoint identity, remote identity) of the allow entries that require
+    /// authentication; empty at once when no policy asks for it (the common case costs nothing).
+    fn auth_rules(&self) -> BTreeSet<(u32, u32)> {
+        let mut out = BTreeSet::new();
+        let any_auth = self.engine.documents().any(|d| {
+            d.rules
+                .iter()
+                .any(|r| r.entries.iter().any(|e| e.auth_required))
+        });
+        if !any_auth {
+            return out;
+        }
+        let locals: BTreeSet<u32> = self
+            .state
+            .endpoints
+            .values()
+            .filter(|r| !r.is_pending())
+            .map(|r| r.identity)
+            .collect();
+        for local in locals {
+            for (k, v) in self.engine.policy_map(nid(local)).unwrap_or_default() {
+                if v.auth_required && !v.deny {
+                    out.insert((local, k.identity));
+                }
+            }
+        }
+        out
     }
 
     /// Labels of an identity, `source:key=value`, sorted.

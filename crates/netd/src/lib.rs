@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
@@ -116,12 +117,58 @@ pub async fn serve(
         }
         None => (recorder, None, None),
     };
+    let auth_kick = Arc::new(tokio::sync::Notify::new());
+    let keys = Arc::new(auth::Keys::default());
+    let auth_view: auth::AuthView = Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
     let monitor = tokio::spawn(monitor::run(
         reader,
         handle.snapshot_cell(),
         events_tx.clone(),
         Some(recorder.clone()),
+        Some(Arc::clone(&auth_kick)),
     ));
+    // Cluster mode: the auth manager owns the auth map; peers reach the handshake server on
+    // the node address.
+    let auth_tasks = match &config.cluster {
+        Some(cc) => {
+            let addr = std::net::SocketAddr::new(cc.node_ip, cc.mutual_auth_port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("mutual_auth_port: binding {addr}"))?;
+            tracing::info!(%addr, "mutual authentication handshakes served");
+            let ctx: Arc<dyn sigil_mutual_auth::AuthContext> = Arc::new(auth::NetdAuth::new(
+                handle.snapshot_cell(),
+                Arc::clone(&keys),
+            ));
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+            let server = tokio::spawn(async move {
+                if let Err(e) = sigil_mutual_auth::serve(listener, ctx, done_tx).await {
+                    tracing::error!(error = %e, "the mutual authentication server stopped");
+                }
+            });
+            let served_count = netd_metrics.auth.clone();
+            let served = tokio::spawn(async move {
+                while let Some(a) = done_rx.recv().await {
+                    served_count.success();
+                    tracing::info!(peer = %a.peer_node, local = a.pair.local.get(), remote = a.pair.remote.get(), peer_id = %a.peer_id, "mutual auth: pair authenticated for a peer (server)");
+                }
+            });
+            let manager = auth::Manager {
+                map: sigil_datapath::AuthMap::open_pinned(&pin_dir)
+                    .context("opening the auth map")?,
+                snapshot: handle.snapshot_cell(),
+                keys: Arc::clone(&keys),
+                port: cc.mutual_auth_port,
+                kick: Arc::clone(&auth_kick),
+                view: Arc::clone(&auth_view),
+                changes: handle.changes(),
+                handshakes: netd_metrics.auth.clone(),
+            };
+            let manager = tokio::spawn(auth::run(manager, stop.clone()));
+            vec![server, served, manager]
+        }
+        None => Vec::new(),
+    };
     let lost_watcher = tokio::spawn(hubble::watch_lost(
         sigil_datapath::Counters::open_pinned(&pin_dir).context("opening the counter maps")?,
         recorder,
@@ -139,6 +186,7 @@ pub async fn serve(
                 .registrar
                 .as_ref()
                 .map(|r| r.deriver.clone()),
+            Arc::clone(&keys),
             stop.clone(),
         ))
     });
@@ -158,7 +206,8 @@ pub async fn serve(
     };
     let listener = api_listener(&socket)?;
     let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx)
-        .with_import_latency(netd_metrics.import_latency.clone());
+        .with_import_latency(netd_metrics.import_latency.clone())
+        .with_auth(Arc::clone(&auth_view));
     if let Some(view) = nodes_view {
         api = api.with_cluster(view);
     }
@@ -171,6 +220,7 @@ pub async fn serve(
         "sigil.netd.v1.Monitor",
         "sigil.netd.v1.Status",
         "sigil.netd.v1.Cluster",
+        "sigil.netd.v1.Auth",
     ];
     let router = tonic::transport::Server::builder()
         .layer(netd_metrics.grpc.layer(&services))
@@ -178,6 +228,7 @@ pub async fn serve(
         .add_service(pb::policies_server::PoliciesServer::new(api.clone()))
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
+        .add_service(pb::auth_server::AuthServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api))
         .add_service(sigil_daemon::Health::new(ready.clone(), &services).into_server());
     let ui = match &config.ui {
@@ -254,6 +305,15 @@ pub async fn serve(
     }
     monitor.abort();
     let _ = monitor.await;
+    // The manager revokes its entries on stop; the server and its log follow it.
+    for (i, t) in auth_tasks.into_iter().enumerate().rev() {
+        if i == 2 {
+            let _ = t.await;
+        } else {
+            t.abort();
+            let _ = t.await;
+        }
+    }
     // The recorders are gone: the export writer writes what is queued and ends.
     if let Some(t) = export_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;

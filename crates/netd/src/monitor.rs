@@ -46,10 +46,17 @@ pub async fn run(
     snapshot: Arc<ArcSwap<Snapshot>>,
     tx: broadcast::Sender<pb::Event>,
     flows: Option<crate::hubble::Recorder>,
+    auth_kick: Option<Arc<tokio::sync::Notify>>,
 ) {
     loop {
         match reader.next().await {
             Ok(ev) => {
+                // A pair that sends before it was authenticated: the auth manager looks now.
+                if ev.drop_reason == sigil_datapath::DROP_AUTH_REQUIRED
+                    && let Some(k) = &auth_kick
+                {
+                    k.notify_one();
+                }
                 let snap = snapshot.load();
                 if let Some(f) = &flows {
                     f.record(&ev, &snap);

@@ -33,6 +33,12 @@ pub struct Snapshot {
     pub rules: HashMap<u32, String>,
     /// Cluster mode: other nodes' endpoint addresses and node addresses in the IPCache.
     pub remote_ips: BTreeMap<IpAddr, u32>,
+    /// Cluster mode: the hosting node's underlay address (the VXLAN tunnel endpoint) of each
+    /// remote entry of [`Snapshot::remote_ips`] that has one.
+    pub remote_via: BTreeMap<IpAddr, std::net::Ipv4Addr>,
+    /// (local endpoint identity, remote identity; 0 = any) of every installed allow entry that
+    /// requires authentication: what the auth manager must authenticate ahead of time.
+    pub auth_rules: std::collections::BTreeSet<(u32, u32)>,
     /// Cluster mode: every cluster identity known from etcd.
     pub cluster_ids: std::collections::BTreeSet<u32>,
     /// Node-local CIDR identities of the prefixes policies name.

@@ -16,6 +16,9 @@ use sigil_registry::Selector;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
+use crate::auth::Keys;
 use crate::daemon::SpiffeChange;
 use crate::reconcile::Handle;
 use crate::registrar::derived_id;
@@ -42,6 +45,7 @@ pub async fn run(
     node_name: String,
     fallback_wait: Duration,
     deriver: Option<Deriver>,
+    keys: Arc<Keys>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut changes = handle.changes();
@@ -57,8 +61,10 @@ pub async fn run(
             &node_name,
             fallback_wait,
             deriver.as_ref(),
+            &keys,
             &mut subs,
         );
+        keys.retain(|name| subs.contains_key(name));
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             r = changes.changed() => if r.is_err() { break },
@@ -66,6 +72,7 @@ pub async fn run(
                 Some(Update::Current(b)) => {
                     if b != bundles {
                         tracing::debug!(trust_domains = b.len(), "X.509 bundles from the agent");
+                        keys.set_bundles(&b);
                         bundles = b;
                     }
                     bundle_error = false;
@@ -91,6 +98,7 @@ fn sync(
     node_name: &str,
     fallback_wait: Duration,
     deriver: Option<&Deriver>,
+    keys: &Arc<Keys>,
     subs: &mut HashMap<String, Subscription>,
 ) {
     let snap = handle.snapshot();
@@ -122,6 +130,7 @@ fn sync(
             rec.spiffe_source,
             fallback_wait,
             deriver.cloned(),
+            Arc::clone(keys),
         ));
         subs.insert(
             name.clone(),
@@ -135,6 +144,8 @@ fn sync(
 }
 
 /// Follows one endpoint's SVID stream and tells the reconciler what changes.
+// One task's whole context, passed once at spawn.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     handle: Handle,
     mut svids: sigil_delegated_client::Watch<Vec<sigil_delegated_client::X509Svid>>,
@@ -143,11 +154,13 @@ async fn follow(
     source: SpiffeSource,
     fallback_wait: Duration,
     deriver: Option<Deriver>,
+    keys: Arc<Keys>,
 ) {
     // Only a pending endpoint waits: one that was registered or fell back has had its answer.
     let mut deadline = (source == SpiffeSource::Pending).then(|| Instant::now() + fallback_wait);
     let mut failing = false;
     loop {
+        let mut svid = None;
         let change = tokio::select! {
             u = svids.next() => match u {
                 None => return,
@@ -173,6 +186,7 @@ async fn follow(
                                     "several SVIDs match the endpoint; the first is its identity");
                             }
                             deadline = None;
+                            svid = Some(first.clone());
                             SpiffeChange::Registered {
                                 spiffe_id: first.spiffe_id.to_string(),
                                 expires_at: first.expires_at,
@@ -198,11 +212,19 @@ async fn follow(
         };
         let registered = matches!(change, SpiffeChange::Registered { .. });
         match handle.set_spiffe(name.clone(), uid.clone(), change).await {
-            Ok(Some(_)) => {}
+            // The SVID's key stays in memory for the handshakes of the endpoint's identity.
+            Ok(Some(rec)) => match &svid {
+                Some(s) => keys.set(&name, rec.identity, s),
+                None => keys.remove(&name),
+            },
             // The endpoint went (or was recreated): its subscription is being stopped.
-            Ok(None) => return,
+            Ok(None) => {
+                keys.remove(&name);
+                return;
+            }
             Err(crate::NetdError::Stopped { .. }) => return,
             Err(e) => {
+                keys.remove(&name);
                 tracing::error!(endpoint = %name, error = %e, "applying the endpoint's SPIFFE identity");
                 // An SVID that cannot be the endpoint's label (an ID the label syntax refuses)
                 // is no SVID: classic labels rather than pending for ever.

@@ -1,14 +1,77 @@
 //! A sigil cluster on one machine for root tests: a [`Topology`] of N nodes, one etcd in the
 //! underlay namespace (reachable from every node on the bridge's address), and one
 //! sigil-netd per node in cluster mode with its own socket, state and pin directories and
-//! pod CIDR `10.<a>.<i>.0/24`. Dropped in order: netds (and their endpoints), etcd, the
-//! namespaces.
+//! pod CIDR `10.<a>.<i>.0/24`. [`TestCluster::start_with_agents`] adds a sigil server and one
+//! agent per node (each attested by its own join token), each node's netd in spiffe identity
+//! mode as its agent's delegate. Dropped in order: netds (and their endpoints), agents and
+//! server, etcd, the namespaces.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{EtcdServer, NetdProcess, Topology};
+use crate::{AgentProcess, EtcdServer, NetdProcess, ServerProcess, Topology};
+
+/// The trust domain of the test server.
+pub const TRUST_DOMAIN: &str = "identity.example.com";
+/// The SPIFFE ID every node's netd is registered under (as its agent's delegate).
+pub const NETD_SPIFFE_ID: &str = "spiffe://identity.example.com/netd";
+
+/// The identity side of a [`TestCluster`]: a server and an agent per node (agents first).
+pub struct ClusterIdentity {
+    /// One agent per node, in node order.
+    pub agents: Vec<AgentProcess>,
+    /// The server.
+    pub server: ServerProcess,
+}
+
+impl ClusterIdentity {
+    /// The SPIFFE ID of node `i`'s agent.
+    pub fn agent_id(&self, i: usize) -> anyhow::Result<String> {
+        let agent = self.agents.get(i).context("no such agent")?;
+        Ok(format!(
+            "spiffe://{TRUST_DOMAIN}/sigil/agent/join_token/{}",
+            agent.token().context("agent without a join token")?
+        ))
+    }
+
+    /// Registers `spiffe_id` for workloads with `selectors` under node `i`'s agent (so only
+    /// that node is given its SVIDs).
+    pub fn entry(&self, i: usize, spiffe_id: &str, selectors: &[&str]) -> anyhow::Result<()> {
+        self.entry_with(i, spiffe_id, selectors, &[])
+    }
+
+    /// [`ClusterIdentity::entry`] with more `sigil entry create` flags (`--x509-svid-ttl 20`).
+    pub fn entry_with(
+        &self,
+        i: usize,
+        spiffe_id: &str,
+        selectors: &[&str],
+        more: &[&str],
+    ) -> anyhow::Result<()> {
+        let parent = self.agent_id(i)?;
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &parent,
+        ];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        args.extend(more);
+        let out = self.server.cli(&args)?;
+        if !out.status.success() {
+            bail!(
+                "entry create {spiffe_id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
 
 /// Polls `cond` every 20 ms until it holds (Ok), fails with the last state after `timeout`.
 /// `cond` returns `Ok(None)` when satisfied, `Ok(Some(state))` to go on (the state is shown
@@ -45,6 +108,8 @@ pub struct ClusterNode {
 pub struct TestCluster {
     /// The nodes' netds (dropped first).
     pub nodes: Vec<ClusterNode>,
+    /// Server and agents, with [`TestCluster::start_with_agents`].
+    pub identity: Option<ClusterIdentity>,
     /// The cluster's etcd.
     pub etcd: EtcdServer,
     /// The namespaces (dropped last).
@@ -78,6 +143,7 @@ impl TestCluster {
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
         let mut c = TestCluster {
             nodes: Vec::new(),
+            identity: None,
             etcd,
             topo,
             name: format!("t{}", std::process::id()),
@@ -87,6 +153,63 @@ impl TestCluster {
         };
         for i in 0..n {
             let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &[])?;
+            c.nodes.push(ClusterNode {
+                netd,
+                name: format!("node{i}"),
+                index: i,
+            });
+        }
+        Ok(c)
+    }
+
+    /// As [`TestCluster::start`], plus a server and an agent per node; node `i`'s netd runs in
+    /// spiffe identity mode with its agent (`--identity-fallback-wait 60s`, so endpoints wait
+    /// for their SVIDs). netd refuses to start unless its agent serves it as a delegate, so
+    /// `delegate_ready(admin_socket)` must return once the agent does (the test's own check
+    /// of the Delegated Identity API; this crate has no gRPC client).
+    pub fn start_with_agents(
+        n: usize,
+        a: u8,
+        extra: &[&str],
+        delegate_ready: impl Fn(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<TestCluster> {
+        let mut topo = Topology::new(n)?;
+        let ip = topo.underlay_address()?;
+        let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
+        let server = ServerProcess::start(&[])?;
+        let mut agents = Vec::new();
+        for _ in 0..n {
+            agents.push(AgentProcess::start(
+                &server,
+                &["--authorized-delegate", NETD_SPIFFE_ID],
+            )?);
+        }
+        let identity = ClusterIdentity { agents, server };
+        for i in 0..n {
+            identity.entry(i, NETD_SPIFFE_ID, &["unix:uid:0"])?;
+        }
+        for agent in &identity.agents {
+            delegate_ready(&agent.admin_socket)?;
+        }
+        let mut c = TestCluster {
+            nodes: Vec::new(),
+            identity: Some(identity),
+            etcd,
+            topo,
+            name: format!("t{}", std::process::id()),
+            a,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            tunnel: "vxlan".to_owned(),
+        };
+        for i in 0..n {
+            let socket = c
+                .identity
+                .as_ref()
+                .and_then(|id| id.agents.get(i))
+                .map(|a| a.admin_socket.display().to_string())
+                .context("agent")?;
+            let more = ["--agent-socket", &socket, "--identity-fallback-wait", "60s"];
+            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &more)?;
             c.nodes.push(ClusterNode {
                 netd,
                 name: format!("node{i}"),

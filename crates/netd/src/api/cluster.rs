@@ -136,3 +136,46 @@ impl pb::cluster_server::Cluster for Api {
         }))
     }
 }
+
+#[tonic::async_trait]
+impl pb::auth_server::Auth for Api {
+    async fn list_auth(
+        &self,
+        _: Request<pb::ListAuthRequest>,
+    ) -> Result<Response<pb::ListAuthResponse>, Status> {
+        let nodes = self.cluster_nodes()?;
+        let entries = self
+            .auth
+            .as_ref()
+            .map(|a| a.load_full())
+            .unwrap_or_default();
+        let snap = self.handle.snapshot();
+        let spiffe_id = |id: u32| {
+            snap.identities
+                .get(&id)
+                .and_then(|l| {
+                    l.iter()
+                        .find_map(|l| l.strip_prefix("spiffe:spiffe.io/spiffe-id="))
+                })
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let entries = entries
+            .iter()
+            .map(|e| pb::AuthEntry {
+                local_identity: e.local,
+                remote_identity: e.remote,
+                remote_node: e
+                    .node
+                    .and_then(|ip| nodes.iter().find(|n| n.ip == IpAddr::V4(ip)))
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default(),
+                remote_node_ip: e.node.map(|ip| ip.to_string()).unwrap_or_default(),
+                expires_unix: e.expires_unix,
+                local_spiffe_id: spiffe_id(e.local),
+                remote_spiffe_id: spiffe_id(e.remote),
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuthResponse { entries }))
+    }
+}

@@ -1,0 +1,599 @@
+//! Policy-required mutual authentication (issue 12): the auth manager, the one owner of the
+//! datapath's auth map, and the handshake server on `--mutual-auth-port`.
+//!
+//! The manager computes the pairs the installed policy requires — (local identity hosted
+//! here, remote identity, the node hosting it) from the allow entries with `auth_required`,
+//! this node's endpoints and the cluster IPCache — and authenticates each ahead of time with
+//! the node that hosts the peer (as the `sigil-mutual-auth` client), so established workloads
+//! see no drop. It re-authenticates before expiry and when a local SVID rotates, reacts to
+//! drop-189 events at once, and revokes an entry as soon as its pair stops being required
+//! (policy, endpoint, identity or node gone): the datapath checks the auth map on every packet
+//! of the opening direction, so the connections that needed it are cut at their next packet.
+//!
+//! Keys stay in memory ([`Keys`]): the SVIDs of the identities this node hosts, as the agent
+//! delivers them for its endpoints; nothing else.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use sigil_datapath::{AuthKey, AuthMap, boot_time_ns};
+use sigil_identity::NumericIdentity;
+use sigil_mutual_auth::{AuthContext, Pair};
+use sigil_spiffe::SpiffeId;
+use sigil_spiffe::bundle::{Bundle, BundleSet};
+use sigil_spiffe::id::TrustDomain;
+use sigil_tls::SharedBundles;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::daemon::Snapshot;
+
+/// The label that carries an identity's SPIFFE ID.
+const SPIFFE_ID_LABEL: &str = "spiffe:spiffe.io/spiffe-id=";
+/// A failed handshake is retried after this (sooner when a drop asks for the pair).
+const RETRY: Duration = Duration::from_millis(500);
+/// How often expiries are looked at.
+const TICK: Duration = Duration::from_secs(1);
+
+/// One held SVID.
+struct Held {
+    identity: u32,
+    spiffe_id: String,
+    key: Arc<CertifiedKey>,
+}
+
+/// The SVIDs of the identities this node hosts (by endpoint), and the trust bundles, in memory
+/// only. Written by the SPIFFE subscriptions, read by the handshakes.
+pub struct Keys {
+    by_endpoint: RwLock<HashMap<String, Held>>,
+    bundles: SharedBundles,
+    /// Bumped on every SVID change (rotation re-authenticates the identity's pairs).
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self {
+            by_endpoint: RwLock::new(HashMap::new()),
+            bundles: Arc::new(ArcSwap::from_pointee(BundleSet::new())),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Keys {
+    /// Records the SVID the agent delivered for `endpoint` (holding `identity`).
+    pub fn set(&self, endpoint: &str, identity: u32, svid: &sigil_delegated_client::X509Svid) {
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = svid
+            .cert_chain
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(svid.key.pkcs8_der().to_vec().into());
+        let key = match sigil_tls::certified_key(chain, &key) {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::warn!(endpoint, error = %e, "the endpoint's SVID cannot be used for mutual authentication");
+                self.remove(endpoint);
+                return;
+            }
+        };
+        if let Ok(mut m) = self.by_endpoint.write() {
+            m.insert(
+                endpoint.to_owned(),
+                Held {
+                    identity,
+                    spiffe_id: svid.spiffe_id.to_string(),
+                    key,
+                },
+            );
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Forgets an endpoint's SVID (it went, or has none).
+    pub fn remove(&self, endpoint: &str) {
+        let gone = self
+            .by_endpoint
+            .write()
+            .map(|mut m| m.remove(endpoint).is_some())
+            .unwrap_or(false);
+        if gone {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Keeps only the SVIDs of `endpoints`.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut gone = false;
+        if let Ok(mut m) = self.by_endpoint.write() {
+            let before = m.len();
+            m.retain(|name, _| keep(name));
+            gone = m.len() != before;
+        }
+        if gone {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Replaces the trust bundles with the agent's (trust domain ID → concatenated DER).
+    pub fn set_bundles(&self, bundles: &sigil_delegated_client::Bundles) {
+        let mut set = BundleSet::new();
+        for (td, der) in bundles {
+            let name = td.strip_prefix("spiffe://").unwrap_or(td);
+            let Ok(td) = TrustDomain::parse(name) else {
+                tracing::warn!(trust_domain = %td, "a bundle with an invalid trust domain is ignored");
+                continue;
+            };
+            let mut b = Bundle::new(td);
+            match sigil_spiffe::der::split_certificates(der) {
+                Ok(certs) => b.x509_authorities.extend(
+                    certs
+                        .into_iter()
+                        .map(rustls_pki_types::CertificateDer::from),
+                ),
+                Err(e) => {
+                    tracing::warn!(trust_domain = %name, error = %e, "a bundle that does not parse is ignored");
+                    continue;
+                }
+            }
+            set.insert(b);
+        }
+        self.bundles.store(Arc::new(set));
+    }
+
+    /// A receiver that sees every SVID change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The SVID held for `identity` by an endpoint that `snap` says holds that identity now,
+    /// whose SPIFFE ID is the identity's.
+    fn svid_for(&self, snap: &Snapshot, identity: u32) -> Option<Arc<CertifiedKey>> {
+        let want = spiffe_id_of(snap, identity)?;
+        let m = self.by_endpoint.read().ok()?;
+        snap.endpoints.iter().find_map(|(name, (rec, _))| {
+            let h = m.get(name)?;
+            (rec.identity == identity && h.identity == identity && h.spiffe_id == want.as_str())
+                .then(|| Arc::clone(&h.key))
+        })
+    }
+}
+
+/// The SPIFFE ID an identity's labels carry.
+fn spiffe_id_of(snap: &Snapshot, identity: u32) -> Option<SpiffeId> {
+    snap.identities
+        .get(&identity)?
+        .iter()
+        .find_map(|l| l.strip_prefix(SPIFFE_ID_LABEL))
+        .and_then(|id| SpiffeId::parse(id).ok())
+}
+
+/// The handshake's view of this node: its published state and its keys.
+pub struct NetdAuth {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    keys: Arc<Keys>,
+}
+
+impl NetdAuth {
+    /// A context over netd's snapshot and keys.
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, keys: Arc<Keys>) -> Self {
+        Self { snapshot, keys }
+    }
+}
+
+impl AuthContext for NetdAuth {
+    fn local_svid(&self, identity: NumericIdentity) -> Option<Arc<CertifiedKey>> {
+        self.keys.svid_for(&self.snapshot.load(), identity.get())
+    }
+
+    fn spiffe_id_of(&self, identity: NumericIdentity) -> Option<SpiffeId> {
+        spiffe_id_of(&self.snapshot.load(), identity.get())
+    }
+
+    fn node_hosts(&self, node: IpAddr, identity: NumericIdentity) -> bool {
+        let IpAddr::V4(node) = node else {
+            return false;
+        };
+        node_hosts(&self.snapshot.load(), node, identity.get())
+    }
+
+    fn bundles(&self) -> SharedBundles {
+        Arc::clone(&self.keys.bundles)
+    }
+}
+
+/// Whether the cluster IPCache places an endpoint of `identity` on `node`.
+fn node_hosts(snap: &Snapshot, node: Ipv4Addr, identity: u32) -> bool {
+    snap.remote_ips
+        .iter()
+        .any(|(ip, id)| *id == identity && snap.remote_via.get(ip) == Some(&node))
+}
+
+/// Whether an identity can be authenticated at all: a cluster identity (not reserved, not a
+/// node-local CIDR identity).
+fn authenticatable(id: u32) -> bool {
+    let n = NumericIdentity::new(id);
+    !n.is_reserved() && id != 0 && id & NumericIdentity::LOCAL_CIDR_FLAG == 0
+}
+
+/// The pairs the installed policy requires: (local, remote, node hosting remote; `None` = here).
+pub fn required(snap: &Snapshot) -> BTreeSet<(u32, u32, Option<Ipv4Addr>)> {
+    let mut out = BTreeSet::new();
+    if snap.auth_rules.is_empty() {
+        return out;
+    }
+    let local_ids: BTreeSet<u32> = snap
+        .endpoints
+        .values()
+        .filter(|(r, _)| !r.is_pending())
+        .map(|(r, _)| r.identity)
+        .collect();
+    let remote: BTreeSet<(u32, Ipv4Addr)> = snap
+        .remote_ips
+        .iter()
+        .filter_map(|(ip, id)| Some((*id, *snap.remote_via.get(ip)?)))
+        .collect();
+    for &(local, want) in &snap.auth_rules {
+        if !local_ids.contains(&local) || !authenticatable(local) {
+            continue;
+        }
+        for &(id, node) in &remote {
+            if (want == 0 || want == id) && authenticatable(id) {
+                out.insert((local, id, Some(node)));
+            }
+        }
+        for &id in &local_ids {
+            if (want == 0 || want == id) && authenticatable(id) {
+                out.insert((local, id, None));
+            }
+        }
+    }
+    out
+}
+
+/// One auth-map entry as `sigil auth list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The identity on this node.
+    pub local: u32,
+    /// The peer's identity.
+    pub remote: u32,
+    /// The peer's node (`None`: this node).
+    pub node: Option<Ipv4Addr>,
+    /// Unix seconds at which it ends.
+    pub expires_unix: i64,
+}
+
+/// The granted entries, published for the API.
+pub type AuthView = Arc<ArcSwap<Vec<Entry>>>;
+
+struct Grant {
+    expires_unix: i64,
+    granted_unix: i64,
+    /// The local SVID generation it was made with (a rotation re-authenticates).
+    keys_gen: u64,
+}
+
+/// What the manager is configured with.
+pub struct Manager {
+    /// The auth map (opened from the pins).
+    pub map: AuthMap,
+    /// Netd's published state.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Netd's keys.
+    pub keys: Arc<Keys>,
+    /// The port peers' handshake servers listen on.
+    pub port: u16,
+    /// Woken by the monitor on a drop with reason 189.
+    pub kick: Arc<Notify>,
+    /// Where the granted entries are published.
+    pub view: AuthView,
+    /// Sees every published change of the snapshot.
+    pub changes: watch::Receiver<u64>,
+    /// Counts this node's handshakes as a client by outcome.
+    pub handshakes: crate::metrics::AuthHandshakes,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// CLOCK_BOOTTIME ns of a Unix time in seconds.
+fn boot_ns_of(unix: i64) -> u64 {
+    let left = u64::try_from(unix.saturating_sub(unix_now())).unwrap_or(0);
+    boot_time_ns().saturating_add(left.saturating_mul(1_000_000_000))
+}
+
+fn key_of(local: u32, remote: u32, node: Option<Ipv4Addr>) -> AuthKey {
+    AuthKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_node: node.map_or(0, AuthKey::node),
+    }
+}
+
+type Want = (u32, u32, Option<Ipv4Addr>);
+type Outcome = (Want, u64, Result<i64, String>);
+
+/// Runs the manager until `stop`.
+pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
+    let mut changes = m.changes.clone();
+    let mut keys_rx = m.keys.subscribe();
+    let mut granted: BTreeMap<Want, Grant> = BTreeMap::new();
+    let mut inflight: BTreeSet<Want> = BTreeSet::new();
+    let mut retry_at: BTreeMap<Want, tokio::time::Instant> = BTreeMap::new();
+    // Pairs whose last handshake failed: logged once at warn, then at debug until one works.
+    let mut failing: BTreeSet<Want> = BTreeSet::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+    let mut tick = tokio::time::interval(TICK);
+    let ctx = Arc::new(NetdAuth::new(Arc::clone(&m.snapshot), Arc::clone(&m.keys)));
+    // Entries left from a previous run are not trusted: every pair authenticates again.
+    match m.map.entries() {
+        Ok(old) => {
+            for (k, _) in old {
+                let _ = m.map.revoke(k);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing old auth entries failed"),
+    }
+    loop {
+        let mut kicked = false;
+        tokio::select! {
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            r = changes.changed() => if r.is_err() { break },
+            r = keys_rx.changed() => if r.is_err() { break },
+            () = m.kick.notified() => kicked = true,
+            _ = tick.tick() => {}
+            Some((want, made_with, res)) = rx.recv() => {
+                inflight.remove(&want);
+                match &res {
+                    Ok(_) => m.handshakes.success(),
+                    Err(_) => m.handshakes.failure(),
+                }
+                let snap = m.snapshot.load();
+                match res {
+                    Ok(expires) if required(&snap).contains(&want) => {
+                        let (l, r, node) = want;
+                        match m.map.grant_until(key_of(l, r, node), boot_ns_of(expires)) {
+                            Ok(()) => {
+                                let renewed = granted.contains_key(&want);
+                                tracing::info!(local = l, remote = r, node = ?node, expires, renewed, "mutual auth: pair authenticated");
+                                granted.insert(want, Grant { expires_unix: expires, granted_unix: unix_now(), keys_gen: made_with });
+                                retry_at.remove(&want);
+                                failing.remove(&want);
+                            }
+                            Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let (l, r, node) = want;
+                        if failing.insert(want) {
+                            tracing::warn!(local = l, remote = r, node = ?node, error = %e, "mutual auth: handshake failed; retrying");
+                        } else {
+                            tracing::debug!(local = l, remote = r, node = ?node, error = %e, "mutual auth: handshake failed again");
+                        }
+                        retry_at.insert(want, tokio::time::Instant::now() + RETRY);
+                    }
+                }
+            }
+        }
+        let snap = m.snapshot.load_full();
+        let need = required(&snap);
+        let keys_gen = *keys_rx.borrow_and_update();
+        // Revocations first: a pair no longer required loses its entry now.
+        let gone: Vec<Want> = granted
+            .keys()
+            .filter(|w| !need.contains(*w))
+            .copied()
+            .collect();
+        for w in gone {
+            let (l, r, node) = w;
+            match m.map.revoke(key_of(l, r, node)) {
+                Ok(()) => {
+                    granted.remove(&w);
+                    tracing::info!(local = l, remote = r, node = ?node, "mutual auth: pair revoked (no longer required)");
+                }
+                Err(e) => {
+                    tracing::error!(local = l, remote = r, error = %e, "revoking an auth entry failed")
+                }
+            }
+        }
+        retry_at.retain(|w, _| need.contains(w));
+        failing.retain(|w| need.contains(w));
+        let now = unix_now();
+        let clock = tokio::time::Instant::now();
+        for &w in &need {
+            if inflight.contains(&w) {
+                continue;
+            }
+            let due = match granted.get(&w) {
+                None => true,
+                Some(g) => {
+                    let lifetime = (g.expires_unix - g.granted_unix).max(3);
+                    g.expires_unix - now <= lifetime / 3 || g.keys_gen != keys_gen
+                }
+            };
+            if !due || (!kicked && retry_at.get(&w).is_some_and(|t| *t > clock)) {
+                continue;
+            }
+            inflight.insert(w);
+            let (ctx, tx, port) = (Arc::clone(&ctx), tx.clone(), m.port);
+            tokio::spawn(async move {
+                let res = authenticate(&ctx, w, port).await;
+                let _ = tx.send((w, keys_gen, res));
+            });
+        }
+        let mut list: Vec<Entry> = granted
+            .iter()
+            .map(|(&(local, remote, node), g)| Entry {
+                local,
+                remote,
+                node,
+                expires_unix: g.expires_unix,
+            })
+            .collect();
+        list.sort_by_key(|e| (e.local, e.remote, e.node));
+        if **m.view.load() != list {
+            m.view.store(Arc::new(list));
+        }
+    }
+    for (l, r, node) in granted.keys() {
+        let _ = m.map.revoke(key_of(*l, *r, *node));
+    }
+}
+
+/// Authenticates one pair: with the peer's node, or locally when both ends are here.
+async fn authenticate(
+    ctx: &NetdAuth,
+    (local, remote, node): Want,
+    port: u16,
+) -> Result<i64, String> {
+    let (l, r) = (NumericIdentity::new(local), NumericIdentity::new(remote));
+    match node {
+        Some(node) => sigil_mutual_auth::authenticate(
+            ctx,
+            SocketAddr::new(IpAddr::V4(node), port),
+            Pair {
+                local: l,
+                remote: r,
+            },
+        )
+        .await
+        .map(|a| a.expires_unix)
+        .map_err(|e| e.to_string()),
+        None => {
+            // Both ends are on this node: it holds both SVIDs; the pair lasts as long as both.
+            let a = ctx
+                .local_svid(l)
+                .ok_or_else(|| format!("this node holds no SVID for identity {local}"))?;
+            let b = ctx
+                .local_svid(r)
+                .ok_or_else(|| format!("this node holds no SVID for identity {remote}"))?;
+            let end = |k: &CertifiedKey, id: u32| {
+                let leaf = k
+                    .cert
+                    .first()
+                    .ok_or_else(|| format!("identity {id}: no certificate"))?;
+                sigil_spiffe::x509::leaf_not_after(leaf).map_err(|e| format!("identity {id}: {e}"))
+            };
+            Ok(end(&a, local)?.min(end(&b, remote)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::state::EndpointRecord;
+
+    fn ep(name: &str, identity: u32) -> EndpointRecord {
+        EndpointRecord {
+            name: name.into(),
+            namespace: "default".into(),
+            pod_labels: vec![],
+            spiffe_id: None,
+            service_account: "default".into(),
+            uid: format!("uid-{name}"),
+            spiffe_source: Default::default(),
+            svid_expires_at: None,
+            classic_identity: None,
+            identity,
+            cluster_pending: false,
+            ipv4: Ipv4Addr::new(10, 0, 0, 2),
+            ipv6: Ipv6Addr::LOCALHOST,
+            host_index: 2,
+            endpoint_id: 7,
+            host_interface: "lxc0".into(),
+            netns_name: "n".into(),
+            netns_path: PathBuf::from("/run/netns/n"),
+            interface: "eth0".into(),
+        }
+    }
+
+    const FE: u32 = 70_000;
+    const BE: u32 = 70_001;
+    const OTHER: u32 = 70_002;
+
+    fn snap() -> Snapshot {
+        let mut s = Snapshot::default();
+        s.endpoints.insert("fe".into(), (ep("fe", FE), vec![]));
+        let (b, c) = (Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3));
+        for (ip, id, via) in [
+            ("10.2.0.2", BE, Some(b)),
+            ("10.3.0.2", BE, Some(c)),
+            ("10.3.0.3", OTHER, Some(c)),
+            // A node address (remote-node) and an entry without a tunnel endpoint.
+            ("192.168.0.2", 6, Some(b)),
+            ("10.9.0.2", BE, None),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            s.remote_ips.insert(ip, id);
+            if let Some(v) = via {
+                s.remote_via.insert(ip, v);
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn required_pairs_follow_the_auth_rules_endpoints_and_hosting_nodes() {
+        let mut s = snap();
+        assert!(required(&s).is_empty(), "no auth rule, nothing required");
+        let (b, c) = (Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3));
+        s.auth_rules.insert((FE, BE));
+        assert_eq!(
+            required(&s),
+            BTreeSet::from([(FE, BE, Some(b)), (FE, BE, Some(c))]),
+            "one pair per node hosting the remote identity"
+        );
+        // An identity not hosted here is never a local end.
+        s.auth_rules.insert((OTHER, BE));
+        assert_eq!(required(&s).len(), 2);
+        // "Any" covers every authenticatable remote identity (not remote-node), local ones too.
+        s.auth_rules.insert((FE, 0));
+        s.endpoints.insert("be".into(), (ep("be", BE), vec![]));
+        assert_eq!(
+            required(&s),
+            BTreeSet::from([
+                (FE, BE, Some(b)),
+                (FE, BE, Some(c)),
+                (FE, OTHER, Some(c)),
+                (FE, BE, None),
+                (FE, FE, None),
+            ])
+        );
+        assert!(node_hosts(&s, c, OTHER) && !node_hosts(&s, b, OTHER));
+        // A pending endpoint holds no identity yet.
+        s.endpoints.get_mut("fe").unwrap().0.cluster_pending = true;
+        assert!(required(&s).iter().all(|(l, _, _)| *l != FE));
+    }
+
+    #[test]
+    fn spiffe_ids_come_from_the_identitys_label() {
+        let mut s = Snapshot::default();
+        s.identities.insert(
+            FE,
+            vec![
+                "k8s:app=fe".into(),
+                "spiffe:spiffe.io/spiffe-id=spiffe://cluster.test/fe".into(),
+            ],
+        );
+        s.identities.insert(BE, vec!["k8s:app=be".into()]);
+        assert_eq!(
+            spiffe_id_of(&s, FE).map(|i| i.to_string()).as_deref(),
+            Some("spiffe://cluster.test/fe")
+        );
+        assert_eq!(spiffe_id_of(&s, BE), None, "no SPIFFE ID: fail closed");
+        assert_eq!(spiffe_id_of(&s, OTHER), None);
+    }
+}
