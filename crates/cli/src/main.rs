@@ -65,6 +65,9 @@ enum Command {
     /// Numeric identities sigil-netd knows (cluster mode).
     #[command(subcommand)]
     Identity(cmd::cluster::IdentityCommand),
+    /// The encrypted carrier between nodes (sigil-netd --encryption spiffe).
+    #[command(subcommand)]
+    Encryption(cmd::encryption::EncryptionCommand),
     /// Stream sigil-netd's verdict and drop events.
     Monitor(cmd::monitor::MonitorArgs),
     /// Start a throwaway server and agent, fetch an X.509-SVID and a JWT-SVID through the Workload API.
@@ -109,6 +112,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Monitor(a) => cmd::monitor::run(a).await?,
         Command::Node(c) => cmd::cluster::run_node(c).await?,
         Command::Identity(c) => cmd::cluster::run_identity(c).await?,
+        Command::Encryption(c) => cmd::encryption::run(c).await?,
         Command::Policy(c) => return cmd::policy::run(c).await,
     }
     Ok(done)

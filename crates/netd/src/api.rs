@@ -1,6 +1,7 @@
 //! The gRPC API on the Unix socket: endpoints, policies, monitor, status, cluster view.
 
 mod cluster;
+mod encryption;
 
 pub use cluster::resolve;
 
@@ -28,6 +29,7 @@ pub struct Api {
     counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
     nodes: Option<crate::cluster::NodesView>,
+    encryption: Option<Arc<crate::encryption::Status>>,
 }
 
 impl Api {
@@ -45,6 +47,7 @@ impl Api {
             counters: Arc::new(counters),
             events,
             nodes: None,
+            encryption: None,
         }
     }
 
@@ -52,6 +55,14 @@ impl Api {
     pub fn with_cluster(self, nodes: crate::cluster::NodesView) -> Self {
         Self {
             nodes: Some(nodes),
+            ..self
+        }
+    }
+
+    /// With `--encryption spiffe`: the running carrier.
+    pub fn with_encryption(self, status: Arc<crate::encryption::Status>) -> Self {
+        Self {
+            encryption: Some(status),
             ..self
         }
     }
