@@ -73,6 +73,18 @@ impl TestCluster {
         tunnel: &str,
         extra: &[&str],
     ) -> anyhow::Result<TestCluster> {
+        Self::start_per_node(n, a, tunnel, extra, &|_| Vec::new())
+    }
+
+    /// As [`TestCluster::start_with_tunnel`], node `i`'s netd also getting `per_node(i)`
+    /// (e.g. its own agent's socket).
+    pub fn start_per_node(
+        n: usize,
+        a: u8,
+        tunnel: &str,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<TestCluster> {
         let mut topo = Topology::new(n)?;
         let ip = topo.underlay_address()?;
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
@@ -86,7 +98,9 @@ impl TestCluster {
             tunnel: tunnel.to_owned(),
         };
         for i in 0..n {
-            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &[])?;
+            let more = per_node(i);
+            let more: Vec<&str> = more.iter().map(String::as_str).collect();
+            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &more)?;
             c.nodes.push(ClusterNode {
                 netd,
                 name: format!("node{i}"),
