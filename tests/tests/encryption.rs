@@ -29,6 +29,8 @@ const CARRIER_PORT: u16 = 8473;
 const VXLAN_PORT: u16 = 8472;
 const PASS: Duration = Duration::from_secs(10);
 const BLOCK: Duration = Duration::from_millis(500);
+/// The node SVIDs' lifetime: short, so the test sees them rotate and the sessions rekey.
+const SVID_TTL: Duration = Duration::from_secs(30);
 
 fn can_run() -> bool {
     can_run_with_bpffs("the encryption test")
@@ -67,6 +69,8 @@ fn entry_create(server: &ServerProcess, parent: &str, id: &str) {
             parent,
             "--selector",
             "unix:uid:0",
+            "--x509-svid-ttl",
+            &SVID_TTL.as_secs().to_string(),
         ])
         .expect("cli");
     assert!(
@@ -437,6 +441,35 @@ fn the_encrypted_carrier_protects_and_checks_every_inter_node_packet() {
         tcp_send(&client.netns, web.ip, PASS),
         "control after the outsider's packets"
     );
+    // Node SVID rotation (agents rotate at half life, netd fetches again): both sessions are
+    // rekeyed (a later expiry, the same pinned IDs) and traffic still flows.
+    let expiry: Vec<i64> = (0..2)
+        .map(|i| peer(&c, i)["expires_unix"].as_i64().expect("expiry"))
+        .collect();
+    let drops_before = peer(&c, 1);
+    wait_for("sessions rekeyed after rotation", SVID_TTL + PASS, || {
+        let now: Vec<Value> = (0..2).map(|i| peer(&c, i)).collect();
+        let done = (0..2).all(|i| now[i]["expires_unix"].as_i64().unwrap_or(0) > expiry[i]);
+        Ok((!done).then(|| format!("{now:?}")))
+    })
+    .expect("rekey");
+    for i in 0..2 {
+        assert_eq!(peer(&c, i)["spiffe_id"], node_id(1 - i).as_str());
+    }
+    assert!(tcp_send(&client.netns, web.ip, PASS), "traffic after rekey");
+    let after = peer(&c, 1);
+    for k in [
+        "unauthenticated",
+        "malformed",
+        "wrong_source",
+        "identity_not_hosted",
+    ] {
+        assert_eq!(
+            counter(&after, k),
+            counter(&drops_before, k),
+            "{k} dropped during the rekey: {after}"
+        );
+    }
     // Traffic in both directions was counted with bytes.
     for i in 0..2 {
         let p = peer(&c, i);

@@ -397,7 +397,17 @@ fn random_u32() -> u32 {
 struct Keyed {
     id: SpiffeId,
     generation: u32,
+    keyed_unix: i64,
     expires_unix: i64,
+}
+
+impl Keyed {
+    /// When to rekey: [`REKEY_BEFORE`] before expiry, or a third of the session's life for
+    /// short-lived SVIDs (so a 30 s SVID is not rekeyed on every pass).
+    fn rekey_at(&self) -> i64 {
+        let margin = ((self.expires_unix - self.keyed_unix) / 3).clamp(1, REKEY_BEFORE);
+        self.expires_unix - margin
+    }
 }
 
 struct Manager {
@@ -426,6 +436,7 @@ impl Manager {
         let k = Keyed {
             id: s.peer_id.clone(),
             generation,
+            keyed_unix: now_unix(),
             expires_unix: s.expires_unix,
         };
         if let Ok(mut m) = self.status.ids.lock() {
@@ -555,9 +566,11 @@ impl Manager {
                 let need = match k {
                     None => initiator,
                     Some(k) => {
+                        // The responder steps in only when the initiator is late.
+                        let late = (k.rekey_at() + k.expires_unix) / 2;
                         k.generation != generation
-                            || (initiator && k.expires_unix - REKEY_BEFORE <= now)
-                            || k.expires_unix - REKEY_BEFORE / 2 <= now
+                            || (initiator && k.rekey_at() <= now)
+                            || late <= now
                     }
                 };
                 if !need
