@@ -125,13 +125,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Endpoints `app=bc` on node 0 and `app=bs` on node 1 of `c`, with an allow policy.
 fn endpoints(c: &TestCluster) -> Res<Vec<(Ipv4Addr, PathBuf)>> {
+    // Endpoint namespaces are global: the cluster's pod octet keeps the two clusters apart.
     let pid = std::process::id();
     let mut out = Vec::new();
     for (k, app) in [(0usize, "bc"), (1, "bs")] {
         let v = json(&c.nodes[k].netd.cli_ok(&[
             "endpoint",
             "create",
-            &format!("bn{pid}-{k}"),
+            &format!("bn{pid}-{}-{k}", c.a),
             "--labels",
             &format!("app={app}"),
         ])?);

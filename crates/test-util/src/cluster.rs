@@ -10,6 +10,8 @@ use anyhow::{Context, bail};
 
 use crate::{EtcdServer, NetdProcess, Topology};
 
+static NEXT_CLUSTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Polls `cond` every 20 ms until it holds (Ok), fails with the last state after `timeout`.
 /// `cond` returns `Ok(None)` when satisfied, `Ok(Some(state))` to go on (the state is shown
 /// if time runs out).
@@ -92,7 +94,13 @@ impl TestCluster {
             nodes: Vec::new(),
             etcd,
             topo,
-            name: format!("t{}", std::process::id()),
+            // Unique per cluster too: two clusters of one process must not share netd pin
+            // directories (named after the cluster) or etcd prefixes.
+            name: format!(
+                "t{}c{}",
+                std::process::id(),
+                NEXT_CLUSTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             a,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tunnel: tunnel.to_owned(),
