@@ -368,6 +368,7 @@ async fn sim_node(
         pod_cidr_v4: Some(Cidr::new(IpAddr::V4(net), 24)?),
         pod_cidr_v6: None,
         spiffe_id: None,
+        carrier_id: None,
     })
     .await?;
     let o = net.octets();

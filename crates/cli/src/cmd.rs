@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;
 pub mod demo_net;
+pub mod encryption;
 pub mod endpoint;
 pub mod entry;
 pub mod monitor;

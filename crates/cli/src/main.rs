@@ -68,6 +68,9 @@ enum Command {
     /// Identity pairs sigil-netd has authenticated (mutual authentication, cluster mode).
     #[command(subcommand)]
     Auth(cmd::auth::AuthCommand),
+    /// The encrypted carrier between nodes (sigil-netd --encryption spiffe).
+    #[command(subcommand)]
+    Encryption(cmd::encryption::EncryptionCommand),
     /// Stream sigil-netd's verdict and drop events.
     Monitor(cmd::monitor::MonitorArgs),
     /// Show flows from sigil-netd's Hubble Observer API (`hubble observe`'s flags and formats),
@@ -127,6 +130,7 @@ async fn dispatch(command: Command, matches: &ArgMatches) -> anyhow::Result<Exit
         Command::Node(c) => cmd::cluster::run_node(c).await?,
         Command::Identity(c) => cmd::cluster::run_identity(c).await?,
         Command::Auth(c) => cmd::auth::run(c).await?,
+        Command::Encryption(c) => cmd::encryption::run(c).await?,
         Command::Policy(c) => return cmd::policy::run(c).await,
     }
     Ok(done)

@@ -25,6 +25,10 @@ use crate::tun::Tun;
 pub const DEFAULT_UDP_PORT: u16 = 8473;
 /// VXLAN's port inside the protection.
 pub const VXLAN_PORT: u16 = 8472;
+/// Bytes a sealed packet takes on the underlay beyond the VXLAN packet it carries: the outer
+/// IPv4 and UDP headers and the carrier's header and tag. The VXLAN device's MTU must leave room
+/// for them, or every full-sized packet is fragmented on the underlay.
+pub const UNDERLAY_OVERHEAD: u32 = 20 + 8 + OVERHEAD as u32;
 /// Largest packet read from the TUN device or the socket.
 const MAX_PACKET: usize = 65_535;
 
@@ -42,6 +46,10 @@ pub struct PeerCounters {
     pub tx_packets: AtomicU64,
     /// Packets opened and delivered.
     pub rx_packets: AtomicU64,
+    /// Bytes sealed and sent (the VXLAN packets, before sealing).
+    pub tx_bytes: AtomicU64,
+    /// Bytes opened and delivered (the VXLAN packets, after opening).
+    pub rx_bytes: AtomicU64,
     /// Dropped: replayed or older than the window.
     pub replayed: AtomicU64,
     /// Dropped: failed authentication (forged, truncated, bit-flipped).
@@ -62,6 +70,10 @@ pub struct PeerStats {
     /// See [`PeerCounters`].
     pub rx_packets: u64,
     /// See [`PeerCounters`].
+    pub tx_bytes: u64,
+    /// See [`PeerCounters`].
+    pub rx_bytes: u64,
+    /// See [`PeerCounters`].
     pub replayed: u64,
     /// See [`PeerCounters`].
     pub unauthenticated: u64,
@@ -79,6 +91,8 @@ impl PeerCounters {
         PeerStats {
             tx_packets: g(&self.tx_packets),
             rx_packets: g(&self.rx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            rx_bytes: g(&self.rx_bytes),
             replayed: g(&self.replayed),
             unauthenticated: g(&self.unauthenticated),
             malformed: g(&self.malformed),
@@ -187,6 +201,15 @@ impl Carrier {
         self.table.store(Arc::new(t));
     }
 
+    /// The session expiry (unix seconds) of the peer at `overlay`, if it has a session.
+    pub fn peer_expiry(&self, overlay: Ipv4Addr) -> Option<i64> {
+        self.table
+            .load()
+            .by_overlay
+            .get(&overlay)
+            .map(|p| p.session.expires_unix)
+    }
+
     /// Each peer's counters and key age.
     pub fn stats(&self) -> Vec<(Ipv4Addr, SocketAddr, i64, PeerStats)> {
         let t = self.table.load();
@@ -226,6 +249,9 @@ impl Carrier {
             }
             if self.udp.send_to(&sealed, peer.underlay).await.is_ok() {
                 peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.counters
+                    .tx_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
@@ -273,8 +299,10 @@ impl Carrier {
                 }
                 Some(_) => {}
             }
+            let len = plain.len() as u64;
             if self.tun.send(plain).await.is_ok() {
                 peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.counters.rx_bytes.fetch_add(len, Ordering::Relaxed);
             }
         }
     }

@@ -154,6 +154,10 @@ pub struct NodeInfo {
     /// Its agent's SPIFFE ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<SpiffeId>,
+    /// The SPIFFE ID of the node SVID its encrypted carrier presents (`--encryption spiffe`);
+    /// peers pin exactly this ID in the carrier handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier_id: Option<SpiffeId>,
 }
 
 impl NodeInfo {

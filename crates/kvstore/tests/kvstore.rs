@@ -528,6 +528,7 @@ async fn node_registry_and_ipcache_follow_nodes_and_a_dead_node_disappears_withi
         pod_cidr_v4: Some("10.1.0.0/24".parse().unwrap()),
         pod_cidr_v6: Some("fd00:1::/64".parse().unwrap()),
         spiffe_id: Some(sigil_spiffe::SpiffeId::parse("spiffe://example.org/node/a").unwrap()),
+        carrier_id: None,
     };
     a.publish_node(&info).await.unwrap();
     let eps: Vec<IpAddr> = (1..=5)
@@ -763,6 +764,7 @@ async fn fault_a_lost_lease_is_replaced_and_everything_republished() {
         pod_cidr_v4: None,
         pod_cidr_v6: None,
         spiffe_id: None,
+        carrier_id: None,
     };
     a.publish_node(&info).await.unwrap();
     a.publish_endpoint("10.1.0.1".parse().unwrap(), id)

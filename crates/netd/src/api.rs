@@ -1,6 +1,7 @@
 //! The gRPC API on the Unix socket: endpoints, policies, monitor, status, cluster view.
 
 mod cluster;
+mod encryption;
 
 pub use cluster::resolve;
 
@@ -31,6 +32,7 @@ pub struct Api {
     export: Option<Arc<crate::hubble::export::ExportCounters>>,
     import_latency: Option<prometheus_client::metrics::histogram::Histogram>,
     auth: Option<crate::auth::AuthView>,
+    encryption: Option<Arc<crate::encryption::Status>>,
 }
 
 impl Api {
@@ -51,6 +53,7 @@ impl Api {
             export: None,
             import_latency: None,
             auth: None,
+            encryption: None,
         }
     }
 
@@ -66,6 +69,14 @@ impl Api {
     pub fn with_export(self, counters: Arc<crate::hubble::export::ExportCounters>) -> Self {
         Self {
             export: Some(counters),
+            ..self
+        }
+    }
+
+    /// With `--encryption spiffe`: the running carrier.
+    pub fn with_encryption(self, status: Arc<crate::encryption::Status>) -> Self {
+        Self {
+            encryption: Some(status),
             ..self
         }
     }

@@ -22,7 +22,8 @@ use sigil_kvstore::{
     Cidr, ClusterAllocator, IdentityEvent, IpCacheEntry, IpCacheEvent, KvStore, NodeEvent, NodeInfo,
 };
 use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink};
-use tokio::sync::watch;
+use sigil_spiffe::SpiffeId;
+use tokio::sync::{Notify, watch};
 
 use crate::config::{ClusterConfig, Config, LEASED_POD_CIDR_LEN, PodCidr, Tunnel};
 use crate::reconcile::{ClusterOp, Handle};
@@ -55,7 +56,9 @@ fn to_cidr<A: Copy + Into<IpAddr>>(c: &PodCidr<A>) -> anyhow::Result<Cidr> {
 
 /// Joins the cluster; may change `config.pod_cidr` (leased from `--cluster-pod-cidr`). Fails
 /// when etcd is unreachable or a claim (node name, pod CIDR) is another live node's.
-pub async fn join(config: &mut Config) -> anyhow::Result<Joined> {
+/// `carrier_id`: the SPIFFE ID of this node's carrier SVID (`--encryption spiffe`), published
+/// in its registry entry for peers to pin.
+pub async fn join(config: &mut Config, carrier_id: Option<SpiffeId>) -> anyhow::Result<Joined> {
     let cc = config
         .cluster
         .clone()
@@ -66,7 +69,7 @@ pub async fn join(config: &mut Config) -> anyhow::Result<Joined> {
     let store = KvStore::connect(cc.kvstore(&config.node_name, resume))
         .await
         .context("connecting to etcd")?;
-    match claim(config, &cc, &store).await {
+    match claim(config, &cc, &store, carrier_id).await {
         Ok(node) => {
             write_lease(&config.state_dir, store.lease_id())?;
             let alloc = Arc::new(ClusterAllocator::new(&store));
@@ -91,6 +94,7 @@ async fn claim(
     config: &mut Config,
     cc: &ClusterConfig,
     store: &KvStore,
+    carrier_id: Option<SpiffeId>,
 ) -> anyhow::Result<NodeInfo> {
     let spiffe_id = config
         .spiffe_ids
@@ -103,6 +107,7 @@ async fn claim(
         pod_cidr_v4: None,
         pod_cidr_v6: None,
         spiffe_id,
+        carrier_id,
     };
     // The name first: a second node under this name must not take over its pod CIDR.
     store
@@ -201,6 +206,8 @@ struct View {
     routes: BTreeMap<Cidr, IpAddr>,
     rejected: HashSet<(IpAddr, String)>,
     published: BTreeMap<IpAddr, u32>,
+    /// With `--encryption spiffe`: the carrier's view of which node hosts which identity.
+    hosted: Option<Arc<crate::encryption::Hosted>>,
 }
 
 impl View {
@@ -283,6 +290,15 @@ impl View {
             }
         }
         self.sync_routes().await;
+        if let Some(h) = &self.hosted {
+            // The carrier accepts from a node exactly the identities installed for it.
+            h.publish(
+                self.installed
+                    .values()
+                    .filter_map(|(id, via)| via.map(|v| (IpAddr::V4(v), *id)))
+                    .collect(),
+            );
+        }
     }
 
     async fn sync_routes(&mut self) {
@@ -440,9 +456,11 @@ pub async fn run(
     state_dir: PathBuf,
     handle: Handle,
     nodes_view: NodesView,
+    carrier: Option<(Arc<crate::encryption::Hosted>, Arc<Notify>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Joined { store, alloc, node } = joined;
+    let (hosted, nodes_changed) = carrier.unzip();
     nodes_view.store(Arc::new(vec![node.clone()]));
     let mut view = View {
         me: node,
@@ -453,6 +471,7 @@ pub async fn run(
         routes: BTreeMap::new(),
         rejected: HashSet::new(),
         published: BTreeMap::new(),
+        hosted,
     };
     let gc = {
         let alloc = Arc::clone(&alloc);
@@ -528,6 +547,9 @@ pub async fn run(
             let mut all: Vec<NodeInfo> = vec![view.me.clone()];
             all.extend(view.nodes.values().cloned());
             nodes_view.store(Arc::new(all));
+            if let Some(n) = &nodes_changed {
+                n.notify_one();
+            }
         }
         // Everything else already queued goes into the view before it is applied once: the
         // view is recomputed whole, so applying per event made a burst of N entries cost N².

@@ -140,6 +140,11 @@ pub struct RunArgs {
     /// A cluster range to lease this node's /24 pod CIDR from (instead of --pod-cidr).
     #[arg(long)]
     pub cluster_pod_cidr: Option<String>,
+    /// Encryption between nodes: disabled (default) or spiffe (the VXLAN carrier sealed with
+    /// keys agreed in a handshake authenticated by the nodes' SVIDs; needs --kvstore etcd,
+    /// --tunnel vxlan and --agent-workload-socket, where netd gets its node SVID).
+    #[arg(long)]
+    pub encryption: Option<String>,
     /// TTL of this node's etcd lease: a silent node disappears after it (default 15s).
     #[arg(long)]
     pub kvstore_lease_ttl: Option<String>,
@@ -227,6 +232,7 @@ struct FileConfig {
     node_ip: Option<String>,
     tunnel: Option<String>,
     cluster_pod_cidr: Option<String>,
+    encryption: Option<String>,
     kvstore_lease_ttl: Option<String>,
     identity_gc_grace: Option<String>,
     mutual_auth_port: Option<String>,
@@ -254,6 +260,19 @@ pub enum Tunnel {
     Disabled,
 }
 
+/// Whether traffic between nodes is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encryption {
+    /// The VXLAN carrier travels in the clear.
+    Disabled,
+    /// The encrypted carrier (`sigil-encryption`), keyed with the node SVID this node's
+    /// agent serves netd on its Workload API at `workload_socket`.
+    Spiffe {
+        /// The agent's public Workload API socket.
+        workload_socket: PathBuf,
+    },
+}
+
 /// Default TTL of a node's etcd lease.
 pub const DEFAULT_KVSTORE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 /// Default grace before an unused cluster identity is collected.
@@ -274,6 +293,8 @@ pub struct ClusterConfig {
     pub node_ip: IpAddr,
     /// The carrier between nodes.
     pub tunnel: Tunnel,
+    /// Encryption of the carrier.
+    pub encryption: Encryption,
     /// The range to lease this node's pod CIDR from (`None`: `pod_cidr` is claimed as is).
     pub cluster_pod_cidr: Option<PodCidr<Ipv4Addr>>,
     /// TTL of this node's lease.
@@ -1031,6 +1052,16 @@ fn cluster_config(
             Ok(c)
         },
     )?;
+    let encryption = l.parse(
+        "encryption",
+        args.encryption.clone(),
+        file.encryption.clone(),
+        |v| match v {
+            "spiffe" => Ok(true),
+            "disabled" => Ok(false),
+            _ => Err("spiffe or disabled"),
+        },
+    )?;
     let lease_ttl = l.parse(
         "kvstore_lease_ttl",
         args.kvstore_lease_ttl.clone(),
@@ -1074,6 +1105,7 @@ fn cluster_config(
             ("node_ip", node_ip.is_some()),
             ("tunnel", tunnel.is_some()),
             ("cluster_pod_cidr", cluster_pod_cidr.is_some()),
+            ("encryption", encryption == Some(true)),
             ("kvstore_lease_ttl", lease_ttl.is_some()),
             ("identity_gc_grace", gc_grace.is_some()),
             ("mutual_auth_port", mutual_auth_port.is_some()),
@@ -1095,12 +1127,49 @@ fn cluster_config(
         );
     }
     let cluster_name = cluster_name.unwrap_or_else(|| crate::spiffe_id::DEFAULT_CLUSTER.to_owned());
+    let tunnel = tunnel.unwrap_or(Tunnel::Vxlan);
+    let encryption = match encryption {
+        Some(true) => {
+            if tunnel != Tunnel::Vxlan {
+                bail!(
+                    "encryption: invalid value \"spiffe\": needs tunnel vxlan (the encrypted \
+                     carrier seals the VXLAN packets), not tunnel disabled"
+                );
+            }
+            // The node SVID's source must be named: the default path is a guess, and a node
+            // that cannot key its sessions would send nothing (fail closed) rather than fall back.
+            let Some((socket, _)) = l.raw(
+                "agent_workload_socket",
+                args.agent_workload_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                file.agent_workload_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            ) else {
+                bail!(
+                    "encryption: invalid value \"spiffe\": needs agent_workload_socket (the \
+                     agent's Workload API, where netd gets its node SVID)"
+                );
+            };
+            let workload_socket = PathBuf::from(socket);
+            if !workload_socket.is_absolute() {
+                bail!(
+                    "agent_workload_socket: invalid value {:?}: must be an absolute path",
+                    workload_socket.display().to_string()
+                );
+            }
+            Encryption::Spiffe { workload_socket }
+        }
+        _ => Encryption::Disabled,
+    };
     let c = ClusterConfig {
         endpoints,
         cluster_name,
         cluster_id: cluster_id.unwrap_or(0),
         node_ip,
-        tunnel: tunnel.unwrap_or(Tunnel::Vxlan),
+        tunnel,
+        encryption,
         cluster_pod_cidr,
         lease_ttl: lease_ttl.unwrap_or(DEFAULT_KVSTORE_LEASE_TTL),
         gc_grace: gc_grace.unwrap_or(DEFAULT_IDENTITY_GC_GRACE),
@@ -1171,6 +1240,92 @@ mod tests {
         };
         let e = Config::from_args(&bad).expect_err("enforcement");
         assert!(e.to_string().contains("enforcement") && e.to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn encryption_spiffe_needs_the_cluster_vxlan_and_a_node_svid_source() {
+        let vx = || RunArgs {
+            tunnel: Some("vxlan".into()),
+            ..cluster_args()
+        };
+        let sock = Some(PathBuf::from("/run/agent/api.sock"));
+        let ok = Config::from_layers(
+            &RunArgs {
+                encryption: Some("spiffe".into()),
+                agent_workload_socket: sock.clone(),
+                ..vx()
+            },
+            env(&[]),
+        )
+        .expect("spiffe");
+        assert_eq!(
+            ok.cluster.map(|c| c.encryption),
+            Some(Encryption::Spiffe {
+                workload_socket: PathBuf::from("/run/agent/api.sock")
+            })
+        );
+        let off = Config::from_layers(&vx(), env(&[])).expect("default");
+        assert_eq!(
+            off.cluster.map(|c| c.encryption),
+            Some(Encryption::Disabled)
+        );
+        let cases = [
+            (
+                RunArgs {
+                    encryption: Some("wireguard".into()),
+                    ..vx()
+                },
+                "encryption: invalid value \"wireguard\"",
+            ),
+            (
+                RunArgs {
+                    encryption: Some("spiffe".into()),
+                    ..vx()
+                },
+                "needs agent_workload_socket",
+            ),
+            (
+                RunArgs {
+                    encryption: Some("spiffe".into()),
+                    agent_workload_socket: sock.clone(),
+                    tunnel: Some("disabled".into()),
+                    ..vx()
+                },
+                "encryption: invalid value \"spiffe\": needs tunnel vxlan",
+            ),
+            (
+                RunArgs {
+                    encryption: Some("spiffe".into()),
+                    agent_workload_socket: sock.clone(),
+                    ..RunArgs::default()
+                },
+                "encryption: set without kvstore",
+            ),
+            (
+                RunArgs {
+                    encryption: Some("spiffe".into()),
+                    agent_workload_socket: Some(PathBuf::from("rel/api.sock")),
+                    ..vx()
+                },
+                "agent_workload_socket: invalid value \"rel/api.sock\"",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = format!(
+                "{:#}",
+                Config::from_layers(&args, env(&[])).expect_err(want)
+            );
+            assert!(e.contains(want), "{e}");
+        }
+        // disabled is allowed without a cluster (it changes nothing).
+        Config::from_layers(
+            &RunArgs {
+                encryption: Some("disabled".into()),
+                ..RunArgs::default()
+            },
+            env(&[]),
+        )
+        .expect("disabled on a single node");
     }
 
     fn cluster_args() -> RunArgs {

@@ -134,7 +134,12 @@ impl Daemon {
                     "the VXLAN carrier needs an IPv4 underlay address",
                 ));
             };
-            datapath.setup_tunnel(&sigil_datapath::tunnel::TunnelConfig::new(local))?;
+            let mut tunnel = sigil_datapath::tunnel::TunnelConfig::new(local);
+            if matches!(c.encryption, crate::config::Encryption::Spiffe { .. }) {
+                // VXLAN packets are sealed whole into UDP datagrams on the same underlay.
+                tunnel.mtu -= sigil_encryption::carrier::UNDERLAY_OVERHEAD;
+            }
+            datapath.setup_tunnel(&tunnel)?;
         }
         let endpoint_mtu = datapath.tunnel_mtu()?;
         for cidr in [config.pod_cidr.to_string(), config.pod_cidr_v6.to_string()] {

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod encryption;
 pub mod error;
 pub mod hubble;
 pub mod identities;
@@ -72,8 +73,19 @@ pub async fn serve(
     sigil_daemon::own_dir(&config.state_dir, 0o700).context("state_dir")?;
     // Cluster mode: join before the datapath starts (the pod CIDR may be leased, and the
     // cluster's identities must be in the engine before any map is installed).
+    // `--encryption spiffe`: the node SVID first, its SPIFFE ID goes into the registry.
+    let node_svid = match config.cluster.as_ref().map(|c| &c.encryption) {
+        Some(config::Encryption::Spiffe { workload_socket }) => {
+            let svid = encryption::fetch_node_svid(workload_socket).await?;
+            tracing::info!(id = %svid.id, "node SVID for the encrypted carrier");
+            Some((svid, workload_socket.clone()))
+        }
+        _ => None,
+    };
     let joined = match &config.cluster {
-        Some(_) => Some(cluster::join(&mut config).await?),
+        Some(_) => {
+            Some(cluster::join(&mut config, node_svid.as_ref().map(|(s, _)| s.id.clone())).await?)
+        }
         None => None,
     };
     let cluster_start = joined.as_ref().map(|j| daemon::ClusterStart {
@@ -193,6 +205,38 @@ pub async fn serve(
     let nodes_view: Option<cluster::NodesView> = joined
         .as_ref()
         .map(|_| Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())));
+    let mut carrier = None;
+    let mut carrier_feed = None;
+    match (node_svid, config.cluster.as_ref(), &nodes_view) {
+        (Some((svid, socket)), Some(cc), Some(view)) => {
+            let std::net::IpAddr::V4(node_ip) = cc.node_ip else {
+                anyhow::bail!(
+                    "node_ip: invalid value \"{}\": encryption spiffe needs IPv4",
+                    cc.node_ip
+                );
+            };
+            let hosted = Arc::new(encryption::Hosted::default());
+            let changed = Arc::new(tokio::sync::Notify::new());
+            carrier_feed = Some((Arc::clone(&hosted), Arc::clone(&changed)));
+            carrier = Some(
+                encryption::start(
+                    node_ip,
+                    svid,
+                    socket,
+                    Arc::clone(view),
+                    hosted,
+                    changed,
+                    stop.clone(),
+                )
+                .await?,
+            );
+        }
+        (None, Some(_), _) => {
+            // A node switched back to disabled: nothing of an earlier carrier stays.
+            tokio::task::spawn_blocking(encryption::remove_network).await?;
+        }
+        _ => {}
+    }
     let cluster_task = match (joined, config.cluster.clone(), &nodes_view) {
         (Some(j), Some(cc), Some(view)) => Some(tokio::spawn(cluster::run(
             j,
@@ -200,6 +244,7 @@ pub async fn serve(
             config.state_dir.clone(),
             handle.clone(),
             Arc::clone(view),
+            carrier_feed,
             stop.clone(),
         ))),
         _ => None,
@@ -211,6 +256,9 @@ pub async fn serve(
     if let Some(view) = nodes_view {
         api = api.with_cluster(view);
     }
+    if let Some(c) = &carrier {
+        api = api.with_encryption(Arc::clone(&c.status));
+    }
     if let Some(c) = export_counters {
         api = api.with_export(c);
     }
@@ -221,6 +269,7 @@ pub async fn serve(
         "sigil.netd.v1.Status",
         "sigil.netd.v1.Cluster",
         "sigil.netd.v1.Auth",
+        "sigil.netd.v1.Encryption",
     ];
     let router = tonic::transport::Server::builder()
         .layer(netd_metrics.grpc.layer(&services))
@@ -229,6 +278,7 @@ pub async fn serve(
         .add_service(pb::monitor_server::MonitorServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
         .add_service(pb::auth_server::AuthServer::new(api.clone()))
+        .add_service(pb::encryption_server::EncryptionServer::new(api.clone()))
         .add_service(pb::status_server::StatusServer::new(api))
         .add_service(sigil_daemon::Health::new(ready.clone(), &services).into_server());
     let ui = match &config.ui {
@@ -331,6 +381,9 @@ pub async fn serve(
     }
     if let Some(c) = cluster_task {
         let _ = c.await;
+    }
+    if let Some(c) = carrier {
+        c.stop().await;
     }
     // Every handle is gone with the server and the watcher: the reconciler finishes the
     // change in hand and stops.

@@ -73,6 +73,8 @@ impl ClusterIdentity {
     }
 }
 
+static NEXT_CLUSTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Polls `cond` every 20 ms until it holds (Ok), fails with the last state after `timeout`.
 /// `cond` returns `Ok(None)` when satisfied, `Ok(Some(state))` to go on (the state is shown
 /// if time runs out).
@@ -138,6 +140,18 @@ impl TestCluster {
         tunnel: &str,
         extra: &[&str],
     ) -> anyhow::Result<TestCluster> {
+        Self::start_per_node(n, a, tunnel, extra, &|_| Vec::new())
+    }
+
+    /// As [`TestCluster::start_with_tunnel`], node `i`'s netd also getting `per_node(i)`
+    /// (e.g. its own agent's socket).
+    pub fn start_per_node(
+        n: usize,
+        a: u8,
+        tunnel: &str,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<TestCluster> {
         let mut topo = Topology::new(n)?;
         let ip = topo.underlay_address()?;
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
@@ -146,13 +160,21 @@ impl TestCluster {
             identity: None,
             etcd,
             topo,
-            name: format!("t{}", std::process::id()),
+            // Unique per cluster too: two clusters of one process must not share netd pin
+            // directories (named after the cluster) or etcd prefixes.
+            name: format!(
+                "t{}c{}",
+                std::process::id(),
+                NEXT_CLUSTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             a,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tunnel: tunnel.to_owned(),
         };
         for i in 0..n {
-            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &[])?;
+            let more = per_node(i);
+            let more: Vec<&str> = more.iter().map(String::as_str).collect();
+            let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &more)?;
             c.nodes.push(ClusterNode {
                 netd,
                 name: format!("node{i}"),

@@ -30,6 +30,31 @@ pub struct OwnSvid {
     pub refresh_at: SystemTime,
 }
 
+impl OwnSvid {
+    /// The SVID as a TLS certificate and key (the key only in memory).
+    pub fn certified_key(&self) -> anyhow::Result<rustls::sign::CertifiedKey> {
+        sigil_tls::certified_key(
+            self.chain.clone(),
+            &PrivateKeyDer::Pkcs8(self.key.clone_key()),
+        )
+        .context("netd's SVID cannot be used as a TLS certificate")
+    }
+
+    /// The trust bundle the agent gave with the SVID, as the bundle of the SVID's trust domain.
+    pub fn bundle_set(&self) -> BundleSet {
+        let mut bundle = Bundle::new(self.id.trust_domain().clone());
+        bundle.x509_authorities = self.bundle.clone();
+        let mut set = BundleSet::new();
+        set.insert(bundle);
+        set
+    }
+
+    /// The leaf certificate (to tell a rotated SVID from the same one fetched again).
+    pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
+        self.chain.first()
+    }
+}
+
 /// Fetches netd's first X.509-SVID and its trust domain's bundle from the Workload API at `socket`
 /// (checked as the CLI checks it: root's or ours, served by root or us).
 pub async fn fetch_own_svid(socket: &Path) -> anyhow::Result<OwnSvid> {
