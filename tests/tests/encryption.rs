@@ -323,6 +323,34 @@ fn the_encrypted_carrier_protects_and_checks_every_inter_node_packet() {
     );
     assert!(tcp_send(&client.netns, web.ip, PASS), "control after deny");
 
+    // Full-sized packets fit the underlay: the VXLAN device's MTU leaves room for the sealed
+    // datagram's headers and tag, so no carrier datagram is fragmented on the underlay.
+    let frames = capture(&c, || {
+        in_netns(&client.netns, || {
+            let to = SocketAddr::new(IpAddr::V4(web.ip), PORT);
+            let mut s = TcpStream::connect_timeout(&to, PASS)?;
+            s.write_all(&vec![0x5a; 256 * 1024])?;
+            Ok(())
+        })
+        .expect("bulk send");
+    });
+    let ipv4: Vec<&Vec<u8>> = frames
+        .iter()
+        .filter(|f| f.len() >= 34 && f[12..14] == [8, 0])
+        .collect();
+    assert!(
+        ipv4.iter().any(|f| f.len() > 1400),
+        "no full-sized carrier packet on the underlay"
+    );
+    let fragments = ipv4
+        .iter()
+        .filter(|f| u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0)
+        .count();
+    assert_eq!(
+        fragments, 0,
+        "carrier datagrams were fragmented on the underlay (MTU without room for the seal)"
+    );
+
     let node0_ip = c.topo.node(0).expect("node0").underlay_ip;
     let node1_ip = c.topo.node(1).expect("node1").underlay_ip;
     let carrier1 = SocketAddr::from((node1_ip, CARRIER_PORT));
