@@ -18,6 +18,7 @@ use sigil_proto::flow as fpb;
 use sigil_proto::observer as opb;
 use sigil_proto::observer::observer_client::ObserverClient;
 use sigil_test_util::netns::command_in_named_netns;
+use sigil_test_util::netns::probe_tcp as probe;
 use sigil_test_util::{Children, NetdProcess, sigil_bin};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -71,23 +72,6 @@ fn create(netd: &NetdProcess, name: &str, app: &str, spiffe: &str) -> Ep {
         identity: u32::try_from(v["identity"].as_u64().unwrap_or(0)).unwrap_or(0),
         endpoint_id: u32::try_from(v["endpoint_id"].as_u64().unwrap_or(0)).unwrap_or(0),
     }
-}
-
-/// Whether a TCP echo from `netns` to `addr:port` comes back.
-fn probe(netns: &str, addr: &str, port: u16) -> bool {
-    command_in_named_netns(netns, sigil_bin())
-        .args([
-            "netd",
-            "probe",
-            "--connect",
-            &format!("{addr}:{port}"),
-            "--timeout",
-            "400ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 const POLICY: &str = r#"

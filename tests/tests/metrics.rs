@@ -15,6 +15,7 @@ use sigil_proto::observer as opb;
 use sigil_proto::observer::observer_client::ObserverClient;
 use sigil_test_util::metrics::{http_get, promtool_check, sample, scrape};
 use sigil_test_util::netns::command_in_named_netns;
+use sigil_test_util::netns::probe_tcp as probe;
 use sigil_test_util::{AgentProcess, NetdProcess, ServerProcess, free_port, sigil_bin};
 use spiffe::WorkloadApiClient;
 use tonic::transport::{Endpoint, Uri};
@@ -279,22 +280,6 @@ fn create(netd: &NetdProcess, name: &str, app: &str) -> (String, String) {
         v["netns_name"].as_str().unwrap_or_default().to_owned(),
         v["ipv4"].as_str().unwrap_or_default().to_owned(),
     )
-}
-
-fn probe(netns: &str, addr: &str, port: u16) -> bool {
-    command_in_named_netns(netns, sigil_bin())
-        .args([
-            "netd",
-            "probe",
-            "--connect",
-            &format!("{addr}:{port}"),
-            "--timeout",
-            "400ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 const POLICY: &str = r#"

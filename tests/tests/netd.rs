@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use sigil_datapath::{Direction, Maps, PROTO_TCP, PolicyEntry, PolicyKey};
 use sigil_policy::{Document, Peer, TraceVerdict, parse_documents, trace};
-use sigil_test_util::netns::{command_in_named_netns, in_netns, named_netns_path};
+use sigil_test_util::netns::probe_echo as probe;
+use sigil_test_util::netns::{in_netns, named_netns_path};
 use sigil_test_util::{Children, NetdProcess, sigil_bin};
 
 fn can_run() -> bool {
@@ -125,27 +126,6 @@ fn create(netd: &NetdProcess, name: &str, app: &str, spiffe: Option<&str>) -> Ep
         endpoint_id: u32::try_from(v["endpoint_id"].as_u64().unwrap_or(0)).unwrap_or(0),
         trace_labels,
     }
-}
-
-/// Whether a TCP (or UDP) echo from `netns` to `addr:port` comes back.
-fn probe(netns: &str, addr: &str, port: u16, udp: bool) -> bool {
-    let mut cmd = command_in_named_netns(netns, sigil_bin());
-    cmd.args([
-        "netd",
-        "probe",
-        "--connect",
-        &format!("{addr}:{port}"),
-        "--timeout",
-        "400ms",
-    ]);
-    if udp {
-        cmd.arg("--udp");
-    }
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Waits until the echo servers answer (they start asynchronously).

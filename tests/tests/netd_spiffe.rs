@@ -8,9 +8,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sigil_test_util::netns::probe_tcp as probe;
 use sigil_test_util::{AgentProcess, Children, NetdProcess, ServerProcess, sigil_bin};
 
 const TD: &str = "identity.example.com";
@@ -190,26 +191,6 @@ fn netns(v: &serde_json::Value) -> String {
 
 fn ipv4(v: &serde_json::Value) -> String {
     v["ipv4"].as_str().unwrap_or_default().to_owned()
-}
-
-/// Whether a TCP echo from `netns` to `addr:port` comes back.
-fn probe(netns: &str, addr: &str, port: u16) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", netns])
-        .arg(sigil_bin())
-        .args([
-            "netd",
-            "probe",
-            "--connect",
-            &format!("{addr}:{port}"),
-            "--timeout",
-            "400ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Polls `probe` until the echo server answers (servers start asynchronously).

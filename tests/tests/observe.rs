@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sigil_test_util::netns::command_in_named_netns;
+use sigil_test_util::netns::probe_tcp as probe;
 use sigil_test_util::{Children, NetdProcess, TestCluster, can_run_etcd, sigil_bin, wait_for};
 
 fn can_run() -> bool {
@@ -39,23 +40,6 @@ fn create(netd: &NetdProcess, name: &str, labels: &str) -> Ep {
 
 fn echo(children: &mut Children, ep: &Ep, port: u16) {
     children.echo(&ep.netns, port);
-}
-
-/// Whether a TCP echo from `netns` to `addr:port` comes back.
-fn probe(netns: &str, addr: &str, port: u16) -> bool {
-    command_in_named_netns(netns, sigil_bin())
-        .args([
-            "netd",
-            "probe",
-            "--connect",
-            &format!("{addr}:{port}"),
-            "--timeout",
-            "400ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn wait_probe(netns: &str, addr: &str, port: u16) {

@@ -18,6 +18,7 @@ use sigil_proto::flow as fpb;
 use sigil_proto::observer as opb;
 use sigil_proto::observer::observer_client::ObserverClient;
 use sigil_test_util::netns::command_in_named_netns;
+use sigil_test_util::netns::probe_tcp as probe;
 use sigil_test_util::{Children, NetdProcess, free_port, sigil_bin};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -62,23 +63,6 @@ fn create(netd: &NetdProcess, name: &str, labels: &str, spiffe: &str) -> Ep {
         ipv4: v["ipv4"].as_str().unwrap_or_default().to_owned(),
         identity: v["identity"].as_u64().unwrap_or(0),
     }
-}
-
-/// Whether a TCP echo from `netns` to `addr:port` comes back.
-fn probe(netns: &str, addr: &str, port: u16) -> bool {
-    command_in_named_netns(netns, sigil_bin())
-        .args([
-            "netd",
-            "probe",
-            "--connect",
-            &format!("{addr}:{port}"),
-            "--timeout",
-            "400ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 const POLICY: &str = r#"

@@ -307,15 +307,32 @@ impl Capture {
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
             let mut buf = [0u8; 2048];
-            while !s.load(Ordering::SeqCst) {
-                if let Ok(n) = recv(
+            // After the stop, what is queued is still read: the loop ends at the first receive
+            // that times out once stopped (a thread scheduled late loses nothing).
+            let mut stopped_at: Option<std::time::Instant> = None;
+            loop {
+                let stopping = s.load(Ordering::SeqCst);
+                if stopping {
+                    // A busy underlay cannot keep the drain going for ever.
+                    let at = *stopped_at.get_or_insert_with(std::time::Instant::now);
+                    if at.elapsed() > Duration::from_secs(1) {
+                        break;
+                    }
+                }
+                match recv(
                     fd.as_raw_fd(),
                     &mut buf,
                     nix::sys::socket::MsgFlags::empty(),
-                ) && let Some(v) = parse_vxlan(&buf[..n])
-                    && !seen.contains(&v)
-                {
-                    seen.push(v);
+                ) {
+                    Ok(n) => {
+                        if let Some(v) = parse_vxlan(&buf[..n])
+                            && !seen.contains(&v)
+                        {
+                            seen.push(v);
+                        }
+                    }
+                    Err(_) if stopping => break,
+                    Err(_) => {}
                 }
             }
             seen

@@ -71,6 +71,32 @@ pub fn command_in_named_netns(
     command_in_netns(&named_netns_path(name), program)
 }
 
+/// Whether `sigil netd probe` from the named namespace `netns` gets its echo back from
+/// `addr:port` (UDP when `udp`, else TCP) within 400 ms.
+pub fn probe_echo(netns: &str, addr: &str, port: u16, udp: bool) -> bool {
+    let mut cmd = command_in_named_netns(netns, crate::process::sigil_bin());
+    cmd.args([
+        "netd",
+        "probe",
+        "--connect",
+        &format!("{addr}:{port}"),
+        "--timeout",
+        "400ms",
+    ]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// [`probe_echo`] over TCP.
+pub fn probe_tcp(netns: &str, addr: &str, port: u16) -> bool {
+    probe_echo(netns, addr, port, false)
+}
+
 /// Runs `f` on a thread that entered the namespace at `path`; sockets it opens stay in there.
 pub fn in_netns<T: Send>(
     path: &Path,
