@@ -29,6 +29,7 @@ const CARRIER_PORT: u16 = 8473;
 const VXLAN_PORT: u16 = 8472;
 const PASS: Duration = Duration::from_secs(10);
 const BLOCK: Duration = Duration::from_millis(500);
+const SESSION: Duration = Duration::from_secs(30);
 /// The node SVIDs' lifetime: short, so the test sees them rotate and the sessions rekey.
 const SVID_TTL: Duration = Duration::from_secs(30);
 
@@ -278,7 +279,9 @@ fn the_encrypted_carrier_protects_and_checks_every_inter_node_packet() {
 
     // Each node keyed a session with the other, pinned to its node SPIFFE ID.
     for i in 0..2 {
-        wait_for(&format!("node{i}'s session"), PASS, || {
+        // The first handshake may wait out one handshake timeout (5 s) when the peer's listener
+        // was not up yet on a loaded machine; 30 s covers a few attempts.
+        wait_for(&format!("node{i}'s session"), SESSION, || {
             let s = status(&c, i);
             let p = &s["peers"][0];
             Ok((p["spiffe_id"] != node_id(1 - i).as_str()).then(|| s.to_string()))
