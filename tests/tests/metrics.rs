@@ -475,6 +475,17 @@ async fn netd_hubble_metrics_equal_the_flows_seen_and_pass_promtool() {
     );
     assert_eq!(sample(&text, "sigil_netd_endpoints", &[]), 3.0);
     assert!(sample(&text, "sigil_netd_identities", &[]) >= 3.0);
+    // Kernel map fill: the imported policy's entries are in the policy map, well under capacity.
+    let pm = [("map_name", "sigil_policy")];
+    let entries = sample(&text, "sigil_netd_bpf_map_entries", &pm);
+    let capacity = sample(&text, "sigil_netd_bpf_map_capacity", &pm);
+    assert!(entries >= 1.0, "policy map entries {entries}:\n{text}");
+    assert!(capacity > entries, "policy map capacity {capacity}");
+    let pressure = sample(&text, "sigil_netd_bpf_map_pressure", &pm);
+    assert!(
+        (pressure - entries / capacity).abs() < 1e-9,
+        "pressure {pressure}"
+    );
     assert_eq!(
         sample(
             &text,

@@ -1069,6 +1069,12 @@ impl Daemon {
             snap.endpoints.insert(r.name.clone(), (r.clone(), labels));
         }
         snap.identity_count = self.alloc.len();
+        let policy = &self.datapath.maps().policy;
+        snap.map_fill = vec![(
+            sigil_datapath::MAP_POLICY,
+            policy.len() as u64,
+            u64::from(policy.max_entries()),
+        )];
         for (id, labels) in &self.remote_ids {
             snap.identities
                 .entry(*id)

@@ -280,6 +280,49 @@ impl NetdMetrics {
                 s.load().endpoints.len() as f64
             }),
         );
+        let fill = |read: fn(u64, u64) -> f64| {
+            let s = Arc::clone(&snapshots);
+            move || {
+                s.load()
+                    .map_fill
+                    .iter()
+                    .map(|(name, used, max)| ((*name).to_owned(), read(*used, *max)))
+                    .collect()
+            }
+        };
+        m.register_collector(
+            PREFIX,
+            GaugeFn::labelled(
+                "bpf_map_entries",
+                "Entries in a kernel map, as counted by the writer",
+                "map_name",
+                fill(|used, _| used as f64),
+            ),
+        );
+        m.register_collector(
+            PREFIX,
+            GaugeFn::labelled(
+                "bpf_map_capacity",
+                "Maximum entries of a kernel map",
+                "map_name",
+                fill(|_, max| max as f64),
+            ),
+        );
+        m.register_collector(
+            PREFIX,
+            GaugeFn::labelled(
+                "bpf_map_pressure",
+                "Fill ratio of a kernel map (entries / capacity), as Cilium's bpf_map_pressure",
+                "map_name",
+                fill(|used, max| {
+                    if max == 0 {
+                        0.0
+                    } else {
+                        used as f64 / max as f64
+                    }
+                }),
+            ),
+        );
         let s = snapshots;
         m.register_collector(
             PREFIX,

@@ -47,6 +47,9 @@ pub struct Snapshot {
     pub rule_refs: HashMap<u32, RuleRef>,
     /// The daemon's generation when this snapshot was published (flows' policy revision).
     pub revision: u64,
+    /// Fill of the kernel maps whose entries the writer counts (map name, entries, capacity);
+    /// read by the metrics at scrape time.
+    pub map_fill: Vec<(&'static str, u64, u64)>,
     /// Network namespace (nsfs device, inode) → endpoint name; built on the first lookup by namespace
     /// after this snapshot was published (a `stat` per endpoint), so publishing stays as cheap as before.
     netns_index: OnceLock<HashMap<(u64, u64), String>>,
