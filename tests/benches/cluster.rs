@@ -17,36 +17,21 @@
 //! `CONVERGE_SECS` (default 600) bounds the wait for the simulated entries; past it the part
 //! reports how far each node got instead of failing.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigil_identity::NumericIdentity;
 use sigil_kvstore::{Cidr, ClusterAllocator, Config, KvStore, NodeInfo};
 use sigil_labels::Labels;
-use sigil_netlink::command_in_netns;
 use sigil_test_util::netns::in_netns;
 use sigil_test_util::{TestCluster, wait_for};
 
-type Res<T> = anyhow::Result<T>;
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
+#[path = "support/crossnode.rs"]
+mod crossnode;
+use crossnode::*;
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -55,10 +40,6 @@ fn ms(d: Duration) -> String {
 fn kernel_lookup(c: &TestCluster, node: usize, ip: IpAddr) -> Option<u32> {
     let maps = sigil_datapath::Maps::open_pinned(&c.nodes[node].netd.pin_dir).ok()?;
     maps.ipcache.lookup(ip).ok().flatten()
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_default()
 }
 
 /// (VmRSS KiB, utime+stime ticks) of `pid`.
@@ -137,83 +118,6 @@ fn latency(c: &TestCluster) -> Res<()> {
 }
 
 // ---- 2. throughput ----
-
-struct Kids(Vec<std::process::Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// iperf3 Gbit/s from `client_ns` to `server_ip` (a server must listen there on 5201).
-fn iperf(client_ns: &Path, server_ip: Ipv4Addr, secs: usize) -> Res<f64> {
-    let out = command_in_netns(client_ns, "iperf3")
-        .args(["-c", &server_ip.to_string(), "-t", &secs.to_string(), "-J"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "iperf3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json(&String::from_utf8_lossy(&out.stdout));
-    Ok(v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9)
-}
-
-/// Request/response round trips (1 byte each way) over one TCP connection: sorted.
-fn rr(client_ns: &Path, to: SocketAddr, n: usize) -> Res<Vec<Duration>> {
-    in_netns(client_ns, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        s.set_nodelay(true)?;
-        let mut v = Vec::with_capacity(n);
-        let mut b = [0u8; 1];
-        for _ in 0..n {
-            let t = Instant::now();
-            s.write_all(b"x")?;
-            s.read_exact(&mut b)?;
-            v.push(t.elapsed());
-        }
-        v.sort();
-        Ok(v)
-    })
-}
-
-fn echo_server(ns: &Path, ip: Ipv4Addr) -> Res<()> {
-    let l = in_netns(ns, move || Ok(TcpListener::bind((ip, 7000))?))?;
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let _ = c.set_nodelay(true);
-                let mut b = [0u8; 1];
-                while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
-            });
-        }
-    });
-    Ok(())
-}
-
-fn iperf_server(kids: &mut Kids, ns: &Path) -> Res<()> {
-    kids.0.push(
-        command_in_netns(ns, "iperf3")
-            .args(["-s", "-p", "5201"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
 
 fn throughput(c: &mut TestCluster) -> Res<()> {
     let rounds = env_num("ROUNDS", 5);
