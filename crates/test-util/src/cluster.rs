@@ -73,6 +73,9 @@ impl ClusterIdentity {
     }
 }
 
+/// The lease TTL flag; the fixture passes 4 s unless a node's own flags give one.
+const LEASE_TTL_FLAG: &str = "--kvstore-lease-ttl";
+
 static NEXT_CLUSTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Polls `cond` every 20 ms until it holds (Ok), fails with the last state after `timeout`.
@@ -195,6 +198,18 @@ impl TestCluster {
         extra: &[&str],
         delegate_ready: impl Fn(&std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<TestCluster> {
+        Self::start_with_agents_per_node(n, a, extra, &|_| Vec::new(), delegate_ready)
+    }
+
+    /// As [`TestCluster::start_with_agents`], node `i`'s netd also getting `per_node(i)`
+    /// (e.g. its own `--kvstore-lease-ttl`, which replaces the fixture's 4 s).
+    pub fn start_with_agents_per_node(
+        n: usize,
+        a: u8,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+        delegate_ready: impl Fn(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<TestCluster> {
         let mut topo = Topology::new(n)?;
         let ip = topo.underlay_address()?;
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
@@ -224,13 +239,9 @@ impl TestCluster {
             tunnel: "vxlan".to_owned(),
         };
         for i in 0..n {
-            let socket = c
-                .identity
-                .as_ref()
-                .and_then(|id| id.agents.get(i))
-                .map(|a| a.admin_socket.display().to_string())
-                .context("agent")?;
-            let more = ["--agent-socket", &socket, "--identity-fallback-wait", "60s"];
+            let mut more = c.agent_args(i)?;
+            more.extend(per_node(i));
+            let more: Vec<&str> = more.iter().map(String::as_str).collect();
             let netd = c.spawn_netd(i, &format!("node{i}"), i as u8, &more)?;
             c.nodes.push(ClusterNode {
                 netd,
@@ -239,6 +250,23 @@ impl TestCluster {
             });
         }
         Ok(c)
+    }
+
+    /// The flags that make a netd on topology node `i` its agent's delegate in spiffe identity
+    /// mode (`--identity-fallback-wait 60s`), for [`TestCluster::spawn_netd`].
+    pub fn agent_args(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let socket = self
+            .identity
+            .as_ref()
+            .and_then(|id| id.agents.get(i))
+            .map(|a| a.admin_socket.display().to_string())
+            .context("no agent on this node")?;
+        Ok(vec![
+            "--agent-socket".to_owned(),
+            socket,
+            "--identity-fallback-wait".to_owned(),
+            "60s".to_owned(),
+        ])
     }
 
     /// The flags that put a netd on topology node `i` into this cluster.
@@ -257,7 +285,7 @@ impl TestCluster {
             &node.underlay_ip.to_string(),
             "--tunnel",
             &self.tunnel,
-            "--kvstore-lease-ttl",
+            LEASE_TTL_FLAG,
             "4s",
         ]
         .iter()
@@ -277,6 +305,12 @@ impl TestCluster {
         more: &[&str],
     ) -> anyhow::Result<NetdProcess> {
         let mut args = self.cluster_args(i)?;
+        if more.contains(&LEASE_TTL_FLAG) {
+            // The node's own TTL replaces the fixture's (netd takes each flag once).
+            if let Some(at) = args.iter().position(|a| a == LEASE_TTL_FLAG) {
+                args.drain(at..at + 2);
+            }
+        }
         args.extend(more.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let node = self.topo.node(i)?;
