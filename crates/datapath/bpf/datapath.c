@@ -3,7 +3,10 @@
  * sigil_from_ep runs at the host veth's ingress hook (packets leaving the endpoint: its egress
  * direction); sigil_to_ep runs at the host veth's egress hook (packets entering the endpoint: its
  * ingress direction). One program serves every endpoint: the endpoint id is the host veth's
- * ifindex, read from the skb. */
+ * ifindex, read from the skb. With a tunnel, sigil_from_tunnel (the VXLAN device's ingress)
+ * enforces a local endpoint's ingress policy itself for packets from other nodes, with the VNI's
+ * identity, and redirects them straight into the endpoint's namespace; only what it leaves to
+ * the stack (no hop left, neighbour discovery) reaches sigil_to_ep, the identity in the mark. */
 #include "sigil.h"
 
 char _license[] SEC("license") = "Dual MIT/GPL";
@@ -119,6 +122,11 @@ static long (*bpf_skb_get_tunnel_key)(void *skb, void *key, __u32 size, __u64 fl
 static long (*bpf_skb_set_tunnel_key)(void *skb, void *key, __u32 size, __u64 flags) = (void *)21;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
 static long (*bpf_skb_change_type)(void *skb, __u32 type) = (void *)32;
+static long (*bpf_skb_store_bytes)(void *skb, __u32 offset, const void *from, __u32 len,
+				   __u64 flags) = (void *)9;
+static long (*bpf_l3_csum_replace)(void *skb, __u32 offset, __u64 from, __u64 to,
+				   __u64 size) = (void *)10;
+static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
 
 #define PACKET_HOST 0
 #define TUNNEL_TTL 64
@@ -212,6 +220,7 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 		return PARSE_PASS;
 	f->family = 4;
 	f->protocol = ip[9];
+	f->hop_limit = ip[8];
 	__builtin_memcpy(f->saddr, &ip[12], 4);
 	__builtin_memcpy(f->daddr, &ip[16], 4);
 	ihl = (ip[0] & 0x0f) * 4;
@@ -643,7 +652,11 @@ static __always_inline int drop(struct __sk_buff *skb, const struct ctx *c, cons
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct ctx *c)
+/* `tunneled`: called by sigil_from_tunnel for a packet it validated and delivers itself; c->ep
+ * (the destination endpoint), c->src_identity (the VNI) and c->remote_node (the outer source)
+ * are already set. Otherwise the endpoint is the host veth the packet is on. */
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct ctx *c,
+				  const int tunneled)
 {
 	struct flow f = {};
 	struct ct_key key = {};
@@ -662,7 +675,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 		return TC_ACT_OK;
 
 	c->now = bpf_ktime_get_boot_ns();
-	c->ep = skb->ifindex;
+	if (!tunneled)
+		c->ep = skb->ifindex;
 	c->direction = direction;
 	cfg = bpf_map_lookup_elem(&sigil_endpoints, &c->ep);
 	t = tunnel_config();
@@ -685,9 +699,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.daddr);
 		lookup_peer(f.saddr, f.family, &remote);
 		remote_identity = remote.identity;
-		/* Only a packet that arrived on the tunnel device carries the identity its VNI gave
-		 * (in the mark, set by sigil_from_tunnel); anything else's mark is not looked at. */
-		if (t && t->ifindex && skb->ingress_ifindex == t->ifindex) {
+		if (tunneled) {
+			from_tunnel = 1;
+			c->flags |= EVENT_F_TUNNEL;
+			remote_identity = c->src_identity;
+		} else if (t && t->ifindex && skb->ingress_ifindex == t->ifindex) {
+			/* Only a packet that arrived on the tunnel device carries the identity its
+			 * VNI gave (in the mark, set by sigil_from_tunnel when it leaves the packet
+			 * to the stack); anything else's mark is not looked at. */
 			from_tunnel = 1;
 			c->flags |= EVENT_F_TUNNEL;
 			/* sigil_from_tunnel let it in only if this is its outer source. */
@@ -707,7 +726,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 	if (direction == DIR_EGRESS && !source_ok(cfg, &f))
 		return drop(skb, c, &f, DROP_INVALID_SIP, 0);
 	if (direction == DIR_INGRESS) {
-		if (!sender_ok(skb, &f))
+		if (!tunneled && !sender_ok(skb, &f))
 			return drop(skb, c, &f, DROP_INVALID_SIP, 0);
 		if (from_tunnel && !vni_ok(remote_identity))
 			return drop(skb, c, &f, DROP_INVALID_IDENTITY, 0);
@@ -831,7 +850,7 @@ SEC("classifier")
 int sigil_from_ep(struct __sk_buff *skb)
 {
 	struct ctx c = {};
-	int verdict = handle(skb, DIR_EGRESS, &c);
+	int verdict = handle(skb, DIR_EGRESS, &c, 0);
 
 	/* Everything that passes towards another node's address goes into the tunnel: new
 	 * connections, replies and untracked packets alike. */
@@ -845,22 +864,45 @@ int sigil_to_ep(struct __sk_buff *skb)
 {
 	struct ctx c = {};
 
-	return handle(skb, DIR_INGRESS, &c);
+	return handle(skb, DIR_INGRESS, &c, 0);
 }
 
-/* Whether a packet that came out of the tunnel is for this node: a local endpoint or this
- * node's own underlay address. Anything else would be relayed (to the underlay, or back into
- * the tunnel) under a source the sender chose. */
-static __attribute__((noinline)) int for_this_node(const struct flow *f,
-						   const struct tunnel_config *t)
+/* Where a packet that came out of the tunnel is for: a local endpoint (its id), this node's
+ * own underlay address (FOR_NODE), or neither (0). Anything else would be relayed (to the
+ * underlay, or back into the tunnel) under a source the sender chose. */
+#define FOR_NODE 0xffffffff
+static __attribute__((noinline)) __u32 for_this_node(const struct flow *f,
+						     const struct tunnel_config *t)
 {
 	struct ep_addr_key k = {};
+	__u32 *ep;
 
 	if (f->family == 4 && t && addr_eq(f->daddr, t->local_ipv4, 4))
-		return 1;
+		return FOR_NODE;
 	k.family = f->family;
 	__builtin_memcpy(k.addr, f->daddr, 16);
-	return bpf_map_lookup_elem(&sigil_ep_addrs, &k) != 0;
+	ep = bpf_map_lookup_elem(&sigil_ep_addrs, &k);
+	return ep ? *ep : 0;
+}
+
+/* What IP forwarding would have done to the packet on its way into the endpoint: one hop off
+ * its TTL / hop limit. 0 when it has no hop left (the stack then answers as a router does). */
+static __always_inline int hop(struct __sk_buff *skb, const struct flow *f)
+{
+	__u8 left;
+
+	if (f->hop_limit <= 1)
+		return 0;
+	left = f->hop_limit - 1;
+	if (f->family == 4) {
+		__u16 was = bswap16(((__u16)f->hop_limit << 8) | f->protocol);
+		__u16 now = bswap16(((__u16)left << 8) | f->protocol);
+
+		if (bpf_l3_csum_replace(skb, 14 + 10, was, now, 2) < 0)
+			return 0;
+		return bpf_skb_store_bytes(skb, 14 + 8, &left, 1, 0) == 0;
+	}
+	return bpf_skb_store_bytes(skb, 14 + 7, &left, 1, 0) == 0;
 }
 
 /* At the VXLAN device's ingress: packets from other nodes. The VNI is the source identity;
@@ -876,8 +918,9 @@ int sigil_from_tunnel(struct __sk_buff *skb)
 	struct peer p = {};
 	struct tunnel_config *t;
 	__u8 outer[16] = {};
-	__u32 outer_be;
+	__u32 outer_be, ep;
 	enum parse_result parsed;
+	int verdict;
 
 	parsed = parse(skb, &f);
 	c.now = bpf_ktime_get_boot_ns();
@@ -901,8 +944,28 @@ int sigil_from_tunnel(struct __sk_buff *skb)
 	if (!(p.flags & (IPCACHE_F_TUNNEL | IPCACHE_F_NODE)) || p.tunnel_endpoint != outer_be)
 		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
 	t = tunnel_config();
-	if (!for_this_node(&f, t))
+	ep = for_this_node(&f, t);
+	if (!ep)
 		return drop(skb, &c, &f, DROP_NO_LOCAL_ENDPOINT, 0);
+	/* For a local endpoint: its ingress policy here, with the VNI's identity, and straight
+	 * into its namespace (no second pass through this node's stack; sigil_to_ep does not see
+	 * it). The mark is cleared first so nothing of the carrier reaches the endpoint. */
+	if (ep != FOR_NODE && parsed == PARSE_IP && f.hop_limit > 1) {
+		c.ep = ep;
+		c.remote_node = outer_be;
+		verdict = handle(skb, DIR_INGRESS, &c, 1);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+		if (!hop(skb, &f))
+			return drop(skb, &c, &f, DROP_INVALID, 0);
+		skb->mark = 0;
+		/* The inner frame is addressed to the sender's host veth; the endpoint's stack
+		 * must take it as its own (as the routed path's host veth would have). */
+		bpf_skb_change_type(skb, PACKET_HOST);
+		return bpf_redirect_peer(ep, 0);
+	}
+	/* Else (this node, no hop left, neighbour discovery, unparsable) the stack takes it: to
+	 * this node, or routed to the endpoint whose sigil_to_ep reads the identity from the mark. */
 	skb->mark = MARK_MAGIC_IDENTITY | key.tunnel_id;
 	/* The inner frame is addressed to the sending endpoint's host veth, not to this device;
 	 * the stack would discard it as another host's. */
