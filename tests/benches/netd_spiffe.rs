@@ -322,6 +322,8 @@ fn scale_run(
                 .block_on(client.create_endpoint(npb::CreateEndpointRequest {
                     name: name.clone(),
                     labels: vec![format!("app={name}")],
+                    // The create call itself is measured; the SVID's arrival separately.
+                    no_wait: true,
                     ..Default::default()
                 }))
                 .with_context(|| format!("create endpoint {name}"))?

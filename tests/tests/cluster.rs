@@ -837,11 +837,12 @@ fn etcd_restart(c: &mut TestCluster, webs: &[Ep], clients: &[Ep]) {
         !tcp_ok(&clients[2].netns, webs[1].ip, BLOCK),
         "denied flow passes with etcd down"
     );
-    // A label set this node already holds needs no etcd round trip: same number at once.
-    let twin = create(c, 0, "twin", "app=client,zone=z0", &[]);
+    // A label set this node already holds needs no etcd round trip: same number at once
+    // (`--no-wait`: its addresses cannot reach etcd, which create would wait for).
+    let twin = create(c, 0, "twin", "app=client,zone=z0", &["--no-wait"]);
     assert_eq!(twin.identity, clients[0].identity);
     // A new label set waits at init (5), dropping everything, until etcd answers.
-    let late = create(c, 0, "late", "app=client,zone=z0,late=yes", &[]);
+    let late = create(c, 0, "late", "app=client,zone=z0,late=yes", &["--no-wait"]);
     assert_eq!(
         late.identity, 5,
         "an endpoint created with etcd down is not at init"

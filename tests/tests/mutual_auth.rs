@@ -492,6 +492,43 @@ fn policy_required_mutual_auth_across_nodes() {
         "the refusal is logged with its reason"
     );
 
+    // A pair that appears and sends at once: the frontend starts on node 2 too (its entry given
+    // to node 2 now). `endpoint create` returns once node 2 has authenticated the new pair with
+    // node 1 (whose policy requires it; node 1 records it before it confirms), so the first
+    // SYN passes: no retransmission, no drop of reason 189. Then it goes again.
+    id.entry(2, FE_ID, &["k8s:ns:default", "k8s:pod-label:app:frontend"])
+        .expect("frontend entry on node 2");
+    let fe2 = create(&c, 2, "frontend", FE_ID);
+    let (mut conn2, took) = connect(&fe2, &be).expect("frontend on node 2 -> backend");
+    assert!(
+        took < Duration::from_millis(500),
+        "the new pair's first SYN was dropped: {took:?}\nnode1 log:\n{}",
+        c.nodes[1].netd.log_text()
+    );
+    assert!(
+        echo(&mut conn2, 0, Duration::from_secs(2)),
+        "echo from node 2"
+    );
+    assert!(
+        drops1.with_reason(189).is_empty(),
+        "the new pair dropped with 189: {:?}",
+        drops1.with_reason(189)
+    );
+    assert!(
+        auth_list(&c, 1).contains(&(be.identity, fe.identity, "node2".to_owned())),
+        "node 1 holds the new pair"
+    );
+    drop(conn2);
+    c.nodes[2]
+        .netd
+        .cli_ok(&["endpoint", "delete", &fe2.name])
+        .expect("endpoint delete");
+    wait_for("node 2's pair revoked", Duration::from_secs(5), || {
+        let l = auth_list(&c, 1);
+        Ok((l != want1).then(|| format!("{l:?}")))
+    })
+    .expect("revoked");
+
     // SVID rotation: the frontend's SVID rotates on node 0; both nodes authenticate the pair
     // again before the old authentication ends, while the connection keeps echoing and no
     // packet drops with 189.

@@ -129,12 +129,20 @@ impl Stack {
     }
 
     fn create(&self, base: &str, app: &str) -> serde_json::Value {
+        self.create_with(base, app, &[])
+    }
+
+    /// Created with `--no-wait`: returned while its identity is still pending.
+    fn create_pending(&self, base: &str, app: &str) -> serde_json::Value {
+        self.create_with(base, app, &["--no-wait"])
+    }
+
+    fn create_with(&self, base: &str, app: &str, extra: &[&str]) -> serde_json::Value {
         let name = self.name(base);
         let labels = format!("app={app}");
-        let out = self
-            .netd
-            .cli_ok(&["endpoint", "create", &name, "--labels", &labels])
-            .expect("endpoint create");
+        let mut args = vec!["endpoint", "create", &name, "--labels", &labels];
+        args.extend(extra);
+        let out = self.netd.cli_ok(&args).expect("endpoint create");
         serde_json::from_str(&out).expect("json")
     }
 
@@ -381,12 +389,12 @@ fn spiffe_ids_from_the_agent_are_enforced_and_entry_changes_cut_connections() {
         &fe_id,
         &["k8s:ns:default", "k8s:pod-label:app:frontend"],
     );
-    let be = st.create("be", "backend");
+    let be = st.create_pending("be", "backend");
     // A new endpoint in spiffe mode starts pending, with the reserved init identity.
     assert_eq!(be["spiffe_id_source"], "pending", "{be}");
     assert_eq!(be["identity"], 5, "{be}");
     st.create("fe", "frontend");
-    st.create("ot", "other");
+    st.create_pending("ot", "other");
     let be = st.wait_registered("be", &be_id);
     let fe = st.wait_registered("fe", &fe_id);
     assert!(
@@ -540,7 +548,7 @@ fn agent_loss_keeps_identities_and_new_endpoints_fall_back_then_upgrade() {
     assert_eq!(fe_now["identity"], fe["identity"], "{fe_now}");
 
     // A new endpoint falls back to its classic labels after the wait.
-    let late = st.create("late", "late");
+    let late = st.create_pending("late", "late");
     assert_eq!(late["spiffe_id_source"], "pending", "{late}");
     let (late, waited) = st.wait("late", "classic-fallback", Duration::from_secs(10), |v| {
         v["spiffe_id_source"] == "classic-fallback"
@@ -619,7 +627,7 @@ fn a_pending_endpoint_cannot_bypass_a_spiffe_id_deny() {
     let bip = ipv4(&be);
     wait_server(&netns(&good), &bip, 8080);
 
-    let evil = st.create("evil", "evil");
+    let evil = st.create_pending("evil", "evil");
     assert_eq!(evil["spiffe_id_source"], "pending", "{evil}");
     children.echo(&netns(&evil), 8080);
     let eip = ipv4(&evil);

@@ -14,8 +14,12 @@
 //!   choose its certificate and its pin before the handshake goes on;
 //! - both ends check the cluster's node registry: the server refuses a client whose node (its TCP
 //!   source address) does not host `L`, the client refuses to ask a node that does not host `R`;
-//! - the server confirms with one byte after its checks; a client that reads anything else, or
-//!   nothing, fails closed;
+//! - the server confirms with one byte after its checks — and after its node has recorded the
+//!   pair ([`AuthContext::record`]), so a client's success means both ends hold it; a client
+//!   that reads anything else, or nothing, fails closed;
+//! - a registry that has not yet heard of the client's endpoint (a pair that appeared a moment
+//!   ago, its entry still on its way through etcd) is waited for, up to [`REGISTRY_WAIT`],
+//!   before the server refuses;
 //! - the authentication ends at the earlier of the two certificates' notAfter.
 //!
 //! What the datapath does with the result (the auth map) is netd's business; this crate only
@@ -42,6 +46,11 @@ pub const DEFAULT_PORT: u16 = 4250;
 pub const ALPN: &[u8] = b"sigil-mutual-auth/1";
 /// A handshake (connect, TLS, confirmation) that takes longer fails.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server waits for its registry to place the client's identity on the client's
+/// node before it refuses (the entry of a just-created endpoint may still be on its way).
+pub const REGISTRY_WAIT: Duration = Duration::from_secs(2);
+/// How long the server waits for its node to record a pair before it confirms anyway.
+pub const RECORD_WAIT: Duration = Duration::from_secs(1);
 /// The byte the server sends after all of its checks passed.
 const CONFIRM: u8 = 0x5a;
 const NAME_SUFFIX: &str = "mutual-auth.sigil";
@@ -81,6 +90,12 @@ pub trait AuthContext: Send + Sync + 'static {
     fn node_hosts(&self, node: IpAddr, identity: NumericIdentity) -> bool;
     /// The trust bundles peers' SVIDs must chain to.
     fn bundles(&self) -> SharedBundles;
+    /// Called by the server once every check passed, before it confirms: the node records the
+    /// pair (its datapath entry) and answers on the returned channel, so that the client's
+    /// success implies the server's record. `None` (the default): nothing to wait for.
+    fn record(&self, _authenticated: &Authenticated) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        None
+    }
 }
 
 /// Why an authentication failed.

@@ -11,9 +11,30 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::{
-    ALPN, AuthContext, AuthError, Authenticated, CONFIRM, HANDSHAKE_TIMEOUT, Pair, leaf_not_after,
-    parse_server_name, provider,
+    ALPN, AuthContext, AuthError, Authenticated, CONFIRM, HANDSHAKE_TIMEOUT, Pair, RECORD_WAIT,
+    REGISTRY_WAIT, leaf_not_after, parse_server_name, provider,
 };
+
+/// How often the registry is looked at again while [`REGISTRY_WAIT`] runs.
+const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Whether the registry places `identity` on `node`, waiting up to [`REGISTRY_WAIT`] for it.
+async fn hosts_soon(
+    ctx: &dyn AuthContext,
+    node: std::net::IpAddr,
+    identity: sigil_identity::NumericIdentity,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + REGISTRY_WAIT;
+    loop {
+        if ctx.node_hosts(node, identity) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(REGISTRY_POLL).await;
+    }
+}
 
 /// Handshakes served at once; connections beyond are closed at accept (a peer opening
 /// connections without finishing them cannot starve the others for longer than
@@ -74,8 +95,9 @@ async fn answer(
         .spiffe_id_of(remote)
         .ok_or(AuthError::NoSpiffeId(remote))?;
     // The client's node must host the identity it claims: an SVID alone is not enough (a stolen
-    // or leftover SVID used from another node gets nothing).
-    if !ctx.node_hosts(peer.ip(), remote) {
+    // or leftover SVID used from another node gets nothing). An entry still on its way through
+    // the kvstore is waited for, briefly.
+    if !hosts_soon(ctx, peer.ip(), remote).await {
         return Err(AuthError::NodeDoesNotHost {
             node: peer.ip(),
             identity: remote,
@@ -105,14 +127,21 @@ async fn answer(
             identity: remote,
         });
     }
-    tls.write_all(&[CONFIRM])
-        .await
-        .map_err(|source| AuthError::Handshake { addr: peer, source })?;
-    let _ = tls.shutdown().await;
-    Ok(Authenticated {
+    let authenticated = Authenticated {
         pair,
         peer_node: peer.ip(),
         peer_id: client_id,
         expires_unix: own_not_after.min(peer_not_after),
-    })
+    };
+    // Recorded here before the client hears of it: its success means both ends hold the pair.
+    if let Some(recorded) = ctx.record(&authenticated)
+        && tokio::time::timeout(RECORD_WAIT, recorded).await.is_err()
+    {
+        tracing::warn!(%peer, "mutual auth: the node did not record the pair in {RECORD_WAIT:?}; confirming anyway");
+    }
+    tls.write_all(&[CONFIRM])
+        .await
+        .map_err(|source| AuthError::Handshake { addr: peer, source })?;
+    let _ = tls.shutdown().await;
+    Ok(authenticated)
 }

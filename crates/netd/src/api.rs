@@ -5,6 +5,7 @@ mod encryption;
 
 pub use cluster::resolve;
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -29,9 +30,11 @@ pub struct Api {
     counters: Arc<Counters>,
     events: broadcast::Sender<pb::Event>,
     nodes: Option<crate::cluster::NodesView>,
+    published: Option<tokio::sync::watch::Receiver<crate::cluster::Published>>,
     export: Option<Arc<crate::hubble::export::ExportCounters>>,
     import_latency: Option<prometheus_client::metrics::histogram::Histogram>,
     auth: Option<crate::auth::AuthView>,
+    auth_settled: Option<tokio::sync::watch::Receiver<BTreeSet<crate::auth::Want>>>,
     encryption: Option<Arc<crate::encryption::Status>>,
 }
 
@@ -50,17 +53,25 @@ impl Api {
             counters: Arc::new(counters),
             events,
             nodes: None,
+            published: None,
             export: None,
             import_latency: None,
             auth: None,
+            auth_settled: None,
             encryption: None,
         }
     }
 
-    /// The auth manager's granted entries (`sigil auth list`).
-    pub fn with_auth(self, auth: crate::auth::AuthView) -> Self {
+    /// The auth manager's granted entries (`sigil auth list`), and the pairs that have had
+    /// their answer (a new endpoint's are waited for).
+    pub fn with_auth(
+        self,
+        auth: crate::auth::AuthView,
+        settled: tokio::sync::watch::Receiver<BTreeSet<crate::auth::Want>>,
+    ) -> Self {
         Self {
             auth: Some(auth),
+            auth_settled: Some(settled),
             ..self
         }
     }
@@ -81,11 +92,93 @@ impl Api {
         }
     }
 
-    /// In cluster mode: the registered nodes, as the cluster task publishes them.
-    pub fn with_cluster(self, nodes: crate::cluster::NodesView) -> Self {
+    /// In cluster mode: the registered nodes and this node's endpoint addresses in etcd, as
+    /// the cluster task publishes them.
+    pub fn with_cluster(
+        self,
+        nodes: crate::cluster::NodesView,
+        published: tokio::sync::watch::Receiver<crate::cluster::Published>,
+    ) -> Self {
         Self {
             nodes: Some(nodes),
+            published: Some(published),
             ..self
+        }
+    }
+
+    /// Whether a new endpoint is ready for traffic: it holds its identity (not pending) and,
+    /// in a cluster, its addresses are in etcd with it (so other nodes can learn it).
+    fn ready(&self, rec: &EndpointRecord) -> bool {
+        if rec.is_pending() {
+            return false;
+        }
+        let id = sigil_identity::NumericIdentity::new(rec.identity);
+        if id.is_reserved() || rec.identity & sigil_identity::NumericIdentity::LOCAL_CIDR_FLAG != 0
+        {
+            // Never published (see `cluster::publish_local`).
+            return true;
+        }
+        let published = self.published.as_ref().is_none_or(|p| {
+            let p = p.borrow();
+            p.get(&std::net::IpAddr::V4(rec.ipv4)) == Some(&rec.identity)
+                && p.get(&std::net::IpAddr::V6(rec.ipv6)) == Some(&rec.identity)
+        });
+        published && self.auth_settled(rec.identity)
+    }
+
+    /// Whether every pair policy requires of `identity` (here, or by the peers of other
+    /// nodes) has had its handshake's answer.
+    fn auth_settled(&self, identity: u32) -> bool {
+        let Some(settled) = &self.auth_settled else {
+            return true;
+        };
+        let snap = self.handle.snapshot();
+        if snap.auth_rules.is_empty() {
+            return true;
+        }
+        let settled = settled.borrow();
+        crate::auth::required(&snap)
+            .into_iter()
+            .chain(crate::auth::reverse(&snap))
+            .filter(|w| w.0 == identity)
+            .all(|w| settled.contains(&w))
+    }
+
+    /// Waits until the endpoint `rec` (this very one: same uid) is [`Api::ready`], is gone, or
+    /// [`CREATE_WAIT`] passed; returns it as it then is.
+    async fn settled(&self, rec: EndpointRecord) -> EndpointRecord {
+        let deadline = tokio::time::Instant::now() + CREATE_WAIT;
+        let mut changes = self.handle.changes();
+        let mut published = self.published.clone();
+        let mut settled = self.auth_settled.clone();
+        let mut cur = rec;
+        loop {
+            let snap = self.handle.snapshot();
+            match snap.endpoints.get(&cur.name) {
+                Some((r, _)) if r.uid == cur.uid => cur = r.clone(),
+                _ => return cur,
+            }
+            if self.ready(&cur) {
+                return cur;
+            }
+            let published_changed = async {
+                match published.as_mut() {
+                    Some(p) => p.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let auth_changed = async {
+                match settled.as_mut() {
+                    Some(s) => s.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return cur },
+                ok = published_changed => if !ok { return cur },
+                ok = auth_changed => if !ok { return cur },
+                () = tokio::time::sleep_until(deadline) => return cur,
+            }
         }
     }
 
@@ -154,6 +247,11 @@ fn policy_pb(p: PolicyInfo) -> pb::Policy {
     }
 }
 
+/// How long `endpoint create` waits for the endpoint to be ready (its SVID, its cluster
+/// identity, its addresses in etcd) before it returns it as it is (`spiffe_id_source` says
+/// `pending` then).
+pub const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -176,6 +274,13 @@ impl pb::endpoints_server::Endpoints for Api {
                 service_account: r.service_account,
             })
             .await?;
+        // As a CNI ADD: the workload starts once its identity is in place (no first packet
+        // dropped as `init`, or at a node that has not heard of it yet).
+        let rec = if r.no_wait {
+            rec
+        } else {
+            self.settled(rec).await
+        };
         Ok(Response::new(self.endpoint(&rec)))
     }
 

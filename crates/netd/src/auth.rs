@@ -27,7 +27,7 @@ use sigil_spiffe::SpiffeId;
 use sigil_spiffe::bundle::{Bundle, BundleSet};
 use sigil_spiffe::id::TrustDomain;
 use sigil_tls::SharedBundles;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::daemon::Snapshot;
 
@@ -172,16 +172,34 @@ fn spiffe_id_of(snap: &Snapshot, identity: u32) -> Option<SpiffeId> {
         .and_then(|id| SpiffeId::parse(id).ok())
 }
 
+/// A pair this node authenticated as the server, and where to say it is recorded.
+pub type Served = (sigil_mutual_auth::Authenticated, oneshot::Sender<()>);
+
 /// The handshake's view of this node: its published state and its keys.
 pub struct NetdAuth {
     snapshot: Arc<ArcSwap<Snapshot>>,
     keys: Arc<Keys>,
+    /// The server's: where served pairs go to be recorded (the manager).
+    recorder: Option<mpsc::UnboundedSender<Served>>,
 }
 
 impl NetdAuth {
     /// A context over netd's snapshot and keys.
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, keys: Arc<Keys>) -> Self {
-        Self { snapshot, keys }
+        Self {
+            snapshot,
+            keys,
+            recorder: None,
+        }
+    }
+
+    /// For the server: pairs it authenticated are handed to the manager (`Manager::served`)
+    /// to record before the client is confirmed.
+    pub fn with_recorder(self, recorder: mpsc::UnboundedSender<Served>) -> Self {
+        Self {
+            recorder: Some(recorder),
+            ..self
+        }
     }
 }
 
@@ -203,6 +221,12 @@ impl AuthContext for NetdAuth {
 
     fn bundles(&self) -> SharedBundles {
         Arc::clone(&self.keys.bundles)
+    }
+
+    fn record(&self, a: &sigil_mutual_auth::Authenticated) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        self.recorder.as_ref()?.send((a.clone(), tx)).ok()?;
+        Some(rx)
     }
 }
 
@@ -255,6 +279,44 @@ pub fn required(snap: &Snapshot) -> BTreeSet<(u32, u32, Option<Ipv4Addr>)> {
     out
 }
 
+/// The pairs other nodes' policy requires of this node's endpoints: (local identity here,
+/// remote identity whose rule requires authentication from it, the node hosting that remote
+/// identity), minus those [`required`] already has. This node runs their handshakes too (as
+/// the client; the peer records the pair before it confirms), so a new endpoint is
+/// authenticated with every peer that requires it before its first packet, rather than
+/// after a peer's watch has seen it and a first packet has been dropped.
+pub fn reverse(snap: &Snapshot) -> BTreeSet<(u32, u32, Option<Ipv4Addr>)> {
+    let mut out = BTreeSet::new();
+    if snap.auth_rules.is_empty() {
+        return out;
+    }
+    let local_ids: BTreeSet<u32> = snap
+        .endpoints
+        .values()
+        .filter(|(r, _)| !r.is_pending())
+        .map(|(r, _)| r.identity)
+        .filter(|id| authenticatable(*id))
+        .collect();
+    let remote: BTreeSet<(u32, Ipv4Addr)> = snap
+        .remote_ips
+        .iter()
+        .filter_map(|(ip, id)| Some((*id, *snap.remote_via.get(ip)?)))
+        .collect();
+    for &(id, node) in &remote {
+        if !authenticatable(id) {
+            continue;
+        }
+        for &local in &local_ids {
+            if snap.auth_rules.contains(&(id, local)) || snap.auth_rules.contains(&(id, 0)) {
+                out.insert((local, id, Some(node)));
+            }
+        }
+    }
+    let forward = required(snap);
+    out.retain(|w| !forward.contains(w));
+    out
+}
+
 /// One auth-map entry as `sigil auth list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -296,6 +358,11 @@ pub struct Manager {
     pub changes: watch::Receiver<u64>,
     /// Counts this node's handshakes as a client by outcome.
     pub handshakes: crate::metrics::AuthHandshakes,
+    /// Pairs the handshake server authenticated, to record before it confirms.
+    pub served: mpsc::UnboundedReceiver<Served>,
+    /// The pairs ([`required`] and [`reverse`]) that have had their answer: granted,
+    /// confirmed by the peer, or failed (and being retried). `endpoint create` waits on it.
+    pub settled: watch::Sender<BTreeSet<Want>>,
 }
 
 fn unix_now() -> i64 {
@@ -318,7 +385,8 @@ fn key_of(local: u32, remote: u32, node: Option<Ipv4Addr>) -> AuthKey {
     }
 }
 
-type Want = (u32, u32, Option<Ipv4Addr>);
+/// A pair: (identity here, peer identity, the peer's node; `None` = here).
+pub type Want = (u32, u32, Option<Ipv4Addr>);
 type Outcome = (Want, u64, Result<i64, String>);
 
 /// Runs the manager until `stop`.
@@ -326,6 +394,8 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
     let mut changes = m.changes.clone();
     let mut keys_rx = m.keys.subscribe();
     let mut granted: BTreeMap<Want, Grant> = BTreeMap::new();
+    // Reverse pairs the peer confirmed, with the SVID generation they were made with.
+    let mut confirmed: BTreeMap<Want, u64> = BTreeMap::new();
     let mut inflight: BTreeSet<Want> = BTreeSet::new();
     let mut retry_at: BTreeMap<Want, tokio::time::Instant> = BTreeMap::new();
     // Pairs whose last handshake failed: logged once at warn, then at debug until one works.
@@ -347,9 +417,32 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
             r = changes.changed() => if r.is_err() { break },
-            r = keys_rx.changed() => if r.is_err() { break },
+            // New SVIDs may let a pair that failed for want of one go at once.
+            r = keys_rx.changed() => { if r.is_err() { break } kicked = true; }
             () = m.kick.notified() => kicked = true,
             _ = tick.tick() => {}
+            Some((a, recorded)) = m.served.recv() => {
+                // A peer authenticated a pair with us as the server: recorded here if this
+                // node's policy requires it (as if this node had asked), then confirmed.
+                let snap = m.snapshot.load();
+                if let IpAddr::V4(node) = a.peer_node {
+                    let want = (a.pair.local.get(), a.pair.remote.get(), Some(node));
+                    if required(&snap).contains(&want) {
+                        let (l, r, _) = want;
+                        match m.map.grant_until(key_of(l, r, want.2), boot_ns_of(a.expires_unix)) {
+                            Ok(()) => {
+                                tracing::info!(local = l, remote = r, node = ?want.2, expires = a.expires_unix, "mutual auth: pair authenticated (asked by the peer)");
+                                let made_with = *keys_rx.borrow();
+                                granted.insert(want, Grant { expires_unix: a.expires_unix, granted_unix: unix_now(), keys_gen: made_with });
+                                retry_at.remove(&want);
+                                failing.remove(&want);
+                            }
+                            Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
+                        }
+                    }
+                }
+                let _ = recorded.send(());
+            }
             Some((want, made_with, res)) = rx.recv() => {
                 inflight.remove(&want);
                 match &res {
@@ -370,6 +463,14 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                             }
                             Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
                         }
+                    }
+                    Ok(_) if reverse(&snap).contains(&want) => {
+                        // The peer recorded it before confirming: nothing to write here.
+                        let (l, r, node) = want;
+                        tracing::debug!(local = l, remote = r, node = ?node, "mutual auth: pair authenticated for the peer's policy");
+                        confirmed.insert(want, made_with);
+                        retry_at.remove(&want);
+                        failing.remove(&want);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -405,8 +506,10 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        retry_at.retain(|w, _| need.contains(w));
-        failing.retain(|w| need.contains(w));
+        let back = reverse(&snap);
+        confirmed.retain(|w, _| back.contains(w));
+        retry_at.retain(|w, _| need.contains(w) || back.contains(w));
+        failing.retain(|w| need.contains(w) || back.contains(w));
         let now = unix_now();
         let clock = tokio::time::Instant::now();
         for &w in &need {
@@ -420,16 +523,41 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                     g.expires_unix - now <= lifetime / 3 || g.keys_gen != keys_gen
                 }
             };
-            if !due || (!kicked && retry_at.get(&w).is_some_and(|t| *t > clock)) {
+            if !due
+                || (!kicked && retry_at.get(&w).is_some_and(|t| *t > clock))
+                || svid_on_its_way(&snap, &ctx, w.0)
+            {
                 continue;
             }
             inflight.insert(w);
-            let (ctx, tx, port) = (Arc::clone(&ctx), tx.clone(), m.port);
-            tokio::spawn(async move {
-                let res = authenticate(&ctx, w, port).await;
-                let _ = tx.send((w, keys_gen, res));
-            });
+            spawn_handshake(&ctx, &tx, m.port, w, keys_gen);
         }
+        // Reverse pairs: once, and again after a local SVID rotation (the peer renews its
+        // own entry before it expires).
+        for &w in &back {
+            if inflight.contains(&w)
+                || confirmed.get(&w) == Some(&keys_gen)
+                || (!kicked && retry_at.get(&w).is_some_and(|t| *t > clock))
+                || svid_on_its_way(&snap, &ctx, w.0)
+            {
+                continue;
+            }
+            inflight.insert(w);
+            spawn_handshake(&ctx, &tx, m.port, w, keys_gen);
+        }
+        m.settled.send_if_modified(|s| {
+            let now: BTreeSet<Want> = granted
+                .keys()
+                .chain(confirmed.keys())
+                .chain(failing.iter())
+                .copied()
+                .collect();
+            let changed = *s != now;
+            if changed {
+                *s = now;
+            }
+            changed
+        });
         let mut list: Vec<Entry> = granted
             .iter()
             .map(|(&(local, remote, node), g)| Entry {
@@ -447,6 +575,30 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
     for (l, r, node) in granted.keys() {
         let _ = m.map.revoke(key_of(*l, *r, *node));
     }
+}
+
+/// Whether an endpoint here holds `identity` from an SVID (registered) whose key has not reached
+/// [`Keys`] yet (it follows the registration by a moment): its pairs wait for it (the key's
+/// arrival wakes the manager) rather than fail and count as answered.
+fn svid_on_its_way(snap: &Snapshot, ctx: &NetdAuth, identity: u32) -> bool {
+    snap.endpoints.values().any(|(r, _)| {
+        r.identity == identity && r.spiffe_source == crate::state::SpiffeSource::Registered
+    }) && ctx.local_svid(NumericIdentity::new(identity)).is_none()
+}
+
+/// Runs one pair's handshake in its own task; the outcome comes back on `tx`.
+fn spawn_handshake(
+    ctx: &Arc<NetdAuth>,
+    tx: &mpsc::UnboundedSender<Outcome>,
+    port: u16,
+    w: Want,
+    keys_gen: u64,
+) {
+    let (ctx, tx) = (Arc::clone(ctx), tx.clone());
+    tokio::spawn(async move {
+        let res = authenticate(&ctx, w, port).await;
+        let _ = tx.send((w, keys_gen, res));
+    });
 }
 
 /// Authenticates one pair: with the peer's node, or locally when both ends are here.

@@ -36,6 +36,18 @@ const RETRY_PENDING: Duration = Duration::from_secs(1);
 /// The registered nodes (this one included), published by [`run`] for the API.
 pub type NodesView = Arc<arc_swap::ArcSwap<Vec<NodeInfo>>>;
 
+/// This node's endpoint addresses as written to etcd (address → identity), published by
+/// [`run`] after every change: `endpoint create` returns once its addresses are there.
+pub type Published = BTreeMap<IpAddr, u32>;
+
+/// What [`run`] publishes for the API.
+pub struct Outputs {
+    /// The registered nodes.
+    pub nodes: NodesView,
+    /// This node's endpoint addresses in etcd.
+    pub published: watch::Sender<Published>,
+}
+
 /// What [`join`] established.
 pub struct Joined {
     /// The session.
@@ -455,11 +467,15 @@ pub async fn run(
     cc: ClusterConfig,
     state_dir: PathBuf,
     handle: Handle,
-    nodes_view: NodesView,
+    outputs: Outputs,
     carrier: Option<(Arc<crate::encryption::Hosted>, Arc<Notify>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Joined { store, alloc, node } = joined;
+    let Outputs {
+        nodes: nodes_view,
+        published,
+    } = outputs;
     let (hosted, nodes_changed) = carrier.unzip();
     nodes_view.store(Arc::new(vec![node.clone()]));
     let mut view = View {
@@ -580,6 +596,13 @@ pub async fn run(
         }
         if dirty_publish {
             dirty_publish = !publish_local(&mut view, &store, &handle).await;
+            published.send_if_modified(|p| {
+                let changed = *p != view.published;
+                if changed {
+                    p.clone_from(&view.published);
+                }
+                changed
+            });
         }
     }
     gc.abort();

@@ -1125,8 +1125,10 @@ impl Daemon {
         self.changed.send_replace(self.generation);
     }
 
-    /// (local endpoint identity, remote identity) of the allow entries that require
-    /// authentication; empty at once when no policy asks for it (the common case costs nothing).
+    /// (endpoint identity, peer identity) of the allow entries that require authentication:
+    /// of this node's endpoints, and of the identities other nodes host (whose peers here must
+    /// authenticate with them ahead of time, `auth::reverse`); empty at once when no policy
+    /// asks for it (the common case costs nothing).
     fn auth_rules(&self) -> BTreeSet<(u32, u32)> {
         let mut out = BTreeSet::new();
         let any_auth = self.engine.documents().any(|d| {
@@ -1137,13 +1139,14 @@ impl Daemon {
         if !any_auth {
             return out;
         }
-        let locals: BTreeSet<u32> = self
+        let mut locals: BTreeSet<u32> = self
             .state
             .endpoints
             .values()
             .filter(|r| !r.is_pending())
             .map(|r| r.identity)
             .collect();
+        locals.extend(self.remote_ips.values().copied());
         for local in locals {
             for (k, v) in self.engine.policy_map(nid(local)).unwrap_or_default() {
                 if v.auth_required && !v.deny {

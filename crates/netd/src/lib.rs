@@ -26,6 +26,7 @@ pub mod txn;
 pub mod ui;
 pub mod watch;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -132,6 +133,7 @@ pub async fn serve(
     let auth_kick = Arc::new(tokio::sync::Notify::new());
     let keys = Arc::new(auth::Keys::default());
     let auth_view: auth::AuthView = Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
+    let (auth_settled_tx, auth_settled) = tokio::sync::watch::channel(BTreeSet::new());
     let monitor = tokio::spawn(monitor::run(
         reader,
         handle.snapshot_cell(),
@@ -148,10 +150,11 @@ pub async fn serve(
                 .await
                 .with_context(|| format!("mutual_auth_port: binding {addr}"))?;
             tracing::info!(%addr, "mutual authentication handshakes served");
-            let ctx: Arc<dyn sigil_mutual_auth::AuthContext> = Arc::new(auth::NetdAuth::new(
-                handle.snapshot_cell(),
-                Arc::clone(&keys),
-            ));
+            let (served_tx, served_rx) = tokio::sync::mpsc::unbounded_channel();
+            let ctx: Arc<dyn sigil_mutual_auth::AuthContext> = Arc::new(
+                auth::NetdAuth::new(handle.snapshot_cell(), Arc::clone(&keys))
+                    .with_recorder(served_tx),
+            );
             let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
             let server = tokio::spawn(async move {
                 if let Err(e) = sigil_mutual_auth::serve(listener, ctx, done_tx).await {
@@ -175,6 +178,8 @@ pub async fn serve(
                 view: Arc::clone(&auth_view),
                 changes: handle.changes(),
                 handshakes: netd_metrics.auth.clone(),
+                served: served_rx,
+                settled: auth_settled_tx,
             };
             let manager = tokio::spawn(auth::run(manager, stop.clone()));
             vec![server, served, manager]
@@ -205,6 +210,7 @@ pub async fn serve(
     let nodes_view: Option<cluster::NodesView> = joined
         .as_ref()
         .map(|_| Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())));
+    let (published_tx, published_rx) = tokio::sync::watch::channel(cluster::Published::new());
     let mut carrier = None;
     let mut carrier_feed = None;
     match (node_svid, config.cluster.as_ref(), &nodes_view) {
@@ -243,7 +249,10 @@ pub async fn serve(
             cc,
             config.state_dir.clone(),
             handle.clone(),
-            Arc::clone(view),
+            cluster::Outputs {
+                nodes: Arc::clone(view),
+                published: published_tx,
+            },
             carrier_feed,
             stop.clone(),
         ))),
@@ -252,9 +261,9 @@ pub async fn serve(
     let listener = api_listener(&socket)?;
     let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx)
         .with_import_latency(netd_metrics.import_latency.clone())
-        .with_auth(Arc::clone(&auth_view));
+        .with_auth(Arc::clone(&auth_view), auth_settled);
     if let Some(view) = nodes_view {
-        api = api.with_cluster(view);
+        api = api.with_cluster(view, published_rx);
     }
     if let Some(c) = &carrier {
         api = api.with_encryption(Arc::clone(&c.status));

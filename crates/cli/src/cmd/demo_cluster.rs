@@ -540,6 +540,7 @@ pub async fn run(dir: &Path, id: &Identity) -> anyhow::Result<()> {
                 namespace: "default".to_owned(),
                 spiffe_id: String::new(),
                 service_account: String::new(),
+                no_wait: false,
             })
             .await,
         )

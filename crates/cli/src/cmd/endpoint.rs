@@ -64,6 +64,10 @@ pub struct CreateArgs {
     /// `spiffe:spiffe.io/spiffe-id=<ID>`.
     #[arg(long, value_name = "URI")]
     spiffe_id: Option<String>,
+    /// Return at once, the identity possibly still `pending`; by default the command returns
+    /// once the endpoint holds its identity and, in a cluster, is published (at most 10 s).
+    #[arg(long)]
+    no_wait: bool,
     #[command(flatten)]
     socket: NetdSocket,
 }
@@ -143,6 +147,7 @@ pub async fn run(cmd: EndpointCommand) -> anyhow::Result<()> {
                     namespace: a.namespace,
                     spiffe_id: a.spiffe_id.unwrap_or_default(),
                     service_account: a.service_account,
+                    no_wait: a.no_wait,
                 })
                 .await,
             )?;
