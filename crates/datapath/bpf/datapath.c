@@ -831,7 +831,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 
 /* Encapsulation towards another node: the tunnel key carries the source identity as VNI and
  * the destination's node as remote; the VXLAN device (collect metadata) builds the outer
- * headers and routes them on the underlay. */
+ * headers and routes them on the underlay. The outer UDP checksum is zero, as Cilium sends
+ * it (RFC 7348 allows it over IPv4): the inner packet carries its own checksum, and
+ * integrity against an attacker is the encrypted carrier's job, not a checksum's. */
+#define BPF_F_ZERO_CSUM_TX (1ULL << 1)
 static __attribute__((noinline)) int encap(struct __sk_buff *skb, __u32 identity, __u32 remote,
 					   __u32 local, __u32 ifindex)
 {
@@ -841,7 +844,7 @@ static __attribute__((noinline)) int encap(struct __sk_buff *skb, __u32 identity
 	key.remote_ipv4 = __builtin_bswap32(remote);
 	key.local_ipv4 = __builtin_bswap32(local);
 	key.tunnel_ttl = TUNNEL_TTL;
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect(ifindex, 0);
 }
@@ -885,6 +888,8 @@ static __attribute__((noinline)) __u32 for_this_node(const struct flow *f,
 	return ep ? *ep : 0;
 }
 
+#define BPF_F_RECOMPUTE_CSUM (1ULL << 0)
+
 /* What IP forwarding would have done to the packet on its way into the endpoint: one hop off
  * its TTL / hop limit. 0 when it has no hop left (the stack then answers as a router does). */
 static __always_inline int hop(struct __sk_buff *skb, const struct flow *f)
@@ -902,7 +907,8 @@ static __always_inline int hop(struct __sk_buff *skb, const struct flow *f)
 			return 0;
 		return bpf_skb_store_bytes(skb, 14 + 8, &left, 1, 0) == 0;
 	}
-	return bpf_skb_store_bytes(skb, 14 + 7, &left, 1, 0) == 0;
+	/* No header checksum; a CHECKSUM_COMPLETE sum over the packet is kept right. */
+	return bpf_skb_store_bytes(skb, 14 + 7, &left, 1, BPF_F_RECOMPUTE_CSUM) == 0;
 }
 
 /* At the VXLAN device's ingress: packets from other nodes. The VNI is the source identity;
@@ -953,11 +959,12 @@ int sigil_from_tunnel(struct __sk_buff *skb)
 	if (ep != FOR_NODE && parsed == PARSE_IP && f.hop_limit > 1) {
 		c.ep = ep;
 		c.remote_node = outer_be;
+		/* The hop first, so a packet is reported once: dropped here, or by its policy. */
+		if (!hop(skb, &f))
+			return drop(skb, &c, &f, DROP_INVALID, 0);
 		verdict = handle(skb, DIR_INGRESS, &c, 1);
 		if (verdict != TC_ACT_OK)
 			return verdict;
-		if (!hop(skb, &f))
-			return drop(skb, &c, &f, DROP_INVALID, 0);
 		skb->mark = 0;
 		/* The inner frame is addressed to the sender's host veth; the endpoint's stack
 		 * must take it as its own (as the routed path's host veth would have). */
@@ -1012,7 +1019,7 @@ int sigil_to_tunnel(struct __sk_buff *skb)
 	__builtin_memcpy(&key.local_ipv4, t->local_ipv4, 4);
 	key.local_ipv4 = __builtin_bswap32(key.local_ipv4);
 	key.tunnel_ttl = TUNNEL_TTL;
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return drop(skb, &c, &f, DROP_NO_TUNNEL, 0);
 	return TC_ACT_OK;
 }

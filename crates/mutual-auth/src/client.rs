@@ -69,12 +69,13 @@ async fn run(
         .await
         .map_err(|source| AuthError::Handshake { addr: peer, source })?;
     // In TLS 1.3 the client is done before the server has checked its certificate: only the
-    // server's confirmation says the server accepted this client as `pair.local`.
-    let mut byte = [0u8; 1];
-    match tls.read_exact(&mut byte).await {
-        Ok(_) if byte[0] == CONFIRM => {}
+    // server's confirmation says the server accepted this client as `pair.local`; the byte
+    // after it says whether the server's node recorded the pair.
+    let mut answer = [0u8; 2];
+    let peer_recorded = match tls.read_exact(&mut answer).await {
+        Ok(_) if answer[0] == CONFIRM && answer[1] <= 1 => answer[1] == 1,
         Ok(_) | Err(_) => return Err(AuthError::Refused { addr: peer }),
-    }
+    };
     let (_, conn) = tls.get_ref();
     let peer_chain = conn.peer_certificates().unwrap_or_default();
     let peer_not_after = leaf_not_after(peer_chain, expected.as_str())?;
@@ -84,5 +85,6 @@ async fn run(
         peer_node: peer.ip(),
         peer_id: expected,
         expires_unix: own_not_after.min(peer_not_after),
+        peer_recorded,
     })
 }

@@ -14,12 +14,13 @@
 //!   choose its certificate and its pin before the handshake goes on;
 //! - both ends check the cluster's node registry: the server refuses a client whose node (its TCP
 //!   source address) does not host `L`, the client refuses to ask a node that does not host `R`;
-//! - the server confirms with one byte after its checks — and after its node has recorded the
-//!   pair ([`AuthContext::record`]), so a client's success means both ends hold it; a client
-//!   that reads anything else, or nothing, fails closed;
-//! - a registry that has not yet heard of the client's endpoint (a pair that appeared a moment
-//!   ago, its entry still on its way through etcd) is waited for, up to [`REGISTRY_WAIT`],
-//!   before the server refuses;
+//! - the server confirms with one byte after its checks, then says in a second whether its node
+//!   recorded the pair ([`AuthContext::record`]; [`Authenticated::peer_recorded`] at the client);
+//!   a client that reads anything else, or nothing, fails closed;
+//! - the server answers only cluster nodes ([`AuthContext::is_node`], checked at accept, before
+//!   anything is read); for them, a registry that has not yet heard of the client's identity or
+//!   endpoint (a pair that appeared a moment ago, its entries still on their way through etcd)
+//!   is waited for, up to [`REGISTRY_WAIT`], before the server refuses;
 //! - the authentication ends at the earlier of the two certificates' notAfter.
 //!
 //! What the datapath does with the result (the auth map) is netd's business; this crate only
@@ -75,6 +76,9 @@ pub struct Authenticated {
     pub peer_id: SpiffeId,
     /// Unix seconds at which the authentication ends: the earlier notAfter of the two SVIDs.
     pub expires_unix: i64,
+    /// At the client: whether the server's node recorded the pair (its own policy requires it
+    /// and it wrote its entry before confirming). At the server: whether this node did.
+    pub peer_recorded: bool,
 }
 
 /// What the handshake needs from the node it runs on.
@@ -90,10 +94,18 @@ pub trait AuthContext: Send + Sync + 'static {
     fn node_hosts(&self, node: IpAddr, identity: NumericIdentity) -> bool;
     /// The trust bundles peers' SVIDs must chain to.
     fn bundles(&self) -> SharedBundles;
+    /// Whether `node` is a cluster node: the server answers nothing else (checked at accept,
+    /// before the registry waits). Default: every address.
+    fn is_node(&self, _node: IpAddr) -> bool {
+        true
+    }
     /// Called by the server once every check passed, before it confirms: the node records the
-    /// pair (its datapath entry) and answers on the returned channel, so that the client's
-    /// success implies the server's record. `None` (the default): nothing to wait for.
-    fn record(&self, _authenticated: &Authenticated) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    /// pair (its datapath entry) and answers on the returned channel whether it did (`false`:
+    /// its policy does not require the pair). `None` (the default): nothing recorded.
+    fn record(
+        &self,
+        _authenticated: &Authenticated,
+    ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
         None
     }
 }
@@ -107,6 +119,9 @@ pub enum AuthError {
     /// The identity has no SPIFFE ID to pin.
     #[error("identity {0} has no SPIFFE ID, so it cannot be authenticated")]
     NoSpiffeId(NumericIdentity),
+    /// The peer is not a cluster node.
+    #[error("{0} is not a cluster node")]
+    NotANode(IpAddr),
     /// The registry does not place the identity on the node.
     #[error("node {node} does not host identity {identity}")]
     NodeDoesNotHost {

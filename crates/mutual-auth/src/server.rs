@@ -16,21 +16,18 @@ use crate::{
 };
 
 /// How often the registry is looked at again while [`REGISTRY_WAIT`] runs.
-const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Whether the registry places `identity` on `node`, waiting up to [`REGISTRY_WAIT`] for it.
-async fn hosts_soon(
-    ctx: &dyn AuthContext,
-    node: std::net::IpAddr,
-    identity: sigil_identity::NumericIdentity,
-) -> bool {
+/// `f`'s answer once it has one, looking again until [`REGISTRY_WAIT`] has passed (only for
+/// peers that are cluster nodes: [`AuthContext::is_node`] is checked at accept).
+async fn soon<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = tokio::time::Instant::now() + REGISTRY_WAIT;
     loop {
-        if ctx.node_hosts(node, identity) {
-            return true;
+        if let Some(v) = f() {
+            return Some(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return None;
         }
         tokio::time::sleep(REGISTRY_POLL).await;
     }
@@ -77,6 +74,10 @@ async fn answer(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<Authenticated, AuthError> {
+    // Only cluster nodes are answered (and only they may make the server wait, below).
+    if !ctx.is_node(peer.ip()) {
+        return Err(AuthError::NotANode(peer.ip()));
+    }
     let _ = tcp.set_nodelay(true);
     let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
         .await
@@ -91,13 +92,17 @@ async fn answer(
     let svid = ctx
         .local_svid(local)
         .ok_or(AuthError::NotHostedLocally(local))?;
-    let client_id = ctx
-        .spiffe_id_of(remote)
+    // A brand-new identity's labels may still be on their way through etcd.
+    let client_id = soon(|| ctx.spiffe_id_of(remote))
+        .await
         .ok_or(AuthError::NoSpiffeId(remote))?;
     // The client's node must host the identity it claims: an SVID alone is not enough (a stolen
     // or leftover SVID used from another node gets nothing). An entry still on its way through
     // the kvstore is waited for, briefly.
-    if !hosts_soon(ctx, peer.ip(), remote).await {
+    if soon(|| ctx.node_hosts(peer.ip(), remote).then_some(()))
+        .await
+        .is_none()
+    {
         return Err(AuthError::NodeDoesNotHost {
             node: peer.ip(),
             identity: remote,
@@ -127,19 +132,24 @@ async fn answer(
             identity: remote,
         });
     }
-    let authenticated = Authenticated {
+    let mut authenticated = Authenticated {
         pair,
         peer_node: peer.ip(),
         peer_id: client_id,
         expires_unix: own_not_after.min(peer_not_after),
+        peer_recorded: false,
     };
-    // Recorded here before the client hears of it: its success means both ends hold the pair.
-    if let Some(recorded) = ctx.record(&authenticated)
-        && tokio::time::timeout(RECORD_WAIT, recorded).await.is_err()
-    {
-        tracing::warn!(%peer, "mutual auth: the node did not record the pair in {RECORD_WAIT:?}; confirming anyway");
+    // Recorded here before the client hears of it, and the client told whether it was.
+    if let Some(recorded) = ctx.record(&authenticated) {
+        match tokio::time::timeout(RECORD_WAIT, recorded).await {
+            Ok(Ok(done)) => authenticated.peer_recorded = done,
+            Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::warn!(%peer, "mutual auth: the node did not record the pair in {RECORD_WAIT:?}")
+            }
+        }
     }
-    tls.write_all(&[CONFIRM])
+    tls.write_all(&[CONFIRM, u8::from(authenticated.peer_recorded)])
         .await
         .map_err(|source| AuthError::Handshake { addr: peer, source })?;
     let _ = tls.shutdown().await;

@@ -63,6 +63,10 @@ struct Node {
     svids: HashMap<NumericIdentity, Arc<CertifiedKey>>,
     registry: Mutex<HashMap<IpAddr, HashSet<NumericIdentity>>>,
     bundles: SharedBundles,
+    /// The cluster's nodes (`None`: every address is one).
+    nodes: Option<HashSet<IpAddr>>,
+    /// As the server: whether it records served pairs (`None`: no recorder).
+    records: Option<bool>,
 }
 
 impl AuthContext for Node {
@@ -81,6 +85,22 @@ impl AuthContext for Node {
     }
     fn bundles(&self) -> SharedBundles {
         self.bundles.clone()
+    }
+    fn is_node(&self, node: IpAddr) -> bool {
+        self.nodes.as_ref().is_none_or(|n| n.contains(&node))
+    }
+    fn record(
+        &self,
+        _: &sigil_mutual_auth::Authenticated,
+    ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        let done = self.records?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Recorded a moment later, as a node's manager would.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tx.send(done);
+        });
+        Some(rx)
     }
 }
 
@@ -114,6 +134,8 @@ impl World {
                 hosted.iter().copied().collect(),
             )])),
             bundles: self.bundles.clone(),
+            nodes: None,
+            records: None,
         }
     }
 }
@@ -339,4 +361,76 @@ async fn hostile_connections_do_not_stop_or_stall_the_server() {
     // (A stalled accept loop would make this time out.)
     authenticate(&anyone, addr, PAIR).await.unwrap();
     assert_eq!(done.recv().await.unwrap().peer_id, id_of(FRONTEND).unwrap());
+}
+
+#[tokio::test]
+async fn only_cluster_nodes_are_answered_and_at_once() {
+    let w = World::new();
+    let mut stranger_server = w.node(vec![(BACKEND, w.svid(BACKEND))], &[FRONTEND, BACKEND]);
+    // The server's cluster has one node, and it is not the client's address.
+    stranger_server.nodes = Some(HashSet::from([IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]));
+    let (addr, mut done) = start(stranger_server).await;
+    let client = w.node(vec![(FRONTEND, w.svid(FRONTEND))], &[FRONTEND, BACKEND]);
+    let t = std::time::Instant::now();
+    let err = authenticate(&client, addr, PAIR).await.unwrap_err();
+    assert!(
+        matches!(err, AuthError::Refused { .. } | AuthError::Handshake { .. }),
+        "{err}"
+    );
+    // Refused at accept: no registry wait is spent on a stranger.
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(done.try_recv().is_err(), "a stranger was recorded");
+    // Control: the same client from a cluster node authenticates.
+    let mut member_server = w.node(vec![(BACKEND, w.svid(BACKEND))], &[FRONTEND, BACKEND]);
+    member_server.nodes = Some(HashSet::from([LOOPBACK]));
+    let (addr, _done) = start(member_server).await;
+    authenticate(&client, addr, PAIR).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_client_learns_whether_the_server_recorded_the_pair() {
+    let w = World::new();
+    let client = w.node(vec![(FRONTEND, w.svid(FRONTEND))], &[FRONTEND, BACKEND]);
+    for (records, want) in [(Some(true), true), (Some(false), false), (None, false)] {
+        let mut server = w.node(vec![(BACKEND, w.svid(BACKEND))], &[FRONTEND, BACKEND]);
+        server.records = records;
+        let (addr, mut done) = start(server).await;
+        let a = authenticate(&client, addr, PAIR).await.unwrap();
+        assert_eq!(a.peer_recorded, want, "server records {records:?}");
+        let s = done.recv().await.unwrap();
+        assert_eq!(s.peer_recorded, want, "server records {records:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_registry_entry_on_its_way_is_waited_for_briefly() {
+    let w = World::new();
+    // The server has not yet heard that the client's node hosts FRONTEND.
+    let server = Arc::new(w.node(vec![(BACKEND, w.svid(BACKEND))], &[BACKEND]));
+    let l = TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    tokio::spawn(serve(l, server.clone(), tx));
+    let client = w.node(vec![(FRONTEND, w.svid(FRONTEND))], &[FRONTEND, BACKEND]);
+    // Never heard of: refused once the wait is over.
+    let t = std::time::Instant::now();
+    authenticate(&client, addr, PAIR).await.unwrap_err();
+    assert!(
+        t.elapsed() >= sigil_mutual_auth::REGISTRY_WAIT,
+        "refused before the wait was over: {:?}",
+        t.elapsed()
+    );
+    // Heard of 200 ms into the handshake: authenticated.
+    let later = server.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        later
+            .registry
+            .lock()
+            .unwrap()
+            .get_mut(&LOOPBACK)
+            .unwrap()
+            .insert(FRONTEND);
+    });
+    authenticate(&client, addr, PAIR).await.unwrap();
 }

@@ -67,11 +67,11 @@ impl Api {
     pub fn with_auth(
         self,
         auth: crate::auth::AuthView,
-        settled: tokio::sync::watch::Receiver<BTreeSet<crate::auth::Want>>,
+        settled: Option<tokio::sync::watch::Receiver<BTreeSet<crate::auth::Want>>>,
     ) -> Self {
         Self {
             auth: Some(auth),
-            auth_settled: Some(settled),
+            auth_settled: settled,
             ..self
         }
     }

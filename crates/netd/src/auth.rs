@@ -35,6 +35,8 @@ use crate::daemon::Snapshot;
 const SPIFFE_ID_LABEL: &str = "spiffe:spiffe.io/spiffe-id=";
 /// A failed handshake is retried after this (sooner when a drop asks for the pair).
 const RETRY: Duration = Duration::from_millis(500);
+/// A reverse pair the peer did not record is asked again after this.
+const RETRY_UNRECORDED: Duration = Duration::from_secs(5);
 /// How often expiries are looked at.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -172,8 +174,8 @@ fn spiffe_id_of(snap: &Snapshot, identity: u32) -> Option<SpiffeId> {
         .and_then(|id| SpiffeId::parse(id).ok())
 }
 
-/// A pair this node authenticated as the server, and where to say it is recorded.
-pub type Served = (sigil_mutual_auth::Authenticated, oneshot::Sender<()>);
+/// A pair this node authenticated as the server, and where to say whether it was recorded.
+pub type Served = (sigil_mutual_auth::Authenticated, oneshot::Sender<bool>);
 
 /// The handshake's view of this node: its published state and its keys.
 pub struct NetdAuth {
@@ -223,7 +225,11 @@ impl AuthContext for NetdAuth {
         Arc::clone(&self.keys.bundles)
     }
 
-    fn record(&self, a: &sigil_mutual_auth::Authenticated) -> Option<oneshot::Receiver<()>> {
+    fn is_node(&self, node: IpAddr) -> bool {
+        self.snapshot.load().remote_ips.get(&node) == Some(&NumericIdentity::REMOTE_NODE.get())
+    }
+
+    fn record(&self, a: &sigil_mutual_auth::Authenticated) -> Option<oneshot::Receiver<bool>> {
         let (tx, rx) = oneshot::channel();
         self.recorder.as_ref()?.send((a.clone(), tx)).ok()?;
         Some(rx)
@@ -387,7 +393,8 @@ fn key_of(local: u32, remote: u32, node: Option<Ipv4Addr>) -> AuthKey {
 
 /// A pair: (identity here, peer identity, the peer's node; `None` = here).
 pub type Want = (u32, u32, Option<Ipv4Addr>);
-type Outcome = (Want, u64, Result<i64, String>);
+/// A handshake's answer: (pair, SVID generation, expiry and whether the peer recorded it).
+type Outcome = (Want, u64, Result<(i64, bool), String>);
 
 /// Runs the manager until `stop`.
 pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
@@ -425,6 +432,7 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                 // A peer authenticated a pair with us as the server: recorded here if this
                 // node's policy requires it (as if this node had asked), then confirmed.
                 let snap = m.snapshot.load();
+                let mut done = false;
                 if let IpAddr::V4(node) = a.peer_node {
                     let want = (a.pair.local.get(), a.pair.remote.get(), Some(node));
                     if required(&snap).contains(&want) {
@@ -436,12 +444,13 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                                 granted.insert(want, Grant { expires_unix: a.expires_unix, granted_unix: unix_now(), keys_gen: made_with });
                                 retry_at.remove(&want);
                                 failing.remove(&want);
+                                done = true;
                             }
                             Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
                         }
                     }
                 }
-                let _ = recorded.send(());
+                let _ = recorded.send(done);
             }
             Some((want, made_with, res)) = rx.recv() => {
                 inflight.remove(&want);
@@ -451,7 +460,7 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                 }
                 let snap = m.snapshot.load();
                 match res {
-                    Ok(expires) if required(&snap).contains(&want) => {
+                    Ok((expires, _)) if required(&snap).contains(&want) => {
                         let (l, r, node) = want;
                         match m.map.grant_until(key_of(l, r, node), boot_ns_of(expires)) {
                             Ok(()) => {
@@ -464,13 +473,21 @@ pub async fn run(mut m: Manager, mut stop: watch::Receiver<bool>) {
                             Err(e) => tracing::error!(local = l, remote = r, error = %e, "writing an auth entry failed"),
                         }
                     }
-                    Ok(_) if reverse(&snap).contains(&want) => {
+                    Ok((_, true)) if reverse(&snap).contains(&want) => {
                         // The peer recorded it before confirming: nothing to write here.
                         let (l, r, node) = want;
                         tracing::debug!(local = l, remote = r, node = ?node, "mutual auth: pair authenticated for the peer's policy");
                         confirmed.insert(want, made_with);
                         retry_at.remove(&want);
                         failing.remove(&want);
+                    }
+                    Ok((_, false)) if reverse(&snap).contains(&want) => {
+                        // The peer's policy does not (yet) require it: asked again later, in
+                        // case its view was behind; settled meanwhile.
+                        let (l, r, node) = want;
+                        tracing::debug!(local = l, remote = r, node = ?node, "mutual auth: the peer did not record the pair; asking again later");
+                        failing.insert(want);
+                        retry_at.insert(want, tokio::time::Instant::now() + RETRY_UNRECORDED);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -606,7 +623,7 @@ async fn authenticate(
     ctx: &NetdAuth,
     (local, remote, node): Want,
     port: u16,
-) -> Result<i64, String> {
+) -> Result<(i64, bool), String> {
     let (l, r) = (NumericIdentity::new(local), NumericIdentity::new(remote));
     match node {
         Some(node) => sigil_mutual_auth::authenticate(
@@ -618,7 +635,7 @@ async fn authenticate(
             },
         )
         .await
-        .map(|a| a.expires_unix)
+        .map(|a| (a.expires_unix, a.peer_recorded))
         .map_err(|e| e.to_string()),
         None => {
             // Both ends are on this node: it holds both SVIDs; the pair lasts as long as both.
@@ -635,7 +652,7 @@ async fn authenticate(
                     .ok_or_else(|| format!("identity {id}: no certificate"))?;
                 sigil_spiffe::x509::leaf_not_after(leaf).map_err(|e| format!("identity {id}: {e}"))
             };
-            Ok(end(&a, local)?.min(end(&b, remote)?))
+            Ok((end(&a, local)?.min(end(&b, remote)?), true))
         }
     }
 }

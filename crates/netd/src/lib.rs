@@ -261,7 +261,11 @@ pub async fn serve(
     let listener = api_listener(&socket)?;
     let mut api = api::Api::new(handle, Arc::clone(&config), counters, events_tx)
         .with_import_latency(netd_metrics.import_latency.clone())
-        .with_auth(Arc::clone(&auth_view), auth_settled);
+        // Only a cluster runs the auth manager that settles pairs; a single node has none.
+        .with_auth(
+            Arc::clone(&auth_view),
+            config.cluster.is_some().then_some(auth_settled),
+        );
     if let Some(view) = nodes_view {
         api = api.with_cluster(view, published_rx);
     }
