@@ -250,23 +250,31 @@ fn authenticatable(id: u32) -> bool {
     !n.is_reserved() && id != 0 && id & NumericIdentity::LOCAL_CIDR_FLAG == 0
 }
 
+/// The identities of this node's endpoints that hold their identity (not pending).
+fn local_identities(snap: &Snapshot) -> BTreeSet<u32> {
+    snap.endpoints
+        .values()
+        .filter(|(r, _)| !r.is_pending())
+        .map(|(r, _)| r.identity)
+        .collect()
+}
+
+/// (identity, hosting node) of every remote endpoint the cluster IPCache places on a node.
+fn remote_hosted(snap: &Snapshot) -> BTreeSet<(u32, Ipv4Addr)> {
+    snap.remote_ips
+        .iter()
+        .filter_map(|(ip, id)| Some((*id, *snap.remote_via.get(ip)?)))
+        .collect()
+}
+
 /// The pairs the installed policy requires: (local, remote, node hosting remote; `None` = here).
 pub fn required(snap: &Snapshot) -> BTreeSet<(u32, u32, Option<Ipv4Addr>)> {
     let mut out = BTreeSet::new();
     if snap.auth_rules.is_empty() {
         return out;
     }
-    let local_ids: BTreeSet<u32> = snap
-        .endpoints
-        .values()
-        .filter(|(r, _)| !r.is_pending())
-        .map(|(r, _)| r.identity)
-        .collect();
-    let remote: BTreeSet<(u32, Ipv4Addr)> = snap
-        .remote_ips
-        .iter()
-        .filter_map(|(ip, id)| Some((*id, *snap.remote_via.get(ip)?)))
-        .collect();
+    let local_ids = local_identities(snap);
+    let remote = remote_hosted(snap);
     for &(local, want) in &snap.auth_rules {
         if !local_ids.contains(&local) || !authenticatable(local) {
             continue;
@@ -296,18 +304,9 @@ pub fn reverse(snap: &Snapshot) -> BTreeSet<(u32, u32, Option<Ipv4Addr>)> {
     if snap.auth_rules.is_empty() {
         return out;
     }
-    let local_ids: BTreeSet<u32> = snap
-        .endpoints
-        .values()
-        .filter(|(r, _)| !r.is_pending())
-        .map(|(r, _)| r.identity)
-        .filter(|id| authenticatable(*id))
-        .collect();
-    let remote: BTreeSet<(u32, Ipv4Addr)> = snap
-        .remote_ips
-        .iter()
-        .filter_map(|(ip, id)| Some((*id, *snap.remote_via.get(ip)?)))
-        .collect();
+    let mut local_ids = local_identities(snap);
+    local_ids.retain(|id| authenticatable(*id));
+    let remote = remote_hosted(snap);
     for &(id, node) in &remote {
         if !authenticatable(id) {
             continue;
@@ -745,6 +744,30 @@ mod tests {
         // A pending endpoint holds no identity yet.
         s.endpoints.get_mut("fe").unwrap().0.cluster_pending = true;
         assert!(required(&s).iter().all(|(l, _, _)| *l != FE));
+    }
+
+    #[test]
+    fn reverse_pairs_are_what_other_nodes_policy_requires_of_local_endpoints() {
+        let mut s = snap();
+        let (b, c) = (Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3));
+        assert!(reverse(&s).is_empty(), "no auth rule, nothing asked");
+        // BE (on b and c) requires authentication from FE (here): FE's node asks both.
+        s.auth_rules.insert((BE, FE));
+        assert_eq!(
+            reverse(&s),
+            BTreeSet::from([(FE, BE, Some(b)), (FE, BE, Some(c))])
+        );
+        // A rule of OTHER's for another identity asks nothing of FE; one for any does.
+        s.auth_rules.insert((OTHER, BE));
+        assert_eq!(reverse(&s).len(), 2);
+        s.auth_rules.insert((OTHER, 0));
+        assert!(reverse(&s).contains(&(FE, OTHER, Some(c))));
+        // What this node's own policy requires is not asked twice.
+        s.auth_rules.insert((FE, BE));
+        assert!(!reverse(&s).iter().any(|(_, r, _)| *r == BE));
+        // A pending endpoint asks nothing.
+        s.endpoints.get_mut("fe").unwrap().0.cluster_pending = true;
+        assert!(reverse(&s).is_empty());
     }
 
     #[test]
