@@ -112,10 +112,7 @@ impl Api {
         if rec.is_pending() {
             return false;
         }
-        let id = sigil_identity::NumericIdentity::new(rec.identity);
-        if id.is_reserved() || rec.identity & sigil_identity::NumericIdentity::LOCAL_CIDR_FLAG != 0
-        {
-            // Never published (see `cluster::publish_local`).
+        if !crate::cluster::publishable(rec.identity) {
             return true;
         }
         let published = self.published.as_ref().is_none_or(|p| {
@@ -161,22 +158,10 @@ impl Api {
             if self.ready(&cur) {
                 return cur;
             }
-            let published_changed = async {
-                match published.as_mut() {
-                    Some(p) => p.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            let auth_changed = async {
-                match settled.as_mut() {
-                    Some(s) => s.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return cur },
-                ok = published_changed => if !ok { return cur },
-                ok = auth_changed => if !ok { return cur },
+                ok = changed(published.as_mut()) => if !ok { return cur },
+                ok = changed(settled.as_mut()) => if !ok { return cur },
                 () = tokio::time::sleep_until(deadline) => return cur,
             }
         }
@@ -244,6 +229,14 @@ fn policy_pb(p: PolicyInfo) -> pb::Policy {
         origin: p.origin,
         rules: u32::try_from(p.rules).unwrap_or(u32::MAX),
         yaml: p.yaml.to_string(),
+    }
+}
+
+/// Whether `rx` saw a change (false: its sender is gone); never returns without a receiver.
+async fn changed<T>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

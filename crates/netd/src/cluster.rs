@@ -378,16 +378,19 @@ async fn route(cidr: Cidr, via: IpAddr, tunnel: Tunnel, add: bool) -> anyhow::Re
     .await?
 }
 
+/// Whether an endpoint holding `identity` is published to etcd: a cluster identity (not
+/// reserved, not node-local).
+pub fn publishable(identity: u32) -> bool {
+    !NumericIdentity::new(identity).is_reserved()
+        && identity & NumericIdentity::LOCAL_CIDR_FLAG == 0
+}
+
 /// Publishes this node's endpoints (those with a cluster identity) and withdraws the gone.
 async fn publish_local(view: &mut View, store: &KvStore, handle: &Handle) -> bool {
     let snap = handle.snapshot();
     let mut want = BTreeMap::new();
     for (rec, _) in snap.endpoints.values() {
-        let id = NumericIdentity::new(rec.identity);
-        if rec.is_pending()
-            || id.is_reserved()
-            || rec.identity & NumericIdentity::LOCAL_CIDR_FLAG != 0
-        {
+        if rec.is_pending() || !publishable(rec.identity) {
             continue;
         }
         want.insert(IpAddr::V4(rec.ipv4), rec.identity);
