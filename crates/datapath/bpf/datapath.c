@@ -210,13 +210,14 @@ static __always_inline int is_ext_header(__u8 nh)
 	       nh == NEXTHDR_AUTH || nh == NEXTHDR_DEST;
 }
 
-static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struct flow *f)
+static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struct flow *f,
+						     const __u32 l3)
 {
 	__u8 ip[20];
 	__u32 ihl;
 	__u16 frag_off;
 
-	if (bpf_skb_load_bytes(skb, 14, ip, sizeof(ip)) < 0)
+	if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) < 0)
 		return PARSE_PASS;
 	f->family = 4;
 	f->protocol = ip[9];
@@ -235,20 +236,21 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 		return PARSE_IP;
 	if (ihl < 20)
 		return bad(f, DROP_INVALID);
-	if (load_ports(skb, f, 14 + ihl) < 0)
+	if (load_ports(skb, f, l3 + ihl) < 0)
 		return bad(f, DROP_INVALID);
 	return PARSE_IP;
 }
 
 /* Walks up to IPV6_MAX_EXT extension headers to the upper-layer protocol and its ports. */
-static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struct flow *f)
+static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struct flow *f,
+						     const __u32 l3)
 {
 	__u8 ip6[40];
-	__u32 off = 14 + 40;
+	__u32 off = l3 + 40;
 	__u8 nh, seen_frag = 0;
 	int i;
 
-	if (bpf_skb_load_bytes(skb, 14, ip6, sizeof(ip6)) < 0)
+	if (bpf_skb_load_bytes(skb, l3, ip6, sizeof(ip6)) < 0)
 		return PARSE_PASS;
 	f->family = 6;
 	f->hop_limit = ip6[7];
@@ -308,22 +310,29 @@ static __always_inline enum parse_result parse_ipv6(struct __sk_buff *skb, struc
 			return PARSE_ND;
 	}
 	if (load_ports(skb, f, off) < 0)
-		return bad(f, off > 54 ? DROP_INVALID_EXTHDR : DROP_INVALID);
+		return bad(f, off > l3 + 40 ? DROP_INVALID_EXTHDR : DROP_INVALID);
 	return PARSE_IP;
+}
+
+/* The Ethernet frame whose IP header is at `l3` (14 for the skb's own frame). */
+static __always_inline enum parse_result parse_at(struct __sk_buff *skb, struct flow *f,
+						  const __u32 l3)
+{
+	__be16 eth_proto;
+
+	if (bpf_skb_load_bytes(skb, l3 - 2, &eth_proto, sizeof(eth_proto)) < 0)
+		return PARSE_PASS;
+	if (eth_proto == bswap16(ETH_P_IP))
+		return parse_ipv4(skb, f, l3);
+	if (eth_proto == bswap16(ETH_P_IPV6))
+		return parse_ipv6(skb, f, l3);
+	/* ARP and other non-IP traffic is not subject to identity policy. */
+	return PARSE_PASS;
 }
 
 static __always_inline enum parse_result parse(struct __sk_buff *skb, struct flow *f)
 {
-	__be16 eth_proto;
-
-	if (bpf_skb_load_bytes(skb, 12, &eth_proto, sizeof(eth_proto)) < 0)
-		return PARSE_PASS;
-	if (eth_proto == bswap16(ETH_P_IP))
-		return parse_ipv4(skb, f);
-	if (eth_proto == bswap16(ETH_P_IPV6))
-		return parse_ipv6(skb, f);
-	/* ARP and other non-IP traffic is not subject to identity policy. */
-	return PARSE_PASS;
+	return parse_at(skb, f, 14);
 }
 
 static __always_inline int addr_eq(const __u8 *a, const __u8 *b, int len)
@@ -652,11 +661,12 @@ static __always_inline int drop(struct __sk_buff *skb, const struct ctx *c, cons
 	return TC_ACT_SHOT;
 }
 
-/* `tunneled`: called by sigil_from_tunnel for a packet it validated and delivers itself; c->ep
- * (the destination endpoint), c->src_identity (the VNI) and c->remote_node (the outer source)
- * are already set. Otherwise the endpoint is the host veth the packet is on. */
+/* `tunneled`: the flow of a packet a tunnel program (sigil_from_tunnel, sigil_from_underlay)
+ * checked and delivers itself (deliver); c->ep (the destination endpoint), c->src_identity (the
+ * VNI) and c->remote_node (the outer source) are already set. NULL otherwise: the packet is
+ * parsed here and the endpoint is the host veth it is on. */
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct ctx *c,
-				  const int tunneled)
+				  const struct flow *tunneled)
 {
 	struct flow f = {};
 	struct ct_key key = {};
@@ -670,9 +680,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 	__u8 closing;
 	int enforced, from_tunnel = 0;
 
-	parsed = parse(skb, &f);
-	if (parsed == PARSE_PASS)
-		return TC_ACT_OK;
+	if (tunneled) {
+		/* Parsed by the tunnel program (delivered_here: IP). */
+		f = *tunneled;
+		parsed = PARSE_IP;
+	} else {
+		parsed = parse(skb, &f);
+		if (parsed == PARSE_PASS)
+			return TC_ACT_OK;
+	}
 
 	c->now = bpf_ktime_get_boot_ns();
 	if (!tunneled)
@@ -697,7 +713,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 		c->dst_identity = remote_identity;
 	} else {
 		local_identity = cfg ? cfg->identity : lookup_identity(f.family, f.daddr);
-		lookup_peer(f.saddr, f.family, &remote);
+		/* A packet the tunnel programs deliver has its identity from the VNI, and its
+		 * source was checked against the IPCache there (carrier_check). */
+		if (!tunneled)
+			lookup_peer(f.saddr, f.family, &remote);
 		remote_identity = remote.identity;
 		if (tunneled) {
 			from_tunnel = 1;
@@ -829,11 +848,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, struct 
 	return TC_ACT_OK;
 }
 
-/* Encapsulation towards another node: the tunnel key carries the source identity as VNI and
- * the destination's node as remote; the VXLAN device (collect metadata) builds the outer
- * headers and routes them on the underlay. The outer UDP checksum is zero, as Cilium sends
- * it (RFC 7348 allows it over IPv4): the inner packet carries its own checksum, and
- * integrity against an attacker is the encrypted carrier's job, not a checksum's. */
+/* Encapsulation towards another node through the VXLAN device: the tunnel key carries the
+ * source identity as VNI and the destination's node as remote; the device (collect metadata)
+ * builds the outer headers and routes them on the underlay. The outer UDP checksum is zero, as
+ * Cilium sends it (RFC 7348 allows it over IPv4): the inner packet carries its own checksum,
+ * and integrity against an attacker is the encrypted carrier's job, not a checksum's. */
 #define BPF_F_ZERO_CSUM_TX (1ULL << 1)
 static __attribute__((noinline)) int encap(struct __sk_buff *skb, __u32 identity, __u32 remote,
 					   __u32 local, __u32 ifindex)
@@ -849,6 +868,108 @@ static __attribute__((noinline)) int encap(struct __sk_buff *skb, __u32 identity
 	return bpf_redirect(ifindex, 0);
 }
 
+static long (*bpf_skb_adjust_room)(void *skb, int len_diff, __u32 mode, __u64 flags) = (void *)50;
+static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)152;
+static long long (*bpf_csum_diff)(__be32 *from, __u32 from_size, __be32 *to, __u32 to_size,
+				  __u32 seed) = (void *)28;
+static long (*bpf_check_mtu)(void *skb, __u32 ifindex, __u32 *mtu_len, int len_diff,
+			     __u64 flags) = (void *)163;
+static __u32 (*bpf_get_hash_recalc)(void *skb) = (void *)34;
+static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
+
+#define BPF_ADJ_ROOM_MAC 1
+#define BPF_F_ADJ_ROOM_FIXED_GSO (1ULL << 0)
+#define BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 (1ULL << 1)
+#define BPF_F_ADJ_ROOM_ENCAP_L4_UDP (1ULL << 4)
+#define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+#define BPF_F_ADJ_ROOM_ENCAP_L2(len) (((__u64)(len) & 0xff) << 56)
+#define BPF_MTU_CHK_SEGS 1
+
+/* What VXLAN puts between the outer Ethernet header and the inner packet's IP header: outer
+ * IPv4, UDP, VXLAN, and the inner frame's Ethernet header. The same bytes on the wire as the
+ * VXLAN device's (RFC 7348; VNI = source identity). */
+struct vxlan_encap {
+	__u8 ip[20];
+	__u8 udp[8];
+	__u8 vxlan[8];
+	__u8 eth[14];
+};
+#define ENCAP_LEN 50
+#define INNER_L3 (14 + ENCAP_LEN)
+#define VXLAN_FLAG_VNI 0x08 /* RFC 7348's I flag: the only one set */
+/* Outer UDP source ports: the kernel's default ephemeral range, as the VXLAN device picks. */
+#define SPORT_MIN 32768
+#define SPORT_SPAN 28232
+
+static __always_inline __u16 csum_fold(long long partial)
+{
+	__u32 sum = (__u32)partial;
+
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* Encapsulation by the program itself, onto the underlay device: the outer headers written
+ * in place (bpf_skb_adjust_room keeps GSO and checksum offload working on the inner packet)
+ * and the frame sent to the next hop's neighbour (bpf_redirect_neigh). This skips the VXLAN
+ * device's transmit path and its route lookup per packet. Returns -1, with the packet
+ * untouched, for what the VXLAN device must carry instead: a packet (or a GSO segment) too
+ * large for the underlay once encapsulated, which the device fragments. */
+static __attribute__((noinline)) int encap_direct(struct __sk_buff *skb, __u32 identity,
+						  __u32 remote, const struct tunnel_config *t)
+{
+	struct vxlan_encap h = {};
+	__be16 outer_proto = bswap16(ETH_P_IP);
+	__u32 mtu = 0, sport, id;
+	__u16 tot, ulen, csum;
+
+	/* The VXLAN device's MTU is the underlay's less ENCAP_LEN: what fits it fits after. */
+	if (!t || !t->underlay_ifindex)
+		return -1;
+	if (bpf_check_mtu(skb, t->ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != 0)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, h.eth, sizeof(h.eth)) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+					BPF_F_ADJ_ROOM_ENCAP_L2(14)) < 0)
+		return -1;
+	tot = skb->len - 14;
+	ulen = tot - 20;
+	id = bpf_get_prandom_u32();
+	h.ip[0] = 0x45;
+	h.ip[2] = tot >> 8;
+	h.ip[3] = tot & 0xff;
+	h.ip[4] = id >> 8;
+	h.ip[5] = id & 0xff;
+	h.ip[8] = TUNNEL_TTL;
+	h.ip[9] = IPPROTO_UDP;
+	__builtin_memcpy(&h.ip[12], t->local_ipv4, 4);
+	__builtin_memcpy(&h.ip[16], &remote, 4);
+	csum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)h.ip, sizeof(h.ip), 0));
+	__builtin_memcpy(&h.ip[10], &csum, 2);
+	/* The source port spreads flows over the underlay's paths and queues (RFC 7348). */
+	sport = SPORT_MIN + (__u32)(((__u64)bpf_get_hash_recalc(skb) * SPORT_SPAN) >> 32);
+	h.udp[0] = sport >> 8;
+	h.udp[1] = sport & 0xff;
+	__builtin_memcpy(&h.udp[2], &t->port, 2);
+	h.udp[4] = ulen >> 8;
+	h.udp[5] = ulen & 0xff;
+	/* Checksum zero, as the device sends it (see encap). */
+	h.vxlan[0] = VXLAN_FLAG_VNI;
+	h.vxlan[4] = (identity >> 16) & 0xff;
+	h.vxlan[5] = (identity >> 8) & 0xff;
+	h.vxlan[6] = identity & 0xff;
+	if (bpf_skb_store_bytes(skb, 14, &h, sizeof(h), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 12, &outer_proto, sizeof(outer_proto), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(t->underlay_ifindex, 0, 0, 0);
+}
+
 SEC("classifier")
 int sigil_from_ep(struct __sk_buff *skb)
 {
@@ -858,6 +979,9 @@ int sigil_from_ep(struct __sk_buff *skb)
 	/* Everything that passes towards another node's address goes into the tunnel: new
 	 * connections, replies and untracked packets alike. */
 	if (verdict != TC_ACT_OK || !c.tunnel_endpoint)
+		return verdict;
+	verdict = encap_direct(skb, c.src_identity, c.tunnel_endpoint, tunnel_config());
+	if (verdict >= 0)
 		return verdict;
 	return encap(skb, c.src_identity, c.tunnel_endpoint, c.tunnel_local, c.tunnel_ifindex);
 }
@@ -911,22 +1035,81 @@ static __always_inline int hop(struct __sk_buff *skb, const struct flow *f)
 	return bpf_skb_store_bytes(skb, 14 + 7, &left, 1, BPF_F_RECOMPUTE_CSUM) == 0;
 }
 
-/* At the VXLAN device's ingress: packets from other nodes. The VNI is the source identity;
- * the outer source must be a cluster node, the inner source an address that node hosts, the
- * inner destination something on this node. The identity then rides in skb->mark to
- * sigil_to_ep, which trusts it only for packets that arrived on this device. */
+/* The checks every packet out of the carrier passes, whichever way it came in: the outer
+ * source is a cluster node, the VNI a cluster identity or 6, the inner packet IP, its source an
+ * address that node hosts and its destination something on this node. 0 (and the destination
+ * in *ep: a local endpoint's id or FOR_NODE) when it may come in, else the drop reason. */
+static __always_inline __u32 carrier_check(const struct flow *f, enum parse_result parsed,
+					   __u32 outer_be, __u32 vni,
+					   const struct tunnel_config *t, __u32 *ep)
+{
+	struct peer p = {};
+	__u8 outer[16] = {};
+
+	__builtin_memcpy(outer, &outer_be, 4);
+	if (!lookup_peer(outer, 4, &p) || !(p.flags & IPCACHE_F_NODE))
+		return DROP_UNKNOWN_SENDER;
+	if (!vni_ok(vni))
+		return DROP_INVALID_IDENTITY;
+	if (parsed == PARSE_PASS)
+		return DROP_INVALID;
+	/* A node speaks for the addresses it hosts (its endpoints, itself), not for another
+	 * node's: else it could pass its packets off as replies of their connections. */
+	lookup_peer(f->saddr, f->family, &p);
+	if (!(p.flags & (IPCACHE_F_TUNNEL | IPCACHE_F_NODE)) || p.tunnel_endpoint != outer_be)
+		return DROP_INVALID_SIP;
+	*ep = for_this_node(f, t);
+	if (!*ep)
+		return DROP_NO_LOCAL_ENDPOINT;
+	return 0;
+}
+
+/* Whether the programs deliver a checked packet from the carrier themselves: IP (not
+ * neighbour discovery, not unparsable) to a local endpoint, with a hop left. */
+static __always_inline int delivered_here(const struct flow *f, enum parse_result parsed,
+					  __u32 ep)
+{
+	return ep != FOR_NODE && parsed == PARSE_IP && f->hop_limit > 1;
+}
+
+/* A checked packet from the carrier (its frame at offset 0) for local endpoint `ep`: the hop
+ * IP forwarding would take, the endpoint's ingress policy with the VNI's identity (c), and
+ * straight into its namespace: no pass through this node's stack, and sigil_to_ep does not
+ * see it. The mark is cleared so nothing of the carrier reaches the endpoint. */
+static __always_inline int deliver(struct __sk_buff *skb, struct ctx *c, const struct flow *f,
+				   __u32 ep, __u32 outer_be)
+{
+	int verdict;
+
+	c->ep = ep;
+	c->remote_node = outer_be;
+	/* The hop first, so a packet is reported once: dropped here, or by its policy. */
+	if (!hop(skb, f)) {
+		c->now = bpf_ktime_get_boot_ns();
+		return drop(skb, c, f, DROP_INVALID, 0);
+	}
+	verdict = handle(skb, DIR_INGRESS, c, f);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	skb->mark = 0;
+	/* The inner frame is addressed to the sender's host veth; the endpoint's stack must
+	 * take it as its own (as the routed path's host veth would have). */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	return bpf_redirect_peer(ep, 0);
+}
+
+/* At the VXLAN device's ingress: packets from other nodes that the kernel decapsulated. The
+ * VNI is the source identity; carrier_check decides whether the packet may come in. Packets
+ * for local endpoints are delivered here (deliver); the rest goes to the stack, the identity
+ * in skb->mark for sigil_to_ep, which trusts it only for packets that arrived on this device. */
 SEC("classifier")
 int sigil_from_tunnel(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key key = {};
 	struct flow f = {};
 	struct ctx c = {};
-	struct peer p = {};
-	struct tunnel_config *t;
-	__u8 outer[16] = {};
-	__u32 outer_be, ep;
+	__u32 outer_be, ep = 0, reason;
 	enum parse_result parsed;
-	int verdict;
 
 	parsed = parse(skb, &f);
 	c.now = bpf_ktime_get_boot_ns();
@@ -937,47 +1120,87 @@ int sigil_from_tunnel(struct __sk_buff *skb)
 		return drop(skb, &c, &f, DROP_NO_TUNNEL_KEY, 0);
 	c.src_identity = key.tunnel_id;
 	outer_be = __builtin_bswap32(key.remote_ipv4);
-	__builtin_memcpy(outer, &outer_be, 4);
-	if (!lookup_peer(outer, 4, &p) || !(p.flags & IPCACHE_F_NODE))
-		return drop(skb, &c, &f, DROP_UNKNOWN_SENDER, 0);
-	if (!vni_ok(key.tunnel_id))
-		return drop(skb, &c, &f, DROP_INVALID_IDENTITY, 0);
-	if (parsed == PARSE_PASS)
-		return drop(skb, &c, &f, DROP_INVALID, 0);
-	/* A node speaks for the addresses it hosts (its endpoints, itself), not for another
-	 * node's: else it could pass its packets off as replies of their connections. */
-	lookup_peer(f.saddr, f.family, &p);
-	if (!(p.flags & (IPCACHE_F_TUNNEL | IPCACHE_F_NODE)) || p.tunnel_endpoint != outer_be)
-		return drop(skb, &c, &f, DROP_INVALID_SIP, 0);
-	t = tunnel_config();
-	ep = for_this_node(&f, t);
-	if (!ep)
-		return drop(skb, &c, &f, DROP_NO_LOCAL_ENDPOINT, 0);
-	/* For a local endpoint: its ingress policy here, with the VNI's identity, and straight
-	 * into its namespace (no second pass through this node's stack; sigil_to_ep does not see
-	 * it). The mark is cleared first so nothing of the carrier reaches the endpoint. */
-	if (ep != FOR_NODE && parsed == PARSE_IP && f.hop_limit > 1) {
-		c.ep = ep;
-		c.remote_node = outer_be;
-		/* The hop first, so a packet is reported once: dropped here, or by its policy. */
-		if (!hop(skb, &f))
-			return drop(skb, &c, &f, DROP_INVALID, 0);
-		verdict = handle(skb, DIR_INGRESS, &c, 1);
-		if (verdict != TC_ACT_OK)
-			return verdict;
-		skb->mark = 0;
-		/* The inner frame is addressed to the sender's host veth; the endpoint's stack
-		 * must take it as its own (as the routed path's host veth would have). */
-		bpf_skb_change_type(skb, PACKET_HOST);
-		return bpf_redirect_peer(ep, 0);
-	}
-	/* Else (this node, no hop left, neighbour discovery, unparsable) the stack takes it: to
-	 * this node, or routed to the endpoint whose sigil_to_ep reads the identity from the mark. */
+	reason = carrier_check(&f, parsed, outer_be, key.tunnel_id, tunnel_config(), &ep);
+	if (reason)
+		return drop(skb, &c, &f, reason, 0);
+	if (delivered_here(&f, parsed, ep))
+		return deliver(skb, &c, &f, ep, outer_be);
+	/* Else (this node, no hop left, neighbour discovery) the stack takes it: to this node,
+	 * or routed to the endpoint whose sigil_to_ep reads the identity from the mark. */
 	skb->mark = MARK_MAGIC_IDENTITY | key.tunnel_id;
 	/* The inner frame is addressed to the sending endpoint's host veth, not to this device;
 	 * the stack would discard it as another host's. */
 	bpf_skb_change_type(skb, PACKET_HOST);
 	return TC_ACT_OK;
+}
+
+/* At the underlay device's ingress, when the programs encapsulate themselves
+ * (tunnel_config.underlay_ifindex): VXLAN packets for a local endpoint are decapsulated and
+ * delivered here, past the kernel's UDP socket, VXLAN receive and GRO cell queue. Only a packet
+ * that is plainly well formed (IPv4 without options or fragmentation, to this node's address,
+ * right length and header checksum, the carrier's port, zero UDP checksum, only the VXLAN I
+ * flag) and that passes carrier_check and delivered_here is taken; everything else goes on
+ * untouched (TC_ACT_UNSPEC: the next filter, then the stack) and, if it is VXLAN, reaches the
+ * VXLAN device and sigil_from_tunnel, which drop what carrier_check refuses with its reason. */
+SEC("classifier")
+int sigil_from_underlay(struct __sk_buff *skb)
+{
+	struct {
+		__u8 ip[20];
+		__u8 udp[8];
+		__u8 vxlan[8];
+	} o;
+	struct flow f = {};
+	struct ctx c = {};
+	struct tunnel_config *t;
+	__be16 inner_proto;
+	__u32 local, outer_be, vni, ep = 0;
+	enum parse_result parsed;
+	__u16 tot;
+
+	t = tunnel_config();
+	if (!t || !t->underlay_ifindex || skb->ifindex != t->underlay_ifindex)
+		return TC_ACT_UNSPEC;
+	/* Only frames addressed to this host: the stack drops the others (promiscuous mode). */
+	if (skb->pkt_type != PACKET_HOST || skb->protocol != bswap16(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, 14, &o, sizeof(o)) < 0)
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(&local, t->local_ipv4, 4);
+	__builtin_memcpy(&outer_be, &o.ip[12], 4);
+	if (o.ip[0] != 0x45 || o.ip[9] != IPPROTO_UDP || (o.ip[6] & 0x3f) || o.ip[7] ||
+	    !addr_eq(&o.ip[16], t->local_ipv4, 4))
+		return TC_ACT_UNSPEC;
+	tot = ((__u16)o.ip[2] << 8) | o.ip[3];
+	/* The stack checks these before anything reads the packet; so do we. */
+	if (tot != skb->len - 14 || csum_fold(bpf_csum_diff(0, 0, (__be32 *)o.ip, 20, 0)) != 0)
+		return TC_ACT_UNSPEC;
+	if (!addr_eq(&o.udp[2], (const __u8 *)&t->port, 2) || o.udp[6] || o.udp[7] ||
+	    (((__u16)o.udp[4] << 8) | o.udp[5]) != tot - 20)
+		return TC_ACT_UNSPEC;
+	if (o.vxlan[0] != VXLAN_FLAG_VNI || o.vxlan[1] || o.vxlan[2] || o.vxlan[3] || o.vxlan[7])
+		return TC_ACT_UNSPEC;
+	vni = ((__u32)o.vxlan[4] << 16) | ((__u32)o.vxlan[5] << 8) | o.vxlan[6];
+	parsed = parse_at(skb, &f, INNER_L3);
+	if (carrier_check(&f, parsed, outer_be, vni, t, &ep) || !delivered_here(&f, parsed, ep))
+		return TC_ACT_UNSPEC;
+	inner_proto = bswap16(f.family == 4 ? ETH_P_IP : ETH_P_IPV6);
+	/* The outer IP, UDP and VXLAN headers and the inner Ethernet header go; the outer
+	 * Ethernet header stays, with the inner packet's type. The segment size of a GSO packet
+	 * stays too: it is the inner packet's. */
+	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO |
+					(f.family == 4 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+						       : BPF_F_ADJ_ROOM_DECAP_L3_IPV6)) < 0)
+		return TC_ACT_UNSPEC;
+	c.direction = DIR_INGRESS;
+	c.flags = EVENT_F_TUNNEL;
+	c.src_identity = vni;
+	if (bpf_skb_store_bytes(skb, 12, &inner_proto, sizeof(inner_proto), 0) < 0) {
+		c.now = bpf_ktime_get_boot_ns();
+		return drop(skb, &c, &f, DROP_INVALID, 0);
+	}
+	return deliver(skb, &c, &f, ep, outer_be);
 }
 
 /* At the VXLAN device's egress. Packets from local endpoints come with their tunnel key (set

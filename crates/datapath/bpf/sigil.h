@@ -34,6 +34,7 @@ typedef __u32 __be32;
 #define BPF_ANY 0
 #define BPF_NOEXIST 1
 
+#define TC_ACT_UNSPEC (-1) /* not decided here: the next filter on the hook decides */
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 
@@ -142,6 +143,11 @@ struct ipcache_value {
 struct tunnel_config {
 	__u32 ifindex; /* the collect-metadata VXLAN device; 0 = no tunnel */
 	__u8 local_ipv4[4]; /* this node's underlay address (network order) */
+	/* The underlay device the programs encapsulate onto and decapsulate from themselves (same
+	 * wire format); 0 = the VXLAN device does both. */
+	__u32 underlay_ifindex;
+	__be16 port; /* the carrier's UDP port (network order) */
+	__u8 pad[2];
 };
 
 struct policy_key {

@@ -231,6 +231,12 @@ pub(crate) struct TunnelConfigRaw {
     pub(crate) ifindex: u32,
     /// This node's underlay address, network order.
     pub(crate) local_ipv4: [u8; 4],
+    /// The underlay device the programs encapsulate onto and decapsulate from themselves;
+    /// 0 = the VXLAN device does both.
+    pub(crate) underlay_ifindex: u32,
+    /// The carrier's UDP port, network order.
+    pub(crate) port_be: u16,
+    pub(crate) pad: [u8; 2],
 }
 
 /// Policy LPM data after the prefix length. `endpoint_id` and `remote_identity` are native
@@ -399,7 +405,7 @@ pub(crate) const MARK_MAGIC_IDENTITY: u32 = 0x5300_0000;
 
 mirrors!(lpm IpCacheKey => c::IPCACHE_KEY, [family, pad, addr]);
 mirrors!(IpCacheValue => c::IPCACHE_VALUE, [identity, flags, tunnel_endpoint]);
-mirrors!(TunnelConfigRaw => c::TUNNEL_CONFIG, [ifindex, local_ipv4]);
+mirrors!(TunnelConfigRaw => c::TUNNEL_CONFIG, [ifindex, local_ipv4, underlay_ifindex, port_be as "port", pad]);
 mirrors!(lpm PolicyKeyData => c::POLICY_KEY, [
     endpoint_id, remote_identity, direction, protocol, dport_be as "dport",
 ]);

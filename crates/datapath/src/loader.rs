@@ -27,6 +27,9 @@ pub const PROG_TO_ENDPOINT: &str = "sigil_to_ep";
 pub const PROG_FROM_TUNNEL: &str = "sigil_from_tunnel";
 /// Program at the VXLAN device's egress hook: the host's own packets to other nodes.
 pub const PROG_TO_TUNNEL: &str = "sigil_to_tunnel";
+/// Program at the underlay device's ingress hook when the programs encapsulate themselves
+/// ([`crate::tunnel::TunnelConfig::underlay`]): VXLAN packets for local endpoints.
+pub const PROG_FROM_UNDERLAY: &str = "sigil_from_underlay";
 
 /// Filter priority of our programs on the clsact hooks (lower runs first).
 pub const TC_PRIORITY: u16 = 1;
@@ -46,6 +49,11 @@ pub(crate) const TUNNEL_HOOKS: [Hook; 2] = [
     (PROG_TO_TUNNEL, TcAttachType::Egress, "egress"),
 ];
 
+/// The program of the underlay device (ingress only: what leaves is sent by the endpoints'
+/// programs).
+pub(crate) const UNDERLAY_HOOKS: [Hook; 1] =
+    [(PROG_FROM_UNDERLAY, TcAttachType::Ingress, "ingress")];
+
 /// Loaded programs plus the maps, all pinned under one bpffs directory.
 pub struct Datapath {
     pin_dir: PathBuf,
@@ -53,6 +61,8 @@ pub struct Datapath {
     maps: Maps,
     /// The tunnel device [`Datapath::setup_tunnel`] set up.
     pub(crate) tunnel_device: Option<String>,
+    /// The underlay device it attached [`PROG_FROM_UNDERLAY`] to.
+    pub(crate) underlay_device: Option<String>,
 }
 
 impl Datapath {
@@ -87,7 +97,7 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             cause: Box::new(e),
         })?;
-        for (name, _, _) in HOOKS.iter().chain(&TUNNEL_HOOKS) {
+        for (name, _, _) in HOOKS.iter().chain(&TUNNEL_HOOKS).chain(&UNDERLAY_HOOKS) {
             let name = *name;
             let prog = program(&mut ebpf, name)?;
             prog.load().map_err(|e| prog_err(name, e))?;
@@ -120,6 +130,7 @@ impl Datapath {
             ebpf,
             maps,
             tunnel_device: None,
+            underlay_device: None,
         })
     }
 
@@ -243,10 +254,13 @@ impl Datapath {
     ///
     /// Attached filters keep their programs and maps alive until they are detached.
     pub fn unpin(pin_dir: &Path) -> Result<(), DatapathError> {
-        let names = MAP_SPECS
-            .iter()
-            .map(|(n, ..)| *n)
-            .chain(HOOKS.iter().chain(&TUNNEL_HOOKS).map(|(n, ..)| *n));
+        let names = MAP_SPECS.iter().map(|(n, ..)| *n).chain(
+            HOOKS
+                .iter()
+                .chain(&TUNNEL_HOOKS)
+                .chain(&UNDERLAY_HOOKS)
+                .map(|(n, ..)| *n),
+        );
         for name in names {
             let path = pin_dir.join(name);
             match std::fs::remove_file(&path) {

@@ -10,6 +10,17 @@
 //! the VNI (a cluster identity or 6), the inner source (an address that node hosts) and the
 //! inner destination (this node), and hands the identity to the endpoint's `sigil_to_ep` in
 //! the skb mark, which trusts the mark only for packets that arrived on the device.
+//!
+//! With an underlay device ([`TunnelConfig::underlay`]) the programs do the device's work
+//! themselves for endpoints' packets, with the same bytes on the wire: `sigil_from_ep` writes
+//! the outer headers in place and sends the frame to the next hop's neighbour on the underlay
+//! device, and `sigil_from_underlay` at the underlay device's ingress decapsulates what is for a
+//! local endpoint after the same checks, and delivers it into the endpoint's namespace. That
+//! skips, per packet, the device's route lookup, UDP socket lookup, VXLAN receive and GRO cell
+//! queue. Whatever the programs do not take (packets too large for the underlay once
+//! encapsulated, packets for the node itself, anything not plainly well formed) still goes
+//! through the device, and its checks. The encrypted carrier needs the device path: its
+//! packets must reach the TUN device through the routing table.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -18,7 +29,7 @@ use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink, Vxlan, validate_ifnam
 
 use crate::abi::TunnelConfigRaw;
 use crate::error::DatapathError;
-use crate::loader::{Datapath, TUNNEL_HOOKS};
+use crate::loader::{Datapath, TUNNEL_HOOKS, UNDERLAY_HOOKS};
 use crate::maps::MAP_TUNNEL;
 
 /// Name of the VXLAN device [`TunnelConfig::new`] uses.
@@ -56,6 +67,10 @@ pub struct TunnelConfig {
     /// underlay. Endpoints whose traffic crosses the tunnel take it too
     /// ([`Datapath::tunnel_mtu`]).
     pub mtu: u32,
+    /// The underlay device the programs encapsulate onto and decapsulate from themselves (the
+    /// one that holds `local_ip`, see [`device_with_address`]); `None`: the VXLAN device does
+    /// both for every packet.
+    pub underlay: Option<String>,
 }
 
 /// The underlay MTU [`TunnelConfig::new`] assumes (Ethernet's).
@@ -69,6 +84,15 @@ impl TunnelConfig {
             port: DEFAULT_PORT,
             local_ip,
             mtu: DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD,
+            underlay: None,
+        }
+    }
+
+    /// [`TunnelConfig::new`], with the programs encapsulating onto `underlay` themselves.
+    pub fn direct(local_ip: Ipv4Addr, underlay: &str) -> Self {
+        Self {
+            underlay: Some(underlay.to_owned()),
+            ..Self::new(local_ip)
         }
     }
 
@@ -76,6 +100,17 @@ impl TunnelConfig {
     pub fn validate(&self) -> Result<(), DatapathError> {
         validate_ifname(&self.device)
             .map_err(|e| DatapathError::invalid("tunnel device", &self.device, e.to_string()))?;
+        if let Some(u) = &self.underlay {
+            validate_ifname(u)
+                .map_err(|e| DatapathError::invalid("tunnel underlay", u, e.to_string()))?;
+            if *u == self.device {
+                return Err(DatapathError::invalid(
+                    "tunnel underlay",
+                    u,
+                    "must be the device that holds local_ip, not the VXLAN device",
+                ));
+            }
+        }
         if self.port == 0 {
             return Err(DatapathError::invalid(
                 "tunnel port",
@@ -160,6 +195,22 @@ pub fn ensure_device(nl: &dyn Netlink, cfg: &TunnelConfig) -> Result<u32, Datapa
     })
 }
 
+/// The interface (in the current network namespace) that holds `ip`, if one does: the
+/// underlay device of a node whose underlay address is `ip`.
+pub fn device_with_address(ip: Ipv4Addr) -> Result<Option<String>, DatapathError> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| DatapathError::io("listing interface addresses", e.into()))?;
+    Ok(addrs
+        .filter(|a| {
+            a.address
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in())
+                .is_some_and(|s| s.ip() == ip)
+        })
+        .map(|a| a.interface_name)
+        .next())
+}
+
 /// The route that sends a prefix into the tunnel device.
 pub fn tunnel_route(device: &str, addr: IpAddr, prefix_len: u8) -> Result<Route, DatapathError> {
     let prefix = Prefix::new(addr, prefix_len).map_err(|_| {
@@ -186,13 +237,29 @@ impl Datapath {
     /// `sigil_tunnel` map, which arms encapsulation. Idempotent (a second call replaces the
     /// programs in place). Returns the device's ifindex.
     pub fn setup_tunnel(&mut self, cfg: &TunnelConfig) -> Result<u32, DatapathError> {
-        let ifindex = ensure_device(&RtNetlink::new(), cfg)?;
+        let nl = RtNetlink::new();
+        let ifindex = ensure_device(&nl, cfg)?;
         self.attach_hooks(&cfg.device, &TUNNEL_HOOKS)?;
+        let underlay_ifindex = match &cfg.underlay {
+            Some(dev) => {
+                let index = nl.link_index(Ns::Current, dev)?.ok_or_else(|| {
+                    DatapathError::invalid("tunnel underlay", dev, "no such interface")
+                })?;
+                self.attach_hooks(dev, &UNDERLAY_HOOKS)?;
+                index
+            }
+            // A filter left on an underlay by an earlier setup stays, disarmed by the map.
+            None => 0,
+        };
         self.maps_mut().tunnel.set(TunnelConfigRaw {
             ifindex,
             local_ipv4: cfg.local_ip.octets(),
+            underlay_ifindex,
+            port_be: cfg.port.to_be(),
+            pad: [0; 2],
         })?;
         self.tunnel_device = Some(cfg.device.clone());
+        self.underlay_device = cfg.underlay.clone();
         Ok(ifindex)
     }
 
@@ -205,7 +272,13 @@ impl Datapath {
             .tunnel_device
             .take()
             .unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
-        RtNetlink::new().delete_link(Ns::Current, &device)?;
+        let nl = RtNetlink::new();
+        nl.delete_link(Ns::Current, &device)?;
+        if let Some(underlay) = self.underlay_device.take()
+            && nl.link_index(Ns::Current, &underlay)?.is_some()
+        {
+            Self::detach_hooks(&underlay, &UNDERLAY_HOOKS)?;
+        }
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use nix::sys::socket::{
     socket, sockopt,
 };
 use sigil_datapath::netns::{self, EndpointNet};
-use sigil_datapath::tunnel::{DEFAULT_PORT, TunnelConfig};
+use sigil_datapath::tunnel::{DEFAULT_DEVICE, DEFAULT_PORT, TunnelConfig};
 use sigil_datapath::{
     AuthKey, DROP_AUTH_REQUIRED, DROP_INVALID_IDENTITY, DROP_INVALID_SIP, DROP_NO_LOCAL_ENDPOINT,
     DROP_POLICY_DENIED, DROP_UNKNOWN_SENDER, Datapath, DatapathError, Direction, EndpointConfig,
@@ -30,7 +30,7 @@ use sigil_datapath::{
 };
 use sigil_netlink::{Netlink, Ns, Prefix, Route, RtNetlink};
 use sigil_test_util::netns::in_netns;
-use sigil_test_util::topology::Topology;
+use sigil_test_util::topology::{NODE_UPLINK, Topology};
 use support::{BLOCK_WAIT, EchoServer, Events, PASS_WAIT, can_run, rule, tcp_ok, udp_ok};
 
 const FRONTEND: u32 = 1001;
@@ -74,6 +74,15 @@ impl Drop for Pins {
     }
 }
 
+/// Who encapsulates and decapsulates endpoints' packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carrier {
+    /// The programs themselves, on the node's uplink (what netd sets up without encryption).
+    Direct,
+    /// The VXLAN device for every packet (what the encrypted carrier needs).
+    Device,
+}
+
 /// Two nodes with tunnels, routes to each other's pod CIDR and node entries for each other.
 /// Fields drop in order: datapaths, pins, then the namespaces.
 struct Cluster {
@@ -84,6 +93,10 @@ struct Cluster {
 
 impl Cluster {
     fn new(tag: &str) -> Self {
+        Self::with(tag, Carrier::Direct)
+    }
+
+    fn with(tag: &str, carrier: Carrier) -> Self {
         let topo = Topology::new(2).expect("topology");
         let mut pins = Pins(Vec::new());
         let mut nodes = Vec::new();
@@ -93,7 +106,11 @@ impl Cluster {
             let ip = node.underlay_ip;
             let (dp, vxlan) = in_netns(&node.netns_path, || {
                 let mut dp = Datapath::load(&pin)?;
-                let vxlan = dp.setup_tunnel(&TunnelConfig::new(ip))?;
+                let cfg = match carrier {
+                    Carrier::Direct => TunnelConfig::direct(ip, NODE_UPLINK),
+                    Carrier::Device => TunnelConfig::new(ip),
+                };
+                let vxlan = dp.setup_tunnel(&cfg)?;
                 Ok((dp, vxlan))
             })
             .expect("datapath and tunnel");
@@ -250,6 +267,25 @@ impl Cluster {
 
     fn capture(&self) -> Capture {
         Capture::start(&support_path(&self.topo.underlay_netns))
+    }
+
+    /// Packets received and sent by a node's VXLAN device so far (its /proc/net/dev line, read
+    /// from inside the node's namespace).
+    fn device_packets(&self, node: usize) -> (u64, u64) {
+        let dev = in_netns(&self.nodes[node].path, || {
+            Ok(std::fs::read_to_string("/proc/thread-self/net/dev")?)
+        })
+        .expect("/proc/net/dev");
+        let line = dev
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{DEFAULT_DEVICE}:")))
+            .unwrap_or_else(|| panic!("no {DEFAULT_DEVICE} in {dev}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| v.parse().expect("counter"))
+            .collect();
+        // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit.
+        (n[1], n[9])
     }
 }
 
@@ -482,7 +518,19 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_the_source_identitys_policy()
     if !can_run() {
         return;
     }
-    let mut c = Cluster::new("tun-matrix");
+    matrix(Carrier::Direct, "tun-matrix");
+}
+
+#[test]
+fn the_vxlan_device_carries_the_same_policy_when_it_does_all_the_work() {
+    if !can_run() {
+        return;
+    }
+    matrix(Carrier::Device, "tun-matrix-dev");
+}
+
+fn matrix(carrier: Carrier, tag: &str) {
+    let mut c = Cluster::with(tag, carrier);
     let fe = c.pod(0, 2, FRONTEND, false);
     let other = c.pod(0, 3, OTHER, false);
     let be = c.pod(1, 2, BACKEND, true);
@@ -495,8 +543,20 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_the_source_identitys_policy()
     let mut ev0 = c.events(0);
     let mut ev1 = c.events(1);
     let cap = c.capture();
+    let (before0, before1) = (c.device_packets(0), c.device_packets(1));
 
     assert!(tcp_ok(&fe, v4(&be), PORT, true), "frontend -> backend TCP");
+    let (after0, after1) = (c.device_packets(0), c.device_packets(1));
+    let through_device = (after0.1 - before0.1, after1.0 - before1.0);
+    match carrier {
+        // Both ends of the connection skip the device: the programs encapsulate (node 0 sends)
+        // and decapsulate (node 1 receives).
+        Carrier::Direct => assert_eq!(through_device, (0, 0), "sent, received by the device"),
+        Carrier::Device => assert!(
+            through_device.0 > 0 && through_device.1 > 0,
+            "sent, received by the device: {through_device:?}"
+        ),
+    }
     let sent = ev0.wait_for("the connection leaving the frontend", |e| {
         e.verdict == Verdict::Allowed
             && e.endpoint_id == fe.endpoint_id

@@ -136,8 +136,19 @@ impl Daemon {
             };
             let mut tunnel = sigil_datapath::tunnel::TunnelConfig::new(local);
             if matches!(c.encryption, crate::config::Encryption::Spiffe { .. }) {
-                // VXLAN packets are sealed whole into UDP datagrams on the same underlay.
+                // VXLAN packets are sealed whole into UDP datagrams on the same underlay; they
+                // reach the TUN device through the routing table, so the VXLAN device sends
+                // them all.
                 tunnel.mtu -= sigil_encryption::carrier::UNDERLAY_OVERHEAD;
+            } else {
+                // The programs encapsulate onto the device that holds the node's address.
+                tunnel.underlay = sigil_datapath::tunnel::device_with_address(local)?;
+                if tunnel.underlay.is_none() {
+                    tracing::warn!(
+                        node_ip = %local,
+                        "no interface holds the node's address; the VXLAN device encapsulates every packet"
+                    );
+                }
             }
             datapath.setup_tunnel(&tunnel)?;
         }
