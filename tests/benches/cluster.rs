@@ -5,7 +5,10 @@
 //! 2. Cross-node TCP throughput (iperf3, `SECS` per sample, `ROUNDS` interleaved rounds) and
 //!    request/response latency: endpoints on two nodes through VXLAN with an allow policy vs two
 //!    plain namespaces on the same nodes routed over the underlay with no encapsulation and no
-//!    datapath.
+//!    datapath (at the underlay's MTU), and two more at sigil endpoints' MTU (the underlay's
+//!    less VXLAN's 50 bytes), which separates what the smaller segments cost from what the
+//!    datapath costs. `UNDERLAY_MTU` (default 1500) sets the underlay links' MTU (e.g. 9000,
+//!    jumbo frames, as most cloud networks offer); netd derives its endpoints' MTU from it.
 //! 3. Scale by simulation: writers publish `SIM_NODES` (default 1 000) nodes × `SIM_EPS`
 //!    (default 100) endpoints into the cluster's etcd while 3 real nodes watch: etcd write rate,
 //!    time until every real node's kernel IPCache holds the last entry written, netd RSS and CPU
@@ -119,7 +122,7 @@ fn latency(c: &TestCluster) -> Res<()> {
 
 // ---- 2. throughput ----
 
-fn throughput(c: &mut TestCluster) -> Res<()> {
+fn throughput(c: &mut TestCluster, underlay_mtu: u32) -> Res<()> {
     let rounds = env_num("ROUNDS", 5);
     let secs = env_num("SECS", 3);
     let pid = std::process::id();
@@ -150,9 +153,38 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
     // Baseline: plain namespaces behind veths on the same two nodes, routed over the underlay.
     let a = c.topo.add_endpoint(0, Ipv4Addr::new(10, 254, 0, 1))?;
     let b = c.topo.add_endpoint(1, Ipv4Addr::new(10, 254, 1, 1))?;
+    // The same again with the MTU sigil's endpoints get (the underlay's less VXLAN's 50
+    // bytes): what the encapsulation's smaller segments cost by themselves, apart from the
+    // datapath's work.
+    let a_mtu = c.topo.add_endpoint(0, Ipv4Addr::new(10, 254, 0, 2))?;
+    let b_mtu = c.topo.add_endpoint(1, Ipv4Addr::new(10, 254, 1, 2))?;
+    let tunnel_mtu = underlay_mtu - sigil_datapath::tunnel::VXLAN_OVERHEAD;
     let n0 = c.topo.node(0)?.clone();
     let n1 = c.topo.node(1)?.clone();
-    for (node, peer, dst) in [(&n0, &n1, b.ip), (&n1, &n0, a.ip)] {
+    // Both ends of each veth (the endpoint's eth0, the node's side).
+    for (ep, node, mtu) in [
+        (&a, &n0, underlay_mtu),
+        (&b, &n1, underlay_mtu),
+        (&a_mtu, &n0, tunnel_mtu),
+        (&b_mtu, &n1, tunnel_mtu),
+    ] {
+        for (ns, link) in [
+            (&ep.netns, "eth0"),
+            (&node.netns, ep.node_interface.as_str()),
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(["-n", ns, "link", "set", link, "mtu"])
+                .arg(mtu.to_string())
+                .output()?;
+            anyhow::ensure!(out.status.success(), "mtu: {out:?}");
+        }
+    }
+    for (node, peer, dst) in [
+        (&n0, &n1, b.ip),
+        (&n1, &n0, a.ip),
+        (&n0, &n1, b_mtu.ip),
+        (&n1, &n0, a_mtu.ip),
+    ] {
         let out = node
             .command("ip")
             .args([
@@ -168,15 +200,20 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
     let mut kids = Kids(Vec::new());
     iperf_server(&mut kids, &ips[1].1)?;
     iperf_server(&mut kids, &b.netns_path)?;
+    iperf_server(&mut kids, &b_mtu.netns_path)?;
     echo_server(&ips[1].1, ips[1].0)?;
     echo_server(&b.netns_path, b.ip)?;
-    let setups: [(&str, &Path, Ipv4Addr); 2] = [
-        ("plain routed, no datapath (baseline)", &a.netns_path, b.ip),
+    echo_server(&b_mtu.netns_path, b_mtu.ip)?;
+    let base_name = format!("plain routed, no datapath, MTU {underlay_mtu} (baseline)");
+    let same_mtu = format!("plain routed, no datapath, MTU {tunnel_mtu} (sigil's endpoints')");
+    let setups: [(&str, &Path, Ipv4Addr); 3] = [
+        (&base_name, &a.netns_path, b.ip),
         (
             "sigil: endpoints + allow policy, VXLAN carrier (--tunnel vxlan)",
             &ips[0].1,
             ips[1].0,
         ),
+        (&same_mtu, &a_mtu.netns_path, b_mtu.ip),
     ];
     // Wait until both paths carry traffic.
     for (what, ns, ip) in setups {
@@ -197,11 +234,12 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
             },
         )?;
     }
-    let mut gbps = vec![Vec::new(); 2];
-    let mut lat = vec![Vec::new(); 2];
+    let n = setups.len();
+    let mut gbps = vec![Vec::new(); n];
+    let mut lat = vec![Vec::new(); n];
     for r in 0..rounds {
-        for k in 0..2 {
-            let k = (k + r) % 2;
+        for k in 0..n {
+            let k = (k + r) % n;
             let (_, ns, ip) = setups[k];
             gbps[k].push(iperf(ns, ip, secs)?);
             lat[k].extend(rr(ns, SocketAddr::from((ip, 7000)), 2000)?);
@@ -212,7 +250,7 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
     );
     println!("| --- | --- | --- | --- |");
     let base = median(gbps[0].clone());
-    for k in 0..2 {
+    for k in 0..n {
         let v = &gbps[k];
         let (lo, hi) = (
             v.iter().copied().fold(f64::MAX, f64::min),
@@ -229,6 +267,15 @@ fn throughput(c: &mut TestCluster) -> Res<()> {
             pct(&lat[k], 0.99).as_secs_f64() * 1e6
         );
     }
+    // Each round's own ratio (the setups ran back to back in it): steadier than the ratio of
+    // medians when the machine's speed drifts between rounds.
+    let paired = |k: usize| median((0..rounds).map(|r| gbps[1][r] / gbps[k][r]).collect());
+    println!(
+        "\nsigil vs baseline, median of the {rounds} rounds' ratios: {:.2} ×; vs plain routing at \
+         the same MTU: {:.2} ×",
+        paired(0),
+        paired(2)
+    );
     for k in 0..2 {
         let _ = c.nodes[k]
             .netd
@@ -409,7 +456,12 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let only = std::env::var("ONLY").unwrap_or_default();
-    let mut c = TestCluster::start(3, 231, &[])?;
+    let underlay_mtu = env_num("UNDERLAY_MTU", 1500) as u32;
+    let mut c = if underlay_mtu == 1500 {
+        TestCluster::start(3, 231, &[])?
+    } else {
+        TestCluster::start_with_underlay_mtu(3, 231, &[], underlay_mtu)?
+    };
     println!(
         "# sigil cluster benchmarks — {} ({} CPUs)\n",
         chrono_free_date(),
@@ -424,7 +476,7 @@ fn main() -> Res<()> {
     }
     if only.is_empty() || only == "throughput" {
         println!("## Cross-node TCP: sigil endpoints + policy vs plain routing\n");
-        throughput(&mut c)?;
+        throughput(&mut c, underlay_mtu)?;
         println!();
     }
     if only.is_empty() || only == "scale" {

@@ -876,6 +876,36 @@ static long (*bpf_check_mtu)(void *skb, __u32 ifindex, __u32 *mtu_len, int len_d
 			     __u64 flags) = (void *)163;
 static __u32 (*bpf_get_hash_recalc)(void *skb) = (void *)34;
 static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
+static long (*bpf_fib_lookup)(void *skb, void *params, int plen, __u32 flags) = (void *)69;
+
+/* The kernel's struct bpf_fib_lookup and struct bpf_redir_neigh (UAPI), IPv4 members named. */
+struct bpf_fib_lookup {
+	__u8 family;
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	__u16 tot_len; /* in: L3 length to check against the route's MTU; out: the MTU */
+	__u32 ifindex; /* in: the packet's device; out: the egress device */
+	__u32 tos;
+	__be32 ipv4_src;
+	__u32 ipv6_src_rest[3];
+	__be32 ipv4_dst; /* out: the next hop */
+	__u32 ipv6_dst_rest[3];
+	__u32 vlan;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+struct bpf_redir_neigh {
+	__u32 nh_family;
+	__be32 ipv4_nh;
+	__u32 ipv6_nh_rest[3];
+};
+
+#define AF_INET 2
+#define BPF_FIB_LOOKUP_OUTPUT (1U << 1)
+#define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
+#define BPF_FIB_LKUP_RET_SUCCESS 0
 
 #define BPF_ADJ_ROOM_MAC 1
 #define BPF_F_ADJ_ROOM_FIXED_GSO (1ULL << 0)
@@ -884,6 +914,8 @@ static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
 #define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+/* Newer than 6.18: also clears the skb's UDP-tunnel offload state, as the VXLAN device does. */
+#define BPF_F_ADJ_ROOM_DECAP_L4_UDP (1ULL << 10)
 #define BPF_F_ADJ_ROOM_ENCAP_L2(len) (((__u64)(len) & 0xff) << 56)
 #define BPF_MTU_CHK_SEGS 1
 
@@ -902,6 +934,9 @@ struct vxlan_encap {
 /* Outer UDP source ports: the kernel's default ephemeral range, as the VXLAN device picks. */
 #define SPORT_MIN 32768
 #define SPORT_SPAN 28232
+#define ECN_MASK 3
+#define ECN_ECT_0 2
+#define ECN_CE 3
 
 static __always_inline __u16 csum_fold(long long partial)
 {
@@ -912,27 +947,75 @@ static __always_inline __u16 csum_fold(long long partial)
 	return (__u16)~sum;
 }
 
-/* Encapsulation by the program itself, onto the underlay device: the outer headers written
- * in place (bpf_skb_adjust_room keeps GSO and checksum offload working on the inner packet)
- * and the frame sent to the next hop's neighbour (bpf_redirect_neigh). This skips the VXLAN
- * device's transmit path and its route lookup per packet. Returns -1, with the packet
- * untouched, for what the VXLAN device must carry instead: a packet (or a GSO segment) too
- * large for the underlay once encapsulated, which the device fragments. */
+/* The ECN bits of the packet's IP header at `l3` (IPv4 TOS, IPv6 traffic class). */
+static __always_inline __u8 ecn_at(struct __sk_buff *skb, __u32 l3)
+{
+	__u8 b[2] = {};
+
+	if (bpf_skb_load_bytes(skb, l3, b, sizeof(b)) < 0)
+		return 0;
+	return (b[0] >> 4) == 4 ? b[1] & ECN_MASK : (b[1] >> 4) & ECN_MASK;
+}
+
+/* Whether the programs may send this packet to `remote` themselves, and where to (*next_hop:
+ * the route's next hop, network order): only if it fits the underlay once encapsulated (the
+ * VXLAN device fragments what does not) and its route to the remote node leaves by the
+ * underlay device (policy routing is honoured). A subprogram of its own, beside encap_direct,
+ * so their frames are not stacked. */
+static __attribute__((noinline)) int direct_route(struct __sk_buff *skb, __u32 remote,
+						  const struct tunnel_config *t, __u32 *next_hop)
+{
+	struct bpf_fib_lookup fib = {};
+	__u32 mtu = 0;
+
+	if (!t || !t->underlay_ifindex)
+		return 0;
+	/* The VXLAN device's MTU is the underlay's less ENCAP_LEN: what fits it fits after. */
+	if (bpf_check_mtu(skb, t->ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != 0)
+		return 0;
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.dport = t->port;
+	fib.ifindex = t->underlay_ifindex;
+	/* GSO segments were checked above; a whole packet is checked against the route here. */
+	fib.tot_len = skb->gso_size ? 20 + 8 + 8 : skb->len - 14 + ENCAP_LEN;
+	__builtin_memcpy(&fib.ipv4_src, t->local_ipv4, 4);
+	fib.ipv4_dst = remote;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib),
+			   BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+		    BPF_FIB_LKUP_RET_SUCCESS ||
+	    fib.ifindex != t->underlay_ifindex)
+		return 0;
+	*next_hop = fib.ipv4_dst;
+	return 1;
+}
+
+/* Encapsulation by the program itself, onto the underlay device (direct_route said yes): the
+ * outer headers written in place (bpf_skb_adjust_room keeps GSO and checksum offload working
+ * on the inner packet) and the frame sent to the next hop, whose address
+ * bpf_redirect_neigh resolves. This skips the VXLAN device's transmit path. Returns -1, with
+ * the packet untouched, if the VXLAN device must carry it after all. */
 static __attribute__((noinline)) int encap_direct(struct __sk_buff *skb, __u32 identity,
-						  __u32 remote, const struct tunnel_config *t)
+						  __u32 remote, const struct tunnel_config *t,
+						  __u32 next_hop)
 {
 	struct vxlan_encap h = {};
+	struct bpf_redir_neigh nh = {};
 	__be16 outer_proto = bswap16(ETH_P_IP);
-	__u32 mtu = 0, sport, id;
+	__u32 sport, id;
 	__u16 tot, ulen, csum;
+	__u8 ecn;
 
-	/* The VXLAN device's MTU is the underlay's less ENCAP_LEN: what fits it fits after. */
-	if (!t || !t->underlay_ifindex)
+	if (!t)
 		return -1;
-	if (bpf_check_mtu(skb, t->ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != 0)
-		return -1;
+	nh.nh_family = AF_INET;
+	nh.ipv4_nh = next_hop;
 	if (bpf_skb_load_bytes(skb, 0, h.eth, sizeof(h.eth)) < 0)
 		return -1;
+	ecn = ecn_at(skb, 14);
+	/* The source port spreads flows over the underlay's paths and queues (RFC 7348); the
+	 * flow hash is taken before the new headers are there. */
+	sport = SPORT_MIN + (__u32)(((__u64)bpf_get_hash_recalc(skb) * SPORT_SPAN) >> 32);
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
 					BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
@@ -942,6 +1025,8 @@ static __attribute__((noinline)) int encap_direct(struct __sk_buff *skb, __u32 i
 	ulen = tot - 20;
 	id = bpf_get_prandom_u32();
 	h.ip[0] = 0x45;
+	/* ECN as the device encapsulates it (RFC 6040): copied out, CE as ECT(0). */
+	h.ip[1] = ecn == ECN_CE ? ECN_ECT_0 : ecn;
 	h.ip[2] = tot >> 8;
 	h.ip[3] = tot & 0xff;
 	h.ip[4] = id >> 8;
@@ -952,8 +1037,6 @@ static __attribute__((noinline)) int encap_direct(struct __sk_buff *skb, __u32 i
 	__builtin_memcpy(&h.ip[16], &remote, 4);
 	csum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)h.ip, sizeof(h.ip), 0));
 	__builtin_memcpy(&h.ip[10], &csum, 2);
-	/* The source port spreads flows over the underlay's paths and queues (RFC 7348). */
-	sport = SPORT_MIN + (__u32)(((__u64)bpf_get_hash_recalc(skb) * SPORT_SPAN) >> 32);
 	h.udp[0] = sport >> 8;
 	h.udp[1] = sport & 0xff;
 	__builtin_memcpy(&h.udp[2], &t->port, 2);
@@ -967,22 +1050,27 @@ static __attribute__((noinline)) int encap_direct(struct __sk_buff *skb, __u32 i
 	if (bpf_skb_store_bytes(skb, 14, &h, sizeof(h), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, 12, &outer_proto, sizeof(outer_proto), 0) < 0)
 		return TC_ACT_SHOT;
-	return bpf_redirect_neigh(t->underlay_ifindex, 0, 0, 0);
+	return bpf_redirect_neigh(t->underlay_ifindex, &nh, sizeof(nh), 0);
 }
 
 SEC("classifier")
 int sigil_from_ep(struct __sk_buff *skb)
 {
 	struct ctx c = {};
+	struct tunnel_config *t;
+	__u32 next_hop = 0;
 	int verdict = handle(skb, DIR_EGRESS, &c, 0);
 
 	/* Everything that passes towards another node's address goes into the tunnel: new
 	 * connections, replies and untracked packets alike. */
 	if (verdict != TC_ACT_OK || !c.tunnel_endpoint)
 		return verdict;
-	verdict = encap_direct(skb, c.src_identity, c.tunnel_endpoint, tunnel_config());
-	if (verdict >= 0)
-		return verdict;
+	t = tunnel_config();
+	if (direct_route(skb, c.tunnel_endpoint, t, &next_hop)) {
+		verdict = encap_direct(skb, c.src_identity, c.tunnel_endpoint, t, next_hop);
+		if (verdict >= 0)
+			return verdict;
+	}
 	return encap(skb, c.src_identity, c.tunnel_endpoint, c.tunnel_local, c.tunnel_ifindex);
 }
 
@@ -1154,6 +1242,7 @@ int sigil_from_underlay(struct __sk_buff *skb)
 	struct ctx c = {};
 	struct tunnel_config *t;
 	__be16 inner_proto;
+	__u64 flags;
 	__u32 local, outer_be, vni, ep = 0;
 	enum parse_result parsed;
 	__u16 tot;
@@ -1161,15 +1250,18 @@ int sigil_from_underlay(struct __sk_buff *skb)
 	t = tunnel_config();
 	if (!t || !t->underlay_ifindex || skb->ifindex != t->underlay_ifindex)
 		return TC_ACT_UNSPEC;
-	/* Only frames addressed to this host: the stack drops the others (promiscuous mode). */
-	if (skb->pkt_type != PACKET_HOST || skb->protocol != bswap16(ETH_P_IP))
+	/* Only untagged frames addressed to this host: the stack drops the others (promiscuous
+	 * mode, a VLAN this host does not have). */
+	if (skb->pkt_type != PACKET_HOST || skb->vlan_present ||
+	    skb->protocol != bswap16(ETH_P_IP))
 		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, 14, &o, sizeof(o)) < 0)
 		return TC_ACT_UNSPEC;
 	__builtin_memcpy(&local, t->local_ipv4, 4);
 	__builtin_memcpy(&outer_be, &o.ip[12], 4);
+	/* Congestion marked on the way: the device applies it to the inner packet (RFC 6040). */
 	if (o.ip[0] != 0x45 || o.ip[9] != IPPROTO_UDP || (o.ip[6] & 0x3f) || o.ip[7] ||
-	    !addr_eq(&o.ip[16], t->local_ipv4, 4))
+	    (o.ip[1] & ECN_MASK) == ECN_CE || !addr_eq(&o.ip[16], t->local_ipv4, 4))
 		return TC_ACT_UNSPEC;
 	tot = ((__u16)o.ip[2] << 8) | o.ip[3];
 	/* The stack checks these before anything reads the packet; so do we. */
@@ -1187,12 +1279,29 @@ int sigil_from_underlay(struct __sk_buff *skb)
 	inner_proto = bswap16(f.family == 4 ? ETH_P_IP : ETH_P_IPV6);
 	/* The outer IP, UDP and VXLAN headers and the inner Ethernet header go; the outer
 	 * Ethernet header stays, with the inner packet's type. The segment size of a GSO packet
-	 * stays too: it is the inner packet's. */
-	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO |
-					(f.family == 4 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV4
-						       : BPF_F_ADJ_ROOM_DECAP_L3_IPV6)) < 0)
-		return TC_ACT_UNSPEC;
+	 * stays too: it is the inner packet's. A GSO (GRO-merged, or sent whole over veth) packet
+	 * also carries UDP-tunnel offload state (skb->encapsulation, SKB_GSO_UDP_TUNNEL) that
+	 * should go with the headers, as the VXLAN device clears it: only kernels with
+	 * BPF_F_ADJ_ROOM_DECAP_L4_UDP (newer than 6.18) clear it from a program. On older ones
+	 * (the flag is refused, the packet untouched) the VXLAN device takes UDP and other GSO
+	 * packets, whose receive path segments them by that state (udp_rcv_segment would take a
+	 * UDP GSO packet for a tunnel and drop it). TCP GSO packets are decapsulated here all the
+	 * same: TCP's receive never segments, and the inner offsets left behind equal the real
+	 * headers; only an endpoint that forwards one out of a device with UDP-tunnel TSO of its
+	 * own could see it mis-sent (docs/security.md). The checksum state is reset (no
+	 * BPF_F_ADJ_ROOM_NO_CSUM_RESET): nothing outer vouches for the inner one. */
+	flags = BPF_F_ADJ_ROOM_FIXED_GSO |
+		(f.family == 4 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV4 : BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
+	if (!skb->gso_size) {
+		if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags) < 0)
+			return TC_ACT_UNSPEC;
+	} else if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				       flags | BPF_F_ADJ_ROOM_DECAP_L4_UDP) < 0) {
+		if (f.protocol != IPPROTO_TCP ||
+		    bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags) < 0)
+			return TC_ACT_UNSPEC;
+	}
+	c.ep = ep;
 	c.direction = DIR_INGRESS;
 	c.flags = EVENT_F_TUNNEL;
 	c.src_identity = vni;

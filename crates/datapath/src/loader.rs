@@ -235,8 +235,10 @@ impl Datapath {
             )
             .map_err(|e| DatapathError::io(format!("looking up interface {interface}"), e))?;
             if let Err(e) = link.detach() {
+                // No filter (ENOENT), or no clsact qdisc for one to be on (EINVAL, "Parent
+                // Qdisc doesn't exists"): nothing to detach.
                 let gone = matches!(&e, aya::programs::ProgramError::NetlinkError(n)
-                    if n.raw_os_error() == Some(nix::libc::ENOENT));
+                    if matches!(n.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::EINVAL)));
                 if !gone {
                     return Err(DatapathError::Tc {
                         interface: interface.to_owned(),

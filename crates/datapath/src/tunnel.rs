@@ -195,20 +195,34 @@ pub fn ensure_device(nl: &dyn Netlink, cfg: &TunnelConfig) -> Result<u32, Datapa
     })
 }
 
-/// The interface (in the current network namespace) that holds `ip`, if one does: the
-/// underlay device of a node whose underlay address is `ip`.
+/// The interface (in the current network namespace) that holds `ip`, if one does and it is
+/// not a loopback device: the underlay device of a node whose underlay address is `ip`.
 pub fn device_with_address(ip: Ipv4Addr) -> Result<Option<String>, DatapathError> {
     let addrs = nix::ifaddrs::getifaddrs()
         .map_err(|e| DatapathError::io("listing interface addresses", e.into()))?;
     Ok(addrs
         .filter(|a| {
-            a.address
-                .as_ref()
-                .and_then(|s| s.as_sockaddr_in())
-                .is_some_and(|s| s.ip() == ip)
+            !a.flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+                && a.address
+                    .as_ref()
+                    .and_then(|s| s.as_sockaddr_in())
+                    .is_some_and(|s| s.ip() == ip)
         })
         .map(|a| a.interface_name)
         .next())
+}
+
+/// The underlay device that holds `ip` ([`device_with_address`]) and its MTU, if one does.
+pub fn underlay_of(ip: Ipv4Addr) -> Result<Option<(String, u32)>, DatapathError> {
+    let Some(dev) = device_with_address(ip)? else {
+        return Ok(None);
+    };
+    match RtNetlink::new().link_mtu(Ns::Current, &dev)? {
+        Some(mtu) => Ok(Some((dev, mtu))),
+        // Gone between the two reads.
+        None => Ok(None),
+    }
 }
 
 /// The route that sends a prefix into the tunnel device.
@@ -248,8 +262,15 @@ impl Datapath {
                 self.attach_hooks(dev, &UNDERLAY_HOOKS)?;
                 index
             }
-            // A filter left on an underlay by an earlier setup stays, disarmed by the map.
-            None => 0,
+            None => {
+                // No earlier run's filter may stay on the underlay: with its pins removed it
+                // would keep an armed copy of the old map, and deliver past this setup (past
+                // the encrypted carrier's drop of plaintext VXLAN, say).
+                if let Some(dev) = device_with_address(cfg.local_ip)? {
+                    Self::detach_hooks(&dev, &UNDERLAY_HOOKS)?;
+                }
+                0
+            }
         };
         self.maps_mut().tunnel.set(TunnelConfigRaw {
             ifindex,

@@ -134,21 +134,36 @@ impl Daemon {
                     "the VXLAN carrier needs an IPv4 underlay address",
                 ));
             };
-            let mut tunnel = sigil_datapath::tunnel::TunnelConfig::new(local);
+            use sigil_datapath::tunnel::{DEFAULT_UNDERLAY_MTU, TunnelConfig, VXLAN_OVERHEAD};
+            let mut tunnel = TunnelConfig::new(local);
+            // The device that holds the node's address carries the tunnel; its MTU less the
+            // encapsulation is what endpoints get (as Cilium derives it), so a jumbo-frame
+            // underlay gives endpoints jumbo frames.
+            let underlay = sigil_datapath::tunnel::underlay_of(local)?;
+            let underlay_mtu = match &underlay {
+                Some((_, mtu)) => *mtu,
+                None => {
+                    tracing::warn!(
+                        node_ip = %local,
+                        assumed_mtu = DEFAULT_UNDERLAY_MTU,
+                        "no interface holds the node's address; the VXLAN device encapsulates every packet"
+                    );
+                    DEFAULT_UNDERLAY_MTU
+                }
+            };
+            tunnel.mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
             if matches!(c.encryption, crate::config::Encryption::Spiffe { .. }) {
                 // VXLAN packets are sealed whole into UDP datagrams on the same underlay; they
                 // reach the TUN device through the routing table, so the VXLAN device sends
                 // them all.
-                tunnel.mtu -= sigil_encryption::carrier::UNDERLAY_OVERHEAD;
+                // And a VXLAN packet must fit the TUN device whole.
+                tunnel.mtu = tunnel
+                    .mtu
+                    .saturating_sub(sigil_encryption::carrier::UNDERLAY_OVERHEAD)
+                    .min(crate::encryption::TUN_MTU - VXLAN_OVERHEAD);
             } else {
-                // The programs encapsulate onto the device that holds the node's address.
-                tunnel.underlay = sigil_datapath::tunnel::device_with_address(local)?;
-                if tunnel.underlay.is_none() {
-                    tracing::warn!(
-                        node_ip = %local,
-                        "no interface holds the node's address; the VXLAN device encapsulates every packet"
-                    );
-                }
+                // The programs encapsulate onto the underlay device themselves.
+                tunnel.underlay = underlay.map(|(dev, _)| dev);
             }
             datapath.setup_tunnel(&tunnel)?;
         }

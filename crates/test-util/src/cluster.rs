@@ -155,7 +155,34 @@ impl TestCluster {
         extra: &[&str],
         per_node: &dyn Fn(usize) -> Vec<String>,
     ) -> anyhow::Result<TestCluster> {
-        let mut topo = Topology::new(n)?;
+        Self::start_on(Topology::new(n)?, a, tunnel, extra, per_node)
+    }
+
+    /// As [`TestCluster::start`], on an underlay whose links have MTU `mtu`
+    /// ([`Topology::with_underlay_mtu`]).
+    pub fn start_with_underlay_mtu(
+        n: usize,
+        a: u8,
+        extra: &[&str],
+        mtu: u32,
+    ) -> anyhow::Result<TestCluster> {
+        Self::start_on(
+            Topology::with_underlay_mtu(n, mtu)?,
+            a,
+            "vxlan",
+            extra,
+            &|_| Vec::new(),
+        )
+    }
+
+    fn start_on(
+        mut topo: Topology,
+        a: u8,
+        tunnel: &str,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<TestCluster> {
+        let n = topo.nodes.len();
         let ip = topo.underlay_address()?;
         let etcd = EtcdServer::start_at(Some(&topo.underlay_path()), ip)?;
         let mut c = TestCluster {

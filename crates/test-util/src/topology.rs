@@ -111,12 +111,27 @@ pub struct Topology {
     created: Vec<String>,
     /// Whether the bridge has its `.254` address.
     underlay_addressed: bool,
+    /// MTU of the underlay links (`None`: the kernel's default, 1500).
+    underlay_mtu: Option<u32>,
 }
 
 impl Topology {
     /// Builds `n` nodes (1..=250) on a bridge and waits for nothing: links are up when this
     /// returns. Needs root.
     pub fn new(n: usize) -> anyhow::Result<Self> {
+        Self::build_with(n, None)
+    }
+
+    /// [`Topology::new`] with every underlay link (each node's uplink and its bridge port) at
+    /// `mtu`, e.g. jumbo frames.
+    pub fn with_underlay_mtu(n: usize, mtu: u32) -> anyhow::Result<Self> {
+        if !(1280..=65535).contains(&mtu) {
+            bail!("underlay mtu: {mtu} is not 1280-65535");
+        }
+        Self::build_with(n, Some(mtu))
+    }
+
+    fn build_with(n: usize, underlay_mtu: Option<u32>) -> anyhow::Result<Self> {
         if n == 0 || n > 250 {
             bail!("a topology has 1 to 250 nodes, not {n}");
         }
@@ -135,6 +150,7 @@ impl Topology {
             endpoints: Vec::new(),
             created: Vec::new(),
             underlay_addressed: false,
+            underlay_mtu,
         };
         t.build(n, subnet)?;
         Ok(t)
@@ -160,8 +176,12 @@ impl Topology {
             let port = format!("n{i}");
             self.nl.add_veth(u, &port, NODE_UPLINK, Some(&netns))?;
             self.nl.set_master(u, &port, Some(UNDERLAY_BRIDGE))?;
-            self.nl.set_link_up(u, &port, true)?;
             let ns = Ns::Named(&netns);
+            if let Some(mtu) = self.underlay_mtu {
+                self.nl.set_mtu(u, &port, mtu)?;
+                self.nl.set_mtu(ns, NODE_UPLINK, mtu)?;
+            }
+            self.nl.set_link_up(u, &port, true)?;
             let underlay_ip = Ipv4Addr::new(192, 168, subnet, (i + 1) as u8);
             self.nl
                 .add_address(ns, NODE_UPLINK, IpAddr::V4(underlay_ip), 24, false)?;
