@@ -1243,7 +1243,7 @@ int sigil_from_underlay(struct __sk_buff *skb)
 	struct tunnel_config *t;
 	__be16 inner_proto;
 	__u64 flags;
-	__u32 local, outer_be, vni, ep = 0;
+	__u32 outer_be, vni, ep = 0;
 	enum parse_result parsed;
 	__u16 tot;
 
@@ -1257,7 +1257,6 @@ int sigil_from_underlay(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, 14, &o, sizeof(o)) < 0)
 		return TC_ACT_UNSPEC;
-	__builtin_memcpy(&local, t->local_ipv4, 4);
 	__builtin_memcpy(&outer_be, &o.ip[12], 4);
 	/* Congestion marked on the way: the device applies it to the inner packet (RFC 6040). */
 	if (o.ip[0] != 0x45 || o.ip[9] != IPPROTO_UDP || (o.ip[6] & 0x3f) || o.ip[7] ||

@@ -1114,6 +1114,15 @@ fn setup_is_idempotent_and_teardown_disarms_the_carrier() {
     };
     assert_eq!(filters(&n0.path), (1, 1, 1));
     assert!(udp_ok(&fe, v4(&be), PORT, true));
+    // What netd finds as the underlay: the uplink that holds the node's address, never lo.
+    let found = in_netns(&n0.path, || {
+        Ok((
+            sigil_datapath::tunnel::underlay_of(ip)?,
+            sigil_datapath::tunnel::device_with_address(Ipv4Addr::LOCALHOST)?,
+        ))
+    })
+    .expect("underlay");
+    assert_eq!(found, (Some((NODE_UPLINK.to_owned(), 1500)), None));
 
     // A restarted daemon: the loader's process is gone (its Datapath dropped), the filters and
     // pins stay; a fresh load reads the tunnel back from its map, and set-up adopts the device.
