@@ -145,6 +145,11 @@ pub struct RunArgs {
     /// --tunnel vxlan and --agent-workload-socket, where netd gets its node SVID).
     #[arg(long)]
     pub encryption: Option<String>,
+    /// Who builds the VXLAN packets of endpoints: bpf (default; the datapath encapsulates and
+    /// decapsulates them itself on the underlay device, past the host's netfilter) or device
+    /// (the kernel's VXLAN device, for every packet; always so with --encryption spiffe).
+    #[arg(long)]
+    pub tunnel_encap: Option<String>,
     /// TTL of this node's etcd lease: a silent node disappears after it (default 15s).
     #[arg(long)]
     pub kvstore_lease_ttl: Option<String>,
@@ -233,6 +238,7 @@ struct FileConfig {
     tunnel: Option<String>,
     cluster_pod_cidr: Option<String>,
     encryption: Option<String>,
+    tunnel_encap: Option<String>,
     kvstore_lease_ttl: Option<String>,
     identity_gc_grace: Option<String>,
     mutual_auth_port: Option<String>,
@@ -295,6 +301,10 @@ pub struct ClusterConfig {
     pub tunnel: Tunnel,
     /// Encryption of the carrier.
     pub encryption: Encryption,
+    /// Whether the datapath builds and takes apart the VXLAN packets itself on the underlay
+    /// device (`tunnel_encap bpf`, the default without encryption) rather than the VXLAN
+    /// device doing it for every packet.
+    pub bpf_encap: bool,
     /// The range to lease this node's pod CIDR from (`None`: `pod_cidr` is claimed as is).
     pub cluster_pod_cidr: Option<PodCidr<Ipv4Addr>>,
     /// TTL of this node's lease.
@@ -1062,6 +1072,16 @@ fn cluster_config(
             _ => Err("spiffe or disabled"),
         },
     )?;
+    let tunnel_encap = l.parse(
+        "tunnel_encap",
+        args.tunnel_encap.clone(),
+        file.tunnel_encap.clone(),
+        |v| match v {
+            "bpf" => Ok(true),
+            "device" => Ok(false),
+            _ => Err("bpf or device"),
+        },
+    )?;
     let lease_ttl = l.parse(
         "kvstore_lease_ttl",
         args.kvstore_lease_ttl.clone(),
@@ -1106,6 +1126,7 @@ fn cluster_config(
             ("tunnel", tunnel.is_some()),
             ("cluster_pod_cidr", cluster_pod_cidr.is_some()),
             ("encryption", encryption == Some(true)),
+            ("tunnel_encap", tunnel_encap.is_some()),
             ("kvstore_lease_ttl", lease_ttl.is_some()),
             ("identity_gc_grace", gc_grace.is_some()),
             ("mutual_auth_port", mutual_auth_port.is_some()),
@@ -1163,6 +1184,18 @@ fn cluster_config(
         }
         _ => Encryption::Disabled,
     };
+    if tunnel_encap.is_some() && tunnel != Tunnel::Vxlan {
+        bail!("tunnel_encap: set with tunnel disabled; it chooses how VXLAN packets are built");
+    }
+    if tunnel_encap == Some(true) && encryption != Encryption::Disabled {
+        bail!(
+            "tunnel_encap: invalid value \"bpf\": not with encryption spiffe (the encrypted carrier \
+             takes the VXLAN packets from the VXLAN device through the routing table)"
+        );
+    }
+    let bpf_encap = tunnel == Tunnel::Vxlan
+        && tunnel_encap.unwrap_or(true)
+        && encryption == Encryption::Disabled;
     let c = ClusterConfig {
         endpoints,
         cluster_name,
@@ -1170,6 +1203,7 @@ fn cluster_config(
         node_ip,
         tunnel,
         encryption,
+        bpf_encap,
         cluster_pod_cidr,
         lease_ttl: lease_ttl.unwrap_or(DEFAULT_KVSTORE_LEASE_TTL),
         gc_grace: gc_grace.unwrap_or(DEFAULT_IDENTITY_GC_GRACE),
@@ -1240,6 +1274,64 @@ mod tests {
         };
         let e = Config::from_args(&bad).expect_err("enforcement");
         assert!(e.to_string().contains("enforcement") && e.to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn tunnel_encap_is_bpf_by_default_and_device_with_encryption() {
+        let bpf =
+            |a: RunArgs| Config::from_layers(&a, env(&[])).map(|c| c.cluster.map(|c| c.bpf_encap));
+        let vx = || RunArgs {
+            tunnel: Some("vxlan".into()),
+            ..cluster_args()
+        };
+        assert_eq!(bpf(vx()).expect("default"), Some(true));
+        assert_eq!(bpf(cluster_args()).expect("no tunnel"), Some(false));
+        let device = RunArgs {
+            tunnel_encap: Some("device".into()),
+            ..vx()
+        };
+        assert_eq!(bpf(device).expect("device"), Some(false));
+        let sock = Some(PathBuf::from("/run/agent/api.sock"));
+        let spiffe = RunArgs {
+            encryption: Some("spiffe".into()),
+            agent_workload_socket: sock.clone(),
+            ..vx()
+        };
+        assert_eq!(bpf(spiffe.clone()).expect("spiffe"), Some(false));
+        for (args, want) in [
+            (
+                RunArgs {
+                    tunnel_encap: Some("bpf".into()),
+                    ..spiffe
+                },
+                "tunnel_encap: invalid value \"bpf\": not with encryption spiffe",
+            ),
+            (
+                RunArgs {
+                    tunnel_encap: Some("kernel".into()),
+                    ..vx()
+                },
+                "tunnel_encap: invalid value \"kernel\"",
+            ),
+            (
+                RunArgs {
+                    tunnel_encap: Some("device".into()),
+                    tunnel: Some("disabled".into()),
+                    ..cluster_args()
+                },
+                "tunnel_encap: set with tunnel disabled",
+            ),
+            (
+                RunArgs {
+                    tunnel_encap: Some("bpf".into()),
+                    ..RunArgs::default()
+                },
+                "tunnel_encap: set without kvstore",
+            ),
+        ] {
+            let e = bpf(args).expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

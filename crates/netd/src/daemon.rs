@@ -161,7 +161,7 @@ impl Daemon {
                     .mtu
                     .saturating_sub(sigil_encryption::carrier::UNDERLAY_OVERHEAD)
                     .min(crate::encryption::TUN_MTU - VXLAN_OVERHEAD);
-            } else {
+            } else if c.bpf_encap {
                 // The programs encapsulate onto the underlay device themselves.
                 tunnel.underlay = underlay.map(|(dev, _)| dev);
             }
