@@ -959,9 +959,10 @@ static __always_inline __u8 ecn_at(struct __sk_buff *skb, __u32 l3)
 
 /* Whether the programs may send this packet to `remote` themselves, and where to (*next_hop:
  * the route's next hop, network order): only if it fits the underlay once encapsulated (the
- * VXLAN device fragments what does not) and its route to the remote node leaves by the
- * underlay device (policy routing is honoured). A subprogram of its own, beside encap_direct,
- * so their frames are not stacked. */
+ * VXLAN device fragments what does not) and the route to the remote node (routing rules
+ * included, though not fwmark rules, and one ECMP path for all flows) leaves by the underlay
+ * device through an IPv4 next hop. A subprogram of its own, beside encap_direct, so their
+ * frames are not stacked. */
 static __attribute__((noinline)) int direct_route(struct __sk_buff *skb, __u32 remote,
 						  const struct tunnel_config *t, __u32 *next_hop)
 {
@@ -976,15 +977,16 @@ static __attribute__((noinline)) int direct_route(struct __sk_buff *skb, __u32 r
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.dport = t->port;
-	fib.ifindex = t->underlay_ifindex;
+	/* As if forwarded from the endpoint's veth (an input lookup): an output lookup pinned to
+	 * the underlay device would never see a route that leaves by another one. */
+	fib.ifindex = skb->ifindex;
 	/* GSO segments were checked above; a whole packet is checked against the route here. */
 	fib.tot_len = skb->gso_size ? 20 + 8 + 8 : skb->len - 14 + ENCAP_LEN;
 	__builtin_memcpy(&fib.ipv4_src, t->local_ipv4, 4);
 	fib.ipv4_dst = remote;
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib),
-			   BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
-		    BPF_FIB_LKUP_RET_SUCCESS ||
-	    fib.ifindex != t->underlay_ifindex)
+			   BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS ||
+	    fib.ifindex != t->underlay_ifindex || fib.family != AF_INET)
 		return 0;
 	*next_hop = fib.ipv4_dst;
 	return 1;

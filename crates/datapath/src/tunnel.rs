@@ -254,6 +254,9 @@ impl Datapath {
         let nl = RtNetlink::new();
         let ifindex = ensure_device(&nl, cfg)?;
         self.attach_hooks(&cfg.device, &TUNNEL_HOOKS)?;
+        // An underlay an earlier setup armed that is not this one's loses its filter (the
+        // address moved, or the device changed); the map tells which, while its pin lives.
+        let before = self.maps().tunnel.get()?.underlay_ifindex;
         let underlay_ifindex = match &cfg.underlay {
             Some(dev) => {
                 let index = nl.link_index(Ns::Current, dev)?.ok_or_else(|| {
@@ -272,6 +275,16 @@ impl Datapath {
                 0
             }
         };
+        // (Never an endpoint's veth, should the index have been reused: the same hook holds
+        // its program.)
+        if before != 0
+            && before != underlay_ifindex
+            && before != ifindex
+            && self.maps().endpoints.get(before)?.is_none()
+            && let Ok(old) = nix::net::if_::if_indextoname(before)
+        {
+            Self::detach_hooks(&old.to_string_lossy(), &UNDERLAY_HOOKS)?;
+        }
         self.maps_mut().tunnel.set(TunnelConfigRaw {
             ifindex,
             local_ipv4: cfg.local_ip.octets(),

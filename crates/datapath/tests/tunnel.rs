@@ -1359,3 +1359,49 @@ fn auth_entries_are_keyed_by_the_peers_node() {
     });
     assert_eq!(ev.drop_reason, DROP_AUTH_REQUIRED);
 }
+
+#[test]
+fn a_route_to_the_node_by_another_device_is_the_vxlan_devices_to_follow() {
+    if !can_run() {
+        return;
+    }
+    let mut c = Cluster::new("tun-route");
+    let fe = c.pod(0, 2, FRONTEND, false);
+    let be = c.pod(1, 2, BACKEND, false);
+    let _srv = EchoServer::start(&be, &[PORT]);
+    let ip = |args: &[&str]| {
+        let out = sigil_netlink::command_in_netns(&c.nodes[0].path, "ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    let before = c.device_packets(0);
+    assert!(udp_ok(&fe, v4(&be), PORT, true), "direct");
+    assert_eq!(c.device_packets(0).1, before.1, "the programs sent it");
+
+    // A more specific route to node 1 through another device (a veth going nowhere): the
+    // programs do not send by the uplink anyway; the VXLAN device follows the route.
+    ip(&[
+        "link", "add", "alt0", "type", "veth", "peer", "name", "alt1",
+    ]);
+    ip(&["link", "set", "alt0", "up"]);
+    ip(&["link", "set", "alt1", "up"]);
+    let n1 = c.nodes[1].ip.to_string();
+    ip(&["route", "add", &format!("{n1}/32"), "dev", "alt0"]);
+    let before = c.device_packets(0);
+    assert!(
+        !udp_ok(&fe, v4(&be), PORT, false),
+        "the route leads nowhere, for both paths"
+    );
+    assert!(
+        c.device_packets(0).1 > before.1,
+        "the VXLAN device sent it, by the route"
+    );
+
+    ip(&["route", "del", &format!("{n1}/32"), "dev", "alt0"]);
+    ip(&["link", "del", "alt0"]);
+    let before = c.device_packets(0);
+    assert!(udp_ok(&fe, v4(&be), PORT, true), "direct again");
+    assert_eq!(c.device_packets(0).1, before.1, "the programs sent it");
+}

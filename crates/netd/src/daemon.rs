@@ -151,8 +151,28 @@ impl Daemon {
                     DEFAULT_UNDERLAY_MTU
                 }
             };
-            tunnel.mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
-            if matches!(c.encryption, crate::config::Encryption::Spiffe { .. }) {
+            let encrypted = matches!(c.encryption, crate::config::Encryption::Spiffe { .. });
+            // Endpoints need IPv6's minimum, 1280, after every header the carrier adds.
+            let needed = 1280
+                + VXLAN_OVERHEAD
+                + if encrypted {
+                    sigil_encryption::carrier::UNDERLAY_OVERHEAD
+                } else {
+                    0
+                };
+            if underlay_mtu < needed {
+                let dev = underlay.as_ref().map_or("?", |(d, _)| d.as_str());
+                return Err(NetdError::invalid(
+                    "node_ip",
+                    format!("{local} (on {dev}, MTU {underlay_mtu})"),
+                    format!(
+                        "the underlay device needs an MTU of at least {needed} for the VXLAN carrier{}",
+                        if encrypted { " with encryption" } else { "" }
+                    ),
+                ));
+            }
+            tunnel.mtu = underlay_mtu - VXLAN_OVERHEAD;
+            if encrypted {
                 // VXLAN packets are sealed whole into UDP datagrams on the same underlay; they
                 // reach the TUN device through the routing table, so the VXLAN device sends
                 // them all.
