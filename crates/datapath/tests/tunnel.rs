@@ -1405,3 +1405,115 @@ fn a_route_to_the_node_by_another_device_is_the_vxlan_devices_to_follow() {
     assert!(udp_ok(&fe, v4(&be), PORT, true), "direct again");
     assert_eq!(c.device_packets(0).1, before.1, "the programs sent it");
 }
+
+/// Sends `payload` from node `netns` (bound to `src`) to `node`'s VXLAN port with the given
+/// outer TOS, and a zero UDP checksum (as the carrier sends) if `zero_csum`.
+fn send_vxlan(
+    netns: &Path,
+    src: Ipv4Addr,
+    node: Ipv4Addr,
+    payload: &[u8],
+    tos: u8,
+    zero_csum: bool,
+) {
+    let data = payload.to_vec();
+    in_netns(netns, move || {
+        let sock = UdpSocket::bind((src, 0))?;
+        let set = |level, name, v: nix::libc::c_int| {
+            // SAFETY: a valid socket and a c_int option value of the right size.
+            let rc = unsafe {
+                nix::libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    (&v as *const nix::libc::c_int).cast(),
+                    std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        set(
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_TOS,
+            nix::libc::c_int::from(tos),
+        )?;
+        if zero_csum {
+            set(nix::libc::SOL_SOCKET, nix::libc::SO_NO_CHECK, 1)?;
+        }
+        sock.send_to(&data, (node, DEFAULT_PORT))?;
+        Ok(())
+    })
+    .expect("send vxlan");
+}
+
+#[test]
+fn the_underlay_program_takes_only_plainly_well_formed_packets() {
+    if !can_run() {
+        return;
+    }
+    let mut c = Cluster::new("tun-shape");
+    let fe = c.pod(0, 2, FRONTEND, false);
+    let be = c.pod(1, 2, BACKEND, true);
+    let _srv = EchoServer::start(&be, &[PORT]);
+    c.policy(1, &be, &[allow(FRONTEND, PROTO_UDP)]);
+    let (n0, n1) = (c.nodes[0].ip, c.nodes[1].ip);
+    let node0 = c.nodes[0].path.clone();
+    let (fe_ip, be_ip) = (fe.ipv4.expect("v4"), be.ipv4.expect("v4"));
+    let genuine = vxlan_payload(FRONTEND, fe_ip, be_ip, PORT, b"ok");
+    let mut ev1 = c.events(1);
+    // Each case: what is sent, and whether node 1's VXLAN device (rather than the underlay
+    // program) took it; all of them are genuine packets from node 0, and are delivered.
+    for (i, (what, tos, zero_csum, by_device)) in [
+        ("as the carrier sends it", 0, true, false),
+        ("with a UDP checksum", 0, false, true),
+        ("marked CE (congestion) on the way", 3, true, true),
+        ("ECT(0), not CE", 2, true, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A flow of its own each time (inner UDP source port), so each is a new connection;
+        // the inner packet ECN-capable (ECT(0)), so that a CE mark on the way is applied to it
+        // (on a Not-ECT inner packet the kernel drops it, RFC 6040).
+        let mut packet = genuine.clone();
+        packet[42..44].copy_from_slice(&(41000 + i as u16).to_be_bytes());
+        packet[23] = 2;
+        packet[32..34].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = packet[22..42]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        packet[32..34].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        ev1.drain();
+        let before = c.device_packets(1).0;
+        send_vxlan(&node0, n0, n1, &packet, tos, zero_csum);
+        let ev = ev1.wait_for(what, |e| is_allowed_into(e, be.endpoint_id));
+        assert_eq!((ev.src_identity, ev.via_tunnel), (FRONTEND, true), "{what}");
+        let took = c.device_packets(1).0 > before;
+        assert_eq!(took, by_device, "{what}: taken by the VXLAN device");
+    }
+    // Shaped as the carrier sends it but refused by the checks: the program leaves it to the
+    // device, whose program drops it with the reason.
+    ev1.drain();
+    let before = c.device_packets(1).0;
+    send_vxlan(
+        &node0,
+        n0,
+        n1,
+        &vxlan_payload(5, fe_ip, be_ip, PORT, b"x"),
+        0,
+        true,
+    );
+    let ev = ev1.wait_for("the reserved VNI", |e| {
+        e.verdict == Verdict::Dropped && e.drop_reason == DROP_INVALID_IDENTITY
+    });
+    assert_eq!(ev.endpoint_id, c.nodes[1].vxlan, "dropped at the device");
+    assert!(c.device_packets(1).0 > before, "the device took it");
+}
