@@ -1419,30 +1419,24 @@ fn send_vxlan(
     let data = payload.to_vec();
     in_netns(netns, move || {
         let sock = UdpSocket::bind((src, 0))?;
-        let set = |level, name, v: nix::libc::c_int| {
-            // SAFETY: a valid socket and a c_int option value of the right size.
+        setsockopt(&sock, sockopt::Ipv4Tos, &nix::libc::c_int::from(tos))?;
+        if zero_csum {
+            let one: nix::libc::c_int = 1;
+            // SO_NO_CHECK (no UDP checksum on send) has no safe wrapper in nix.
+            // SAFETY: a valid socket, and a c_int option value of its size.
+            #[allow(unsafe_code)]
             let rc = unsafe {
                 nix::libc::setsockopt(
                     sock.as_raw_fd(),
-                    level,
-                    name,
-                    (&v as *const nix::libc::c_int).cast(),
+                    nix::libc::SOL_SOCKET,
+                    nix::libc::SO_NO_CHECK,
+                    (&one as *const nix::libc::c_int).cast(),
                     std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
                 )
             };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().into());
             }
-        };
-        set(
-            nix::libc::IPPROTO_IP,
-            nix::libc::IP_TOS,
-            nix::libc::c_int::from(tos),
-        )?;
-        if zero_csum {
-            set(nix::libc::SOL_SOCKET, nix::libc::SO_NO_CHECK, 1)?;
         }
         sock.send_to(&data, (node, DEFAULT_PORT))?;
         Ok(())
