@@ -440,6 +440,19 @@ fn parse_vxlan(f: &[u8]) -> Option<Seen> {
     })
 }
 
+/// Writes the header checksum of the 20-byte IPv4 header `ip`.
+fn set_ipv4_checksum(ip: &mut [u8]) {
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
 /// A VXLAN payload (header and inner Ethernet/IPv4/UDP frame) as a peer would send it.
 fn vxlan_payload(vni: u32, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
     let v = vni.to_be_bytes();
@@ -450,14 +463,7 @@ fn vxlan_payload(vni: u32, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]
     ip[2..4].copy_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    set_ipv4_checksum(&mut ip);
     p.extend_from_slice(&ip);
     p.extend_from_slice(&40000u16.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
@@ -1476,15 +1482,7 @@ fn the_underlay_program_takes_only_plainly_well_formed_packets() {
         let mut packet = genuine.clone();
         packet[42..44].copy_from_slice(&(41000 + i as u16).to_be_bytes());
         packet[23] = 2;
-        packet[32..34].copy_from_slice(&[0, 0]);
-        let mut sum: u32 = packet[22..42]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        packet[32..34].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        set_ipv4_checksum(&mut packet[22..42]);
         ev1.drain();
         let before = c.device_packets(1).0;
         send_vxlan(&node0, n0, n1, &packet, tos, zero_csum);
