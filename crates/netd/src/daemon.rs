@@ -146,41 +146,38 @@ impl Daemon {
                     tracing::warn!(
                         node_ip = %local,
                         assumed_mtu = DEFAULT_UNDERLAY_MTU,
-                        "no interface holds the node's address; the VXLAN device encapsulates every packet"
+                        "no interface holds the node's address: assuming the underlay's MTU, and the VXLAN device carries every packet"
                     );
                     DEFAULT_UNDERLAY_MTU
                 }
             };
             let encrypted = matches!(c.encryption, crate::config::Encryption::Spiffe { .. });
-            // Endpoints need IPv6's minimum, 1280, after every header the carrier adds.
-            let needed = 1280
-                + VXLAN_OVERHEAD
+            // What the carrier adds to an endpoint's packet: VXLAN, and with encryption the
+            // sealed datagram around it.
+            let overhead = VXLAN_OVERHEAD
                 + if encrypted {
                     sigil_encryption::carrier::UNDERLAY_OVERHEAD
                 } else {
                     0
                 };
-            if underlay_mtu < needed {
+            // Endpoints need IPv6's minimum, 1280, after every header the carrier adds.
+            if underlay_mtu < 1280 + overhead {
                 let dev = underlay.as_ref().map_or("?", |(d, _)| d.as_str());
                 return Err(NetdError::invalid(
                     "node_ip",
                     format!("{local} (on {dev}, MTU {underlay_mtu})"),
                     format!(
-                        "the underlay device needs an MTU of at least {needed} for the VXLAN carrier{}",
+                        "the underlay device needs an MTU of at least {} for the VXLAN carrier{}",
+                        1280 + overhead,
                         if encrypted { " with encryption" } else { "" }
                     ),
                 ));
             }
-            tunnel.mtu = underlay_mtu - VXLAN_OVERHEAD;
+            tunnel.mtu = underlay_mtu - overhead;
             if encrypted {
-                // VXLAN packets are sealed whole into UDP datagrams on the same underlay; they
-                // reach the TUN device through the routing table, so the VXLAN device sends
-                // them all.
-                // And a VXLAN packet must fit the TUN device whole.
-                tunnel.mtu = tunnel
-                    .mtu
-                    .saturating_sub(sigil_encryption::carrier::UNDERLAY_OVERHEAD)
-                    .min(crate::encryption::TUN_MTU - VXLAN_OVERHEAD);
+                // The sealed VXLAN packets reach the TUN device through the routing table, so
+                // the VXLAN device sends them all; each must fit the TUN device whole.
+                tunnel.mtu = tunnel.mtu.min(crate::encryption::TUN_MTU - VXLAN_OVERHEAD);
             } else if c.bpf_encap {
                 // The programs encapsulate onto the underlay device themselves.
                 tunnel.underlay = underlay.map(|(dev, _)| dev);
